@@ -48,8 +48,9 @@ SERVING_DASHBOARD = Dashboard(
                 f"histogram_quantile(0.95, sum by (deployment, le) (rate(indexcache_time_to_first_token_seconds_bucket{SERVING}[{RATE}])))",
                 "{{deployment}}")], unit="s", kind="stat", width=6, height=4),
             Panel("Error ratio", [Query(
-                f'sum by (deployment) (rate(indexcache_requests_total{{deployment=~"$deployment", finish_reason=~"error|abort"}}[{RATE}]))'
-                f" / {_rate('indexcache_requests_total')}", "{{deployment}}")],
+                # `or ... * 0`: a replica that never failed has no error series yet; show 0 %, not "No data".
+                f'(sum by (deployment) (rate(indexcache_requests_total{{deployment=~"$deployment", finish_reason=~"error|abort"}}[{RATE}]))'
+                f" or 0 * {_rate('indexcache_requests_total')}) / {_rate('indexcache_requests_total')}", "{{deployment}}")],
                 unit="percentunit", kind="stat", width=6, height=4,
                 description="Share of finished requests that ended in error or abort."),
         ]),
