@@ -120,7 +120,9 @@ def test_service_and_servicemonitor_reach_the_operator_metrics_port(all_on_objec
 def test_serving_podmonitor_scrapes_ray_serve_pods_in_every_namespace(all_on_objects):
     pm = one(all_on_objects, "PodMonitor")
     assert pm["spec"]["namespaceSelector"] == {"any": True}
-    assert pm["spec"]["selector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}
+    # The labels the operator puts on the serving pods of every IndexCacheDeployment (and nothing else's).
+    assert pm["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "indexcache-operator",
+                                                      "app.kubernetes.io/component": "serving"}}
     (endpoint,) = pm["spec"]["podMetricsEndpoints"]
     assert endpoint == {"port": "serve", "path": "/metrics", "interval": "15s"}
 
