@@ -1,0 +1,1 @@
+"""Grafana dashboards and Prometheus alert rules, generated from Python (`python -m dashboards.build`)."""
