@@ -108,6 +108,62 @@ class CalibrationSet:
         return Batch(tokens.to(device), lengths.to(device))
 
 
+@dataclass
+class LoadedSamples:
+    token_lists: list[list[int]]
+    skipped: int
+    summary: str  # "N samples read; skipped M lines (...)", for the log
+
+
+def load_samples(paths: Sequence[str | Path], *, tokenizer=None, tokenizer_name: str | None, max_tokens: int,
+                 vocab_size: int, on_error: str = "skip") -> LoadedSamples:
+    """Token ids of every usable sample in the JSONL files / shard directories `paths`.
+
+    Bad lines (malformed JSON, empty, over the context, wrong tokenizer, text without a tokenizer,
+    ids outside the vocabulary, fewer than 2 tokens) are skipped and counted (on_error="skip") or stop the
+    run naming file and line (on_error="stop"). No usable sample at all is an error, never an all-F result.
+    """
+    from .samples import SampleError, read_samples
+
+    token_lists, errors, read = [], [], 0
+    for path in paths:
+        result = read_samples(path, tokenizer=tokenizer, tokenizer_name=tokenizer_name, max_tokens=max_tokens,
+                              on_error=on_error)
+        errors += result.errors
+        for rs in result.samples:
+            read += 1
+            ids = rs.token_ids if rs.token_ids is not None else \
+                (list(rs.sample.token_ids) if rs.sample.token_ids is not None else None)
+            problem = None
+            if ids is None:
+                problem = SampleError(rs.path, rs.line, "invalid", f"a {rs.sample.kind} sample needs the model's "
+                                      "tokenizer (tokenizer.json in the checkpoint directory); store token_ids "
+                                      "or calibrate a checkpoint that has a tokenizer")
+            elif any(t >= vocab_size for t in ids):
+                problem = SampleError(rs.path, rs.line, "invalid", f"token id {max(ids)} is outside the model's "
+                                      f"vocabulary (size {vocab_size}): the ids come from another tokenizer")
+            elif len(ids) < 2:
+                problem = SampleError(rs.path, rs.line, "empty", "fewer than 2 tokens: nothing to predict")
+            if problem is not None:
+                if on_error == "stop":
+                    raise problem
+                errors.append(problem)
+                continue
+            token_lists.append(ids)
+    reasons: dict[str, int] = {}
+    for e in errors:
+        reasons[e.reason] = reasons.get(e.reason, 0) + 1
+    detail = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+    summary = f"{len(token_lists)} usable samples" + (f"; skipped {len(errors)} lines ({detail})" if errors else "")
+    if not token_lists:
+        first = "; ".join(str(e) for e in errors[:3])
+        where = ", ".join(map(str, paths))
+        raise ValueError(f"no usable calibration samples in {where}: {summary}"
+                         + (f". First problems: {first}" if first else ": the files hold no samples")
+                         + ". Calibrating on nothing would silently keep every layer F; give samples of this model")
+    return LoadedSamples(token_lists, len(errors), summary)
+
+
 def select_samples(samples: list[list[int]], max_samples: int | None, seed: int) -> list[list[int]]:
     """A seeded random subset of at most max_samples (all of them, in file order, when None)."""
     if max_samples is None or max_samples >= len(samples):
@@ -479,15 +535,20 @@ def model_identity(model: DSAForCausalLM) -> str:
 
 def calibrate(model: DSAForCausalLM, calib: CalibrationSet, target_full: float, *, model_id: str,
               seed: int = 0, checkpoint: str | Path | None = None, fresh: bool = False, progress: bool = False,
-              skipped_samples: int = 0, on_step=None) -> dict:
-    """Run the search and measure the result: the JSON of docs/contracts.md ("Calibration result")."""
+              skipped_samples: int = 0, on_step=None, reuse: bool = True) -> dict:
+    """Run the search and measure the result: the JSON of docs/contracts.md ("Calibration result").
+
+    reuse=False runs the plain reference search (no activation reuse, no checkpoint) for comparison."""
     t0 = time.monotonic()
     torch.manual_seed(seed)
     n = model.args.n_layers
     target = target_full_layers(n, target_full)
     fingerprint = {"model_id": model_id, "samples_id": calib.samples_id, "seed": seed, "version": __version__}
-    search = greedy_search(model, calib, target, checkpoint=checkpoint, fingerprint=fingerprint, fresh=fresh,
-                           progress=progress, on_step=on_step)
+    if reuse:
+        search = greedy_search(model, calib, target, checkpoint=checkpoint, fingerprint=fingerprint, fresh=fresh,
+                               progress=progress, on_step=on_step)
+    else:
+        search = plain_greedy_search(model, calib, target)
     uniform = uniform_pattern(n, search.pattern.count("F"))
     uniform_ok = all(l in model.indexer_layers for l in full_layers(uniform))
     uniform_loss = pattern_loss(model, calib, uniform) if uniform_ok else None
@@ -513,6 +574,7 @@ def calibrate(model: DSAForCausalLM, calib: CalibrationSet, target_full: float, 
         "duration_s": round(time.monotonic() - t0, 3),
         "passes": search.passes,
         "passes_saved": search.plain_passes - search.passes,
+        "activation_reuse": reuse,
         "resumed_at_step": search.resumed_at_step,
         "version": __version__,
     }
