@@ -80,8 +80,8 @@ class CalibrationSet:
                              "drop them before calibrating")
         if not samples:
             raise ValueError("no calibration samples: give at least one sample of 2 or more tokens")
-        if batch_tokens < 2:
-            raise ValueError(f"batch_tokens must be >= 2, got {batch_tokens}")
+        if batch_tokens < 1:
+            raise ValueError(f"--batch-tokens must be >= 1, got {batch_tokens}")
         digest = hashlib.sha256()
         for s in samples:
             digest.update(json.dumps(s).encode())

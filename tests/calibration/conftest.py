@@ -83,3 +83,12 @@ def write_samples(tmp_path):
                 f.write((json.dumps(line) if isinstance(line, dict) else line) + "\n")
         return path
     return write
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on a loaded 2-core machine two threads thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
