@@ -609,14 +609,19 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_configmap_target(target: str) -> tuple[str, str]:
+    namespace, sep, name = target.partition("/")
+    if not sep or not namespace or not name or "/" in name:
+        raise ValueError(f"--report-configmap must be NAMESPACE/NAME, got {target!r}")
+    return namespace, name
+
+
 def report_configmap(result: dict, target: str, api=None) -> None:
     """Write the result to ConfigMap NAMESPACE/NAME, key result.json (create, or replace its data).
 
     Uses in-cluster credentials (the Job's service account), else the local kubeconfig.
     """
-    namespace, sep, name = target.partition("/")
-    if not sep or not namespace or not name or "/" in name:
-        raise ValueError(f"--report-configmap must be NAMESPACE/NAME, got {target!r}")
+    namespace, name = parse_configmap_target(target)
     from kubernetes import client, config
     from kubernetes.client.rest import ApiException
 

@@ -47,9 +47,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from .calibration import (CalibrationSet, calibrate, checkpoint_identity, format_summary, load_samples,
-                              report_configmap, select_samples, write_json_atomic)
+                              parse_configmap_target, report_configmap, select_samples, target_full_layers,
+                              write_json_atomic)
     from .checkpoint import load_checkpoint
 
+    # Check the cheap things before the long search.
+    target_full_layers(1, args.target_full)
+    if args.report_configmap:
+        parse_configmap_target(args.report_configmap)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
