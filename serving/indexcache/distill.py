@@ -221,9 +221,9 @@ def distill(model: DSAForCausalLM, pattern: str, train: list[list[int]], heldout
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            report.train_losses.append(float(loss))
+            report.train_losses.append(loss.item())
             if bar is not None:
-                bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
+                bar.set_postfix_str(f"loss {loss.item():.4f}", refresh=False)
                 bar.update(1)
     finally:
         if bar is not None:
