@@ -40,6 +40,149 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .calibration import (CalibrationSet, calibrate, checkpoint_identity, format_summary, load_samples,
+                              parse_configmap_target, report_configmap, select_samples, target_full_layers,
+                              write_json_atomic)
+    from .checkpoint import load_checkpoint
+
+    # Check the cheap things before the long search.
+    target_full_layers(1, args.target_full)
+    if args.report_configmap:
+        parse_configmap_target(args.report_configmap)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, _ = load_checkpoint(args.model, dtype=dtype, device=args.device)
+    tokenizer = None
+    if (Path(args.model) / "tokenizer.json").is_file():
+        from .tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(args.model)
+    loaded = load_samples(args.samples, tokenizer=tokenizer,
+                          tokenizer_name=args.tokenizer_name or Path(args.model).resolve().name,
+                          max_tokens=model.args.max_seq_len, vocab_size=model.args.vocab_size,
+                          on_error=args.on_error)
+    print(f"# samples: {loaded.summary}", file=sys.stderr)
+    tokens = select_samples(loaded.token_lists, args.max_samples, args.seed)
+    calib = CalibrationSet.from_token_lists(tokens, batch_tokens=args.batch_tokens, device=args.device)
+    out = Path(args.out)
+    result = calibrate(model, calib, args.target_full, model_id=checkpoint_identity(args.model), seed=args.seed,
+                       checkpoint=None if args.no_reuse else Path(args.checkpoint or f"{out}.checkpoint"),
+                       fresh=args.fresh, progress=not args.no_progress, skipped_samples=loaded.skipped,
+                       reuse=not args.no_reuse)
+    write_json_atomic(out, result)  # first: a failed report below must not lose the result
+    print(format_summary(result))
+    print(f"# result written to {out}", file=sys.stderr)
+    if args.report_configmap:
+        try:
+            report_configmap(result, args.report_configmap)
+        except ValueError:
+            raise
+        except Exception as exc:  # the API server's refusal, no credentials, no network: say so, keep the file
+            print(f"indexcache calibrate: error: could not write ConfigMap {args.report_configmap}: {exc}; "
+                  f"the result is in {out}", file=sys.stderr)
+            return 3
+        print(f"# result reported to ConfigMap {args.report_configmap} (key result.json)", file=sys.stderr)
+    return 0
+
+
+def add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="choose the F layers by greedy search on sampled traffic",
+                       description="Greedy IndexCache calibration: start all-F, flip the layer whose flip "
+                       "costs the least LM loss on the samples, until --target-full of the layers stay F.")
+    p.add_argument("--model", required=True, help="HF-format checkpoint directory")
+    p.add_argument("--samples", required=True, nargs="+", metavar="PATH",
+                   help="JSONL sample files or directories of *.jsonl shards (docs/contracts.md format)")
+    p.add_argument("--target-full", type=float, default=0.25,
+                   help="fraction of layers to keep F (default 0.25: 1/4 of the indexers run)")
+    p.add_argument("--out", default="calibration_result.json", help="result JSON (default %(default)s)")
+    p.add_argument("--checkpoint", help="search state written after every step, resumed from on restart "
+                   "(default OUT.checkpoint)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--seed", type=int, default=0, help="picks the --max-samples subset (default 0)")
+    p.add_argument("--max-samples", type=int, help="calibrate on a seeded random subset of this many samples")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward batch")
+    p.add_argument("--on-error", choices=("skip", "stop"), default="skip",
+                   help="bad sample lines: skip and count them (default), or stop at the first")
+    p.add_argument("--tokenizer-name", help="name token_ids samples must carry (default: the model "
+                   "directory's name)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-reuse", action="store_true", help="run the plain reference search (a whole forward "
+                   "per candidate, no checkpoint): slower, for comparison")
+    p.add_argument("--report-configmap", metavar="NAMESPACE/NAME",
+                   help="also write the result to this ConfigMap, key result.json (Kubernetes Job)")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .calibration import load_samples, select_samples
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .distill import distill, format_report, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = load_checkpoint(args.model, pattern=args.pattern)
+    tokenizer = None
+    if (Path(args.model) / "tokenizer.json").is_file():
+        from .tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(args.model)
+    loaded = load_samples(args.samples, tokenizer=tokenizer,
+                          tokenizer_name=args.tokenizer_name or Path(args.model).resolve().name,
+                          max_tokens=model.args.max_seq_len, vocab_size=model.args.vocab_size,
+                          on_error=args.on_error)
+    print(f"# samples: {loaded.summary}", file=sys.stderr)
+    samples = [s[: args.max_len] for s in select_samples(loaded.token_lists, None, args.seed)]
+    n_heldout = int(len(samples) * args.heldout_fraction)
+    if n_heldout == 0 or n_heldout == len(samples):
+        raise ValueError(f"--heldout-fraction {args.heldout_fraction} leaves no held-out or no training samples "
+                         f"out of {len(samples)}; give more samples or another fraction")
+    report = distill(model, args.pattern, samples[n_heldout:], samples[:n_heldout], steps=args.steps, lr=args.lr,
+                     batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    shared = {l for l, kind in enumerate(args.pattern) if kind == "S"} if args.drop_shared_indexers else set()
+    save_checkpoint(model, args.out, drop_indexers=shared, config_overrides={"index_topk_pattern": args.pattern})
+    write_report(report, args.out)
+    if tokenizer is not None:
+        tokenizer.hf.save_pretrained(args.out)
+    print(format_report(report))
+    print(f"# checkpoint with the distilled indexers written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_distill_parser(sub) -> None:
+    p = sub.add_parser("distill", help="train the F layers' indexers for the S layers that reuse them",
+                       description="Training-aware IndexCache: each F layer's indexer learns the centroid of "
+                       "the attention of the layers it serves (multi-layer KL); the LM stays frozen.")
+    p.add_argument("--model", required=True, help="HF-format checkpoint directory")
+    p.add_argument("--pattern", required=True, help="the F/S pattern to train for, e.g. from calibrate")
+    p.add_argument("--samples", required=True, nargs="+", metavar="PATH", help="JSONL sample files or shard dirs")
+    p.add_argument("--out", required=True, help="output checkpoint directory (pattern written into config.json)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=1024, help="tokens per sample used (longer ones are cut)")
+    p.add_argument("--heldout-fraction", type=float, default=0.1, help="samples kept out for the before/after report")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--on-error", choices=("skip", "stop"), default="skip")
+    p.add_argument("--tokenizer-name", help="name token_ids samples must carry (default: the model directory's name)")
+    p.add_argument("--drop-shared-indexers", action="store_true",
+                   help="write no indexer weights for the S layers (smaller checkpoint; fixes the pattern)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     add_pattern_args(p)
     p.set_defaults(func=cmd_generate)
+
+    add_calibrate_parser(sub)
+    add_distill_parser(sub)
     return parser
 
 
