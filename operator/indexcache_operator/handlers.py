@@ -16,7 +16,7 @@ from indexcache_operator import builders as b
 from indexcache_operator import kube as k
 from indexcache_operator import metrics as m
 from indexcache_operator.config import OperatorConfig
-from indexcache_operator.reconcile import Context, ReconcileError, reconcile, record_job
+from indexcache_operator.reconcile import ICDS, Context, ReconcileError, reconcile, record_job
 
 log = logging.getLogger(__name__)
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
@@ -31,10 +31,17 @@ def _post_event(body: dict, type_: str, reason: str, message: str) -> None:
         log.exception("could not post event %s", reason)
 
 
+@kopf.on.login()
+def login(**kwargs) -> kopf.ConnectionInfo | None:
+    """In a pod: the service account; elsewhere: $KUBECONFIG as it is now (the official client
+    reads it at import time, which kopf's client-based login would inherit)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     config = OperatorConfig.from_env()  # at startup, never at import
-    settings.persistence.finalizer = f"{GROUP}/cleanup"
+    settings.persistence.finalizer = f"{GROUP}/cleanup"  # unused: no handler needs a finalizer
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
@@ -44,11 +51,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     memo.metrics_runner = None
     if config.metrics_port:
         memo.metrics_runner = await m.serve(memo.ctx.metrics, config.metrics_port)
+    memo.resync_task = asyncio.create_task(_resync_loop(memo.ctx))
     log.info("indexcache-operator started: %s", config)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_) -> None:
+    if getattr(memo, "resync_task", None) is not None:
+        memo.resync_task.cancel()
     if getattr(memo, "metrics_runner", None) is not None:
         await memo.metrics_runner.cleanup()
 
@@ -63,25 +73,34 @@ def reconcile_deployment(name: str, namespace: str, memo: kopf.Memo, **_) -> Non
         raise kopf.TemporaryError(str(e), delay=RETRY_DELAY_S) from e
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5)
-async def resync(name: str, namespace: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_) -> None:
-    """Periodic reconcile: catches whatever a watch missed (and KubeRay status it did not emit)."""
-    while not stopped:
-        await stopped.wait(memo.ctx.config.resync_seconds)
-        if stopped:
-            break
+async def _resync_loop(ctx: Context) -> None:
+    """Periodic reconcile of every resource: catches whatever a watch missed (and KubeRay status
+    it did not emit). One task for the operator rather than a daemon per resource: daemons make
+    kopf put a finalizer on every resource, and a stuck finalizer blocks `kubectl delete`."""
+    while True:
+        await asyncio.sleep(ctx.config.resync_seconds)
         try:
-            await asyncio.to_thread(reconcile, memo.ctx, namespace, name)
-        except ReconcileError as e:
-            log.warning("resync of %s/%s failed: %s", namespace, name, e)
+            items = await asyncio.to_thread(ctx.kube.list_all, ICDS)
+        except k.KubeError as e:
+            log.warning("resync listing failed: %s", e)
+            continue
+        for item in items:
+            meta = item["metadata"]
+            try:
+                await asyncio.to_thread(reconcile, ctx, meta["namespace"], meta["name"])
+            except ReconcileError as e:
+                log.warning("resync of %s/%s failed: %s", meta["namespace"], meta["name"], e)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-def delete_deployment(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
-    """Owner references let the garbage collector do this too; deleting here makes it immediate
-    and also removes the result ConfigMaps the Jobs wrote (they carry no owner reference)."""
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def deployment_gone(event: dict, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    """On deletion, delete the children now. Their owner references let the garbage collector do
+    it too (also when the operator is down); this makes it immediate and also removes the result
+    ConfigMaps the Jobs wrote (they carry no owner reference). No finalizer: nothing can block
+    `kubectl delete` of an IndexCacheDeployment."""
+    if event.get("type") != "DELETED" or getattr(memo, "ctx", None) is None:
+        return
     ctx: Context = memo.ctx
-    owner = b.Owner(name=name, namespace=namespace, uid=body.get("metadata", {}).get("uid", ""))
     with ctx.lock(namespace, name):
         for res in CHILDREN:
             for obj in ctx.kube.list(res, namespace, {DEPLOYMENT_LABEL: name, **OURS}):
@@ -90,7 +109,7 @@ def delete_deployment(name: str, namespace: str, body: kopf.Body, memo: kopf.Mem
             ctx.kube.delete(k.JOBS, namespace, job["metadata"]["name"])
             ctx.kube.delete(k.CONFIGMAPS, namespace, b.result_configmap_name(job["metadata"]["name"]))
     ctx.metrics.forget(namespace, name)
-    log.info("deleted the children of %s/%s", owner.namespace, owner.name)
+    log.info("deleted the children of %s/%s", namespace, name)
 
 
 def _owner_of(labels: dict) -> str | None:

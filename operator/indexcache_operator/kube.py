@@ -7,6 +7,7 @@ patch, which both the real API server and the test emulator (kmock) understand.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, NamedTuple
 
 import kubernetes
@@ -57,7 +58,8 @@ class Kube:
         try:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
+            # The client reads $KUBECONFIG when it is imported; read it now instead.
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
         return cls(kubernetes.client.ApiClient())
 
     def _call(self, method: str, path: str, body: Any = None, query: list | None = None,
@@ -92,6 +94,12 @@ class Kube:
         # act on objects that are not ours.
         return [o for o in items
                 if all(o.get("metadata", {}).get("labels", {}).get(k) == v for k, v in (labels or {}).items())]
+
+    def list_all(self, res: Resource) -> list[dict]:
+        """Every object of a kind, in all namespaces."""
+        root = f"/api/{res.version}" if not res.group else f"/apis/{res.group}/{res.version}"
+        data = self._call("GET", f"{root}/{res.plural}")
+        return data.get("items", []) if data else []
 
     def create(self, res: Resource, namespace: str, body: dict) -> dict:
         return self._call("POST", res.path(namespace), body=body)
