@@ -134,7 +134,7 @@ class IndexCacheDeploymentSpec(Wire):
             ".replicas"),
     ]})
 
-    model: ModelSource
+    model: ModelSource = Field(description="The checkpoint to serve.")
     replicas: int = Field(default=1, ge=0, le=1000, description="Ray Serve replicas (one GPU worker pod each).")
     gpus_per_replica: int = Field(default=1, ge=1, le=16, description="GPUs per replica (num_gpus).")
     max_ongoing_requests: int = Field(default=16, ge=1, le=100000,
