@@ -344,21 +344,22 @@ def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheD
 
 
 def _set_calibrated(status: IndexCacheDeploymentStatus, generation: int | None) -> None:
-    last = status.recalibration.last
-    if status.applied_calibration is not None:
-        set_condition(status, "Calibrated", True, "PatternApplied",
-                      f"running the pattern calibrated by Job {status.applied_calibration.job}", generation)
-    elif last is None:
-        set_condition(status, "Calibrated", False, "NotCalibrated",
-                      "running the spec's pattern; no recalibration has finished yet", generation)
+    """True while the replicas run a calibrated pattern; the reason tells what the LAST
+    recalibration did (a rejected or failed newer run does not un-calibrate the running pattern)."""
+    applied, last = status.applied_calibration, status.recalibration.last
+    running = (f"running the pattern calibrated by Job {applied.job}" if applied is not None
+               else "running the spec's pattern")
+    if last is None:
+        reason, message = ("PatternApplied" if applied else "NotCalibrated"), running
     elif last.result == "Failed":
-        set_condition(status, "Calibrated", False, "RecalibrationFailed",
-                      f"Job {last.job} failed ({last.reason}); the current pattern is kept", generation)
-    elif last.decision in (Decision.rejected, Decision.recommended):
-        set_condition(status, "Calibrated", False, "Recommended" if last.decision == Decision.recommended
-                      else "GateRejected", last.reason, generation)
+        reason, message = "RecalibrationFailed", f"Job {last.job} failed ({last.reason}); kept: {running}"
+    elif last.decision == Decision.rejected:
+        reason, message = "GateRejected", f"Job {last.job}: {last.reason}; {running}"
+    elif last.decision == Decision.recommended:
+        reason, message = "Recommended", f"Job {last.job}: {last.reason}; {running}"
     else:
-        set_condition(status, "Calibrated", False, "NotCalibrated", "running the spec's pattern", generation)
+        reason, message = ("PatternApplied", running) if applied else ("NotCalibrated", running)
+    set_condition(status, "Calibrated", applied is not None, reason, message, generation)
 
 
 def _write_status(ctx: Context, ns: str, name: str, before: dict, status: IndexCacheDeploymentStatus) -> dict:

@@ -67,6 +67,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if request.resource is not None and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
             if request.action == kmock.action.CREATE:
+                if not meta.get("name") and meta.get("generateName"):  # kopf's Events use these
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("generation", 1)
                 meta.setdefault("creationTimestamp",
@@ -197,7 +199,7 @@ class OperatorProcess:
 
     def start(self) -> None:
         from kopf.testing import KopfRunner
-        self.runner = KopfRunner(["run", "-A", "--standalone", "--verbose", "-m", "indexcache_operator.handlers"],
+        self.runner = KopfRunner(["run", "-A", "--standalone", "-m", "indexcache_operator.handlers"],
                                  timeout=30)
         self.runner.__enter__()
         wait_for(lambda: _http_ok(self.metrics_port), what="operator /healthz")
