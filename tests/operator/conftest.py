@@ -193,7 +193,9 @@ class OperatorProcess:
         self.metrics_port = free_port()
         monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig))
         monkeypatch.setenv("INDEXCACHE_OPERATOR_METRICS_PORT", str(self.metrics_port))
-        monkeypatch.setenv("INDEXCACHE_OPERATOR_RESYNC_SECONDS", "3600")  # tests see event-driven work
+        # Watches drive the work; the periodic resync is the safety net it is in production (a watch
+        # event can be consumed while kopf retries a conflicting patch of its own).
+        monkeypatch.setenv("INDEXCACHE_OPERATOR_RESYNC_SECONDS", "2")
         monkeypatch.setenv("INDEXCACHE_SERVING_IMAGE", "registry.test/indexcache-serving:test")
         self.runner = None
 
