@@ -1,0 +1,332 @@
+"""Pure manifest builders: (owner, spec, config, pattern) -> Kubernetes objects as dicts.
+
+No API calls here, so every manifest the operator writes can be unit-tested and validated against
+KubeRay's CRD schema and the Kubernetes OpenAPI schemas.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import yaml
+
+from indexcache_operator import (API_VERSION, COMPONENT_LABEL, DEPLOYMENT_LABEL, KIND, MANAGED_BY,
+                                 MANAGED_BY_LABEL)
+from indexcache_operator.config import OperatorConfig
+from indexcache_operator.models import IndexCacheDeploymentSpec
+
+SERVE_APP_NAME = "indexcache"
+SERVE_IMPORT_PATH = "indexcache.serve_app:build_app"  # docs/contracts.md
+SERVER_DEPLOYMENT = "IndexCacheServer"
+INGRESS_DEPLOYMENT = "OpenAIIngress"
+SERVE_PORT = 8000
+SAMPLES_DIR = "/samples"
+RESULTS_DIR = "/results"
+WORKER_GROUP = "gpu"
+ROLE_LABEL = f"{DEPLOYMENT_LABEL.split('/')[0]}/role"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The IndexCacheDeployment that owns the children (what owner references need)."""
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def from_body(cls, body: dict) -> "Owner":
+        meta = body["metadata"]
+        return cls(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid", ""))
+
+
+# ---- names ----------------------------------------------------------------------------------
+
+def rayservice_name(owner: Owner) -> str:
+    return owner.name
+
+
+def samples_claim_name(owner: Owner) -> str:
+    return f"{owner.name}-samples"
+
+
+def recalibration_account_name(owner: Owner) -> str:
+    return f"{owner.name}-recalibration"
+
+
+def cronjob_name(owner: Owner) -> str:
+    return f"{owner.name}-recal"
+
+
+def ondemand_job_name(owner: Owner, token: str) -> str:
+    """Deterministic per annotation token: a retry or a second operator creates the same Job."""
+    return f"{owner.name}-recal-{hashlib.sha256(token.encode()).hexdigest()[:8]}"
+
+
+def result_configmap_name(job_name: str) -> str:
+    return f"{job_name}-result"
+
+
+def replica_selector(owner: Owner) -> str:
+    return f"{DEPLOYMENT_LABEL}={owner.name},{ROLE_LABEL}=replica"
+
+
+# ---- shared metadata -----------------------------------------------------------------------
+
+def labels(owner: Owner, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "indexcache",
+        "app.kubernetes.io/instance": owner.name,
+        COMPONENT_LABEL: component,
+        MANAGED_BY_LABEL: MANAGED_BY,
+        DEPLOYMENT_LABEL: owner.name,
+    }
+
+
+def owner_reference(owner: Owner) -> dict:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name, "uid": owner.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def metadata(owner: Owner, name: str, component: str) -> dict:
+    return {"name": name, "namespace": owner.namespace, "labels": labels(owner, component),
+            "ownerReferences": [owner_reference(owner)]}
+
+
+# ---- the serving app ------------------------------------------------------------------------
+
+def user_config(spec: IndexCacheDeploymentSpec, pattern: str | None, pattern_version: int) -> dict:
+    """Runtime knobs of IndexCacheServer, applied by reconfigure() without restarting replicas.
+
+    No pattern key means "the checkpoint's own index_topk_* config". gpu_hourly_usd is the price
+    of one replica's GPUs (docs/contracts.md): the per-GPU price times gpusPerReplica."""
+    config: dict = {"pattern_version": pattern_version,
+                    "sample_rate": spec.traffic.sample_rate,
+                    "gpu_hourly_usd": spec.cost.gpu_hourly_usd * spec.gpus_per_replica}
+    if pattern:
+        config = {"pattern": pattern, **config}
+    return config
+
+
+def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | None,
+                 pattern_version: int) -> dict:
+    server: dict = {
+        "name": SERVER_DEPLOYMENT,
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "ray_actor_options": {"num_gpus": spec.gpus_per_replica},
+        "user_config": user_config(spec, pattern, pattern_version),
+    }
+    if spec.autoscaling is None:
+        server["num_replicas"] = spec.replicas
+    else:
+        server["autoscaling_config"] = {
+            "min_replicas": spec.autoscaling.min_replicas,
+            "max_replicas": spec.autoscaling.max_replicas,
+            "initial_replicas": spec.replicas,
+            "target_ongoing_requests": spec.autoscaling.target_ongoing_requests,
+        }
+    return {
+        "applications": [{
+            "name": SERVE_APP_NAME,
+            "route_prefix": "/",
+            "import_path": SERVE_IMPORT_PATH,
+            # Structural settings only: changing these redeploys the app. Runtime knobs (pattern,
+            # sample rate, price) are in user_config so that changing them restarts nothing.
+            "args": {
+                "model": spec.model.uri,
+                "served_model_name": spec.model.served_model_name or owner.name,
+                "deployment": owner.name,
+                "max_ongoing_requests": spec.max_ongoing_requests,
+                "samples_dir": SAMPLES_DIR,
+            },
+            "deployments": [
+                server,
+                {"name": INGRESS_DEPLOYMENT, "num_replicas": 1,
+                 "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}},
+            ],
+        }],
+    }
+
+
+def _samples_volume(owner: Owner, read_only: bool) -> dict:
+    return {"name": "samples", "persistentVolumeClaim": {"claimName": samples_claim_name(owner),
+                                                         "readOnly": read_only}}
+
+
+def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig,
+               pattern: str | None, pattern_version: int) -> dict:
+    image = spec.image or config.serving_image
+    pod_labels = labels(owner, "serving")
+    head = {
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+        "template": {
+            "metadata": {"labels": {**pod_labels, ROLE_LABEL: "head"}},
+            "spec": {"containers": [{
+                "name": "ray-head",
+                "image": image,
+                "ports": [{"containerPort": 6379, "name": "gcs"},
+                          {"containerPort": 8265, "name": "dashboard"},
+                          {"containerPort": 10001, "name": "client"},
+                          {"containerPort": SERVE_PORT, "name": "serve"}],
+                "resources": {"requests": {"cpu": config.head_cpu, "memory": config.head_memory},
+                              "limits": {"cpu": config.head_cpu, "memory": config.head_memory}},
+                "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}],
+            }],
+                "volumes": [_samples_volume(owner, read_only=False)]},
+        },
+    }
+    if spec.autoscaling is None:
+        min_workers = max_workers = spec.replicas
+    else:
+        min_workers, max_workers = spec.autoscaling.min_replicas, spec.autoscaling.max_replicas
+    worker = {
+        "groupName": WORKER_GROUP,
+        "replicas": spec.replicas,
+        "minReplicas": min_workers,
+        "maxReplicas": max_workers,
+        "rayStartParams": {},
+        "template": {
+            "metadata": {"labels": {**pod_labels, ROLE_LABEL: "replica"}},
+            "spec": {"containers": [{
+                "name": "ray-worker",
+                "image": image,
+                "resources": {
+                    "requests": {"cpu": config.worker_cpu, "memory": config.worker_memory,
+                                 GPU_RESOURCE: spec.gpus_per_replica},
+                    "limits": {"cpu": config.worker_cpu, "memory": config.worker_memory,
+                               GPU_RESOURCE: spec.gpus_per_replica},
+                },
+                # The traffic sampler in each replica appends to the shared samples volume.
+                "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}],
+            }],
+                "volumes": [_samples_volume(owner, read_only=False)]},
+        },
+    }
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": metadata(owner, rayservice_name(owner), "serving"),
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config(owner, spec, pattern, pattern_version),
+                                            sort_keys=False),
+            "rayClusterConfig": {
+                "rayVersion": config.ray_version,
+                "enableInTreeAutoscaling": spec.autoscaling is not None,
+                "headGroupSpec": head,
+                "workerGroupSpecs": [worker],
+            },
+        },
+    }
+
+
+def read_user_config(rayservice_obj: dict) -> dict | None:
+    """The IndexCacheServer user_config currently in a RayService's serve config."""
+    text = rayservice_obj.get("spec", {}).get("serveConfigV2")
+    if not text:
+        return None
+    for app in yaml.safe_load(text).get("applications", []):
+        for dep in app.get("deployments", []):
+            if dep.get("name") == SERVER_DEPLOYMENT:
+                return dep.get("user_config")
+    return None
+
+
+# ---- traffic samples and recalibration ------------------------------------------------------
+
+def samples_claim(owner: Owner, spec: IndexCacheDeploymentSpec) -> dict:
+    claim_spec: dict = {
+        # Every replica appends and the recalibration Job reads: many nodes at once.
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": spec.traffic.storage_size}},
+    }
+    if spec.traffic.storage_class_name:
+        claim_spec["storageClassName"] = spec.traffic.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": metadata(owner, samples_claim_name(owner), "traffic-samples"),
+            "spec": claim_spec}
+
+
+def service_account(owner: Owner) -> dict:
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": metadata(owner, recalibration_account_name(owner), "recalibration")}
+
+
+def role(owner: Owner) -> dict:
+    # The job reports its result as ConfigMap <job-name>-result; nothing else.
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": metadata(owner, recalibration_account_name(owner), "recalibration"),
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                       "verbs": ["create", "get", "update", "patch"]}]}
+
+
+def role_binding(owner: Owner) -> dict:
+    name = recalibration_account_name(owner)
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": metadata(owner, name, "recalibration"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}]}
+
+
+def calibrate_args(spec: IndexCacheDeploymentSpec) -> list[str]:
+    # $(VAR) is expanded by the kubelet from the container's env (below).
+    return ["calibrate", "--model", spec.model.uri, "--samples", SAMPLES_DIR,
+            "--target-full", str(spec.recalibration.target_full_fraction),
+            "--out", f"{RESULTS_DIR}/result.json",
+            "--report-configmap", "$(POD_NAMESPACE)/$(JOB_NAME)-result"]
+
+
+def job_spec(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig) -> dict:
+    """One Job spec for both on-demand Jobs and the CronJob's template. The pod learns its Job's
+    name from the label the Job controller sets, so the CronJob needs no per-run name."""
+    return {
+        "backoffLimit": config.job_backoff_limit,
+        "activeDeadlineSeconds": spec.recalibration.timeout_seconds,
+        "ttlSecondsAfterFinished": config.job_ttl_seconds,
+        "template": {
+            "metadata": {"labels": labels(owner, "recalibration")},
+            "spec": {
+                "serviceAccountName": recalibration_account_name(owner),
+                "restartPolicy": "Never",
+                "containers": [{
+                    "name": "calibrate",
+                    "image": spec.image or config.serving_image,
+                    "command": ["indexcache"],
+                    "args": calibrate_args(spec),
+                    "env": [
+                        {"name": "JOB_NAME", "valueFrom": {"fieldRef": {
+                            "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
+                        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                    ],
+                    "resources": {"limits": {GPU_RESOURCE: spec.gpus_per_replica}},
+                    "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR, "readOnly": True},
+                                     {"name": "results", "mountPath": RESULTS_DIR}],
+                }],
+                "volumes": [_samples_volume(owner, read_only=True), {"name": "results", "emptyDir": {}}],
+            },
+        },
+    }
+
+
+def ondemand_job(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig, token: str) -> dict:
+    meta = metadata(owner, ondemand_job_name(owner, token), "recalibration")
+    meta["annotations"] = {"indexcache.io/trigger": "annotation", "indexcache.io/token": token[:256]}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+            "spec": job_spec(owner, spec, config)}
+
+
+def recalibration_cronjob(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig) -> dict:
+    assert spec.recalibration.schedule, "no schedule: no CronJob"
+    return {
+        "apiVersion": "batch/v1", "kind": "CronJob",
+        "metadata": metadata(owner, cronjob_name(owner), "recalibration"),
+        "spec": {
+            "schedule": spec.recalibration.schedule,
+            "suspend": spec.recalibration.suspend,
+            "concurrencyPolicy": "Forbid",  # one search at a time over the same samples
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {"metadata": {"labels": labels(owner, "recalibration"),
+                                         "annotations": {"indexcache.io/trigger": "schedule"}},
+                            "spec": job_spec(owner, spec, config)},
+        },
+    }

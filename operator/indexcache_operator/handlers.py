@@ -1,0 +1,142 @@
+"""Every kopf registration of the operator, in one place. Handlers are thin: they find the
+IndexCacheDeployment concerned and call `reconcile` (idempotent), `record_job` or `delete_children`.
+
+Sync handlers run in kopf's thread pool; `reconcile` serialises work per resource with a lock.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+
+from indexcache_operator import (COMPONENT_LABEL, DEPLOYMENT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL,
+                                 PLURAL, VERSION)
+from indexcache_operator import builders as b
+from indexcache_operator import kube as k
+from indexcache_operator import metrics as m
+from indexcache_operator.config import OperatorConfig
+from indexcache_operator.reconcile import ICDS, Context, ReconcileError, reconcile, record_job
+
+log = logging.getLogger(__name__)
+OURS = {MANAGED_BY_LABEL: MANAGED_BY}
+CHILDREN = (k.RAYSERVICES, k.PVCS, k.CRONJOBS, k.SERVICEACCOUNTS, k.ROLES, k.ROLEBINDINGS)
+RETRY_DELAY_S = 10
+
+
+def _post_event(body: dict, type_: str, reason: str, message: str) -> None:
+    try:
+        kopf.event(body, type=type_, reason=reason, message=message[:1024])
+    except Exception:  # events are best-effort; never fail a reconcile over one
+        log.exception("could not post event %s", reason)
+
+
+@kopf.on.login()
+def login(**kwargs) -> kopf.ConnectionInfo | None:
+    """In a pod: the service account; elsewhere: $KUBECONFIG as it is now (the official client
+    reads it at import time, which kopf's client-based login would inherit)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    config = OperatorConfig.from_env()  # at startup, never at import
+    settings.persistence.finalizer = f"{GROUP}/cleanup"  # unused: no handler needs a finalizer
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # our own events say what changed; skip kopf's chatter
+    memo.ctx = Context(kube=k.Kube.from_environment(), config=config, metrics=m.OperatorMetrics(),
+                       events=_post_event)
+    memo.metrics_runner = None
+    if config.metrics_port:
+        memo.metrics_runner = await m.serve(memo.ctx.metrics, config.metrics_port)
+    memo.resync_task = asyncio.create_task(_resync_loop(memo.ctx))
+    log.info("indexcache-operator started: %s", config)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_) -> None:
+    if getattr(memo, "resync_task", None) is not None:
+        memo.resync_task.cancel()
+    if getattr(memo, "metrics_runner", None) is not None:
+        await memo.metrics_runner.cleanup()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def reconcile_deployment(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+    try:
+        reconcile(memo.ctx, namespace, name)
+    except ReconcileError as e:
+        raise kopf.TemporaryError(str(e), delay=RETRY_DELAY_S) from e
+
+
+async def _resync_loop(ctx: Context) -> None:
+    """Periodic reconcile of every resource: catches whatever a watch missed (and KubeRay status
+    it did not emit). One task for the operator rather than a daemon per resource: daemons make
+    kopf put a finalizer on every resource, and a stuck finalizer blocks `kubectl delete`."""
+    while True:
+        await asyncio.sleep(ctx.config.resync_seconds)
+        try:
+            items = await asyncio.to_thread(ctx.kube.list_all, ICDS)
+        except k.KubeError as e:
+            log.warning("resync listing failed: %s", e)
+            continue
+        for item in items:
+            meta = item["metadata"]
+            try:
+                await asyncio.to_thread(reconcile, ctx, meta["namespace"], meta["name"])
+            except ReconcileError as e:
+                log.warning("resync of %s/%s failed: %s", meta["namespace"], meta["name"], e)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def deployment_gone(event: dict, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    """On deletion, delete the children now. Their owner references let the garbage collector do
+    it too (also when the operator is down); this makes it immediate and also removes the result
+    ConfigMaps the Jobs wrote (they carry no owner reference). No finalizer: nothing can block
+    `kubectl delete` of an IndexCacheDeployment."""
+    if event.get("type") != "DELETED" or getattr(memo, "ctx", None) is None:
+        return
+    ctx: Context = memo.ctx
+    with ctx.lock(namespace, name):
+        for res in CHILDREN:
+            for obj in ctx.kube.list(res, namespace, {DEPLOYMENT_LABEL: name, **OURS}):
+                ctx.kube.delete(res, namespace, obj["metadata"]["name"])
+        for job in ctx.kube.list(k.JOBS, namespace, {DEPLOYMENT_LABEL: name, **OURS}):
+            ctx.kube.delete(k.JOBS, namespace, job["metadata"]["name"])
+            ctx.kube.delete(k.CONFIGMAPS, namespace, b.result_configmap_name(job["metadata"]["name"]))
+    ctx.metrics.forget(namespace, name)
+    log.info("deleted the children of %s/%s", namespace, name)
+
+
+def _owner_of(labels: dict) -> str | None:
+    return (labels or {}).get(DEPLOYMENT_LABEL)
+
+
+def _on_child_event(event: dict, namespace: str, labels: dict, memo: kopf.Memo, **_) -> None:
+    """A child changed, was edited by hand or deleted: reconcile its owner (restores drift and
+    picks up KubeRay's RayService status for Ready)."""
+    owner = _owner_of(labels)
+    if owner and getattr(memo, "ctx", None) is not None:
+        try:
+            reconcile(memo.ctx, namespace, owner)
+        except ReconcileError as e:
+            log.warning("reconcile of %s/%s after a child event failed: %s", namespace, owner, e)
+
+
+for _res in CHILDREN:
+    kopf.on.event(_res.group, _res.version, _res.plural, labels=OURS,
+                  id=f"child-{_res.plural}")(_on_child_event)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={**OURS, COMPONENT_LABEL: "recalibration"})
+def recalibration_job_event(event: dict, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    if event.get("type") == "DELETED" or getattr(memo, "ctx", None) is None:
+        return
+    try:
+        record_job(memo.ctx, dict(body))
+    except ReconcileError as e:
+        log.warning("recording Job %s failed: %s", body.get("metadata", {}).get("name"), e)

@@ -1,0 +1,220 @@
+"""The IndexCacheDeployment spec and status: the single source of the CRD (see `crd.py`).
+
+Field names are camelCase on the wire (aliases) and snake_case in Python. Constraints that a
+JSON schema can state live on the fields; cross-field rules are CEL (`x-kubernetes-validations`)
+attached to the model that owns the fields, each with a message naming the field and the fix.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+PATTERN_REGEX = r"^F[FS]*$"
+# Five cron fields or one of the @-macros Kubernetes CronJobs accept; croniter checks the rest.
+CRON_REGEX = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|\S+( +\S+){4})$"
+MODEL_URI_REGEX = r"^(smollm2|/.+|(s3|gs|hf|pvc|https?)://.+)$"
+MAX_PATTERN_LENGTH = 1024  # also bounds the CEL cost of rules reading the pattern
+# Child names are "<name>-recal-<8 hex>" (Job, 63 max) and CronJob "<name>-recal" + 11 (52 max).
+MAX_NAME_LENGTH = 40
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict:
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class ModelSource(Wire):
+    uri: str = Field(
+        min_length=1, max_length=2048, pattern=MODEL_URI_REGEX,
+        description="Checkpoint to serve: an HF-format directory (absolute path inside the image, "
+                    "or s3://, gs://, hf://, pvc://, http(s):// URI) or `smollm2` for the bundled model.")
+    num_layers: Optional[int] = Field(
+        default=None, ge=1, le=1024,
+        description="Layers in the model. Needed with indexCache.freq; lets the operator refuse a "
+                    "pattern of the wrong length.")
+    served_model_name: Optional[str] = Field(
+        default=None, min_length=1, max_length=253,
+        description="Model name in the OpenAI API; defaults to the resource name.")
+
+
+class IndexCacheSettings(Wire):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("!(has(self.pattern) && has(self.freq))",
+            "indexCache.pattern and indexCache.freq are mutually exclusive: set only one of them"),
+        cel("!has(self.offset) || has(self.freq)",
+            "indexCache.offset only applies with indexCache.freq: set freq or remove offset"),
+    ]})
+
+    pattern: Optional[str] = Field(
+        default=None, min_length=1, max_length=MAX_PATTERN_LENGTH, pattern=PATTERN_REGEX,
+        description="One letter per layer: F runs the indexer, S reuses the nearest preceding F "
+                    "layer's top-k indices. Only F and S; layer 0 must be F.")
+    freq: Optional[int] = Field(
+        default=None, ge=1, le=1024,
+        description="Keep every freq-th layer F (after the first offset layers); 1 = all F.")
+    offset: Optional[int] = Field(
+        default=None, ge=1, le=1024,
+        description="With freq: the first offset layers are F (upstream default 2).")
+
+
+class Traffic(Wire):
+    sample_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Fraction of prompts kept (redacted) in the samples volume for recalibration.")
+    storage_size: str = Field(
+        default="10Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$",
+        description="Size of the traffic samples volume claim.")
+    storage_class_name: Optional[str] = Field(
+        default=None, min_length=1, max_length=253,
+        description="Storage class of the samples claim; it must support ReadWriteMany.")
+
+
+class AutoApply(str, Enum):
+    never = "Never"
+    gated = "Gated"
+    always = "Always"
+
+
+class Recalibration(Wire):
+    schedule: Optional[str] = Field(
+        default=None, max_length=256, pattern=CRON_REGEX,
+        description="Cron schedule (CronJob syntax) for recalibration on sampled traffic; none = on demand only.")
+    suspend: bool = Field(default=False, description="Pause scheduled recalibration.")
+    target_full_fraction: float = Field(
+        default=0.25, gt=0.0, le=1.0,
+        description="Fraction of layers kept F by the greedy search (0.25 = keep 1/4 of the indexers).")
+    auto_apply: AutoApply = Field(
+        default=AutoApply.gated,
+        description="Never: only recommend. Gated: apply if the loss delta is within maxLossDelta. "
+                    "Always: apply every successful result.")
+    max_loss_delta: float = Field(
+        default=0.02, ge=0.0,
+        description="Gated: the largest accepted calibrated-minus-all-F loss (nats/token).")
+    timeout_seconds: int = Field(
+        default=3600, ge=60, le=7 * 86400,
+        description="A recalibration Job running longer fails (DeadlineExceeded); the pattern is kept.")
+
+
+class Autoscaling(Wire):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("self.minReplicas <= self.maxReplicas",
+            "autoscaling.minReplicas must be <= autoscaling.maxReplicas"),
+    ]})
+
+    min_replicas: int = Field(ge=0, le=1000, description="Fewest replicas Ray Serve scales down to.")
+    max_replicas: int = Field(ge=1, le=1000, description="Most replicas Ray Serve scales up to.")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0.0, le=10000.0,
+        description="Ray Serve target_ongoing_requests: ongoing requests per replica to aim for.")
+
+
+class Cost(Wire):
+    gpu_hourly_usd: float = Field(
+        default=0.0, ge=0.0, le=10000.0,
+        alias="gpuHourlyUSD", description="Price of one GPU per hour (USD), for the cost metrics.")
+
+
+class IndexCacheDeploymentSpec(Wire):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("!has(self.indexCache) || !has(self.indexCache.freq) || has(self.model.numLayers)",
+            "indexCache.freq needs model.numLayers to expand into a per-layer pattern: set model.numLayers",
+            ".indexCache.freq"),
+        cel("!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas"
+            " && self.replicas <= self.autoscaling.maxReplicas)",
+            "replicas must lie within autoscaling.minReplicas..autoscaling.maxReplicas",
+            ".replicas"),
+    ]})
+
+    model: ModelSource = Field(description="The checkpoint to serve.")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Ray Serve replicas (one GPU worker pod each).")
+    gpus_per_replica: int = Field(default=1, ge=1, le=16, description="GPUs per replica (num_gpus).")
+    max_ongoing_requests: int = Field(default=16, ge=1, le=100000,
+                                      description="Ray Serve max_ongoing_requests per replica.")
+    image: Optional[str] = Field(default=None, min_length=1, max_length=512,
+                                 description="Serving image; defaults to the operator's configured image.")
+    index_cache: IndexCacheSettings = Field(default_factory=IndexCacheSettings,
+                                            description="Initial IndexCache layer pattern.")
+    traffic: Traffic = Field(default_factory=Traffic, description="Traffic sampling for recalibration.")
+    recalibration: Recalibration = Field(default_factory=Recalibration, description="Recalibration and rollout.")
+    autoscaling: Optional[Autoscaling] = Field(default=None, description="Ray Serve autoscaling; none = fixed replicas.")
+    cost: Cost = Field(default_factory=Cost, description="Prices for cost metrics.")
+
+
+# ---- status -------------------------------------------------------------------------------
+
+CONDITION_TYPES = ("Ready", "Reconciled", "Calibrated", "Degraded")
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    deploying = "Deploying"
+    ready = "Ready"
+    scaled_to_zero = "ScaledToZero"
+    degraded = "Degraded"
+
+
+class Condition(Wire):
+    type: str = Field(description="Ready, Reconciled, Calibrated or Degraded.")
+    status: str = Field(pattern=r"^(True|False|Unknown)$")
+    reason: str = Field(min_length=1, max_length=1024)
+    message: str = Field(default="", max_length=32768)
+    observed_generation: Optional[int] = Field(default=None, ge=0)
+    last_transition_time: Optional[str] = Field(default=None, description="RFC 3339 time.")
+
+
+class Decision(str, Enum):
+    applied = "Applied"
+    rejected = "Rejected"  # Gated and the loss delta exceeded maxLossDelta: kept as a recommendation
+    recommended = "Recommended"  # autoApply Never
+    none = "None"  # the job failed: nothing to decide
+
+
+class RecalibrationRun(Wire):
+    job: str
+    finished_at: Optional[str] = Field(default=None, description="When the Job finished (RFC 3339).")
+    result: str = Field(description="Succeeded or Failed.")
+    reason: str = Field(default="", description="Why it failed or what the gate decided.")
+    pattern: Optional[str] = Field(default=None, description="The calibrated pattern.")
+    full_layers: Optional[int] = None
+    loss_delta: Optional[float] = Field(default=None, description="Calibrated minus all-F loss (nats/token).")
+    decision: Decision = Decision.none
+
+
+class RecalibrationStatus(Wire):
+    request_token: Optional[str] = Field(default=None, description="Last handled recalibrate annotation value.")
+    active_job: Optional[str] = Field(default=None, description="Last Job started on demand.")
+    last: Optional[RecalibrationRun] = Field(default=None, description="The last finished recalibration.")
+    recommended_pattern: Optional[str] = Field(default=None, description="A result kept but not applied.")
+
+
+class AppliedCalibration(Wire):
+    pattern: str
+    job: str
+    basis: str = Field(description="Hash of the model and indexCache spec it was calibrated for; "
+                                   "a spec change makes the spec's pattern win again.")
+
+
+class IndexCacheDeploymentStatus(Wire):
+    model_config = ConfigDict(extra="ignore")
+
+    observed_generation: Optional[int] = None
+    phase: Optional[Phase] = None
+    conditions: list[Condition] = Field(default_factory=list)
+    pattern: Optional[str] = Field(default=None, description="The pattern the replicas run.")
+    pattern_version: int = Field(default=0, description="Bumped on every pattern change (user_config).")
+    full_layers: Optional[int] = Field(default=None, description="F layers in the active pattern.")
+    replicas: int = 0
+    ready_replicas: int = 0
+    selector: Optional[str] = Field(default=None, description="Label selector of the replica pods (scale).")
+    ray_service: Optional[str] = None
+    recalibration: RecalibrationStatus = Field(default_factory=RecalibrationStatus)
+    applied_calibration: Optional[AppliedCalibration] = None

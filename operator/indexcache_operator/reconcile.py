@@ -1,0 +1,462 @@
+"""Reconcile one IndexCacheDeployment: children, recalibration, rollout and truthful status.
+
+Everything here is idempotent and re-reads the resource under a per-resource lock, so the kopf
+handlers (create/update/resume, child events, Job events, the resync timer) may all call it, in any
+order, any number of times. Errors the user must fix become a Degraded condition, not a crash loop.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pydantic
+
+from indexcache_operator import DEPLOYMENT_LABEL, GROUP, PLURAL, RECALIBRATE_ANNOTATION, VERSION
+from indexcache_operator import builders as b
+from indexcache_operator import kube as k
+from indexcache_operator.config import OperatorConfig
+from indexcache_operator.metrics import OperatorMetrics
+from indexcache_operator.models import (AppliedCalibration, AutoApply, Condition, Decision,
+                                        IndexCacheDeploymentSpec, IndexCacheDeploymentStatus, Phase,
+                                        RecalibrationRun)
+from indexcache_operator.patterns import full_layers, pattern_from_freq, pattern_problem
+
+log = logging.getLogger(__name__)
+
+ICDS = k.Resource(GROUP, VERSION, PLURAL)
+# Post a Kubernetes Event on the IndexCacheDeployment: (body, type, reason, message).
+EventSink = Callable[[dict, str, str, str], None]
+
+
+@dataclass
+class Context:
+    kube: k.Kube
+    config: OperatorConfig
+    metrics: OperatorMetrics
+    events: EventSink
+    _locks: dict = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+
+class ReconcileError(Exception):
+    """A transient failure (API error); the caller retries later."""
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---- pure helpers -----------------------------------------------------------------------------
+
+def spec_pattern(spec: IndexCacheDeploymentSpec) -> str | None:
+    """The pattern the spec asks for; None means "the checkpoint's own config"."""
+    ic = spec.index_cache
+    if ic.pattern:
+        return ic.pattern
+    if ic.freq is not None and spec.model.num_layers is not None:
+        return pattern_from_freq(spec.model.num_layers, ic.freq, ic.offset if ic.offset is not None else 2)
+    return None
+
+
+def calibration_basis(spec: IndexCacheDeploymentSpec) -> str:
+    """What a calibrated pattern was computed for. When the user edits the model or indexCache,
+    the basis changes and the spec's pattern wins again over an older calibration."""
+    key = json.dumps({"model": spec.model.model_dump(by_alias=True),
+                      "indexCache": spec.index_cache.model_dump(by_alias=True)}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def operator_checks(spec: IndexCacheDeploymentSpec) -> list[tuple[str, str]]:
+    """What the CRD schema cannot check: (reason, message) for each problem."""
+    problems = []
+    if spec.index_cache.pattern:
+        why = pattern_problem(spec.index_cache.pattern, spec.model.num_layers)
+        if why:
+            problems.append(("PatternLengthMismatch", f"spec.indexCache.{why}"))
+    if spec.recalibration.schedule:
+        try:
+            from croniter import croniter
+            croniter(spec.recalibration.schedule)
+        except ImportError:  # croniter is in the operator image; without it Kubernetes checks
+            pass
+        except (ValueError, KeyError) as e:
+            problems.append(("InvalidSchedule", f"spec.recalibration.schedule "
+                             f"{spec.recalibration.schedule!r} is not a valid cron expression: {e}"))
+    return problems
+
+
+def gate(spec: IndexCacheDeploymentSpec, loss_delta: float) -> tuple[Decision, str]:
+    policy = spec.recalibration.auto_apply
+    if policy == AutoApply.never:
+        return Decision.recommended, "autoApply is Never: kept as a recommendation"
+    if policy == AutoApply.always:
+        return Decision.applied, f"autoApply is Always: applied (loss delta {loss_delta:+.4f})"
+    limit = spec.recalibration.max_loss_delta
+    if loss_delta <= limit:
+        return Decision.applied, f"loss delta {loss_delta:+.4f} <= maxLossDelta {limit}: applied"
+    return Decision.rejected, (f"loss delta {loss_delta:+.4f} > maxLossDelta {limit}: "
+                               f"kept as a recommendation, current pattern unchanged")
+
+
+def rayservice_health(rs: dict | None) -> tuple[bool, str, str, int, int]:
+    """(serving, reason, message, replicas, ready replicas) from what KubeRay reports."""
+    if rs is None:
+        return False, "RayServiceMissing", "the RayService does not exist yet", 0, 0
+    st = rs.get("status") or {}
+    active = st.get("activeServiceStatus") or {}
+    cluster = active.get("rayClusterStatus") or {}
+    replicas = int(cluster.get("desiredWorkerReplicas") or 0)
+    ready = int(cluster.get("readyWorkerReplicas") or 0)
+    generation = rs.get("metadata", {}).get("generation")
+    observed = st.get("observedGeneration")
+    if observed is None or (generation is not None and observed != generation):
+        return (False, "RayServiceUpdating",
+                f"KubeRay has not yet observed RayService generation {generation} (observed {observed})",
+                replicas, ready)
+    if (st.get("pendingServiceStatus") or {}).get("applicationStatuses"):
+        return False, "RayServiceUpgrading", "a new Ray cluster is being prepared", replicas, ready
+    app = (active.get("applicationStatuses") or {}).get(b.SERVE_APP_NAME)
+    if not app:
+        return False, "ServeAppMissing", f"serve app {b.SERVE_APP_NAME!r} not reported yet", replicas, ready
+    if app.get("status") != "RUNNING":
+        return (False, "ServeAppNotRunning",
+                f"serve app is {app.get('status')}: {app.get('message', '')}".strip(), replicas, ready)
+    server = (app.get("serveDeploymentStatuses") or {}).get(b.SERVER_DEPLOYMENT) or {}
+    if server.get("status") != "HEALTHY":
+        return (False, "ServerNotHealthy",
+                f"{b.SERVER_DEPLOYMENT} is {server.get('status')}: {server.get('message', '')}".strip(),
+                replicas, ready)
+    for cond in st.get("conditions") or []:
+        if cond.get("type") == "Ready" and cond.get("status") != "True":
+            return False, "RayServiceNotReady", cond.get("message", ""), replicas, ready
+    return True, "ServeAppHealthy", "the serve app runs the current config and is healthy", replicas, ready
+
+
+def set_condition(status: IndexCacheDeploymentStatus, ctype: str, value: bool | None, reason: str,
+                  message: str, generation: int | None) -> None:
+    text = "Unknown" if value is None else ("True" if value else "False")
+    for i, cond in enumerate(status.conditions):
+        if cond.type == ctype:
+            changed = cond.status != text
+            status.conditions[i] = Condition(
+                type=ctype, status=text, reason=reason, message=message, observed_generation=generation,
+                last_transition_time=now() if changed else cond.last_transition_time)
+            return
+    status.conditions.append(Condition(type=ctype, status=text, reason=reason, message=message,
+                                       observed_generation=generation, last_transition_time=now()))
+
+
+def condition(status: IndexCacheDeploymentStatus, ctype: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == ctype), None)
+
+
+def is_subset(desired, actual) -> bool:
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(key in actual and is_subset(v, actual[key])
+                                                for key, v in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(actual, list) and len(desired) == len(actual)
+                and all(is_subset(d, a) for d, a in zip(desired, actual)))
+    return desired == actual or (isinstance(desired, (int, float)) and not isinstance(desired, bool)
+                                 and isinstance(actual, (int, float)) and float(desired) == float(actual))
+
+
+# ---- children -------------------------------------------------------------------------------
+
+def ensure(ctx: Context, body: dict, res: k.Resource, desired: dict, immutable: tuple[str, ...] = ()) -> dict:
+    """Create `desired`, or merge-patch the fields we own back if someone edited them."""
+    ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+    kind = desired["kind"]
+    actual = ctx.kube.get(res, ns, name)
+    if actual is None:
+        try:
+            created = ctx.kube.create(res, ns, desired)
+        except k.KubeError as e:
+            if e.status != 409:
+                raise
+            return ctx.kube.get(res, ns, name) or desired  # created concurrently: fine
+        ctx.events(body, "Normal", "Created", f"created {kind} {name}")
+        return created
+    owned = {key: v for key, v in desired.items() if key not in ("apiVersion", "kind", *immutable)}
+    owned["metadata"] = {key: desired["metadata"][key] for key in ("labels", "ownerReferences")}
+    if is_subset(owned, actual):
+        return actual
+    patched = ctx.kube.patch(res, ns, name, owned)
+    ctx.events(body, "Normal", "Updated", f"restored/updated {kind} {name}")
+    return patched
+
+
+def remove(ctx: Context, body: dict, res: k.Resource, namespace: str, name: str, kind: str) -> None:
+    if ctx.kube.delete(res, namespace, name):
+        ctx.events(body, "Normal", "Deleted", f"deleted {kind} {name}")
+
+
+def ensure_children(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
+                    pattern: str | None, version: int) -> dict:
+    ensure(ctx, body, k.SERVICEACCOUNTS, b.service_account(owner))
+    ensure(ctx, body, k.ROLES, b.role(owner))
+    ensure(ctx, body, k.ROLEBINDINGS, b.role_binding(owner))
+    # A claim's spec is immutable once bound: restore ownership, never re-size behind the user's back.
+    ensure(ctx, body, k.PVCS, b.samples_claim(owner, spec), immutable=("spec",))
+    rs = ensure(ctx, body, k.RAYSERVICES, b.rayservice(owner, spec, ctx.config, pattern, version))
+    if spec.recalibration.schedule:
+        ensure(ctx, body, k.CRONJOBS, b.recalibration_cronjob(owner, spec, ctx.config))
+    else:
+        remove(ctx, body, k.CRONJOBS, owner.namespace, b.cronjob_name(owner), "CronJob")
+    return rs
+
+
+def start_requested_recalibration(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
+                                  status: IndexCacheDeploymentStatus) -> None:
+    token = (body["metadata"].get("annotations") or {}).get(RECALIBRATE_ANNOTATION)
+    if not token or token == status.recalibration.request_token:
+        return
+    job = b.ondemand_job(owner, spec, ctx.config, token)
+    try:
+        ctx.kube.create(k.JOBS, owner.namespace, job)
+        ctx.events(body, "Normal", "RecalibrationStarted",
+                   f"started Job {job['metadata']['name']} for {RECALIBRATE_ANNOTATION}={token}")
+    except k.KubeError as e:
+        if e.status != 409:  # already exists: a restart or a second call; the same Job serves it
+            raise
+    status.recalibration.request_token = token
+    status.recalibration.active_job = job["metadata"]["name"]
+
+
+# ---- the reconcile --------------------------------------------------------------------------
+
+def reconcile(ctx: Context, namespace: str, name: str) -> dict | None:
+    """Bring the world in line with the resource; returns the status written (None if gone)."""
+    with ctx.lock(namespace, name):
+        body = ctx.kube.get(ICDS, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        return _reconcile_locked(ctx, body)
+
+
+def _validation_message(err: pydantic.ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        path = "spec." + ".".join(str(p) for p in e["loc"])
+        parts.append(f"{path}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _reconcile_locked(ctx: Context, body: dict, status: IndexCacheDeploymentStatus | None = None) -> dict:
+    """`body` is the resource as the server holds it; `status`, if given, is an edited status to
+    start from (a Job result folded in)."""
+    started = time.monotonic()
+    meta = body["metadata"]
+    ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    before = body.get("status") or {}
+    if status is None:
+        status = IndexCacheDeploymentStatus.model_validate(before)
+    status.observed_generation = generation
+    owner = b.Owner.from_body(body)
+    result, error_reason = "success", None
+    spec_replicas = (body.get("spec") or {}).get("replicas", 1)
+    try:
+        try:
+            spec = IndexCacheDeploymentSpec.model_validate(body.get("spec") or {})
+        except pydantic.ValidationError as e:
+            problems = [("InvalidSpec", _validation_message(e))]
+        else:
+            problems = operator_checks(spec)
+        if problems:
+            reason, message = problems[0][0], "; ".join(m for _, m in problems)
+            set_condition(status, "Degraded", True, reason, message, generation)
+            set_condition(status, "Reconciled", False, reason,
+                          "children left as they were until the spec is fixed", generation)
+            set_condition(status, "Ready", False, reason, message, generation)
+            status.phase = Phase.degraded
+            error_reason = reason
+            previous = condition(IndexCacheDeploymentStatus.model_validate(before), "Degraded")
+            if previous is None or previous.status != "True" or previous.reason != reason:
+                ctx.events(body, "Warning", reason, message)
+        else:
+            _reconcile_valid(ctx, body, owner, spec, status, generation)
+            spec_replicas = spec.replicas
+    except k.KubeError as e:
+        result, error_reason = "error", f"Api{e.status}"
+        if e.status == 404 and "ray.io" in str(e):
+            error_reason = "RayServiceAPIMissing"
+        set_condition(status, "Reconciled", False, error_reason, str(e)[:1000], generation)
+        ctx.events(body, "Warning", "ReconcileFailed", str(e)[:1000])
+        _write_status(ctx, ns, name, before, status)
+        ctx.metrics.errors.labels(ns, name, error_reason).inc()
+        ctx.metrics.reconciles.labels(ns, name, result).inc()
+        raise ReconcileError(str(e)) from e
+    finally:
+        ctx.metrics.duration.labels(ns, name).observe(time.monotonic() - started)
+    if error_reason:
+        ctx.metrics.errors.labels(ns, name, error_reason).inc()
+    ctx.metrics.reconciles.labels(ns, name, result).inc()
+    written = _write_status(ctx, ns, name, before, status)
+    ctx.metrics.observe_status(ns, name, spec_replicas, written)
+    return written
+
+
+def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
+                     status: IndexCacheDeploymentStatus, generation: int | None) -> None:
+    basis = calibration_basis(spec)
+    applied = status.applied_calibration
+    if applied is not None and applied.basis != basis:
+        ctx.events(body, "Normal", "CalibrationSuperseded",
+                   f"spec.model or spec.indexCache changed: the spec's pattern replaces calibrated "
+                   f"pattern from Job {applied.job}")
+        status.applied_calibration = applied = None
+    pattern = applied.pattern if applied is not None else spec_pattern(spec)
+    if pattern != status.pattern:
+        status.pattern_version += 1
+        ctx.events(body, "Normal", "PatternChanged",
+                   f"pattern {status.pattern or '(checkpoint default)'} -> {pattern or '(checkpoint default)'} "
+                   f"(version {status.pattern_version})")
+        status.pattern = pattern
+    status.full_layers = full_layers(pattern) if pattern else None
+
+    rs = ensure_children(ctx, body, owner, spec, pattern, status.pattern_version)
+    start_requested_recalibration(ctx, body, owner, spec, status)
+
+    status.ray_service = b.rayservice_name(owner)
+    status.selector = b.replica_selector(owner)
+    serving, reason, message, replicas, ready = rayservice_health(rs)
+    status.replicas, status.ready_replicas = replicas, ready if serving else min(ready, replicas)
+    set_condition(status, "Reconciled", True, "ChildrenInSync",
+                  "RayService, samples claim, recalibration RBAC and CronJob match the spec", generation)
+    set_condition(status, "Degraded", False, "AsExpected", "", generation)
+    if spec.replicas == 0 and spec.autoscaling is None:
+        set_condition(status, "Ready", False, "ScaledToZero", "spec.replicas is 0", generation)
+        status.phase = Phase.scaled_to_zero
+    else:
+        set_condition(status, "Ready", serving, reason, message, generation)
+        status.phase = Phase.ready if serving else Phase.deploying
+    _set_calibrated(status, generation)
+
+
+def _set_calibrated(status: IndexCacheDeploymentStatus, generation: int | None) -> None:
+    """True while the replicas run a calibrated pattern; the reason tells what the LAST
+    recalibration did (a rejected or failed newer run does not un-calibrate the running pattern)."""
+    applied, last = status.applied_calibration, status.recalibration.last
+    running = (f"running the pattern calibrated by Job {applied.job}" if applied is not None
+               else "running the spec's pattern")
+    if last is None:
+        reason, message = ("PatternApplied" if applied else "NotCalibrated"), running
+    elif last.result == "Failed":
+        reason, message = "RecalibrationFailed", f"Job {last.job} failed ({last.reason}); kept: {running}"
+    elif last.decision == Decision.rejected:
+        reason, message = "GateRejected", f"Job {last.job}: {last.reason}; {running}"
+    elif last.decision == Decision.recommended:
+        reason, message = "Recommended", f"Job {last.job}: {last.reason}; {running}"
+    else:
+        reason, message = ("PatternApplied", running) if applied else ("NotCalibrated", running)
+    set_condition(status, "Calibrated", applied is not None, reason, message, generation)
+
+
+def _write_status(ctx: Context, ns: str, name: str, before: dict, status: IndexCacheDeploymentStatus) -> dict:
+    after = status.model_dump(by_alias=True, exclude_none=True, mode="json")
+    if after != before:
+        # Keys we no longer set must be removed explicitly in a merge patch.
+        patch = {**{key: None for key in before if key not in after}, **after}
+        ctx.kube.patch(ICDS, ns, name, {"status": patch}, subresource="status")
+    return after
+
+
+# ---- recalibration results -------------------------------------------------------------------
+
+def job_outcome(job: dict) -> tuple[str, str] | None:
+    """("Succeeded"|"Failed", reason) once a Job has finished, else None."""
+    st = job.get("status") or {}
+    for cond in st.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            return "Succeeded", "Completed"
+        if cond.get("type") == "Failed":
+            return "Failed", cond.get("reason") or "Failed"
+    return None
+
+
+def record_job(ctx: Context, job: dict) -> dict | None:
+    """Fold a finished recalibration Job into its owner's status and roll out per the gate."""
+    labels = job["metadata"].get("labels") or {}
+    name, ns, job_name = labels.get(DEPLOYMENT_LABEL), job["metadata"]["namespace"], job["metadata"]["name"]
+    outcome = job_outcome(job)
+    if not name or outcome is None:
+        return None
+    with ctx.lock(ns, name):
+        body = ctx.kube.get(ICDS, ns, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        status = IndexCacheDeploymentStatus.model_validate(body.get("status") or {})
+        last = status.recalibration.last
+        if last is not None and last.job == job_name:
+            return None  # already folded in (restart, duplicate event)
+        try:
+            spec = IndexCacheDeploymentSpec.model_validate(body.get("spec") or {})
+        except pydantic.ValidationError:
+            return None  # the reconcile reports the invalid spec
+        finished_at = _finished_at(job)
+        result, reason = outcome
+        run = RecalibrationRun(job=job_name, finished_at=finished_at, result=result, reason=reason)
+        if result == "Succeeded":
+            run = _read_result(ctx, ns, job_name, spec, run)
+        if run.result == "Succeeded":
+            decision, why = gate(spec, run.loss_delta)
+            run.decision, run.reason = decision, why
+            ctx.metrics.gate_decisions.labels(ns, name, decision.value.lower()).inc()
+            ctx.metrics.loss_delta.labels(ns, name).set(run.loss_delta)
+            if decision == Decision.applied:
+                status.applied_calibration = AppliedCalibration(pattern=run.pattern, job=job_name,
+                                                                basis=calibration_basis(spec))
+                status.recalibration.recommended_pattern = None
+                ctx.events(body, "Normal", "RecalibrationApplied", f"Job {job_name}: {why}")
+            else:
+                status.recalibration.recommended_pattern = run.pattern
+                ctx.events(body, "Normal", "RecalibrationNotApplied", f"Job {job_name}: {why}")
+            ctx.metrics.recalibrations.labels(ns, name, "succeeded").inc()
+        else:
+            ctx.metrics.recalibrations.labels(ns, name, "failed").inc()
+            ctx.events(body, "Warning", "RecalibrationFailed",
+                       f"Job {job_name} failed ({run.reason}); keeping pattern {status.pattern}")
+        status.recalibration.last = run
+        return _reconcile_locked(ctx, body, status)
+
+
+def _finished_at(job: dict) -> str:
+    st = job.get("status") or {}
+    if st.get("completionTime"):
+        return st["completionTime"]
+    for cond in st.get("conditions") or []:
+        if cond.get("status") == "True" and cond.get("lastTransitionTime"):
+            return cond["lastTransitionTime"]
+    return now()
+
+
+def _read_result(ctx: Context, ns: str, job_name: str, spec: IndexCacheDeploymentSpec,
+                 run: RecalibrationRun) -> RecalibrationRun:
+    cm_name = b.result_configmap_name(job_name)
+    cm = ctx.kube.get(k.CONFIGMAPS, ns, cm_name)
+    raw = ((cm or {}).get("data") or {}).get("result.json")
+    if raw is None:
+        return run.model_copy(update={"result": "Failed",
+                                      "reason": f"ResultMissing: ConfigMap {cm_name} has no result.json"})
+    try:
+        data = json.loads(raw)
+        pattern, loss_delta = str(data["pattern"]), float(data["loss_delta"])
+    except (ValueError, KeyError, TypeError) as e:
+        return run.model_copy(update={"result": "Failed", "reason": f"ResultInvalid: {e!r}"[:500]})
+    why = pattern_problem(pattern, spec.model.num_layers or data.get("num_layers"))
+    if why:
+        return run.model_copy(update={"result": "Failed", "reason": f"ResultInvalid: {why}"})
+    return run.model_copy(update={"pattern": pattern, "full_layers": full_layers(pattern),
+                                  "loss_delta": loss_delta})

@@ -1,0 +1,204 @@
+"""Pure builders and decisions: manifests valid for KubeRay and Kubernetes, serve config per the
+contract, pattern expansion, the quality gate, readiness, and a light operator package."""
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from indexcache_operator import builders as b
+from indexcache_operator.config import ConfigError, OperatorConfig
+from indexcache_operator.models import IndexCacheDeploymentSpec
+from indexcache_operator.patterns import full_layers, pattern_from_freq, pattern_problem
+from indexcache_operator.reconcile import Decision, gate, rayservice_health
+
+ROOT = Path(__file__).resolve().parents[2]
+OWNER = b.Owner(name="chat", namespace="serving", uid="1234")
+CONFIG = OperatorConfig()
+
+
+def spec(**over) -> IndexCacheDeploymentSpec:
+    base = {"model": {"uri": "/models/glm5", "numLayers": 8}, "replicas": 2, "gpusPerReplica": 4,
+            "indexCache": {"pattern": "FFSSFSSS"}, "cost": {"gpuHourlyUSD": 2.5},
+            "traffic": {"sampleRate": 0.1}}
+    base.update(over)
+    return IndexCacheDeploymentSpec.model_validate(base)
+
+
+@functools.cache
+def _kuberay_schema(path: Path) -> dict:
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 18K lines
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize("variant", [
+    {},
+    {"replicas": 0},
+    {"autoscaling": {"minReplicas": 1, "maxReplicas": 6, "targetOngoingRequests": 3}, "replicas": 2},
+    {"indexCache": {}, "model": {"uri": "smollm2"}},
+])
+def test_rayservice_is_valid_for_kuberay_and_carries_the_serve_contract(kit, variant):
+    s = spec(**variant)
+    b_pattern = s.index_cache.pattern
+    rs = b.rayservice(OWNER, s, CONFIG, b_pattern, 3)
+    jsonschema.Draft7Validator(_kuberay_schema(kit.KUBERAY_CRD)).validate(rs)
+    assert rs["metadata"]["ownerReferences"][0] == {
+        "apiVersion": "indexcache.io/v1alpha1", "kind": "IndexCacheDeployment", "name": "chat", "uid": "1234",
+        "controller": True, "blockOwnerDeletion": True}
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    assert app["import_path"] == "indexcache.serve_app:build_app"
+    assert app["args"]["model"] == s.model.uri and app["args"]["deployment"] == "chat"
+    server = next(d for d in app["deployments"] if d["name"] == "IndexCacheServer")
+    assert server["ray_actor_options"]["num_gpus"] == 4
+    expected_user_config = {"pattern_version": 3, "sample_rate": 0.1, "gpu_hourly_usd": 10.0}
+    if b_pattern:
+        expected_user_config["pattern"] = b_pattern
+    assert server["user_config"] == expected_user_config
+    worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    if s.autoscaling:
+        assert server["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "initial_replicas": 2,
+                                                "target_ongoing_requests": 3.0}
+        assert (worker["minReplicas"], worker["maxReplicas"]) == (1, 6)
+        assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    else:
+        assert server["num_replicas"] == s.replicas == worker["replicas"] == worker["maxReplicas"]
+
+
+def test_a_new_pattern_changes_only_user_config():
+    s = spec()
+    before = b.rayservice(OWNER, s, CONFIG, "FFSSFSSS", 1)
+    after = b.rayservice(OWNER, s, CONFIG, "FSSSFSSS", 2)
+    assert before["spec"]["rayClusterConfig"] == after["spec"]["rayClusterConfig"]
+    app_before = yaml.safe_load(before["spec"]["serveConfigV2"])["applications"][0]
+    app_after = yaml.safe_load(after["spec"]["serveConfigV2"])["applications"][0]
+    for app in (app_before, app_after):
+        for dep in app["deployments"]:
+            dep.pop("user_config", None)
+    assert app_before == app_after
+    assert b.read_user_config(after)["pattern"] == "FSSSFSSS"
+
+
+@pytest.mark.parametrize("build", [
+    lambda: b.samples_claim(OWNER, spec(traffic={"storageClassName": "nfs"})),
+    lambda: b.service_account(OWNER),
+    lambda: b.role(OWNER),
+    lambda: b.role_binding(OWNER),
+    lambda: b.ondemand_job(OWNER, spec(), CONFIG, "2026-11-28T10:00"),
+    lambda: b.recalibration_cronjob(OWNER, spec(recalibration={"schedule": "0 3 * * 0"}), CONFIG),
+])
+def test_builtin_manifests_pass_kubernetes_validation(build):
+    obj = build()
+    kubernetes_validate.validate(obj, "1.37.0", strict=True)
+    assert obj["metadata"]["ownerReferences"][0]["uid"] == "1234"
+    assert obj["metadata"]["labels"]["indexcache.io/deployment"] == "chat"
+
+
+def test_recalibration_job_runs_the_calibrate_contract():
+    job = b.ondemand_job(OWNER, spec(recalibration={"targetFullFraction": 0.25, "timeoutSeconds": 900}),
+                         CONFIG, "tok")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] + container["args"] == [
+        "indexcache", "calibrate", "--model", "/models/glm5", "--samples", "/samples", "--target-full", "0.25",
+        "--out", "/results/result.json", "--report-configmap", "$(POD_NAMESPACE)/$(JOB_NAME)-result"]
+    assert {e["name"] for e in container["env"]} == {"JOB_NAME", "POD_NAMESPACE"}
+    assert job["spec"]["activeDeadlineSeconds"] == 900
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "chat-recalibration"
+    # Deterministic: the same token names the same Job (a retry is "already exists").
+    assert b.ondemand_job_name(OWNER, "tok") == job["metadata"]["name"] != b.ondemand_job_name(OWNER, "tok2")
+    assert len(b.ondemand_job_name(b.Owner("a" * 40, "ns", "u"), "t")) <= 63
+
+
+def test_cronjob_follows_schedule_and_suspend():
+    cj = b.recalibration_cronjob(OWNER, spec(recalibration={"schedule": "@daily", "suspend": True}), CONFIG)
+    assert (cj["spec"]["schedule"], cj["spec"]["suspend"], cj["spec"]["concurrencyPolicy"]) == ("@daily", True, "Forbid")
+    assert cj["spec"]["jobTemplate"]["metadata"]["labels"]["app.kubernetes.io/component"] == "recalibration"
+
+
+@pytest.mark.parametrize("layers,freq,offset,full,first", [
+    (47, 4, 2, 13, [0, 1, 5, 9]),
+    (78, 4, 3, 21, [0, 1, 2, 6]),
+    (8, 1, 2, 8, [0, 1, 2, 3]),
+])
+def test_pattern_from_freq_matches_upstream(layers, freq, offset, full, first):
+    p = pattern_from_freq(layers, freq, offset)
+    assert len(p) == layers and full_layers(p) == full
+    assert [i for i, c in enumerate(p) if c == "F"][:4] == first
+
+
+def test_pattern_problems_name_the_fix():
+    assert pattern_problem("FFSS", 4) is None
+    assert "model.numLayers is 8" in pattern_problem("FFSS", 8)
+    assert "start with F" in pattern_problem("SFSS", None)
+
+
+@pytest.mark.parametrize("policy,limit,delta,decision", [
+    ("Gated", 0.02, 0.01, Decision.applied),
+    ("Gated", 0.02, 0.02, Decision.applied),
+    ("Gated", 0.02, 0.05, Decision.rejected),
+    ("Never", 1.0, 0.0, Decision.recommended),
+    ("Always", 0.0, 0.5, Decision.applied),
+])
+def test_quality_gate(policy, limit, delta, decision):
+    got, why = gate(spec(recalibration={"autoApply": policy, "maxLossDelta": limit}), delta)
+    assert got == decision and why
+
+
+def _rs(generation=2, observed=2, app="RUNNING", server="HEALTHY", pending=False):
+    return {"metadata": {"generation": generation}, "status": {
+        "observedGeneration": observed,
+        "pendingServiceStatus": {"applicationStatuses": {"indexcache": {}}} if pending else {},
+        "activeServiceStatus": {
+            "applicationStatuses": {"indexcache": {"status": app, "serveDeploymentStatuses": {
+                "IndexCacheServer": {"status": server}}}},
+            "rayClusterStatus": {"desiredWorkerReplicas": 2, "readyWorkerReplicas": 2}}}}
+
+
+@pytest.mark.parametrize("rs,serving,reason", [
+    (_rs(), True, "ServeAppHealthy"),
+    (_rs(generation=3, observed=2), False, "RayServiceUpdating"),
+    (_rs(app="DEPLOYING"), False, "ServeAppNotRunning"),
+    (_rs(server="UNHEALTHY"), False, "ServerNotHealthy"),
+    (_rs(pending=True), False, "RayServiceUpgrading"),
+    (None, False, "RayServiceMissing"),
+])
+def test_ready_only_when_kuberay_reports_the_current_app_healthy(rs, serving, reason):
+    got = rayservice_health(rs)
+    assert (got[0], got[1]) == (serving, reason)
+
+
+def test_config_is_read_from_the_environment_with_clear_errors():
+    cfg = OperatorConfig.from_env({"INDEXCACHE_SERVING_IMAGE": "r/x:1", "INDEXCACHE_OPERATOR_METRICS_PORT": "9100"})
+    assert (cfg.serving_image, cfg.metrics_port) == ("r/x:1", 9100)
+    with pytest.raises(ConfigError, match="INDEXCACHE_OPERATOR_RESYNC_SECONDS"):
+        OperatorConfig.from_env({"INDEXCACHE_OPERATOR_RESYNC_SECONDS": "soon"})
+
+
+def test_operator_imports_without_torch_or_ray():
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'ray'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.path.insert(0, {str(ROOT / 'operator')!r})\n"
+        "import indexcache_operator.handlers, indexcache_operator.crd, indexcache_operator.__main__\n"
+        "assert not any(m.split('.')[0] in ('torch', 'ray') for m in sys.modules)\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_operator_image_installs_no_torch_or_ray():
+    dockerfile = "\n".join(line for line in (ROOT / "docker" / "operator.Dockerfile").read_text().splitlines()
+                           if not line.lstrip().startswith("#"))
+    assert ".[operator]" in dockerfile and "torch" not in dockerfile and "ray" not in dockerfile.replace("ray.io", "")
+    import tomllib
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["operator"]
+    assert not [d for d in extras if d.split("[")[0].split("=")[0].split(">")[0].strip() in ("torch", "ray")]
+    assert "indexcache-operator" in dockerfile
