@@ -146,11 +146,15 @@ class Engine:
                 req.abort_reason = reason
                 self._wake.notify()
 
-    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
-        """Async generator of chunks. Closing it early (client gone) aborts the request and frees its slot."""
+    async def generate(self, prompt: list[int], params: SamplingParams,
+                       on_submit: Callable[[EngineRequest], None] | None = None) -> AsyncIterator[TokenChunk]:
+        """Async generator of chunks. Closing it early (client gone) aborts the request and frees its slot.
+        `on_submit` receives the request (to abort it with another reason, e.g. a stop string)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
         req = self.submit(prompt, params, lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, chunk))
+        if on_submit is not None:
+            on_submit(req)
         try:
             while True:
                 chunk = await queue.get()

@@ -62,7 +62,22 @@ class TrafficSampler:
         self.kept = 0
         self.dropped_too_long = 0
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         Path(config.directory).mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> "TrafficSampler":
+        """Flush on a timer too, so a quiet replica's buffered samples reach the volume within
+        flush_interval_s (a daemon thread: it dies with the replica)."""
+        def loop():
+            while not self._stopped.wait(self.config.flush_interval_s):
+                if self.buffer:
+                    self.flush()
+        threading.Thread(target=loop, name="indexcache-sampler", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.flush()
 
     def set_rate(self, rate: float) -> None:
         if not 0 <= rate <= 1:
