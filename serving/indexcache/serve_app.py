@@ -243,7 +243,8 @@ class IndexCacheServer:
 
     def info(self) -> dict:
         return {"id": self.served_model_name, "max_model_len": self.engine.max_model_len,
-                "pattern": self.engine.pattern, "pattern_version": self.engine.pattern_version}
+                "pattern": self.engine.pattern, "pattern_version": self.engine.pattern_version,
+                "replica_pid": os.getpid()}
 
     def check_health(self) -> None:
         """Ray Serve calls this; a dead engine thread restarts the replica."""
