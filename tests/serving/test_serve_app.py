@@ -155,14 +155,14 @@ def test_pattern_switches_under_streaming_load(serve_app, model, tokenizer):
 
     async def switch():
         for version, pattern in enumerate(patterns, start=10):
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.1)
             await asyncio.to_thread(serve_app.deploy, {"pattern": pattern, "pattern_version": version})
 
     async def worker(client, switching, out):
         # keep requests in flight until the last switch is live, then one more round
         while True:
             done = switching.done()
-            prompt, n = random_text(rng), rng.randint(10, 30)
+            prompt, n = random_text(rng), rng.randint(8, 16)
             jobs.append((prompt, n))
             out.append((len(jobs) - 1, await one(client, prompt, n)))
             if done:
@@ -172,7 +172,7 @@ def test_pattern_switches_under_streaming_load(serve_app, model, tokenizer):
         client = openai.AsyncOpenAI(base_url=serve_app.url + "/v1", api_key=serve_app.api_key, max_retries=0)
         switching = asyncio.create_task(switch())
         out = []
-        await asyncio.gather(*(worker(client, switching, out) for _ in range(4)))   # 4 <= the app's limit of 6
+        await asyncio.gather(*(worker(client, switching, out) for _ in range(3)))   # 3 <= the app's limit of 6
         return [r for _, r in sorted(out, key=lambda x: x[0])]
 
     results = asyncio.run(main())
