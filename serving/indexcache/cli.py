@@ -183,6 +183,46 @@ def add_distill_parser(sub) -> None:
     p.set_defaults(func=cmd_distill)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from .pattern import resolve_pattern
+
+    if args.pattern and (args.freq or args.offset):
+        raise SystemExit("give either --pattern or --freq/--offset, not both")
+    model = "tiny" if args.tiny else (args.model or "smollm2")
+    if model == "smollm2":
+        from .serve_app import bundled_model_dir
+        bundled_model_dir()   # fail here, with the fix, rather than inside a Ray replica
+    pattern = args.pattern
+    if pattern is None and (args.freq or args.offset):
+        from .config import ModelArgs
+        from .serve_app import bundled_model_dir
+        from .tiny import TINY_CONFIG
+        n_layers = TINY_CONFIG["n_layers"] if model == "tiny" else ModelArgs.from_dir(
+            bundled_model_dir() if model == "smollm2" else model).n_layers
+        pattern = resolve_pattern(n_layers, freq=args.freq or 1, offset=args.offset or 2)
+    from .serve_app import start_local
+    app_args = dict(model=model, max_ongoing_requests=args.max_ongoing_requests, max_batch_size=args.max_batch_size,
+                    max_model_len=args.max_model_len, samples_dir=args.samples_dir, sample_rate=args.sample_rate,
+                    gpu_hourly_usd=args.gpu_hourly_usd, api_key=args.api_key, pattern=pattern)
+    print(f"starting Ray Serve on {args.host}:{args.port} with model {model} ...", file=sys.stderr, flush=True)
+    url = start_local(app_args, host=args.host, port=args.port, num_cpus=args.num_cpus)
+    print(f"IndexCache OpenAI-compatible API listening on {url}/v1  (metrics: {url}/metrics; Ctrl-C stops)",
+          flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    from ray import serve
+    serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_calibrate_parser(sub)
     add_distill_parser(sub)
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API locally (Ray Serve on this machine)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory (default: the bundled SmolLM2 DSA model)")
+    src.add_argument("--tiny", action="store_true", help="a tiny random model (tests and demos; gibberish text)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-ongoing-requests", type=int, default=32, help="more get 429 + Retry-After")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (KV cache slots)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context per request, prompt + output tokens")
+    p.add_argument("--samples-dir", help="write sampled traffic (JSONL shards) here")
+    p.add_argument("--sample-rate", type=float, default=0.0, help="fraction of requests sampled (needs --samples-dir)")
+    p.add_argument("--gpu-hourly-usd", type=float, default=0.0, help="price of the replica's hardware per hour")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env INDEXCACHE_API_KEY or none)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
+    add_pattern_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

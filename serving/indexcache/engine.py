@@ -1,0 +1,310 @@
+"""Continuous batching engine: many requests share one preallocated slot KV cache and advance together.
+
+Roles as in `ray.serve.llm`: this is the engine. It sees token ids only; `generate()` is an async
+generator of `TokenChunk`s. The server deployment (serve_app.py) owns one engine per replica.
+
+A scheduler step (run by one background thread, or by hand with `step()` in tests):
+  1. drop aborted requests (client gone, stop string hit): their slots are free again at once;
+  2. admit waiting requests into free slots (FIFO);
+  3. prefill: up to `chunk_size` prompt tokens in total, one request after another (chunked prefill:
+     a long prompt spreads over several steps, so running requests keep decoding between its chunks);
+     a prompt's last chunk yields its first token;
+  4. decode: every running request with a token waiting to enter the cache advances one position,
+     one batched forward per distinct IndexCache pattern among them.
+
+Live pattern switch: `set_pattern()` only changes what *new* requests get. Each request keeps the pattern
+it was admitted with until it finishes, so its output equals the same request run alone on that pattern
+(the slow twin: `generate.generate` / `naive_generate`). The cache holds indexer keys for the union of
+the patterns' F layers (KVCache.ensure_pattern); each request reads and writes only its own slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import torch
+
+from .generate import SamplingParams, make_generator, sample_token
+from .metrics import FlopModel, ServingMetrics
+from .model import DSAForCausalLM, KVCache
+
+log = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit the engine's context (max_model_len)."""
+
+
+@dataclass
+class TokenChunk:
+    token_id: int | None            # None only on a final chunk that carries no token (abort, error, max_tokens=0)
+    finish_reason: str | None       # None while running; then "stop", "length", "abort" or "error"
+    pattern: str
+    pattern_version: int
+    error: str | None = None
+
+
+@dataclass
+class EngineRequest:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    pattern: str
+    pattern_version: int
+    emit: Callable[[TokenChunk], None]   # called on the engine thread
+    arrival: float = field(default_factory=time.monotonic)
+    slot: int | None = None
+    cached: int = 0                      # tokens of this sequence already in the KV cache
+    output: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    first_token_at: float | None = None
+    abort_reason: str | None = None      # set from any thread; the engine frees the slot on its next step
+    finished: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt)
+
+
+class Engine:
+    def __init__(self, model: DSAForCausalLM, *, pattern: str | None = None, pattern_version: int = 0,
+                 max_batch_size: int = 8, max_model_len: int | None = None, chunk_size: int = 256,
+                 metrics: ServingMetrics | None = None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model = model
+        self.args = model.args
+        self.max_model_len = min(max_model_len or self.args.max_seq_len, self.args.max_seq_len)
+        self.max_batch_size, self.chunk_size = max_batch_size, chunk_size
+        self.device = model.lm_head.weight.device
+        self.pattern = model.check_pattern(pattern or model.default_pattern)
+        self.pattern_version = pattern_version
+        self.cache = KVCache(self.args, max_batch_size, self.max_model_len, self.pattern,
+                             dtype=model.lm_head.weight.dtype, device=self.device)
+        self.flops = FlopModel.of(self.args)
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.set_pattern(self.pattern, pattern_version)
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []
+        self.free_slots = list(range(max_batch_size))
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.forwards = 0   # forwards run (a test counts them to see batching happen)
+
+    # -------------------------------------------------------------------------------- configuration
+    def set_pattern(self, pattern: str, version: int) -> None:
+        """New requests get `pattern`; requests already admitted or queued keep theirs."""
+        pattern = self.model.check_pattern(pattern)
+        with self._lock:
+            self.pattern, self.pattern_version = pattern, version
+        if self.metrics is not None:
+            self.metrics.set_pattern(pattern, version)
+
+    # -------------------------------------------------------------------------------- submission
+    def check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt) >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens but the context is {self.max_model_len} tokens "
+                f"(max_model_len, prompt + at least one generated token): shorten the prompt")
+        bad = [t for t in prompt if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.args.vocab_size - 1})")
+
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[TokenChunk], None]) -> EngineRequest:
+        """Queue a request; `emit` receives its chunks on the engine thread. Raises on bad input."""
+        self.check_prompt(prompt)
+        room = self.max_model_len - len(prompt)
+        if params.max_new_tokens > room:   # the context caps generation; finish_reason will be "length"
+            params = SamplingParams(max_new_tokens=room, temperature=params.temperature, top_p=params.top_p,
+                                    seed=params.seed, stop_token_ids=params.stop_token_ids)
+        with self._lock:
+            req = EngineRequest(id=f"req-{next(self._ids)}", prompt=list(prompt), params=params,
+                                pattern=self.pattern, pattern_version=self.pattern_version, emit=emit,
+                                generator=make_generator(params.seed))
+            self.waiting.append(req)
+            self._wake.notify()
+        return req
+
+    def abort(self, req: EngineRequest, reason: str = "abort") -> None:
+        """Stop a request (thread-safe); its slot is freed on the engine's next step."""
+        with self._lock:
+            if not req.finished and req.abort_reason is None:
+                req.abort_reason = reason
+                self._wake.notify()
+
+    async def generate(self, prompt: list[int], params: SamplingParams,
+                       on_submit: Callable[[EngineRequest], None] | None = None) -> AsyncIterator[TokenChunk]:
+        """Async generator of chunks. Closing it early (client gone) aborts the request and frees its slot.
+        `on_submit` receives the request (to abort it with another reason, e.g. a stop string)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
+        req = self.submit(prompt, params, lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, chunk))
+        if on_submit is not None:
+            on_submit(req)
+        try:
+            while True:
+                chunk = await queue.get()
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            self.abort(req)   # no-op when it already finished
+
+    # -------------------------------------------------------------------------------- the loop
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="indexcache-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self.waiting or self.running or self._stopping):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:   # a bug must not take the replica down: fail the batch, keep serving
+                log.exception("engine step failed; failing the running requests")
+                with self._lock:
+                    for req in list(self.running):
+                        self._finish(req, "error", error="internal engine error (see the replica log)")
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One scheduler step. Returns whether anything was left to do."""
+        with self._lock:
+            for req in [r for r in self.running if r.abort_reason]:
+                self._finish(req, req.abort_reason)
+            for req in [r for r in self.waiting if r.abort_reason]:
+                self.waiting.remove(req)
+                self._finish(req, req.abort_reason)
+            while self.waiting and self.free_slots:
+                req = self.waiting.popleft()
+                req.slot = self.free_slots.pop(0)
+                self.running.append(req)
+                if req.params.max_new_tokens == 0:
+                    self._finish(req, "length")
+            running = list(self.running)
+        self._update_gauges()
+        if not running:
+            return False
+        busy_start = time.monotonic()
+
+        budget = self.chunk_size
+        for req in [r for r in running if r.prefilling]:
+            if budget <= 0:
+                break
+            start = req.cached
+            chunk = req.prompt[start:start + budget]
+            budget -= len(chunk)
+            tokens = torch.tensor([chunk], device=self.device)                     # (1, C)
+            logits = self._forward(tokens, [start], [req.slot], req.pattern,
+                                   logits_at=torch.tensor([len(chunk) - 1], device=self.device))
+            req.cached += len(chunk)
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(len(chunk))
+            if not req.prefilling:
+                self._accept(req, logits[0])
+
+        decoding = [r for r in running if not r.prefilling and not r.finished and r.output]
+        for pattern in dict.fromkeys(r.pattern for r in decoding):
+            batch = [r for r in decoding if r.pattern == pattern]
+            tokens = torch.tensor([[r.output[-1]] for r in batch], device=self.device)    # (B, 1)
+            positions = [r.cached for r in batch]
+            logits = self._forward(tokens, positions, [r.slot for r in batch], pattern,
+                                   logits_at=torch.zeros(len(batch), dtype=torch.long, device=self.device))
+            for r, row in zip(batch, logits):
+                r.cached += 1
+                self._accept(r, row)
+        if self.metrics is not None:
+            self._update_gauges()
+        log.debug("step: %d running, %.1f ms", len(running), 1000 * (time.monotonic() - busy_start))
+        return True
+
+    def _forward(self, tokens: torch.Tensor, starts: list[int], slots: list[int], pattern: str,
+                 logits_at: torch.Tensor) -> torch.Tensor:
+        t0 = time.monotonic()
+        logits = self.model(tokens, start_pos=torch.tensor(starts, device=self.device), cache=self.cache,
+                            slots=torch.tensor(slots, device=self.device), pattern=pattern, logits_at=logits_at)
+        seconds = time.monotonic() - t0
+        self.forwards += 1
+        if self.metrics is not None:
+            n = tokens.shape[1]
+            computed, skipped, total = self.flops.forward([(s, n) for s in starts], pattern.count("F"), len(starts))
+            self.metrics.observe_forward(seconds, computed, skipped, total)
+        return logits
+
+    def _accept(self, req: EngineRequest, logits: torch.Tensor) -> None:
+        """Sample the next token of `req` from its logits (V,), emit it, finish when due."""
+        token = sample_token(logits, req.params.temperature, req.params.top_p, req.generator)
+        now = time.monotonic()
+        if req.first_token_at is None:
+            req.first_token_at = now
+        req.output.append(token)
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc()
+        reason = None
+        if token in req.params.stop_token_ids:
+            reason = "stop"
+        elif len(req.output) >= req.params.max_new_tokens:
+            reason = "length"
+        req.emit(TokenChunk(token, reason, req.pattern, req.pattern_version))
+        if reason is not None:
+            with self._lock:
+                self._finish(req, reason, emitted=True)
+
+    def _finish(self, req: EngineRequest, reason: str, error: str | None = None, emitted: bool = False) -> None:
+        """Release the slot and record the request (caller holds the lock, or is the engine thread)."""
+        if req.finished:
+            return
+        req.finished = True
+        if req in self.running:
+            self.running.remove(req)
+        if req.slot is not None:
+            self.free_slots.append(req.slot)
+            self.free_slots.sort()
+        if not emitted:
+            try:
+                req.emit(TokenChunk(None, reason, req.pattern, req.pattern_version, error=error))
+            except RuntimeError:   # the client's event loop is gone; nobody is listening
+                pass
+        if self.metrics is not None:
+            now = time.monotonic()
+            ttft = None if req.first_token_at is None else req.first_token_at - req.arrival
+            tpot = ((now - req.first_token_at) / (len(req.output) - 1)
+                    if req.first_token_at is not None and len(req.output) > 1 else None)
+            self.metrics.observe_finished(reason, ttft, tpot, now - req.arrival)
+
+    def _update_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        with self._lock:
+            self.metrics.running.set(len(self.running))
+            self.metrics.waiting.set(len(self.waiting))
+            used = sum(r.cached for r in self.running)
+        self.metrics.kv_usage.set(used / (self.max_batch_size * self.max_model_len))
