@@ -629,7 +629,8 @@ def report_configmap(result: dict, target: str, api=None) -> None:
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
+            # kubernetes reads $KUBECONFIG once, when first imported: read it now instead
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
         api = client.CoreV1Api()
     body = {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": name, "namespace": namespace,
