@@ -1,0 +1,192 @@
+"""Load and save HF-format checkpoint directories: config.json + safetensors (single or sharded).
+
+Tensor names: the Hugging Face names used by DeepSeek-V3.2 and GLM-5 (`glm_moe_dsa`) releases
+(`model.layers.{i}.self_attn.q_a_proj.weight`, `...self_attn.indexer.wq_b.weight`, ...) and DeepSeek's
+own `inference/` names (`layers.{i}.attn.wq_a.weight`, ...). FP8 block-quantised weights
+(`weight_scale_inv`, 128x128 blocks) are dequantised on load. Multi-token-prediction layers beyond
+`num_hidden_layers` are ignored. A checkpoint whose shared layers carry no indexer weights (GLM-5.2)
+loads when the pattern marks those layers S.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelArgs
+from .model import DSAForCausalLM
+from .pattern import resolve_pattern
+
+# DeepSeek inference/ names -> HF names (applied to the part after `layers.{i}.` or to the whole name).
+_DEEPSEEK_TO_HF = [
+    (r"^embed\.weight$", "model.embed_tokens.weight"),
+    (r"^head\.weight$", "lm_head.weight"),
+    (r"^norm\.weight$", "model.norm.weight"),
+    (r"^layers\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.attn\.indexer\.", r"model.layers.\1.self_attn.indexer."),
+    (r"^layers\.(\d+)\.attn\.wq_a\.", r"model.layers.\1.self_attn.q_a_proj."),
+    (r"^layers\.(\d+)\.attn\.q_norm\.", r"model.layers.\1.self_attn.q_a_layernorm."),
+    (r"^layers\.(\d+)\.attn\.wq_b\.", r"model.layers.\1.self_attn.q_b_proj."),
+    (r"^layers\.(\d+)\.attn\.wkv_a\.", r"model.layers.\1.self_attn.kv_a_proj_with_mqa."),
+    (r"^layers\.(\d+)\.attn\.kv_norm\.", r"model.layers.\1.self_attn.kv_a_layernorm."),
+    (r"^layers\.(\d+)\.attn\.wkv_b\.", r"model.layers.\1.self_attn.kv_b_proj."),
+    (r"^layers\.(\d+)\.attn\.wo\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^layers\.(\d+)\.ffn\.gate\.bias$", r"model.layers.\1.mlp.gate.e_score_correction_bias"),
+    (r"^layers\.(\d+)\.ffn\.gate\.weight$", r"model.layers.\1.mlp.gate.weight"),
+    (r"^layers\.(\d+)\.ffn\.(experts\.\d+\.|shared_experts\.|)w1\.", r"model.layers.\1.mlp.\2gate_proj."),
+    (r"^layers\.(\d+)\.ffn\.(experts\.\d+\.|shared_experts\.|)w3\.", r"model.layers.\1.mlp.\2up_proj."),
+    (r"^layers\.(\d+)\.ffn\.(experts\.\d+\.|shared_experts\.|)w2\.", r"model.layers.\1.mlp.\2down_proj."),
+]
+_HF_TO_DEEPSEEK = [  # for writing test checkpoints in DeepSeek's naming
+    (r"^model\.embed_tokens\.weight$", "embed.weight"),
+    (r"^lm_head\.weight$", "head.weight"),
+    (r"^model\.norm\.weight$", "norm.weight"),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attn_norm."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
+    (r"^model\.layers\.(\d+)\.self_attn\.indexer\.", r"layers.\1.attn.indexer."),
+    (r"^model\.layers\.(\d+)\.self_attn\.q_a_proj\.", r"layers.\1.attn.wq_a."),
+    (r"^model\.layers\.(\d+)\.self_attn\.q_a_layernorm\.", r"layers.\1.attn.q_norm."),
+    (r"^model\.layers\.(\d+)\.self_attn\.q_b_proj\.", r"layers.\1.attn.wq_b."),
+    (r"^model\.layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.", r"layers.\1.attn.wkv_a."),
+    (r"^model\.layers\.(\d+)\.self_attn\.kv_a_layernorm\.", r"layers.\1.attn.kv_norm."),
+    (r"^model\.layers\.(\d+)\.self_attn\.kv_b_proj\.", r"layers.\1.attn.wkv_b."),
+    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"layers.\1.attn.wo."),
+    (r"^model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$", r"layers.\1.ffn.gate.bias"),
+    (r"^model\.layers\.(\d+)\.mlp\.gate\.weight$", r"layers.\1.ffn.gate.weight"),
+    (r"^model\.layers\.(\d+)\.mlp\.(experts\.\d+\.|shared_experts\.|)gate_proj\.", r"layers.\1.ffn.\2w1."),
+    (r"^model\.layers\.(\d+)\.mlp\.(experts\.\d+\.|shared_experts\.|)up_proj\.", r"layers.\1.ffn.\2w3."),
+    (r"^model\.layers\.(\d+)\.mlp\.(experts\.\d+\.|shared_experts\.|)down_proj\.", r"layers.\1.ffn.\2w2."),
+]
+_INDEXER_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.indexer\.")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+FP8_BLOCK = 128
+
+
+def _rename(name: str, table) -> str:
+    for pattern, repl in table:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def to_hf_name(name: str) -> str:
+    return name if name.startswith(("model.", "lm_head.")) else _rename(name, _DEEPSEEK_TO_HF)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors (or model.safetensors.index.json) in {path}")
+    return files
+
+
+def read_state_dict(path: Path, n_layers: int) -> dict[str, torch.Tensor]:
+    """All tensors under HF names, FP8 blocks dequantised, MTP layers (>= n_layers) dropped."""
+    raw: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                raw[to_hf_name(name)] = f.get_tensor(name)
+    state = {}
+    for name, tensor in raw.items():
+        m = _LAYER_RE.match(name)
+        if (m and int(m.group(1)) >= n_layers) or name.endswith("weight_scale_inv"):
+            continue
+        scale = raw.get(name + "_scale_inv") if name.endswith(".weight") else None
+        if scale is not None:
+            tensor = dequant_fp8_blocks(tensor, scale)
+        state[name] = tensor
+    return state
+
+
+def dequant_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """weight (M, N) fp8 with one fp32 scale per 128x128 block (ceil(M/128), ceil(N/128)) -> fp32."""
+    m, n = weight.shape
+    full = scale.float().repeat_interleave(FP8_BLOCK, 0)[:m].repeat_interleave(FP8_BLOCK, 1)[:, :n]
+    return weight.float() * full
+
+
+def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int | None = None,
+                    offset: int | None = None, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", extra_state: dict[str, torch.Tensor] | None = None
+                    ) -> tuple[DSAForCausalLM, str]:
+    """Build the model from a checkpoint directory. Returns (model, the IndexCache pattern to run).
+
+    The pattern is `pattern` if given, else resolved from `freq`/`offset` if given, else the
+    checkpoint's own (config keys). `extra_state` overrides tensors (e.g. trained indexer weights).
+    """
+    path = Path(path)
+    args = ModelArgs.from_dir(path)
+    if pattern is None and (freq is not None or offset is not None):
+        pattern = resolve_pattern(args.n_layers, freq=freq or 1, offset=offset or args.index_skip_topk_offset)
+    state = read_state_dict(path, args.n_layers)
+    if extra_state:
+        state.update(extra_state)
+    indexer_layers = {int(m.group(1)) for name in state if (m := _INDEXER_RE.match(name))}
+    model = DSAForCausalLM(args, indexer_layers=indexer_layers)
+    run_pattern = model.check_pattern(pattern or args.pattern)
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if args.tie_word_embeddings else set()))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its config.json: "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    for name, tensor in state.items():
+        if tuple(expected[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                             f"{tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False)
+    return model.to(device=device, dtype=dtype).eval(), run_pattern
+
+
+def save_checkpoint(model: DSAForCausalLM, path: str | Path, *, naming: str = "hf",
+                    max_shard_bytes: int | None = None, drop_indexers: set[int] = frozenset(),
+                    config_overrides: dict | None = None) -> Path:
+    """Write config.json + safetensors (sharded with an index when over max_shard_bytes)."""
+    if naming not in ("hf", "deepseek"):
+        raise ValueError("naming must be 'hf' or 'deepseek'")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.args.to_hf_config()
+    config.update(config_overrides or {})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        m = _INDEXER_RE.match(name)
+        if (m and int(m.group(1)) in drop_indexers) or (model.args.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        out_name = _rename(name, _HF_TO_DEEPSEEK) if naming == "deepseek" else name
+        tensors[out_name] = tensor.detach().contiguous().cpu()
+    if max_shard_bytes is None:
+        save_file(tensors, str(path / "model.safetensors"))
+        return path
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / file))
+        weight_map.update({name: file for name in shard})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return path

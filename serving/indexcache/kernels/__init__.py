@@ -1,0 +1,96 @@
+"""DSA kernels behind one switch: Triton on CUDA, plain-PyTorch references elsewhere.
+
+    from indexcache import kernels
+    idx = kernels.indexer_topk(q, k, weights, topk, q_start, kv_len)   # (B, T, topk) int32
+    out = kernels.sparse_attention_mla(q, kv, idx, scale, v_dim)
+
+The backend is chosen per call from the switch and the tensors' device:
+  - INDEXCACHE_KERNELS=torch   always the references (kernels/reference.py);
+  - INDEXCACHE_KERNELS=triton  always the Triton kernels (fails clearly if Triton is missing);
+  - INDEXCACHE_KERNELS=auto    (default) Triton for CUDA tensors when Triton imports, else references.
+`use_triton(True/False)` overrides the environment at run time; `use_triton(None)` returns to it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .reference import (
+    FP8_E4M3_MAX,
+    quantize_indexer_fp8,
+    ref_indexer_scores,
+    ref_indexer_topk,
+    ref_sparse_attention_gqa,
+    ref_sparse_attention_mla,
+)
+
+__all__ = [
+    "use_triton", "backend", "triton_available",
+    "indexer_topk", "indexer_scores", "sparse_attention_gqa", "sparse_attention_mla",
+    "quantize_indexer_fp8", "FP8_E4M3_MAX",
+]
+
+_MODES = ("torch", "triton", "auto")
+_override: str | None = None
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(enabled: bool | None) -> None:
+    """Force the Triton kernels on (True) or off (False); None goes back to INDEXCACHE_KERNELS."""
+    global _override
+    _override = None if enabled is None else ("triton" if enabled else "torch")
+
+
+def _mode() -> str:
+    if _override is not None:
+        return _override
+    mode = os.environ.get("INDEXCACHE_KERNELS", "auto").strip().lower()
+    if mode not in _MODES:
+        raise ValueError(f"INDEXCACHE_KERNELS: unknown value {mode!r}; use one of {', '.join(_MODES)}")
+    return mode
+
+
+def backend(device: torch.device | str | None = None) -> str:
+    """'triton' or 'torch': what a call on tensors of this device would run."""
+    mode = _mode()
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError("INDEXCACHE_KERNELS=triton but Triton is not installed; "
+                               "install triton or set INDEXCACHE_KERNELS=torch")
+        return "triton"
+    if mode == "torch":
+        return "torch"
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    return "triton" if on_cuda and triton_available() else "torch"
+
+
+def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None):
+    """(B, T, topk) int32 indices of the top-k keys of the lightning indexer; -1 pads."""
+    if backend(q.device) == "triton":
+        from .indexer import indexer_topk as fast
+        return fast(q, k, weights, topk, q_start, kv_len, k_scale=k_scale)
+    return ref_indexer_topk(q, k, weights, topk, q_start, kv_len, k_scale=k_scale)
+
+
+def indexer_scores(q, k, weights, q_start, kv_len, k_scale=None):
+    """(B, T, S) fp32 index scores, -inf where invalid (reference only: training and tests)."""
+    return ref_indexer_scores(q, k, weights, q_start, kv_len, k_scale=k_scale)
+
+
+def sparse_attention_gqa(q, k, v, indices, scale: float):
+    if backend(q.device) == "triton":
+        from .sparse_attention import sparse_attention_gqa as fast
+        return fast(q, k, v, indices, scale)
+    return ref_sparse_attention_gqa(q, k, v, indices, scale)
+
+
+def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int):
+    if backend(q.device) == "triton":
+        from .sparse_attention import sparse_attention_mla as fast
+        return fast(q, kv, indices, scale, v_dim)
+    return ref_sparse_attention_mla(q, kv, indices, scale, v_dim)

@@ -1,0 +1,219 @@
+"""Plain-PyTorch references for the DSA kernels: the lightning indexer and sparse attention.
+
+These are the CPU implementations the model uses and the twins every Triton kernel is tested
+against. They compute in fp32 whatever the input dtype, and work on chunks of queries so that
+an 8K-token context fits in a few hundred MB on a CPU (the full [T, H, S] indexer tensor at 8K
+with 32 heads would be 8 GiB).
+
+Shapes (B batch, T queries, S keys/cache slots, H heads, D head dim, K selected keys):
+  indexer:   q (B, T, H, D), k (B, S, D), weights (B, T, H) fp32, q_start / kv_len (B,) int64
+  gqa:       q (B, T, Hq, Dh), k / v (B, S, Hkv, Dh), indices (B, T, K) int32
+  mla:       q (B, T, H, Dc + Dr), kv (B, S, Dc + Dr), indices (B, T, K) int32
+"""
+from __future__ import annotations
+
+import torch
+
+# Largest fp32 intermediate per chunk, in elements (64 Mi elements = 256 MiB).
+_CHUNK_ELEMENTS = 1 << 26
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+# Largest finite e4m3 value: the per-row scale maps each row's absolute maximum here.
+FP8_E4M3_MAX = 448.0
+
+
+def _fail(field: str, problem: str, fix: str) -> ValueError:
+    return ValueError(f"{field}: {problem}; {fix}")
+
+
+def check_indexer_inputs(q, k, weights, q_start, kv_len, k_scale=None, topk=None) -> None:
+    """Shape/dtype checks shared by the reference and the Triton wrappers (clear errors, no sync)."""
+    if q.dim() != 4:
+        raise _fail("q", f"expected 4 dims (B, T, H, D), got shape {tuple(q.shape)}",
+                    "pass the indexer query as (batch, tokens, heads, head_dim)")
+    B, T, H, D = q.shape
+    if k.dim() != 3 or k.shape[0] != B or k.shape[2] != D:
+        raise _fail("k", f"expected (B={B}, S, D={D}), got shape {tuple(k.shape)}",
+                    "pass the indexer K cache as (batch, slots, head_dim) with q's batch and head_dim")
+    if tuple(weights.shape) != (B, T, H):
+        raise _fail("weights", f"expected (B, T, H) = {(B, T, H)}, got {tuple(weights.shape)}",
+                    "pass one weight per query token and indexer head")
+    for name, t in (("q_start", q_start), ("kv_len", kv_len)):
+        if tuple(t.shape) != (B,) or t.dtype not in (torch.int64, torch.int32):
+            raise _fail(name, f"expected an int64 tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}",
+                        "pass one integer position per sequence")
+    fp8 = q.dtype in FP8_DTYPES
+    if fp8 != (k.dtype in FP8_DTYPES):
+        raise _fail("k", f"q is {q.dtype} but k is {k.dtype}",
+                    "quantize both q and k with quantize_indexer_fp8, or neither")
+    if fp8 and (k_scale is None or tuple(k_scale.shape) != (B, k.shape[1])):
+        raise _fail("k_scale", "the FP8 indexer needs one fp32 scale per key, shape (B, S)",
+                    "use the k_scale returned by quantize_indexer_fp8")
+    if topk is not None and topk <= 0:
+        raise _fail("topk", f"must be positive, got {topk}", "pass the model's index_topk (e.g. 2048)")
+
+
+def check_sparse_inputs(q, indices, kv_batch: int, name_kv: str) -> None:
+    if q.dim() != 4:
+        raise _fail("q", f"expected 4 dims (B, T, H, D), got shape {tuple(q.shape)}",
+                    "pass queries as (batch, tokens, heads, head_dim)")
+    B, T = q.shape[:2]
+    if indices.dim() != 3 or tuple(indices.shape[:2]) != (B, T):
+        raise _fail("indices", f"expected (B={B}, T={T}, K), got {tuple(indices.shape)}",
+                    "pass the indexer's top-k output for these queries")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise _fail("indices", f"expected int32, got {indices.dtype}", "use indexer_topk's output")
+    if kv_batch != B:
+        raise _fail(name_kv, f"batch {kv_batch} differs from q's batch {B}", "pass the cache of the same sequences")
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 (e4m3) quantisation of the indexer inputs
+# ---------------------------------------------------------------------------------------------
+
+def quantize_indexer_fp8(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor):
+    """Scaled e4m3 copies of q and k for the FP8 indexer.
+
+    q gets one scale per (token, head) and k one per key. Both scales are positive, so they come
+    out of the ReLU: relu(sq*q8 . sk*k8) = sq*sk*relu(q8 . k8). sq is folded into the head weights
+    and sk is returned to multiply each key's score.
+    Returns (q8 (B,T,H,D), k8 (B,S,D), weights * sq (B,T,H) fp32, k_scale (B,S) fp32).
+    """
+    qf, kf = q.float(), k.float()
+    q_scale = qf.abs().amax(dim=-1).clamp_min(1e-12) / FP8_E4M3_MAX  # (B, T, H)
+    k_scale = kf.abs().amax(dim=-1).clamp_min(1e-12) / FP8_E4M3_MAX  # (B, S)
+    q8 = (qf / q_scale[..., None]).to(torch.float8_e4m3fn)
+    k8 = (kf / k_scale[..., None]).to(torch.float8_e4m3fn)
+    return q8, k8, weights.float() * q_scale, k_scale.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning indexer
+# ---------------------------------------------------------------------------------------------
+
+def _score_chunk(qb, kb, wb, ksb, t0, t1, q_start_b, kv_len_b):
+    """Scores of queries t0..t1 of one sequence: (t1-t0, S) fp32, -inf where invalid."""
+    S = kb.shape[0]
+    q = qb[t0:t1].float()                                        # (t, H, D)
+    logits = torch.einsum("thd,sd->ths", q, kb)                  # (t, H, S)
+    scores = torch.einsum("ths,th->ts", logits.relu_(), wb[t0:t1].float())  # (t, S)
+    if ksb is not None:
+        scores = scores * ksb[None, :]
+    pos = torch.arange(S, device=qb.device)
+    limit = q_start_b + torch.arange(t0, t1, device=qb.device)   # last visible key per query
+    valid = (pos[None, :] <= limit[:, None]) & (pos[None, :] < kv_len_b)
+    return scores.masked_fill_(~valid, float("-inf"))
+
+
+def _query_chunks(T: int, H: int, S: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, H * S))
+    for t0 in range(0, T, step):
+        yield t0, min(T, t0 + step)
+
+
+def ref_indexer_scores(q, k, weights, q_start, kv_len, k_scale=None) -> torch.Tensor:
+    """score[b,t,s] = sum_h weights[b,t,h] * relu(q[b,t,h] . k[b,s]) (* k_scale[b,s] for FP8);
+    -inf unless s <= q_start[b] + t and s < kv_len[b]. Returns (B, T, S) fp32."""
+    check_indexer_inputs(q, k, weights, q_start, kv_len, k_scale)
+    B, T, H, _ = q.shape
+    S = k.shape[1]
+    out = torch.empty(B, T, S, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        kb = k[b].float()
+        ksb = None if k_scale is None else k_scale[b].float()
+        qs, kl = int(q_start[b]), int(kv_len[b])
+        for t0, t1 in _query_chunks(T, H, S):
+            out[b, t0:t1] = _score_chunk(q[b], kb, weights[b], ksb, t0, t1, qs, kl)
+    return out
+
+
+def ref_indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None) -> torch.Tensor:
+    """(B, T, topk) int32 indices of the top-k valid keys per query (any order); -1 pads rows
+    that see fewer than topk valid keys."""
+    check_indexer_inputs(q, k, weights, q_start, kv_len, k_scale, topk)
+    B, T, H, _ = q.shape
+    S = k.shape[1]
+    out = torch.full((B, T, topk), -1, dtype=torch.int32, device=q.device)
+    kk = min(topk, S)
+    if kk == 0:
+        return out
+    for b in range(B):
+        kb = k[b].float()
+        ksb = None if k_scale is None else k_scale[b].float()
+        qs, kl = int(q_start[b]), int(kv_len[b])
+        for t0, t1 in _query_chunks(T, H, S):
+            scores = _score_chunk(q[b], kb, weights[b], ksb, t0, t1, qs, kl)
+            values, idx = scores.topk(kk, dim=-1)
+            idx = idx.to(torch.int32).masked_fill_(values == float("-inf"), -1)
+            out[b, t0:t1, :kk] = idx
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse attention over selected keys
+# ---------------------------------------------------------------------------------------------
+
+def _sparse_attend(q, keys, values, idx, scale, group):
+    """q (t, Hq, Dk) fp32; keys (S, Hkv, Dk); values (S, Hkv, Dv); idx (t, K) with -1 = none.
+    Returns (t, Hq, Dv) fp32; rows with no valid index are zeros. Query head h reads KV head
+    h // group, so q is viewed as (t, Hkv, group, Dk) instead of copying the KV heads."""
+    t, Hq, Dk = q.shape
+    Hkv = keys.shape[1]
+    valid = idx >= 0                                             # (t, K)
+    safe = idx.clamp_min(0).long()
+    kg = keys[safe].float()                                      # (t, K, Hkv, Dk)
+    vg = values[safe].float()                                    # (t, K, Hkv, Dv)
+    qg = q.reshape(t, Hkv, group, Dk)
+    logits = torch.einsum("tngd,tknd->tngk", qg, kg) * scale     # (t, Hkv, g, K)
+    logits = logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)      # all -inf row -> zeros
+    out = torch.einsum("tngk,tknd->tngd", probs, vg)             # (t, Hkv, g, Dv)
+    return out.reshape(t, Hq, vg.shape[-1])
+
+
+def _check_index_range(indices, S: int) -> None:
+    if indices.numel() and int(indices.max()) >= S:
+        raise _fail("indices", f"index {int(indices.max())} is past the cache length {S}",
+                    "select only cache slots below the cache length (use -1 for none)")
+
+
+def ref_sparse_attention_gqa(q, k, v, indices, scale: float) -> torch.Tensor:
+    """out[b,t,h] = softmax_j(scale * q[b,t,h] . k[b,idx_j,h//g]) @ v[b,idx_j,h//g], g = Hq // Hkv,
+    over the valid (>= 0) indices idx = indices[b,t]. (B, T, Hq, Dh) in q's dtype."""
+    check_sparse_inputs(q, indices, k.shape[0], "k")
+    B, T, Hq, Dh = q.shape
+    if k.dim() != 4 or k.shape != v.shape[:3] + (k.shape[3],) or k.shape[3] != Dh:
+        raise _fail("k", f"expected k, v as (B, S, Hkv, {Dh}), got {tuple(k.shape)} / {tuple(v.shape)}",
+                    "pass the KV cache as (batch, slots, kv_heads, head_dim)")
+    Hkv = k.shape[2]
+    if Hq % Hkv:
+        raise _fail("q", f"{Hq} query heads are not a multiple of {Hkv} KV heads", "check num_key_value_heads")
+    _check_index_range(indices, k.shape[1])
+    out = torch.empty(B, T, Hq, v.shape[3], dtype=q.dtype, device=q.device)
+    K = indices.shape[2]
+    for b in range(B):
+        for t0, t1 in _query_chunks(T, Hq + k.shape[2] * 2, K * Dh):
+            out[b, t0:t1] = _sparse_attend(q[b, t0:t1].float(), k[b], v[b], indices[b, t0:t1],
+                                           scale, Hq // Hkv).to(q.dtype)
+    return out
+
+
+def ref_sparse_attention_mla(q, kv, indices, scale: float, v_dim: int) -> torch.Tensor:
+    """Absorbed MLA: out[b,t,h] = softmax_j(scale * q[b,t,h] . kv[b,idx_j]) @ kv[b,idx_j,:v_dim].
+    q (B, T, H, Dc+Dr), kv (B, S, Dc+Dr). Returns (B, T, H, v_dim) in q's dtype."""
+    check_sparse_inputs(q, indices, kv.shape[0], "kv")
+    B, T, H, Dq = q.shape
+    if kv.dim() != 3 or kv.shape[2] != Dq:
+        raise _fail("kv", f"expected (B, S, {Dq}), got {tuple(kv.shape)}",
+                    "pass the latent cache (normalised latent then RoPE key) with q's last dim")
+    if not 0 < v_dim <= Dq:
+        raise _fail("v_dim", f"must be in 1..{Dq}, got {v_dim}", "pass kv_lora_rank")
+    _check_index_range(indices, kv.shape[1])
+    out = torch.empty(B, T, H, v_dim, dtype=q.dtype, device=q.device)
+    K = indices.shape[2]
+    for b in range(B):
+        keys = kv[b][:, None, :]                                 # (S, 1, Dc+Dr): one shared head
+        for t0, t1 in _query_chunks(T, H + 2, K * Dq):
+            out[b, t0:t1] = _sparse_attend(q[b, t0:t1].float(), keys, keys[..., :v_dim],
+                                           indices[b, t0:t1], scale, H).to(q.dtype)
+    return out

@@ -1,0 +1,454 @@
+"""The DSA transformer with IndexCache, readable top to bottom.
+
+One model, two attention families (config.py): MLA (DeepSeek-V3.2, GLM-5) and GQA (Llama-style, the
+SmolLM2 DSA model). Every layer has the same sparse step:
+
+    F layer:  q_I, k_I, w = indexer(x)                     # lightning indexer
+              score[t, s] = sum_h w[t, h] * relu(q_I[t, h] . k_I[s])   (causal)
+              indices = top-k(score)                        # (B, T, topk)
+    S layer:  indices = indices of the nearest preceding F layer (IndexCache: no indexer, no indexer K cache)
+    both:     out = softmax over the selected keys only (sparse attention)
+
+The ops (indexer top-k, sparse attention) live in `indexcache.kernels`: plain PyTorch references on the
+CPU, Triton kernels on CUDA, behind one switch.
+
+Module names follow the Hugging Face checkpoints (`model.layers.{i}.self_attn.indexer.wq_b`, ...), so a
+state dict loads without renaming (checkpoint.py handles DeepSeek's own `inference/` names too).
+
+Training and analysis hooks: pass `capture=Capture(...)` to `forward` to receive, per layer, the
+head-summed, L1-normalised dense attention (B, T, S) and the indexer's scores (B, T, S) (-inf where
+masked), which is what the indexer KL warm-up (DSA training) and the overlap analysis need.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .config import ModelArgs
+from .pattern import validate_pattern
+
+
+# ---------------------------------------------------------------------------------------------------
+# rotary position embedding
+# ---------------------------------------------------------------------------------------------------
+def rope_frequencies(dim: int, args: ModelArgs) -> torch.Tensor:
+    """Angles (max_seq_len, dim/2) in fp32; yarn-corrected when rope_factor > 1 (DeepSeek-V3.2)."""
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if args.rope_factor > 1 and args.max_seq_len > args.original_seq_len:
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(args.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(args.rope_theta))
+        low = max(math.floor(correction_dim(args.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(args.beta_slow)), dim - 1)
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3), 0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / args.rope_factor * (1 - smooth) + freqs * smooth
+    return torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x: (B, T, H, D); angles: (B, T, D/2). Interleaved pairs (DeepSeek) or rotate-half (Llama/HF)."""
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]  # (B, T, 1, D/2)
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-forward context: positions, cache slots, pattern, capture
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Capture:
+    """What to record during a forward (for indexer training and layer-overlap analysis)."""
+    attention: bool = True   # head-summed, L1-normalised attention probabilities per layer, (B, T, S)
+    index_scores: bool = True  # indexer scores per F layer, (B, T, S), -inf where masked; keeps the graph
+    layers: set[int] | None = None  # None = all layers
+    attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    indices: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def wants(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor        # (B, T) absolute positions of the new tokens
+    start_pos: torch.Tensor        # (B,) position of the first new token
+    kv_len: torch.Tensor           # (B,) keys visible after this forward (start_pos + T)
+    angles: dict[int, torch.Tensor]  # rope angles per rotary dim, (B, T, dim/2)
+    attention: str                 # "sparse" or "dense"
+    cache: "KVCache | None"
+    slots: torch.Tensor | None     # (B,) cache rows of the batch
+    capture: Capture | None
+
+
+class KVCache:
+    """Preallocated per-layer caches for `n_slots` sequences of up to `max_len` tokens.
+
+    GQA: k, v (slots, S, Hkv, Dh). MLA: kv (slots, S, kv_lora_rank + rope_dim), the normalised latent then
+    the RoPE key. Indexer K (slots, S, index_head_dim) exists only for F layers: an S layer runs no indexer
+    and needs none. A pattern switch that turns a layer F allocates its indexer cache then.
+    """
+
+    def __init__(self, args: ModelArgs, n_slots: int, max_len: int, pattern: str,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.args, self.n_slots, self.max_len, self.dtype, self.device = args, n_slots, max_len, dtype, device
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for _ in range(args.n_layers):
+            if args.attention == "gqa":
+                shape = (n_slots, max_len, args.n_kv_heads, args.head_dim)
+                self.layers.append({"k": torch.zeros(shape, dtype=dtype, device=device),
+                                    "v": torch.zeros(shape, dtype=dtype, device=device)})
+            else:
+                shape = (n_slots, max_len, args.kv_lora_rank + args.qk_rope_head_dim)
+                self.layers.append({"kv": torch.zeros(shape, dtype=dtype, device=device)})
+        self.indexer_k: dict[int, torch.Tensor] = {}
+        self.ensure_pattern(pattern)
+
+    def ensure_pattern(self, pattern: str) -> None:
+        for layer, kind in enumerate(pattern):
+            if kind == "F" and layer not in self.indexer_k:
+                self.indexer_k[layer] = torch.zeros(self.n_slots, self.max_len, self.args.index_head_dim,
+                                                    dtype=self.dtype, device=self.device)
+
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.layers for t in layer.values()] + list(self.indexer_k.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def write_and_read(cache_tensor: torch.Tensor | None, new: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """Write new (B, T, ...) rows at their positions; return the visible prefix (B, S, ...) of the batch.
+
+    Without a cache (training, scoring a whole sequence) the new rows are all there is.
+    """
+    if cache_tensor is None:
+        return new
+    cache_tensor[ctx.slots[:, None], ctx.positions] = new.to(cache_tensor.dtype)
+    return cache_tensor[ctx.slots, : int(ctx.kv_len.max())].to(new.dtype)
+
+
+def causal_mask(ctx: ForwardContext, n_keys: int, device) -> torch.Tensor:
+    """(B, T, S) bool: key s is visible to the query at position p iff s <= p and s < kv_len."""
+    s = torch.arange(n_keys, device=device)
+    return (s[None, None, :] <= ctx.positions[:, :, None]) & (s[None, None, :] < ctx.kv_len[:, None, None])
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ctx: ForwardContext,
+                    layer: int) -> torch.Tensor:
+    """Full causal attention. q (B, T, H, Dq), k (B, S, H, Dq), v (B, S, H, Dv) -> (B, T, H, Dv)."""
+    mask = causal_mask(ctx, k.shape[1], q.device)  # (B, T, S)
+    capture = ctx.capture
+    if capture is not None and capture.attention and capture.wants(layer):
+        logits = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) * scale
+        probs = logits.masked_fill(~mask[:, None], float("-inf")).softmax(dim=-1)  # (B, H, T, S)
+        capture.attn[layer] = probs.sum(dim=1).detach() / probs.shape[1]  # head-summed, rows sum to 1
+        return torch.einsum("bhts,bshd->bthd", probs.to(v.dtype), v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None], scale=scale)  # (B, H, T, Dv)
+    return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Indexer(nn.Module):
+    """DSA lightning indexer: H small heads of dim D score every earlier token against one shared key.
+
+    q = wq_b(q_src) (q_src: MLA query latent, or the hidden state for GQA), k = LayerNorm(wk(x)),
+    RoPE on the first `index_rope_head_dim` dims of both, w = weights_proj(x) * H^-0.5 * D^-0.5.
+    (Production runs this in FP8 after a Hadamard rotation; the rotation leaves q.k unchanged.)
+    """
+
+    def __init__(self, args: ModelArgs, q_in_dim: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim = args.index_n_heads, args.index_head_dim, args.index_rope_head_dim
+        self.interleaved = args.attention == "mla" and args.rope_interleave
+        self.wq_b = nn.Linear(q_in_dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(args.dim, self.n_heads, bias=False)
+
+    def forward(self, x: torch.Tensor, q_src: torch.Tensor, ctx: ForwardContext):
+        B, T, _ = x.shape
+        q = self.wq_b(q_src).view(B, T, self.n_heads, self.head_dim)         # (B, T, H, D)
+        k = self.k_norm(self.wk(x))                                          # (B, T, D)
+        angles = ctx.angles[self.rope_dim]
+        q = torch.cat([apply_rope(q[..., : self.rope_dim], angles, self.interleaved), q[..., self.rope_dim:]], -1)
+        k_pe = apply_rope(k[..., None, : self.rope_dim], angles, self.interleaved)[..., 0, :]
+        k = torch.cat([k_pe, k[..., self.rope_dim:]], -1)
+        weights = self.weights_proj(x).float() * (self.n_heads ** -0.5) * (self.head_dim ** -0.5)  # (B, T, H)
+        return q, k, weights
+
+
+def select_indices(attn: nn.Module, x: torch.Tensor, q_src: torch.Tensor, ctx: ForwardContext, layer: int,
+                   shared: torch.Tensor | None, topk: int) -> torch.Tensor:
+    """The sparse step's first half: run this layer's indexer (F) or reuse the shared indices (S)."""
+    if shared is not None:
+        return shared  # S layer: IndexCache reuses the nearest preceding F layer's (B, T, topk) indices
+    if attn.indexer is None:
+        raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no indexer weights for it")
+    q, k, weights = attn.indexer(x, q_src, ctx)
+    k_all = write_and_read(ctx.cache.indexer_k[layer] if ctx.cache is not None else None, k, ctx)  # (B, S, D)
+    capture = ctx.capture
+    if capture is not None and capture.index_scores and capture.wants(layer):
+        capture.scores[layer] = kernels.indexer_scores(q, k_all, weights, ctx.start_pos, ctx.kv_len)
+    return kernels.indexer_topk(q, k_all, weights, topk, ctx.start_pos, ctx.kv_len)  # (B, T, topk) int32
+
+
+class GQAttention(nn.Module):
+    """Llama-style grouped-query attention with a lightning indexer reading the hidden state."""
+
+    def __init__(self, args: ModelArgs, layer: int, with_indexer: bool):
+        super().__init__()
+        self.layer, self.args = layer, args
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.indexer = Indexer(args, q_in_dim=args.dim) if with_indexer else None
+        self.scale = args.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, shared: torch.Tensor | None):
+        B, T, _ = x.shape
+        angles = ctx.angles[self.head_dim]
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), angles, False)     # (B, T, Hq, Dh)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), angles, False)  # (B, T, Hkv, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        layer_cache = ctx.cache.layers[self.layer] if ctx.cache is not None else {}
+        k_all = write_and_read(layer_cache.get("k"), k, ctx)  # (B, S, Hkv, Dh)
+        v_all = write_and_read(layer_cache.get("v"), v, ctx)
+        if ctx.attention == "dense":
+            groups = self.n_heads // self.n_kv_heads
+            out = dense_attention(q, k_all.repeat_interleave(groups, 2), v_all.repeat_interleave(groups, 2),
+                                  self.scale, ctx, self.layer)
+            return self.o_proj(out.flatten(2)), None
+        indices = select_indices(self, x, x, ctx, self.layer, shared, self.args.index_topk)
+        out = kernels.sparse_attention_gqa(q, k_all, v_all, indices, self.scale)  # (B, T, Hq, Dh)
+        return self.o_proj(out.flatten(2)), indices
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V3.2 / GLM-5), computed in the weight-absorbed form.
+
+    The cache holds one latent row per token, [kv_norm(c_kv) (kv_lora_rank) | rope(k_pe) (rope_dim)];
+    queries are absorbed into the latent space through kv_b_proj's key half, and the attention output
+    leaves it through the value half. The naive per-head form gives the same numbers (tested).
+    """
+
+    def __init__(self, args: ModelArgs, layer: int, with_indexer: bool):
+        super().__init__()
+        self.layer, self.args = layer, args
+        self.n_heads = args.n_heads
+        self.nope, self.rope, self.v_dim, self.rank = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim, args.kv_lora_rank
+        self.q_a_proj = nn.Linear(args.dim, args.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(args.q_lora_rank, 1e-6)
+        self.q_b_proj = nn.Linear(args.q_lora_rank, self.n_heads * (self.nope + self.rope), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(args.dim, self.rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.dim, bias=False)
+        self.indexer = Indexer(args, q_in_dim=args.q_lora_rank) if with_indexer else None
+        self.scale = (self.nope + self.rope) ** -0.5
+        if args.rope_factor > 1 and args.max_seq_len > args.original_seq_len:
+            mscale = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
+            self.scale *= mscale * mscale
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, shared: torch.Tensor | None):
+        B, T, _ = x.shape
+        interleaved = self.args.rope_interleave
+        angles = ctx.angles[self.rope]
+        qr = self.q_a_layernorm(self.q_a_proj(x))                                   # (B, T, q_lora_rank)
+        q = self.q_b_proj(qr).view(B, T, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, angles, interleaved)                                # (B, T, H, rope)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe[:, :, None], angles, interleaved)[:, :, 0]], -1)
+        layer_cache = ctx.cache.layers[self.layer] if ctx.cache is not None else {}
+        kv_all = write_and_read(layer_cache.get("kv"), latent, ctx)                # (B, S, rank + rope)
+        wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, : self.nope])  # (B, T, H, rank)
+        q_abs = torch.cat([q_latent, q_pe], dim=-1)                                 # (B, T, H, rank + rope)
+        if ctx.attention == "dense":
+            kv_heads = kv_all[:, :, None].expand(-1, -1, self.n_heads, -1)
+            out_latent = dense_attention(q_abs, kv_heads, kv_heads[..., : self.rank], self.scale, ctx, self.layer)
+            indices = None
+        else:
+            indices = select_indices(self, x, qr, ctx, self.layer, shared, self.args.index_topk)
+            out_latent = kernels.sparse_attention_mla(q_abs, kv_all, indices, self.scale, self.rank)  # (B, T, H, rank)
+        out = torch.einsum("bthc,hdc->bthd", out_latent, wkv_b[:, self.nope:])   # (B, T, H, v_dim)
+        return self.o_proj(out.flatten(2)), indices
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """DeepSeek-V3 router: sigmoid scores, group-limited top-k (groups ranked by their top-2 biased
+    scores), weights from the unbiased scores, normalised, times routed_scaling_factor."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.args
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()                # (N, E)
+        biased = scores + self.e_score_correction_bias.float()
+        if a.n_expert_groups > 1:
+            grouped = biased.view(x.shape[0], a.n_expert_groups, -1)               # (N, G, E/G)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)                  # (N, G)
+            keep = group_scores.topk(a.n_limited_groups, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            biased = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        experts = biased.topk(a.n_activated_experts, dim=-1).indices               # (N, k)
+        weights = scores.gather(1, experts)
+        if a.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * a.route_scale, experts
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Router(args)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts))
+        self.shared_experts = MLP(args.dim, args.moe_inter_dim * args.n_shared_experts) if args.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                                # (N, dim)
+        weights, experts = self.gate(x)                                             # (N, k)
+        out = torch.zeros_like(x)
+        for e in experts.unique().tolist():
+            token, slot = (experts == e).nonzero(as_tuple=True)
+            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None].to(x.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, with_indexer: bool):
+        super().__init__()
+        attention = GQAttention if args.attention == "gqa" else MLAttention
+        self.self_attn = attention(args, layer, with_indexer)
+        self.mlp = MoE(args) if args.is_moe_layer(layer) else MLP(args.dim, args.inter_dim)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, ctx, shared):
+        h, indices = self.self_attn(self.input_layernorm(x), ctx, shared)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), indices
+
+
+class DSAModel(nn.Module):
+    def __init__(self, args: ModelArgs, indexer_layers: set[int]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i, i in indexer_layers) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class DSAForCausalLM(nn.Module):
+    """The whole model. `indexer_layers`: layers that carry indexer weights (default: all)."""
+
+    def __init__(self, args: ModelArgs, indexer_layers: set[int] | None = None):
+        super().__init__()
+        self.args = args
+        self.indexer_layers = set(range(args.n_layers)) if indexer_layers is None else set(indexer_layers)
+        self.model = DSAModel(args, self.indexer_layers)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        rope_dims = {args.index_rope_head_dim, args.head_dim if args.attention == "gqa" else args.qk_rope_head_dim}
+        for d in rope_dims:
+            self.register_buffer(f"rope_angles_{d}", rope_frequencies(d, args), persistent=False)
+        self.rope_dims = sorted(rope_dims)
+
+    def check_pattern(self, pattern: str) -> str:
+        validate_pattern(pattern, self.args.n_layers)
+        missing = [i for i, kind in enumerate(pattern) if kind == "F" and i not in self.indexer_layers]
+        if missing:
+            raise ValueError(
+                f"pattern {pattern!r} marks layers {missing} F but the checkpoint has no indexer weights for them: "
+                f"mark them S (they reuse the previous F layer's indices) or use a checkpoint with those indexers")
+        return pattern
+
+    @property
+    def default_pattern(self) -> str:
+        return self.args.pattern
+
+    def forward(self, tokens: torch.Tensor, *, start_pos: torch.Tensor | int = 0, cache: KVCache | None = None,
+                slots: torch.Tensor | None = None, pattern: str | None = None, attention: str = "sparse",
+                capture: Capture | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), or (B, V) at the per-row positions `logits_at` (B,).
+
+        start_pos: (B,) or int, position of tokens[:, 0]; with a cache, keys and values (and indexer keys
+        of F layers) are written at start_pos + t into rows `slots` of the cache and attention reads the
+        cache; without one, the forward sees only `tokens` (start_pos must be 0).
+        pattern: F/S per layer (default: the checkpoint's); attention: "sparse" (DSA) or "dense".
+        """
+        B, T = tokens.shape
+        device = tokens.device
+        if attention not in ("sparse", "dense"):
+            raise ValueError(f"attention must be 'sparse' or 'dense', got {attention!r}")
+        pattern = self.check_pattern(pattern or self.default_pattern)
+        start = torch.as_tensor(start_pos, dtype=torch.long, device=device).expand(B).contiguous()
+        if cache is None and bool((start != 0).any()):
+            raise ValueError("start_pos > 0 needs a KV cache holding the earlier tokens")
+        positions = start[:, None] + torch.arange(T, device=device)[None, :]      # (B, T)
+        if int(positions.max()) >= self.args.max_seq_len:
+            raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds max_position_embeddings "
+                             f"({self.args.max_seq_len})")
+        if cache is not None:
+            cache.ensure_pattern(pattern)
+            slots = torch.arange(B, device=device) if slots is None else slots
+        angles = {d: getattr(self, f"rope_angles_{d}")[positions] for d in self.rope_dims}
+        ctx = ForwardContext(positions=positions, start_pos=start, kv_len=start + T, angles=angles,
+                             attention=attention, cache=cache, slots=slots, capture=capture)
+
+        x = self.model.embed_tokens(tokens)                                        # (B, T, dim)
+        indices = None
+        for layer, block in enumerate(self.model.layers):
+            shared = indices if pattern[layer] == "S" else None
+            x, indices = block(x, ctx, shared)
+            if capture is not None and indices is not None and capture.wants(layer):
+                capture.indices[layer] = indices
+        x = self.model.norm(x)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=device), logits_at]                       # (B, dim)
+        return self.lm_head(x).float()
