@@ -412,16 +412,10 @@ class DSAForCausalLM(nn.Module):
     def default_pattern(self) -> str:
         return self.args.pattern
 
-    def forward(self, tokens: torch.Tensor, *, start_pos: torch.Tensor | int = 0, cache: KVCache | None = None,
+    def context(self, tokens: torch.Tensor, *, start_pos: torch.Tensor | int = 0, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, pattern: str | None = None, attention: str = "sparse",
-                capture: Capture | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V), or (B, V) at the per-row positions `logits_at` (B,).
-
-        start_pos: (B,) or int, position of tokens[:, 0]; with a cache, keys and values (and indexer keys
-        of F layers) are written at start_pos + t into rows `slots` of the cache and attention reads the
-        cache; without one, the forward sees only `tokens` (start_pos must be 0).
-        pattern: F/S per layer (default: the checkpoint's); attention: "sparse" (DSA) or "dense".
-        """
+                capture: Capture | None = None) -> tuple[ForwardContext, str]:
+        """Validate the arguments of a forward and build its context. Returns (ctx, pattern)."""
         B, T = tokens.shape
         device = tokens.device
         if attention not in ("sparse", "dense"):
@@ -440,15 +434,43 @@ class DSAForCausalLM(nn.Module):
         angles = {d: getattr(self, f"rope_angles_{d}")[positions] for d in self.rope_dims}
         ctx = ForwardContext(positions=positions, start_pos=start, kv_len=start + T, angles=angles,
                              attention=attention, cache=cache, slots=slots, capture=capture)
+        return ctx, pattern
 
-        x = self.model.embed_tokens(tokens)                                        # (B, T, dim)
-        indices = None
-        for layer, block in enumerate(self.model.layers):
+    def run_layers(self, x: torch.Tensor, ctx: ForwardContext, pattern: str, start: int = 0, stop: int | None = None,
+                   indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layers start..stop-1 on hidden states x (B, T, dim). `indices`: the top-k indices entering
+        layer `start` (those of the last F layer before it; needed when layer `start` is S).
+        Returns (hidden states, the indices leaving the last layer). Calibration restarts here from
+        cached activations instead of recomputing the unchanged layers before a flipped one."""
+        stop = self.args.n_layers if stop is None else stop
+        for layer in range(start, stop):
             shared = indices if pattern[layer] == "S" else None
-            x, indices = block(x, ctx, shared)
-            if capture is not None and indices is not None and capture.wants(layer):
-                capture.indices[layer] = indices
+            if shared is None and pattern[layer] == "S" and ctx.attention == "sparse":
+                raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
+            x, indices = self.model.layers[layer](x, ctx, shared)
+            if ctx.capture is not None and indices is not None and ctx.capture.wants(layer):
+                ctx.capture.indices[layer] = indices
+        return x, indices
+
+    def logits(self, x: torch.Tensor, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + LM head: (B, T, dim) -> (B, T, V) fp32, or (B, V) at per-row positions logits_at."""
         x = self.model.norm(x)
         if logits_at is not None:
-            x = x[torch.arange(B, device=device), logits_at]                       # (B, dim)
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at]            # (B, dim)
         return self.lm_head(x).float()
+
+    def forward(self, tokens: torch.Tensor, *, start_pos: torch.Tensor | int = 0, cache: KVCache | None = None,
+                slots: torch.Tensor | None = None, pattern: str | None = None, attention: str = "sparse",
+                capture: Capture | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), or (B, V) at the per-row positions `logits_at` (B,).
+
+        start_pos: (B,) or int, position of tokens[:, 0]; with a cache, keys and values (and indexer keys
+        of F layers) are written at start_pos + t into rows `slots` of the cache and attention reads the
+        cache; without one, the forward sees only `tokens` (start_pos must be 0).
+        pattern: F/S per layer (default: the checkpoint's); attention: "sparse" (DSA) or "dense".
+        """
+        ctx, pattern = self.context(tokens, start_pos=start_pos, cache=cache, slots=slots, pattern=pattern,
+                                    attention=attention, capture=capture)
+        x = self.model.embed_tokens(tokens)                                        # (B, T, dim)
+        x, _ = self.run_layers(x, ctx, pattern)
+        return self.logits(x, logits_at)
