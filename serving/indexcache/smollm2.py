@@ -221,6 +221,7 @@ def convert_smollm2(out_dir, index_n_heads: int = DEFAULT_INDEX_N_HEADS,
     config.update({
         "index_n_heads": index_n_heads,
         "index_head_dim": index_head_dim,
+        "index_rope_head_dim": index_head_dim // 2,   # RoPE on the first half, as V3.2's 64 of 128
         "index_topk": index_topk,
         "index_topk_freq": 1,            # all layers F: the IndexCache pattern is chosen later
         "index_skip_topk_offset": 2,
