@@ -242,6 +242,42 @@ def evaluate(model: DSAForCausalLM, tokenizer, *, contexts=DEFAULT_CONTEXTS, top
     return result
 
 
+def topk_curve(model: DSAForCausalLM, tokenizer, topks, contexts, windows_per_source: int = 1, log=print) -> dict:
+    """Perplexity of the dense model and of the all-F DSA model at each top-k and context:
+    {context: {"dense": {source: ppl}, "topk": {k: {source: ppl}}}}."""
+    n = model.args.n_layers
+    saved = model.args.index_topk
+    curve = {}
+    try:
+        for context in contexts:
+            sources = heldout_windows(tokenizer.encode, context, windows_per_source)
+            row = {"dense": {}, "topk": {}}
+            for source, wins in sources.items():
+                nll = sum(window_nll(model, w, "dense", "F" * n)[0] for w in wins)
+                row["dense"][source] = round(math.exp(nll / sum(len(w) - 1 for w in wins)), 4)
+            for k in topks:
+                model.args.index_topk = k
+                row["topk"][str(k)] = {}
+                for source, wins in sources.items():
+                    nll = sum(window_nll(model, w, "sparse", "F" * n)[0] for w in wins)
+                    row["topk"][str(k)][source] = round(math.exp(nll / sum(len(w) - 1 for w in wins)), 4)
+            curve[str(context)] = row
+            log(f"[eval] top-k curve @ {context}: {row}")
+    finally:
+        model.args.index_topk = saved
+    return curve
+
+
+def curve_markdown(curve: dict) -> str:
+    lines = ["| context | source | dense | " + " | ".join(f"top-{k}" for k in next(iter(curve.values()))["topk"]) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(next(iter(curve.values()))["topk"]))
+    for context, row in curve.items():
+        for source, dense in row["dense"].items():
+            cells = [f"{v[source]:.3f} ({(v[source] / dense - 1) * 100:+.1f} %)" for v in row["topk"].values()]
+            lines.append(f"| {context} | {source} | {dense:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return round(sum(xs) / len(xs), 4)
@@ -312,6 +348,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--indexer", help="trained indexer.safetensors to use instead of the checkpoint's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--topk-curve", type=_int_list,
+                        help="instead of the full evaluation: perplexity of dense vs all-F DSA at these top-k "
+                             "values (e.g. 64,128,256,512) and --contexts; writes curve.json and curve.md")
 
 
 def main_eval(args) -> int:
@@ -331,6 +370,15 @@ def main_eval(args) -> int:
         extra = load_file(args.indexer) if args.indexer else None
         model, _ = load_checkpoint(args.model, dtype=getattr(torch, args.dtype), device=args.device, extra_state=extra)
         tokenizer = load_tokenizer(args.model)
+        if args.topk_curve:
+            curve = topk_curve(model, tokenizer, args.topk_curve, args.contexts, args.windows,
+                               log=lambda m: print(m, file=sys.stderr))
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "curve.json").write_text(json.dumps(curve, indent=1) + "\n")
+            (out / "curve.md").write_text(curve_markdown(curve))
+            print(curve_markdown(curve))
+            return 0
         result = evaluate(model, tokenizer, contexts=args.contexts, topk=args.topk, pattern=args.pattern,
                           windows_per_source=args.windows, passkey_contexts=args.passkey_contexts,
                           analysis_context=args.analysis_context, out_dir=Path(args.out),

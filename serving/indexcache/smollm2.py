@@ -196,14 +196,53 @@ def write_tokenizer(out_dir: Path, gguf_file: Path, model_max_length: int) -> No
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts" / "smollm2-dsa"
+
+
+def bundled_indexer() -> Path | None:
+    """The trained indexer shipped with the package (`indexcache train-indexer` output), if present."""
+    path = ARTIFACT_DIR / "indexer.safetensors"
+    return path if path.is_file() else None
+
+
+def read_indexer_file(path, num_layers: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Indexer tensors of layers [0, num_layers) and the index_* config keys they imply."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"indexer file {path} not found; train one with `indexcache train-indexer`")
+    tensors, meta = {}, {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        for name in f.keys():
+            if ".self_attn.indexer." not in name:
+                raise ValueError(f"{path}: {name!r} is not an indexer tensor; pass an indexer.safetensors "
+                                 "written by `indexcache train-indexer`")
+            if int(name.split(".")[2]) < num_layers:
+                tensors[name] = f.get_tensor(name)
+    missing = [i for i in range(num_layers) if f"model.layers.{i}.self_attn.indexer.wk.weight" not in tensors]
+    if missing:
+        raise ValueError(f"{path} has no indexer for layers {missing}")
+    head_dim = tensors["model.layers.0.self_attn.indexer.wk.weight"].shape[0]
+    keys = {"index_n_heads": tensors["model.layers.0.self_attn.indexer.wq_b.weight"].shape[0] // head_dim,
+            "index_head_dim": head_dim,
+            "index_rope_head_dim": int(meta.get("index_rope_head_dim", head_dim // 2))}
+    if "index_topk" in meta:
+        keys["index_topk"] = int(meta["index_topk"])
+    return tensors, keys
+
+
 def convert_smollm2(out_dir, index_n_heads: int = DEFAULT_INDEX_N_HEADS,
                     index_head_dim: int = DEFAULT_INDEX_HEAD_DIM, index_topk: int = DEFAULT_INDEX_TOPK,
                     seed: int = 0, *, dtype: str = "float32", num_layers: int | None = None,
-                    gguf_file=None, tokenizer: bool = True) -> Path:
+                    gguf_file=None, tokenizer: bool = True, indexer=None) -> Path:
     """Write the llama_dsa checkpoint directory; returns its path.
 
     dtype: "float32" keeps the dequantised values exactly; "bfloat16" halves the size (269 MB).
     num_layers: keep only the first N blocks (a small real model for fast tests).
+    indexer: None for fresh random indexers (shape from the index_* arguments), or a trained
+    indexer.safetensors whose tensors (and shape, and default top-k) are installed instead.
     """
     from gguf import GGUFReader
     from safetensors.torch import save_file
@@ -229,7 +268,12 @@ def convert_smollm2(out_dir, index_n_heads: int = DEFAULT_INDEX_N_HEADS,
     })
 
     tensors = dequantized_llama_tensors(reader, config, num_layers)
-    tensors.update(init_indexer_tensors(config, seed))
+    if indexer is not None:
+        trained, keys = read_indexer_file(indexer, config["num_hidden_layers"])
+        tensors.update(trained)
+        config.update(keys)
+    else:
+        tensors.update(init_indexer_tensors(config, seed))
     torch_dtype = getattr(torch, dtype)
     tensors = {k: v.to(torch_dtype).contiguous() for k, v in sorted(tensors.items())}
 
@@ -240,6 +284,7 @@ def convert_smollm2(out_dir, index_n_heads: int = DEFAULT_INDEX_N_HEADS,
         tmp_path = Path(tmp.name)
     try:
         save_file(tensors, str(tmp_path), metadata={"format": "pt", "source": gguf_file.name})
+        tmp_path.chmod(0o644)
         tmp_path.replace(out_dir / "model.safetensors")
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -251,16 +296,17 @@ def convert_smollm2(out_dir, index_n_heads: int = DEFAULT_INDEX_N_HEADS,
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--indexer", default="bundled",
+                        help="'bundled' (default): the trained indexer shipped in indexcache/artifacts/smollm2-dsa "
+                             "(its shape and default top-k win over the --index-* flags); 'random': fresh "
+                             "indexers to train with `indexcache train-indexer`; or a path to an indexer.safetensors")
     parser.add_argument("--index-n-heads", type=int, default=DEFAULT_INDEX_N_HEADS)
     parser.add_argument("--index-head-dim", type=int, default=DEFAULT_INDEX_HEAD_DIM)
     parser.add_argument("--index-topk", type=int, default=DEFAULT_INDEX_TOPK)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh indexer weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed of fresh (random) indexer weights")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--num-layers", type=int, default=None,
                         help="keep only the first N layers (small test model)")
-    parser.add_argument("--indexer", default=None,
-                        help="trained indexer safetensors to install instead of random weights "
-                             "(default: none; see `indexcache train-indexer`)")
 
 
 def main_convert(args) -> int:
@@ -270,49 +316,19 @@ def main_convert(args) -> int:
                                          description="SmolLM2-135M GGUF -> llama_dsa checkpoint")
         add_convert_arguments(parser)
         args = parser.parse_args(args)
+    indexer = args.indexer
+    if indexer == "random":
+        indexer = None
+    elif indexer == "bundled":
+        indexer = bundled_indexer()
+        if indexer is None:
+            print("indexcache convert smollm2: no bundled trained indexer in this install; writing random "
+                  "indexers (train them with `indexcache train-indexer`)", file=sys.stderr)
     try:
         out = convert_smollm2(args.out, args.index_n_heads, args.index_head_dim, args.index_topk,
-                              args.seed, dtype=args.dtype, num_layers=args.num_layers)
-        if getattr(args, "indexer", None):
-            install_indexer(out, args.indexer)
+                              args.seed, dtype=args.dtype, num_layers=args.num_layers, indexer=indexer)
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"indexcache convert smollm2: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" with the trained indexer {indexer}" if indexer else " with random indexers"))
     return 0
-
-
-def install_indexer(checkpoint_dir, indexer_file) -> None:
-    """Replace a checkpoint's indexer tensors (and index_* shape keys) with trained ones."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    checkpoint_dir = Path(checkpoint_dir)
-    config = json.loads((checkpoint_dir / "config.json").read_text())
-    trained = load_file(str(indexer_file))
-    with safe_open(str(indexer_file), "pt") as f:
-        meta = f.metadata() or {}
-    bad = [k for k in trained if ".self_attn.indexer." not in k]
-    if bad:
-        raise ValueError(f"{indexer_file}: {bad[0]!r} is not an indexer tensor; pass an indexer file "
-                         "written by `indexcache train-indexer`")
-    tensors = load_file(str(checkpoint_dir / "model.safetensors"))
-    dtype = next(iter(tensors.values())).dtype
-    tensors = {k: v for k, v in tensors.items() if ".self_attn.indexer." not in k}
-    for name, value in trained.items():
-        layer = int(name.split(".")[2])
-        if layer < config["num_hidden_layers"]:
-            tensors[name] = value.to(dtype)
-    missing = [i for i in range(config["num_hidden_layers"])
-               if f"model.layers.{i}.self_attn.indexer.wk.weight" not in tensors]
-    if missing:
-        raise ValueError(f"{indexer_file} has no indexer for layers {missing}")
-    wq = tensors["model.layers.0.self_attn.indexer.wq_b.weight"]
-    wk = tensors["model.layers.0.self_attn.indexer.wk.weight"]
-    config["index_head_dim"] = wk.shape[0]
-    config["index_n_heads"] = wq.shape[0] // wk.shape[0]
-    if "index_topk" in meta:
-        config["index_topk"] = int(meta["index_topk"])
-    save_file(tensors, str(checkpoint_dir / "model.safetensors.tmp"), metadata={"format": "pt"})
-    (checkpoint_dir / "model.safetensors.tmp").replace(checkpoint_dir / "model.safetensors")
-    (checkpoint_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

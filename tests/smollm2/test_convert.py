@@ -97,7 +97,7 @@ def test_bad_arguments_name_the_field(tmp_path, kwargs, field):
 
 
 def test_cli_reports_bad_shape_and_exit_code(tmp_path, capsys):
-    assert smollm2.main_convert(["--out", str(tmp_path / "x"), "--index-head-dim", "7"]) == 2
+    assert smollm2.main_convert(["--out", str(tmp_path / "x"), "--index-head-dim", "7", "--indexer", "random"]) == 2
     assert "index_head_dim=7" in capsys.readouterr().err
 
 

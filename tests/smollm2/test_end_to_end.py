@@ -23,6 +23,15 @@ def test_convert_train_eval_chain(small_checkpoint, tmp_path):
     assert sorted({k.split(".")[2] for k in trained}) == ["0", "1"]
     assert all(".self_attn.indexer." in k for k in trained)
 
+    # The trained indexer installs into a fresh conversion (what `convert --indexer PATH` does).
+    from indexcache.smollm2 import convert_smollm2
+    installed = convert_smollm2(tmp_path / "installed", num_layers=2, tokenizer=False,
+                                indexer=run / "indexer.safetensors")
+    cfg = json.loads((installed / "config.json").read_text())
+    assert (cfg["index_n_heads"], cfg["index_head_dim"], cfg["index_rope_head_dim"]) == (4, 32, 16)
+    name = "model.layers.1.self_attn.indexer.wq_b.weight"
+    assert torch.equal(load_file(str(installed / "model.safetensors"))[name], trained[name].float())
+
     out = tmp_path / "eval"
     eval_argv = ["--model", str(small_checkpoint), "--out", str(out), "--indexer", str(run / "indexer.safetensors"),
                  "--contexts", "160", "--passkey-contexts", "160", "--topk", "16", "--pattern", "FS",
