@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import corpora, kernels
 from .model import Capture, DSAForCausalLM
