@@ -169,11 +169,37 @@ def bench_mla(n_queries, batch, heads=20, dc=512, dr=64, s=65536, k_sel=TOPK):
             "gather_tbps": bytes_ / t / 1e12}
 
 
+def sweep_scores_configs(n=65536):
+    """Scores-stage time at one context for a few tile shapes (picks the kernel's defaults)."""
+    q, k, w, _ = indexer_inputs(n, seed=3)
+    qs = torch.zeros(1, dtype=torch.int64, device="cuda")
+    kl = torch.full((1,), n, dtype=torch.int64, device="cuda")
+    chunk = 8192
+    buf = torch.empty(1, chunk, n, device="cuda")
+    flops = causal_flops(n, n, 0)
+    rows = []
+    for bt, bs, warps, stages in ((64, 128, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 256, 8, 3),
+                                  (128, 256, 8, 2), (128, 128, 4, 4), (64, 128, 4, 4)):
+        def run():
+            for t0 in range(0, n, chunk):
+                indexer_scores_into(q, k, w, qs, kl, None, t0, t0 + chunk, buf, False,
+                                    block_t=bt, block_s=bs, num_warps=warps, num_stages=stages)
+        try:
+            t = bench(run)
+            rows.append({"block_t": bt, "block_s": bs, "warps": warps, "stages": stages, "s": t,
+                         "tflops": flops / t / 1e12})
+        except Exception as e:
+            rows.append({"block_t": bt, "block_s": bs, "warps": warps, "stages": stages, "error": repr(e)[:300]})
+        print("sweep", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_kernels.json")
     ap.add_argument("--contexts", default="16384,65536,131072,200000")
     ap.add_argument("--plain-max", type=int, default=200000, help="largest context for the plain indexer")
+    ap.add_argument("--sweep", action="store_true", help="also time a few tile shapes of the scores stage")
     args = ap.parse_args()
     contexts = [int(x) for x in args.contexts.split(",")]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -184,6 +210,7 @@ def main():
     result["peaks"] = peaks = measure_peaks()
     print(f"peaks: bf16 {peaks['bf16_tflops']:.0f} TFLOP/s, fp8 {peaks['fp8_tflops']:.0f} TFLOP/s, "
           f"copy {peaks['copy_tbps']:.2f} TB/s", flush=True)
+    result["sweep"] = sweep_scores_configs() if args.sweep else []
     result["prefill"] = []
     for n in contexts:
         try:

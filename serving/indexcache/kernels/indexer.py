@@ -117,6 +117,29 @@ def _orderable_key(x):
 
 
 @triton.jit
+def _radix_digit(src, n, prefix, k_left, SHIFT: tl.constexpr, NBINS: tl.constexpr, HIGH: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """One radix-select step: among keys whose top HIGH bits equal prefix's, histogram the digit
+    at SHIFT and pick the digit holding the k_left-th largest. Returns (prefix with that digit
+    set, rank still to find inside it)."""
+    offs = tl.arange(0, BLOCK)
+    hist = tl.zeros((NBINS,), dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        o = start + offs
+        keep = o < n
+        key = _orderable_key(tl.load(src + o, mask=keep, other=0.0))
+        if HIGH > 0:
+            keep = keep & ((key >> (32 - HIGH)) == (prefix >> (32 - HIGH)))
+        digit = ((key >> SHIFT) & (NBINS - 1)).to(tl.int32)
+        hist += tl.histogram(digit, NBINS, mask=keep)
+    at_or_above = tl.cumsum(hist, 0, reverse=True)          # keys in this digit or a higher one
+    bins = tl.arange(0, NBINS)
+    digit_k = tl.max(tl.where(at_or_above >= k_left, bins, -1), 0)
+    above = tl.sum(tl.where(bins > digit_k, hist, 0), 0)
+    return prefix | (digit_k.to(tl.uint32) << SHIFT), k_left - above
+
+
+@triton.jit
 def _topk_rows_kernel(
     scores_ptr, out_ptr, qstart_ptr, kvlen_ptr,
     t0, T_chunk, ss_b, ss_t, so_b, so_t,
@@ -137,28 +160,11 @@ def _topk_rows_kernel(
             o = start + offs
             tl.store(dst + o, tl.where(o < n, o, -1).to(tl.int32), mask=o < K)
         return
-    # radix select of the K-th largest key, 12 + 12 + 8 bits
+    # radix select of the K-th largest key: digits of 12, 12 and 8 bits, most significant first
     prefix = tl.zeros((), dtype=tl.uint32)
-    k_left = K
-    for level in tl.static_range(3):
-        SHIFT: tl.constexpr = 20 - 12 * level if level < 2 else 0
-        NBINS: tl.constexpr = 4096 if level < 2 else 256
-        HIGH: tl.constexpr = 32 - (SHIFT + (12 if level < 2 else 8))   # bits already fixed
-        hist = tl.zeros((NBINS,), dtype=tl.int32)
-        for start in range(0, n, BLOCK):
-            o = start + offs
-            key = _orderable_key(tl.load(src + o, mask=o < n, other=0.0))
-            keep = o < n
-            if HIGH > 0:
-                keep = keep & ((key >> (32 - HIGH)) == (prefix >> (32 - HIGH)))
-            digit = ((key >> SHIFT) & (NBINS - 1)).to(tl.int32)
-            hist += tl.histogram(digit, NBINS, mask=keep)
-        at_or_above = tl.cumsum(hist, 0, reverse=True)          # keys in this digit or higher
-        bins = tl.arange(0, NBINS)
-        digit_k = tl.max(tl.where(at_or_above >= k_left, bins, -1), 0)
-        above = tl.sum(tl.where(bins > digit_k, hist, 0), 0)
-        k_left = k_left - above
-        prefix = prefix | (digit_k.to(tl.uint32) << SHIFT)
+    prefix, k_left = _radix_digit(src, n, prefix, K, 20, 4096, 0, BLOCK)
+    prefix, k_left = _radix_digit(src, n, prefix, k_left, 8, 4096, 12, BLOCK)
+    prefix, k_left = _radix_digit(src, n, prefix, k_left, 0, 256, 24, BLOCK)
     # prefix is now the K-th largest key: take all keys above it and k_left keys equal to it
     n_above = K - k_left
     taken_above = 0
