@@ -157,15 +157,15 @@ def bench_indexer_decode(n, batch):
             "fused_k_tbps": bytes_k / t_fused / 1e12}
 
 
-def bench_mla(n_queries, batch, heads=20, dc=512, dr=64, s=65536, k_sel=TOPK):
+def bench_mla(n_queries, batch, heads=20, dc=512, dr=64, s=65536, k_sel=TOPK, **cfg):
     g = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(batch, n_queries, heads, dc + dr, device="cuda", generator=g, dtype=torch.bfloat16)
     kv = torch.randn(batch, s, dc + dr, device="cuda", generator=g, dtype=torch.bfloat16)
     idx = torch.randint(0, s, (batch, n_queries, k_sel), device="cuda", generator=g, dtype=torch.int32)
-    t = bench(lambda: sparse_attention_mla(q, kv, idx, 0.0625, dc), warmup=2, rep=5)
+    t = bench(lambda: sparse_attention_mla(q, kv, idx, 0.0625, dc, **cfg), warmup=2, rep=5)
     flops = batch * n_queries * heads * k_sel * (dc + dr + dc) * 2
     bytes_ = batch * n_queries * k_sel * (dc + dr) * 2          # each selected row read once per query
-    return {"queries": n_queries, "batch": batch, "s": t, "tflops": flops / t / 1e12,
+    return {"queries": n_queries, "batch": batch, **cfg, "s": t, "tflops": flops / t / 1e12,
             "gather_tbps": bytes_ / t / 1e12}
 
 
@@ -229,9 +229,13 @@ def main():
             result["decode"].append(row)
             print("decode", json.dumps(row), flush=True)
     result["mla"] = []
-    for nq, batch in ((4096, 1), (1, 1), (1, 32)):
+    cases = [(4096, 1, {}), (1, 1, {}), (1, 32, {})]
+    if args.sweep:
+        cases += [(4096, 1, dict(block_k=bk, num_warps=nw, num_stages=ns))
+                  for bk, nw, ns in ((32, 8, 1), (32, 8, 3), (64, 8, 2), (32, 4, 2), (16, 4, 3))]
+    for nq, batch, cfg in cases:
         try:
-            row = bench_mla(nq, batch)
+            row = bench_mla(nq, batch, **cfg)
         except Exception as e:
             row = {"queries": nq, "batch": batch, "error": repr(e)[:500]}
         result["mla"].append(row)
@@ -267,7 +271,7 @@ def print_table(r):
         if "error" in row:
             print(f"q{row['queries']} b{row['batch']} ERROR {row['error'][:100]}")
             continue
-        print(f"queries {row['queries']:>5} batch {row['batch']:>3}: {1e3*row['s']:.3f} ms  {row['tflops']:.0f} TF/s  "
+        print(f"queries {row['queries']:>5} batch {row['batch']:>3} {row.get('block_k', '')} {row.get('num_warps', '')} {row.get('num_stages', '')}: {1e3*row['s']:.3f} ms  {row['tflops']:.0f} TF/s  "
               f"gather {row['gather_tbps']:.2f} TB/s")
 
 

@@ -2,9 +2,10 @@
 
 Marked `gpu`: run on the H200 machine with `pytest -m gpu tests/kernels`. They also run on a CPU
 under Triton's interpreter (`TRITON_INTERPRET=1 pytest -m gpu tests/kernels`) at small sizes.
-Tolerances: top-k is checked by score (every chosen key scores at least the k-th best score, up to
-1e-4 of the row's largest score: fp32 accumulation order) and by set overlap; attention outputs
-in bf16 by relative Frobenius error < 1e-2.
+Tolerances: index scores within 1e-5 (bf16 inputs, fp32 accumulation) or 1e-3 (FP8: Hopper's FP8
+tensor cores accumulate with fewer mantissa bits) of the row's largest score; top-k is checked by
+score (every chosen key scores at least the k-th best score, less that tolerance) and by >= 97 %
+set overlap (near-ties may swap); attention outputs in bf16 by relative Frobenius error < 1e-2.
 """
 import os
 
@@ -45,7 +46,7 @@ def make_indexer(gen, dev, B, T, H, D, S, q_start, kv_len, dtype=LOW):
             torch.tensor(kv_len, device=dev))
 
 
-def assert_topk_correct(idx, scores, topk, ties=False):
+def assert_topk_correct(idx, scores, topk, ties=False, rtol=1e-4):
     """idx (B, T, topk) from a kernel; scores (B, T, S) fp32 from the reference (-inf invalid).
     With ties (many equal scores) any equal key is as good, so only the score test applies."""
     idx, scores = idx.cpu().long(), scores.cpu()
@@ -64,13 +65,13 @@ def assert_topk_correct(idx, scores, topk, ties=False):
             assert torch.isfinite(sc[chosen]).all(), f"row {b},{t}: picked a masked key"
             if want:
                 kth = sc.topk(want).values[-1]
-                tol = 1e-4 * float(sc[torch.isfinite(sc)].abs().max()) + 1e-6
+                tol = rtol * float(sc[torch.isfinite(sc)].abs().max()) + 1e-6
                 assert float(sc[chosen].min()) >= float(kth) - tol, f"row {b},{t}: missed a better key"
                 best = set(sc.topk(want).indices.tolist())
                 overlap_num += len(best & set(chosen.tolist()))
                 overlap_den += want
     if not ties:
-        assert overlap_num >= 0.99 * overlap_den
+        assert overlap_num >= 0.97 * overlap_den
 
 
 def run_indexer_case(dev, gen, B, T, H, D, S, q_start, kv_len, topk, fp8=False, query_chunk=None):
@@ -83,7 +84,7 @@ def run_indexer_case(dev, gen, B, T, H, D, S, q_start, kv_len, topk, fp8=False, 
     idx = indexer_topk(q, k, w, topk, qs, kl, k_scale=k_scale, query_chunk=query_chunk, out=out)
     assert idx.data_ptr() == out.data_ptr()
     scores = ref.ref_indexer_scores(q, k, w, qs, kl, k_scale=k_scale)
-    assert_topk_correct(idx, scores, topk)
+    assert_topk_correct(idx, scores, topk, rtol=1e-3 if fp8 else 1e-4)
 
 
 SMALL = INTERPRET
@@ -126,6 +127,26 @@ def test_radix_topk_handles_ties_and_negative_scores(dev, gen):
     assert_topk_correct(out, masked, topk, ties=True)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("n_queries", [1, 300], ids=["decode", "prefill"])
+def test_indexer_score_stage_matches_reference(dev, gen, fp8, n_queries):
+    from indexcache.kernels.indexer import indexer_scores_into
+    S = 200 if SMALL else 5000
+    q, k, w, qs, kl = make_indexer(gen, dev, 2, n_queries, 4 if SMALL else 32, 16 if SMALL else 128, S,
+                                   [S - n_queries, 0], [S, min(S, n_queries + 7)])
+    k_scale = None
+    if fp8:
+        q, k, w, k_scale = ref.quantize_indexer_fp8(q, k, w)
+    out = torch.full((2, n_queries, S), float("nan"), device=dev)
+    indexer_scores_into(q, k, w, qs, kl, k_scale, 0, n_queries, out, write_all=True)
+    want = ref.ref_indexer_scores(q, k, w, qs, kl, k_scale=k_scale)
+    assert not torch.isnan(out).any(), "unwritten scores"
+    assert torch.equal(torch.isinf(out), torch.isinf(want)), "wrong causal / length mask"
+    finite = torch.isfinite(want)
+    err = (out[finite] - want[finite]).abs().max() / want[finite].abs().max()
+    assert err < (1e-3 if fp8 else 1e-5), f"score error {float(err):.2e}"
+
+
 def test_switch_runs_triton_on_device_and_agrees_with_the_reference(dev, gen):
     q, k, w, qs, kl = make_indexer(gen, dev, 1, 40, 4, 16, 64, [24], [64])
     kernels.use_triton(True)
@@ -134,7 +155,8 @@ def test_switch_runs_triton_on_device_and_agrees_with_the_reference(dev, gen):
         fast = kernels.indexer_topk(q, k, w, 8, qs, kl)
     finally:
         kernels.use_triton(None)
-    assert_topk_correct(fast, ref.ref_indexer_scores(q, k, w, qs, kl), 8)
+    cpu = [x.cpu() for x in (q, k, w, qs, kl)]
+    assert_topk_correct(fast, ref.ref_indexer_scores(*cpu), 8)
 
 
 def rel_err(a, b):

@@ -9,8 +9,8 @@ Two stages per chunk of queries:
      folds ReLU and the head weight into an fp32 accumulator, so only the head-summed (T, S) scores
      reach memory. Tiles wholly above the causal diagonal are skipped (the top-k never reads them).
   2. `_topk_rows_kernel`: exact radix select per row over an order-preserving uint32 image of the
-     fp32 scores: three histogram passes (12 + 12 + 8 bits) find the k-th largest key, a fourth pass
-     writes every index above it and the first few equal to it. No sort, 4 reads of the row.
+     fp32 scores: up to four 8-bit histogram passes find the k-th largest key, a last pass writes
+     every index above it and the first few equal to it. No sort, at most 5 reads of the row.
 Rows too few to fill the GPU (decode) use torch.topk on fully written scores instead.
 
 The reference each kernel is tested against is `reference.ref_indexer_topk` / `ref_indexer_scores`.
@@ -136,7 +136,8 @@ def _radix_digit(src, n, prefix, k_left, SHIFT: tl.constexpr, NBINS: tl.constexp
     bins = tl.arange(0, NBINS)
     digit_k = tl.max(tl.where(at_or_above >= k_left, bins, -1), 0)
     above = tl.sum(tl.where(bins > digit_k, hist, 0), 0)
-    return prefix | (digit_k.to(tl.uint32) << SHIFT), k_left - above
+    in_bin = tl.sum(tl.where(bins == digit_k, hist, 0), 0)
+    return prefix | (digit_k.to(tl.uint32) << SHIFT), k_left - above, in_bin
 
 
 @triton.jit
@@ -160,12 +161,24 @@ def _topk_rows_kernel(
             o = start + offs
             tl.store(dst + o, tl.where(o < n, o, -1).to(tl.int32), mask=o < K)
         return
-    # radix select of the K-th largest key: digits of 12, 12 and 8 bits, most significant first
+    # Radix select of the K-th largest key, one byte at a time, most significant first. 256 bins:
+    # Triton's histogram costs about bins/32 operations per key, so wide digits are slower.
+    # Stop early once the chosen bin holds exactly the keys still wanted (all of it is taken).
     prefix = tl.zeros((), dtype=tl.uint32)
-    prefix, k_left = _radix_digit(src, n, prefix, K, 20, 4096, 0, BLOCK)
-    prefix, k_left = _radix_digit(src, n, prefix, k_left, 8, 4096, 12, BLOCK)
-    prefix, k_left = _radix_digit(src, n, prefix, k_left, 0, 256, 24, BLOCK)
-    # prefix is now the K-th largest key: take all keys above it and k_left keys equal to it
+    prefix, k_left, in_bin = _radix_digit(src, n, prefix, K, 24, 256, 0, BLOCK)
+    fixed = tl.full((), 8, tl.int32)                       # leading key bits decided so far
+    if in_bin > k_left:
+        prefix, k_left, in_bin = _radix_digit(src, n, prefix, k_left, 16, 256, 8, BLOCK)
+        fixed = fixed + 8
+        if in_bin > k_left:
+            prefix, k_left, in_bin = _radix_digit(src, n, prefix, k_left, 8, 256, 16, BLOCK)
+            fixed = fixed + 8
+            if in_bin > k_left:
+                prefix, k_left, in_bin = _radix_digit(src, n, prefix, k_left, 0, 256, 24, BLOCK)
+                fixed = fixed + 8
+    # keys whose leading `fixed` bits beat prefix's are in; k_left of those equal to it are in
+    shift = (32 - fixed).to(tl.uint32)
+    threshold = prefix >> shift
     n_above = K - k_left
     taken_above = 0
     taken_equal = 0
@@ -173,8 +186,8 @@ def _topk_rows_kernel(
         o = start + offs
         key = _orderable_key(tl.load(src + o, mask=o < n, other=0.0))
         inside = o < n
-        gt = inside & (key > prefix)
-        eq = inside & (key == prefix)
+        gt = inside & ((key >> shift) > threshold)
+        eq = inside & ((key >> shift) == threshold)
         rank_gt = taken_above + tl.cumsum(gt.to(tl.int32), 0) - 1
         rank_eq = taken_equal + tl.cumsum(eq.to(tl.int32), 0) - 1
         tl.store(dst + rank_gt, o.to(tl.int32), mask=gt)

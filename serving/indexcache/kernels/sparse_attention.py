@@ -144,7 +144,7 @@ def sparse_attention_gqa(q, k, v, indices, scale: float, block_k: int = 64, out=
 
 
 def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int | None = None,
-                         block_k: int = 32, out=None):
+                         block_k: int = 32, out=None, num_warps: int = 8, num_stages: int = 2):
     """Triton twin of `ref_sparse_attention_mla`: (B, T, H, v_dim) in q's dtype."""
     check_sparse_inputs(q, indices, kv.shape[0], "kv")
     _check_device(q, kv, indices)
@@ -168,5 +168,5 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int 
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1), out.stride(2),
         DC=v_dim, DC_PAD=_pad(v_dim), DR=dr, DR_PAD=_pad(dr), BLOCK_H=block_h, BLOCK_K=block_k,
-        num_warps=8)
+        num_warps=num_warps, num_stages=num_stages)
     return out
