@@ -147,6 +147,23 @@ def test_indexer_score_stage_matches_reference(dev, gen, fp8, n_queries):
     assert err < (1e-3 if fp8 else 1e-5), f"score error {float(err):.2e}"
 
 
+def test_radix_topk_addresses_past_2_31_elements(dev, gen):
+    """A (16K x 200K) fp32 score chunk has more than 2^31 elements: offsets must be 64-bit."""
+    from indexcache.kernels.indexer import topk_rows_into
+    T, S, topk = (4, 64, 8) if SMALL else (11000, 200000, 2048)   # 2.2e9 elements on the GPU
+    scores = torch.randn(1, T, S, device=dev)
+    q_start = torch.tensor([S - T], device=dev)
+    kv_len = torch.tensor([S], device=dev)
+    out = torch.full((1, T, topk), POISON_INDEX, dtype=torch.int32, device=dev)
+    topk_rows_into(scores, out, q_start, kv_len, 0, topk)
+    # check the last rows, whose offsets pass 2^31 (the masked reference: causal limit per row)
+    last = scores[:, -3:].clone()
+    limit = S - 3 + torch.arange(3, device=dev)
+    last.masked_fill_(torch.arange(S, device=dev)[None, None, :] > limit[None, :, None], float("-inf"))
+    assert_topk_correct(out[:, -3:], last, topk)
+    del scores
+
+
 def test_switch_runs_triton_on_device_and_agrees_with_the_reference(dev, gen):
     q, k, w, qs, kl = make_indexer(gen, dev, 1, 40, 4, 16, 64, [24], [64])
     kernels.use_triton(True)
@@ -201,3 +218,9 @@ def test_sparse_mla_matches_reference(dev, gen, decode):
     want = ref.ref_sparse_attention_mla(q, kv, idx, scale, Dc)
     assert not torch.isnan(got).any(), "unwritten output"
     assert rel_err(got, want) < 1e-2
+    if decode:
+        # the split-K path (used when few queries leave SMs idle) against the one-program path
+        for n_split in (1, 3):
+            again = sparse_attention_mla(q, kv, idx, scale, Dc, n_split=n_split,
+                                         out=torch.full_like(out, float("nan")))
+            assert rel_err(again, want) < 1e-2, f"n_split={n_split}"

@@ -42,7 +42,7 @@ def _indexer_scores_kernel(
 ):
     pid_s = tl.program_id(0)   # key blocks vary fastest: programs sharing a q tile run together (L2)
     pid_t = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)   # 64-bit offsets: a (16K x 200K) fp32 score chunk passes 2^31
     q_start = tl.load(qstart_ptr + b)
     kv_len = tl.load(kvlen_ptr + b)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)           # query index within the chunk
@@ -50,7 +50,7 @@ def _indexer_scores_kernel(
     t_ok = offs_t < T_chunk
     pos_t = q_start + t0 + offs_t                               # absolute position of each query
     last_visible = tl.minimum(q_start + t0 + pid_t * BLOCK_T + BLOCK_T - 1, kv_len - 1)
-    out_ptrs = out_ptr + b * so_b + offs_t[:, None] * so_t + offs_s[None, :]
+    out_ptrs = out_ptr + b * so_b + offs_t.to(tl.int64)[:, None] * so_t + offs_s[None, :]
     store_mask = t_ok[:, None] & (offs_s[None, :] < S)
     if pid_s * BLOCK_S > last_visible:
         if WRITE_ALL:
@@ -60,7 +60,7 @@ def _indexer_scores_kernel(
     k_tile = tl.load(k_ptr + b * sk_b + offs_s[None, :] * sk_s + offs_d[:, None],
                      mask=offs_s[None, :] < S, other=0.0)       # (D, BLOCK_S)
     acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
-    q_base = q_ptr + b * sq_b + (t0 + offs_t[:, None]) * sq_t + offs_d[None, :]
+    q_base = q_ptr + b * sq_b + (t0 + offs_t.to(tl.int64)[:, None]) * sq_t + offs_d[None, :]
     w_base = w_ptr + b * sw_b + (t0 + offs_t) * sw_t
     for h in range(H):
         q_tile = tl.load(q_base + h * sq_h, mask=t_ok[:, None], other=0.0)   # (BLOCK_T, D)
@@ -85,8 +85,8 @@ def _indexer_decode_kernel(
 ):
     """One query per program row: the heads are the product's M side, (H, D) x (D, BLOCK_S)."""
     pid_s = tl.program_id(0)
-    t = tl.program_id(1)
-    b = tl.program_id(2)
+    t = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     q_start = tl.load(qstart_ptr + b)
     kv_len = tl.load(kvlen_ptr + b)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -146,7 +146,7 @@ def _topk_rows_kernel(
     t0, T_chunk, ss_b, ss_t, so_b, so_t,
     K: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     b = row // T_chunk
     t = row % T_chunk
     q_start = tl.load(qstart_ptr + b)

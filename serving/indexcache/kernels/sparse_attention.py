@@ -32,8 +32,8 @@ def _sparse_attention_gqa_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr, DH_PAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    b = tl.program_id(1)
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     kvh = tl.program_id(2)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, DH_PAD)
@@ -71,14 +71,18 @@ def _sparse_attention_gqa_kernel(
 
 @triton.jit
 def _sparse_attention_mla_kernel(
-    q_ptr, kv_ptr, idx_ptr, out_ptr, scale, K_sel, S, H,
+    q_ptr, kv_ptr, idx_ptr, out_ptr, part_acc_ptr, part_ml_ptr, scale, K_sel, S, H, T, k_per_split,
     sq_b, sq_t, sq_h, skv_b, skv_s, si_b, si_t, so_b, so_t, so_h,
     DC: tl.constexpr, DC_PAD: tl.constexpr, DR: tl.constexpr, DR_PAD: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, N_SPLIT: tl.constexpr,
 ):
-    """q = [q_latent (DC) | q_rope (DR)], kv = [latent (DC) | k_rope (DR)], value = latent."""
-    t = tl.program_id(0)
-    b = tl.program_id(1)
+    """q = [q_latent (DC) | q_rope (DR)], kv = [latent (DC) | k_rope (DR)], value = latent.
+    With N_SPLIT > 1 (decode: too few queries to fill the GPU) each program takes one slice of
+    the selected keys and writes its unnormalised (acc, m, l) for `_combine_splits`."""
+    pid0 = tl.program_id(0)
+    t = (pid0 // N_SPLIT).to(tl.int64)
+    split = pid0 % N_SPLIT
+    b = tl.program_id(1).to(tl.int64)
     heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < H
     offs_c = tl.arange(0, DC_PAD)
@@ -92,9 +96,11 @@ def _sparse_attention_mla_kernel(
     l = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, DC_PAD), tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    for start in range(0, K_sel, BLOCK_K):
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(K_sel, k_lo + k_per_split)
+    for start in range(k_lo, k_hi, BLOCK_K):
         j = start + offs_k
-        idx = tl.load(idx_ptr + b * si_b + t * si_t + j, mask=j < K_sel, other=-1)
+        idx = tl.load(idx_ptr + b * si_b + t * si_t + j, mask=j < k_hi, other=-1)
         ok = (idx >= 0) & (idx < S)
         row = kv_ptr + b * skv_b + tl.where(ok, idx, 0).to(tl.int64) * skv_s
         latent = tl.load(row[:, None] + offs_c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
@@ -108,9 +114,27 @@ def _sparse_attention_mla_kernel(
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
         m = m_new
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(out_ptr + b * so_b + t * so_t + heads[:, None] * so_h + offs_c[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
+    if N_SPLIT > 1:
+        part = ((b * T + t) * N_SPLIT + split) * H + heads                   # (BLOCK_H,)
+        tl.store(part_acc_ptr + part[:, None] * DC + offs_c[None, :], acc, mask=h_ok[:, None] & c_ok[None, :])
+        tl.store(part_ml_ptr + part * 2, m, mask=h_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, l, mask=h_ok)
+    else:
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(out_ptr + b * so_b + t * so_t + heads[:, None] * so_h + offs_c[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
+
+
+def _combine_splits(acc, ml, out):
+    """Merge per-slice softmax partials: acc (B, T, N, H, D) fp32, ml (B, T, N, H, 2) -> out."""
+    m, l = ml[..., 0], ml[..., 1]
+    m_max = m.amax(dim=2, keepdim=True)
+    m_max = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
+    w = torch.exp(m - m_max)                                                  # 0 for empty slices
+    total = (w * l).sum(dim=2)                                                # (B, T, H)
+    merged = (w[..., None] * acc).sum(dim=2) / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+    out.copy_(merged.to(out.dtype))
+    return out
 
 
 def _pad(n: int) -> int:
@@ -144,7 +168,8 @@ def sparse_attention_gqa(q, k, v, indices, scale: float, block_k: int = 64, out=
 
 
 def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int | None = None,
-                         block_k: int = 32, out=None, num_warps: int = 8, num_stages: int = 2):
+                         block_k: int = 32, out=None, num_warps: int = 4, num_stages: int = 2,
+                         n_split: int | None = None):
     """Triton twin of `ref_sparse_attention_mla`: (B, T, H, v_dim) in q's dtype."""
     check_sparse_inputs(q, indices, kv.shape[0], "kv")
     _check_device(q, kv, indices)
@@ -163,10 +188,22 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int 
         out = torch.empty(B, T, H, v_dim, dtype=q.dtype, device=q.device)
     dr = Dq - v_dim
     block_h = block_h or min(64, _pad(H))
-    _sparse_attention_mla_kernel[(T, B, triton.cdiv(H, block_h))](
-        q, kv, indices, out, scale, indices.shape[2], kv.shape[1], H,
+    K_sel = indices.shape[2]
+    programs = T * B * triton.cdiv(H, block_h)
+    if n_split is None:     # split the selected keys only when the queries alone leave SMs idle
+        n_split = 1 if programs >= 132 else max(1, min(16, 264 // programs, triton.cdiv(K_sel, 4 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(K_sel, n_split), block_k) * block_k
+    if n_split > 1:
+        part_acc = torch.empty(B, T, n_split, H, v_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(B, T, n_split, H, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out      # unused
+    _sparse_attention_mla_kernel[(T * n_split, B, triton.cdiv(H, block_h))](
+        q, kv, indices, out, part_acc, part_ml, scale, K_sel, kv.shape[1], H, T, k_per_split,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1), out.stride(2),
         DC=v_dim, DC_PAD=_pad(v_dim), DR=dr, DR_PAD=_pad(dr), BLOCK_H=block_h, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages)
+        N_SPLIT=n_split, num_warps=num_warps, num_stages=num_stages)
+    if n_split > 1:
+        _combine_splits(part_acc, part_ml, out)
     return out
