@@ -314,6 +314,45 @@ def decode(model: Model, n: int, steps: int = 20):
     return result
 
 
+def phase_rates(row, c: Cfg, peaks: dict):
+    """Achieved rates of the prefill phases from their summed times (useful work only):
+    indexer FLOPs over indexer + top-k time (the fused indexer's whole cost) and over the score
+    stage alone; sparse MLA FLOPs and gathered bytes over attention time; MoE/FFN FLOPs."""
+    n, ph = row["context"], row["phases"]
+    f_layers = row["full_layers"]
+    idx_flops = f_layers * (n * (n + 1) / 2) * c.idx_heads * c.idx_dim * 2
+    attn_flops = c.layers * n * c.heads * min(c.idx_topk, n) * (2 * c.kv_rank + c.rope) * 2
+    attn_bytes = c.layers * n * min(c.idx_topk, n) * (c.kv_rank + c.rope) * 2
+    expert = 3 * c.hidden * c.expert_width * 2
+    ffn_flops = n * ((c.layers - 1) * (c.topk_experts + 1) * expert + 3 * c.hidden * c.dense_width * 2)
+    out = {
+        "indexer_scores_tflops": idx_flops / ph["indexer"] / 1e12,
+        "indexer_with_topk_tflops": idx_flops / (ph["indexer"] + ph["topk"]) / 1e12,
+        "attention_tflops": attn_flops / ph["attention"] / 1e12,
+        "attention_gather_tbps": attn_bytes / ph["attention"] / 1e12,
+        "ffn_tflops": ffn_flops / ph["ffn"] / 1e12,
+    }
+    if peaks:
+        ipk = peaks["fp8_tflops"] if row.get("fp8_indexer", True) else peaks["bf16_tflops"]
+        out["indexer_with_topk_frac_peak"] = out["indexer_with_topk_tflops"] / ipk
+        out["attention_gather_frac_copy_bw"] = out["attention_gather_tbps"] / peaks["copy_tbps"]
+        out["ffn_frac_peak"] = out["ffn_tflops"] / peaks["bf16_tflops"]
+    return out
+
+
+def report(path, peaks_path):
+    """Re-print a saved run with the per-phase rates (peaks from a bench_kernels.json)."""
+    res = json.load(open(path))
+    peaks = json.load(open(peaks_path))["peaks"] if peaks_path else {}
+    print_table(res)
+    print(f"\nrates (peaks: {peaks})")
+    for r in res["runs"]:
+        if "phases" in r:
+            r["fp8_indexer"] = res["fp8_indexer"]
+            rates = phase_rates(r, Cfg(), peaks)
+            print(f"{r['pattern']:>12} {r['context']:>7}: " + "  ".join(f"{k} {v:.2f}" for k, v in rates.items()))
+
+
 def best_mla_config(path):
     if not path or not os.path.exists(path):
         return {}
@@ -337,7 +376,11 @@ def main():
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--warmup-tokens", type=int, default=8192)
     ap.add_argument("--mla-config-from", default="", help="bench_kernels.json: use its fastest MLA tile sweep entry")
+    ap.add_argument("--report", default="", help="only re-print this saved bench_model.json, with rates")
+    ap.add_argument("--peaks-from", default="", help="bench_kernels.json whose measured peaks --report uses")
     args = ap.parse_args()
+    if args.report:
+        return report(args.report, args.peaks_from)
     torch.backends.cuda.matmul.allow_tf32 = True
     c = Cfg()
     contexts = [int(x) for x in args.contexts.split(",")]
