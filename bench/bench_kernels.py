@@ -194,13 +194,43 @@ def sweep_scores_configs(n=65536):
     return rows
 
 
+def sweep_topk_configs(n=131072, rows=4096):
+    """Radix top-k time for a few (BLOCK, warps) over rows at the end of an n-token context."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    scores = torch.randn(1, rows, n, device="cuda", generator=g)
+    out = torch.empty(1, rows, TOPK, dtype=torch.int32, device="cuda")
+    qs = torch.full((1,), n - rows, dtype=torch.int64, device="cuda")
+    kl = torch.full((1,), n, dtype=torch.int64, device="cuda")
+    result = []
+    for block, warps in ((1024, 8), (2048, 8), (4096, 16), (1024, 4), (512, 4), (2048, 16), (4096, 8)):
+        try:
+            t = bench(lambda: topk_rows_into(scores, out, qs, kl, 0, TOPK, block=block, num_warps=warps))
+            row = {"block": block, "warps": warps, "s": t, "row_reads_tbps": rows * n * 4 / t / 1e12}
+        except Exception as e:
+            row = {"block": block, "warps": warps, "error": repr(e)[:300]}
+        result.append(row)
+        print("topk_sweep", json.dumps(row), flush=True)
+    return result
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_kernels.json")
     ap.add_argument("--contexts", default="16384,65536,131072,200000")
     ap.add_argument("--plain-max", type=int, default=200000, help="largest context for the plain indexer")
     ap.add_argument("--sweep", action="store_true", help="also time a few tile shapes of the scores stage")
+    ap.add_argument("--only-sweeps", action="store_true",
+                    help="only the top-k tile sweep and the MLA decode cases (short run)")
     args = ap.parse_args()
+    if args.only_sweeps:
+        res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("BENCH_COMMIT", "?"),
+               "topk_sweep": sweep_topk_configs(),
+               "mla_decode": [bench_mla(1, 1), bench_mla(1, 32), bench_mla(1, 1, n_split=1), bench_mla(1, 32, n_split=1)]}
+        for row in res["mla_decode"]:
+            print("mla_decode", json.dumps(row), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     contexts = [int(x) for x in args.contexts.split(",")]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit or os.environ.get("BENCH_COMMIT", "?")}

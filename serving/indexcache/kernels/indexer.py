@@ -229,12 +229,12 @@ def indexer_scores_into(q, k, weights, q_start, kv_len, k_scale, t0, t1, out, wr
         BLOCK_T=block_t, BLOCK_S=block_s, num_warps=num_warps, num_stages=num_stages)
 
 
-def topk_rows_into(scores, out, q_start, kv_len, t0, topk, block=1024):
+def topk_rows_into(scores, out, q_start, kv_len, t0, topk, block=1024, num_warps=8):
     """Radix-select top-k of each row of scores (B, Tc, >=S) into out[:, t0:t0+Tc] (stage 2 only)."""
     B, Tc = scores.shape[:2]
     _topk_rows_kernel[(B * Tc,)](
         scores, out, q_start, kv_len, t0, Tc, scores.stride(0), scores.stride(1),
-        out.stride(0), out.stride(1), K=topk, BLOCK=block, num_warps=8)
+        out.stride(0), out.stride(1), K=topk, BLOCK=block, num_warps=num_warps)
 
 
 def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, query_chunk: int | None = None,
