@@ -13,6 +13,8 @@ Two stages per chunk of queries:
      every index above it and the first few equal to it. No sort, at most 5 reads of the row.
 Rows too few to fill the GPU (decode) use torch.topk on fully written scores instead.
 
+Precision: bf16 and e4m3 operands are multiplied exactly with fp32 accumulation (Hopper's FP8
+tensor cores accumulate with fewer mantissa bits: ~1e-4 relative); fp32 operands run as TF32.
 The reference each kernel is tested against is `reference.ref_indexer_topk` / `ref_indexer_scores`.
 """
 from __future__ import annotations
@@ -247,6 +249,8 @@ def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, query_
     if D & (D - 1) or D < 16:
         raise ValueError(f"q: head_dim {D} must be a power of two >= 16 for the Triton indexer; "
                          "use INDEXCACHE_KERNELS=torch for this model")
+    if k.dtype != q.dtype:     # one operand type for the tensor-core product (FP8 pairs are checked)
+        k = k.to(q.dtype)
     q, k = q.contiguous(), k.contiguous()
     weights = weights.float().contiguous()
     q_start = q_start.to(torch.int64).contiguous()

@@ -6,7 +6,9 @@ Each program owns one query token and a block of heads that read the same KV row
 all MLA heads, which share the one latent head), gathers BLOCK_K selected rows at a time straight
 from the cache (no gathered copy in memory), and runs an online softmax (running max m, running sum
 l) with fp32 accumulators. A query with no valid index writes zeros. The heads form the M side of the
-tensor-core products, padded to 16.
+tensor-core products, padded to 16. bf16 operands are exact with fp32 accumulation; fp32 operands
+run as TF32. Prefill: one program per (query, head block). Decode (too few queries to fill the
+GPU): the selected keys are split across programs and the partial softmaxes merged (split-K).
 
 References: `reference.ref_sparse_attention_gqa` / `ref_sparse_attention_mla`.
 """
@@ -152,6 +154,8 @@ def sparse_attention_gqa(q, k, v, indices, scale: float, block_k: int = 64, out=
     Hkv = k.shape[2]
     if Hq % Hkv:
         raise _fail("q", f"{Hq} query heads are not a multiple of {Hkv} KV heads", "check num_key_value_heads")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if k.stride(3) != 1 or v.stride(3) != 1:
         k, v = k.contiguous(), v.contiguous()
     q = q.contiguous()
@@ -181,6 +185,8 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int 
         raise _fail("v_dim", f"must be in 1..{Dq - 1} (the rope part follows it), got {v_dim}",
                     "pass kv_lora_rank")
     q = q.contiguous()
+    if kv.dtype != q.dtype:
+        kv = kv.to(q.dtype)
     if kv.stride(2) != 1:
         kv = kv.contiguous()
     indices = indices.to(torch.int32).contiguous()
