@@ -190,3 +190,15 @@ def test_switch_uses_references_on_cpu_and_honours_the_environment(monkeypatch):
     monkeypatch.setenv("INDEXCACHE_KERNELS", "auto")
     assert torch.equal(kernels.indexer_topk(q, k, w, 3, q_start, kv_len),
                        ref.ref_indexer_topk(q, k, w, 3, q_start, kv_len))
+
+
+def test_forcing_triton_on_cpu_tensors_says_how_to_fix_it(monkeypatch):
+    """Without a GPU, INDEXCACHE_KERNELS=triton must fail loudly, never compute silently wrong."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, w, q_start, kv_len = random_indexer()
+    kernels.use_triton(True)
+    try:
+        with pytest.raises((ValueError, RuntimeError), match="INDEXCACHE_KERNELS=torch"):
+            kernels.indexer_topk(q, k, w, 3, q_start, kv_len)
+    finally:
+        kernels.use_triton(None)

@@ -1,0 +1,226 @@
+"""Triton kernels against the PyTorch references, on fresh random inputs with poisoned outputs.
+
+Marked `gpu`: run on the H200 machine with `pytest -m gpu tests/kernels`. They also run on a CPU
+under Triton's interpreter (`TRITON_INTERPRET=1 pytest -m gpu tests/kernels`) at small sizes.
+Tolerances: index scores within 1e-5 (bf16 inputs, fp32 accumulation) or 1e-3 (FP8: Hopper's FP8
+tensor cores accumulate with fewer mantissa bits) of the row's largest score; top-k is checked by
+score (every chosen key scores at least the k-th best score, less that tolerance) and by >= 97 %
+set overlap (near-ties may swap); attention outputs in bf16 by relative Frobenius error < 1e-2.
+"""
+import os
+
+import pytest
+import torch
+
+from indexcache import kernels
+from indexcache.kernels import reference as ref
+
+pytestmark = pytest.mark.gpu
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+POISON_INDEX = 0x7EADBEEF
+# The interpreter mishandles bf16 (NumPy has no bf16): fp32 there, bf16 on the GPU.
+LOW = torch.float32 if INTERPRET else torch.bfloat16
+
+
+@pytest.fixture
+def dev():
+    if INTERPRET:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.fail("these tests need a CUDA GPU (or TRITON_INTERPRET=1 for a CPU run)")
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def gen(request):
+    # fresh inputs per test, reproducible per test name
+    return torch.Generator().manual_seed(abs(hash(request.node.name)) % (2 ** 31))
+
+
+def make_indexer(gen, dev, B, T, H, D, S, q_start, kv_len, dtype=LOW):
+    q = torch.randn(B, T, H, D, generator=gen).to(dtype)
+    k = torch.randn(B, S, D, generator=gen).to(dtype)
+    # weights of both signs, as weights_proj produces
+    w = torch.randn(B, T, H, generator=gen) * (H ** -0.5 * D ** -0.5)
+    return (q.to(dev), k.to(dev), w.to(dev), torch.tensor(q_start, device=dev),
+            torch.tensor(kv_len, device=dev))
+
+
+def assert_topk_correct(idx, scores, topk, ties=False, rtol=1e-4):
+    """idx (B, T, topk) from a kernel; scores (B, T, S) fp32 from the reference (-inf invalid).
+    With ties (many equal scores) any equal key is as good, so only the score test applies."""
+    idx, scores = idx.cpu().long(), scores.cpu()
+    B, T, _ = idx.shape
+    assert idx.shape[2] == topk
+    overlap_num = overlap_den = 0
+    for b in range(B):
+        for t in range(T):
+            row, sc = idx[b, t], scores[b, t]
+            n_valid = int(torch.isfinite(sc).sum())
+            want = min(topk, n_valid)
+            chosen = row[row >= 0]
+            assert int((row == -1).sum()) == topk - want, f"row {b},{t}: wrong -1 padding"
+            assert chosen.numel() == want, f"row {b},{t}: {chosen.numel()} indices, want {want}"
+            assert chosen.unique().numel() == want, f"row {b},{t}: repeated indices"
+            assert torch.isfinite(sc[chosen]).all(), f"row {b},{t}: picked a masked key"
+            if want:
+                kth = sc.topk(want).values[-1]
+                tol = rtol * float(sc[torch.isfinite(sc)].abs().max()) + 1e-6
+                assert float(sc[chosen].min()) >= float(kth) - tol, f"row {b},{t}: missed a better key"
+                best = set(sc.topk(want).indices.tolist())
+                overlap_num += len(best & set(chosen.tolist()))
+                overlap_den += want
+    if not ties:
+        assert overlap_num >= 0.97 * overlap_den
+
+
+def run_indexer_case(dev, gen, B, T, H, D, S, q_start, kv_len, topk, fp8=False, query_chunk=None):
+    from indexcache.kernels.indexer import indexer_topk
+    q, k, w, qs, kl = make_indexer(gen, dev, B, T, H, D, S, q_start, kv_len)
+    k_scale = None
+    if fp8:
+        q, k, w, k_scale = ref.quantize_indexer_fp8(q, k, w)
+    out = torch.full((B, T, topk), POISON_INDEX, dtype=torch.int32, device=dev)
+    idx = indexer_topk(q, k, w, topk, qs, kl, k_scale=k_scale, query_chunk=query_chunk, out=out)
+    assert idx.data_ptr() == out.data_ptr()
+    scores = ref.ref_indexer_scores(q, k, w, qs, kl, k_scale=k_scale)
+    assert_topk_correct(idx, scores, topk, rtol=1e-3 if fp8 else 1e-4)
+
+
+SMALL = INTERPRET
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_indexer_prefill_matches_reference(dev, gen, fp8):
+    if SMALL:
+        run_indexer_case(dev, gen, B=2, T=70, H=4, D=16, S=200, q_start=[0, 100], kv_len=[70, 170],
+                         topk=32, fp8=fp8, query_chunk=40)
+    else:
+        # a 2K-token chunk of a prefill at 14K of a 16K context, 32 x 128 heads, top-2048
+        run_indexer_case(dev, gen, B=2, T=2048, H=32, D=128, S=16384, q_start=[14336, 0],
+                         kv_len=[16384, 2048], topk=2048, fp8=fp8, query_chunk=1024)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_indexer_decode_matches_reference(dev, gen, fp8):
+    # one query per sequence at the end of its cache, sequences of different lengths
+    if SMALL:
+        run_indexer_case(dev, gen, B=3, T=1, H=4, D=16, S=300, q_start=[299, 9, 150],
+                         kv_len=[300, 10, 151], topk=32, fp8=fp8)
+    else:
+        run_indexer_case(dev, gen, B=3, T=1, H=32, D=128, S=70000, q_start=[69999, 999, 40000],
+                         kv_len=[70000, 1000, 40001], topk=2048, fp8=fp8)
+
+
+def test_radix_topk_handles_ties_and_negative_scores(dev, gen):
+    from indexcache.kernels.indexer import topk_rows_into
+    B, T, S, topk = 2, 8 if SMALL else 300, 3000 if SMALL else 100000, 64 if SMALL else 2048
+    # few distinct values (many ties at the threshold), both signs
+    scores = (torch.randint(-6, 7, (B, T, S), generator=gen).float() * 0.37).to(dev)
+    q_start = torch.tensor([S - T, 0], device=dev)
+    kv_len = torch.tensor([S, S], device=dev)
+    out = torch.full((B, T, topk), POISON_INDEX, dtype=torch.int32, device=dev)
+    topk_rows_into(scores, out, q_start, kv_len, 0, topk)
+    pos = torch.arange(S, device=dev)
+    limit = q_start[:, None] + torch.arange(T, device=dev)[None, :]                 # (B, T)
+    masked = scores.masked_fill(pos[None, None, :] > limit[..., None], float("-inf"))
+    assert_topk_correct(out, masked, topk, ties=True)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("n_queries", [1, 300], ids=["decode", "prefill"])
+def test_indexer_score_stage_matches_reference(dev, gen, fp8, n_queries):
+    from indexcache.kernels.indexer import indexer_scores_into
+    S = 200 if SMALL else 5000
+    q, k, w, qs, kl = make_indexer(gen, dev, 2, n_queries, 4 if SMALL else 32, 16 if SMALL else 128, S,
+                                   [S - n_queries, 0], [S, min(S, n_queries + 7)])
+    k_scale = None
+    if fp8:
+        q, k, w, k_scale = ref.quantize_indexer_fp8(q, k, w)
+    out = torch.full((2, n_queries, S), float("nan"), device=dev)
+    indexer_scores_into(q, k, w, qs, kl, k_scale, 0, n_queries, out, write_all=True)
+    want = ref.ref_indexer_scores(q, k, w, qs, kl, k_scale=k_scale)
+    assert not torch.isnan(out).any(), "unwritten scores"
+    assert torch.equal(torch.isinf(out), torch.isinf(want)), "wrong causal / length mask"
+    finite = torch.isfinite(want)
+    err = (out[finite] - want[finite]).abs().max() / want[finite].abs().max()
+    assert err < (1e-3 if fp8 else 1e-5), f"score error {float(err):.2e}"
+
+
+def test_radix_topk_addresses_past_2_31_elements(dev, gen):
+    """A (16K x 200K) fp32 score chunk has more than 2^31 elements: offsets must be 64-bit."""
+    from indexcache.kernels.indexer import topk_rows_into
+    T, S, topk = (4, 64, 8) if SMALL else (11000, 200000, 2048)   # 2.2e9 elements on the GPU
+    scores = torch.randn(1, T, S, device=dev)
+    q_start = torch.tensor([S - T], device=dev)
+    kv_len = torch.tensor([S], device=dev)
+    out = torch.full((1, T, topk), POISON_INDEX, dtype=torch.int32, device=dev)
+    topk_rows_into(scores, out, q_start, kv_len, 0, topk)
+    # check the last rows, whose offsets pass 2^31 (the masked reference: causal limit per row)
+    last = scores[:, -3:].clone()
+    limit = S - 3 + torch.arange(3, device=dev)
+    last.masked_fill_(torch.arange(S, device=dev)[None, None, :] > limit[None, :, None], float("-inf"))
+    assert_topk_correct(out[:, -3:], last, topk)
+    del scores
+
+
+def test_switch_runs_triton_on_device_and_agrees_with_the_reference(dev, gen):
+    q, k, w, qs, kl = make_indexer(gen, dev, 1, 40, 4, 16, 64, [24], [64])
+    kernels.use_triton(True)
+    try:
+        assert kernels.backend(dev) == "triton"
+        fast = kernels.indexer_topk(q, k, w, 8, qs, kl)
+    finally:
+        kernels.use_triton(None)
+    cpu = [x.cpu() for x in (q, k, w, qs, kl)]
+    assert_topk_correct(fast, ref.ref_indexer_scores(*cpu), 8)
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_sparse_gqa_matches_reference(dev, gen):
+    from indexcache.kernels.sparse_attention import sparse_attention_gqa
+    B, T, Hq, Hkv, Dh, S, K = (2, 5, 6, 2, 32, 90, 20) if SMALL else (2, 300, 32, 8, 128, 8192, 2048)
+    q = torch.randn(B, T, Hq, Dh, generator=gen).to(LOW).to(dev)
+    k = torch.randn(B, S, Hkv, Dh, generator=gen).to(LOW).to(dev)
+    v = torch.randn(B, S, Hkv, Dh, generator=gen).to(LOW).to(dev)
+    idx = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(B * T)]).view(B, T, K)
+    idx = idx.to(torch.int32)
+    idx[0, 1, K // 3:] = -1     # a partly filled row
+    idx[1, 2, :] = -1           # nothing selected -> zeros
+    idx = idx.to(dev)
+    out = torch.full_like(q, float("nan"))
+    got = sparse_attention_gqa(q, k, v, idx, Dh ** -0.5, out=out)
+    want = ref.ref_sparse_attention_gqa(q, k, v, idx, Dh ** -0.5)
+    assert not torch.isnan(got).any(), "unwritten output"
+    assert rel_err(got, want) < 1e-2
+    assert torch.count_nonzero(got[1, 2]) == 0
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_sparse_mla_matches_reference(dev, gen, decode):
+    from indexcache.kernels.sparse_attention import sparse_attention_mla
+    # the 30B shape: 20 heads, latent 512 + rope 64, top-2048 (smaller under the interpreter)
+    H, Dc, Dr = (5, 32, 16) if SMALL else (20, 512, 64)
+    S, K = (100, 24) if SMALL else (20000, 2048)
+    B, T = (2, 1) if decode else (1, 3 if SMALL else 200)
+    q = (torch.randn(B, T, H, Dc + Dr, generator=gen) * 0.5).to(LOW).to(dev)
+    kv = torch.randn(B, S, Dc + Dr, generator=gen).to(LOW).to(dev)
+    idx = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(B * T)]).view(B, T, K)
+    idx = idx.to(torch.int32)
+    idx[0, 0, K // 2:] = -1
+    idx = idx.to(dev)
+    scale = (192 + 64) ** -0.5
+    out = torch.full((B, T, H, Dc), float("nan"), dtype=LOW, device=dev)
+    got = sparse_attention_mla(q, kv, idx, scale, Dc, out=out)
+    want = ref.ref_sparse_attention_mla(q, kv, idx, scale, Dc)
+    assert not torch.isnan(got).any(), "unwritten output"
+    assert rel_err(got, want) < 1e-2
+    if decode:
+        # the split-K path (used when few queries leave SMs idle) against the one-program path
+        for n_split in (1, 3):
+            again = sparse_attention_mla(q, kv, idx, scale, Dc, n_split=n_split,
+                                         out=torch.full_like(out, float("nan")))
+            assert rel_err(again, want) < 1e-2, f"n_split={n_split}"
