@@ -6,6 +6,18 @@ import pytest
 from indexcache.tiny import CharTokenizer, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny model's matmuls are far too small to gain from threads; on a 2-core CI machine shared with
+    Ray's processes, two torch threads made these tests ~5x slower. Restored after each test, so other
+    areas' tests keep torch's default."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def model():
     return tiny_model(seed=0)

@@ -136,3 +136,39 @@ def test_bad_prompts_are_refused_with_the_limit(model):
     # a prompt that fits but leaves less room than max_tokens is cut by the context: finish "length"
     chunks = run_all(engine, [(0, [5] * 60, SamplingParams(max_new_tokens=50), None)])
     assert len(tokens(chunks[0])) == 4 and chunks[0][-1].finish_reason == "length"
+
+
+class FaultyEngine(Engine):
+    """Raises inside the batched forward once a request whose prompt starts with POISON has produced
+    `after` tokens: a bug or bad state that only one request triggers."""
+    POISON = 97
+
+    def __init__(self, *a, after=2, **kw):
+        super().__init__(*a, **kw)
+        self.after = after
+
+    def _forward(self, tokens, starts, slots, pattern, logits_at):
+        poisoned = [r for r in self.running if r.prompt[0] == self.POISON and r.slot in slots]
+        if any(len(r.output) >= self.after for r in poisoned):
+            raise RuntimeError("injected fault")
+        return super()._forward(tokens, starts, slots, pattern, logits_at)
+
+
+@pytest.mark.parametrize("after", [0, 3], ids=["in-prefill", "mid-decode"])
+def test_a_request_that_makes_the_engine_raise_fails_alone(model, random_prompts, after):
+    metrics = ServingMetrics("tiny", "test", model.args.n_layers)
+    engine = FaultyEngine(model, max_batch_size=3, chunk_size=64, metrics=metrics, after=after)
+    good = random_prompts(3, lo=5, hi=20, seed=8)
+    bad = [FaultyEngine.POISON] + good[0][1:]
+    params = SamplingParams(max_new_tokens=8)
+    # the bad request shares the decode batch with two others; a third waits for a slot and gets the bad one's
+    chunks = run_all(engine, [(0, good[0], params, None), (0, bad, params, None), (0, good[1], params, None),
+                              (1, good[2], params, None)])
+    assert chunks[1][-1].finish_reason == "error" and "inside the engine" in chunks[1][-1].error
+    assert len(tokens(chunks[1])) == after
+    for i, p in ((0, good[0]), (2, good[1]), (3, good[2])):
+        assert tokens(chunks[i]) == naive_generate(model, p, params), f"request {i}"
+        assert chunks[i][-1].finish_reason == "length"
+    assert engine.free_slots == [0, 1, 2] and not engine.running
+    count = lambda reason: metrics._requests.labels(**metrics.labels, finish_reason=reason)._value.get()  # noqa: E731
+    assert count("error") == 1 and count("length") == 3
