@@ -138,28 +138,13 @@ def test_bad_prompts_are_refused_with_the_limit(model):
     assert len(tokens(chunks[0])) == 4 and chunks[0][-1].finish_reason == "length"
 
 
-class FaultyEngine(Engine):
-    """Raises inside the batched forward once a request whose prompt starts with POISON has produced
-    `after` tokens: a bug or bad state that only one request triggers."""
-    POISON = 97
-
-    def __init__(self, *a, after=2, **kw):
-        super().__init__(*a, **kw)
-        self.after = after
-
-    def _forward(self, tokens, starts, slots, pattern, logits_at):
-        poisoned = [r for r in self.running if r.prompt[0] == self.POISON and r.slot in slots]
-        if any(len(r.output) >= self.after for r in poisoned):
-            raise RuntimeError("injected fault")
-        return super()._forward(tokens, starts, slots, pattern, logits_at)
-
-
 @pytest.mark.parametrize("after", [0, 3], ids=["in-prefill", "mid-decode"])
-def test_a_request_that_makes_the_engine_raise_fails_alone(model, random_prompts, after):
+def test_a_request_that_makes_the_engine_raise_fails_alone(model, random_prompts, faulty_engine, after):
     metrics = ServingMetrics("tiny", "test", model.args.n_layers)
-    engine = FaultyEngine(model, max_batch_size=3, chunk_size=64, metrics=metrics, after=after)
+    engine = faulty_engine(poison=97, after=after)(model, max_batch_size=3, chunk_size=64, metrics=metrics)
     good = random_prompts(3, lo=5, hi=20, seed=8)
-    bad = [FaultyEngine.POISON] + good[0][1:]
+    assert 97 not in [p[0] for p in good]
+    bad = [97] + good[0][1:]
     params = SamplingParams(max_new_tokens=8)
     # the bad request shares the decode batch with two others; a third waits for a slot and gets the bad one's
     chunks = run_all(engine, [(0, good[0], params, None), (0, bad, params, None), (0, good[1], params, None),
