@@ -12,7 +12,9 @@ Roles as in `ray.serve.llm`:
 
 The server streams dicts to the ingress: first `{"prompt_tokens": n, ...}` (or `{"error": ..., "status":
 4xx, "param": ...}` for bad input, so the ingress can answer with a proper status before any byte of a
-stream is sent), then `{"text": delta, "finish_reason": ..., ...}` chunks.
+stream is sent), then `{"text": delta, "finish_reason": ..., ...}` chunks. A failure after the head ends
+with a chunk whose finish_reason is "error" (and an `error` message); the ingress turns it into an SSE
+error event, or a 500 when not streaming.
 """
 
 import asyncio
