@@ -274,7 +274,8 @@ class IndexCacheServer:
         try:
             async for chunk in agen:
                 if first:
-                    yield {"prompt_tokens": len(ids), "pattern": chunk.pattern, "pattern_version": chunk.pattern_version}
+                    yield {"prompt_tokens": len(ids), "pattern": chunk.pattern,
+                           "pattern_version": chunk.pattern_version}
                     first = False
                 token = chunk.token_id if chunk.token_id not in params.stop_token_ids else None
                 delta, stopped = text.push(token, final=chunk.finish_reason is not None)
