@@ -12,6 +12,10 @@ A scheduler step (run by one background thread, or by hand with `step()` in test
   4. decode: every running request with a token waiting to enter the cache advances one position,
      one batched forward per distinct IndexCache pattern among them.
 
+Faults stay with the request that caused them: a forward or sampling error fails that request alone
+(finish_reason "error"); a failed batched decode is re-run request by request to find it, so the rest of
+the batch continues with the same tokens as if nothing happened.
+
 Live pattern switch: `set_pattern()` only changes what *new* requests get. Each request keeps the pattern
 it was admitted with until it finishes, so its output equals the same request run alone on that pattern
 (the slow twin: `generate.generate` / `naive_generate`). The cache holds indexer keys for the union of
@@ -223,28 +227,56 @@ class Engine:
             chunk = req.prompt[start:start + budget]
             budget -= len(chunk)
             tokens = torch.tensor([chunk], device=self.device)                     # (1, C)
-            logits = self._forward(tokens, [start], [req.slot], req.pattern,
-                                   logits_at=torch.tensor([len(chunk) - 1], device=self.device))
-            req.cached += len(chunk)
-            if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(len(chunk))
-            if not req.prefilling:
-                self._accept(req, logits[0])
+            try:
+                logits = self._forward(tokens, [start], [req.slot], req.pattern,
+                                       logits_at=torch.tensor([len(chunk) - 1], device=self.device))
+                req.cached += len(chunk)
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens.inc(len(chunk))
+                if not req.prefilling:
+                    self._accept(req, logits[0])
+            except Exception as exc:   # this request's prefill alone: fail it, keep the others running
+                self._fail(req, exc)
 
         decoding = [r for r in running if not r.prefilling and not r.finished and r.output]
         for pattern in dict.fromkeys(r.pattern for r in decoding):
-            batch = [r for r in decoding if r.pattern == pattern]
-            tokens = torch.tensor([[r.output[-1]] for r in batch], device=self.device)    # (B, 1)
-            positions = [r.cached for r in batch]
-            logits = self._forward(tokens, positions, [r.slot for r in batch], pattern,
-                                   logits_at=torch.zeros(len(batch), dtype=torch.long, device=self.device))
-            for r, row in zip(batch, logits):
-                r.cached += 1
-                self._accept(r, row)
+            self._decode([r for r in decoding if r.pattern == pattern], pattern)
         if self.metrics is not None:
             self._update_gauges()
         log.debug("step: %d running, %.1f ms", len(running), 1000 * (time.monotonic() - busy_start))
         return True
+
+    def _decode(self, batch: list[EngineRequest], pattern: str) -> None:
+        """One decode position for `batch` (one pattern) in one forward. If the batched forward raises, run
+        its requests one by one so that only the request that fails alone is failed: one bad request never
+        takes the others down. Re-running is safe: a forward writes the cache at each request's current
+        position only, and the retry overwrites what the failed one wrote there."""
+        tokens = torch.tensor([[r.output[-1]] for r in batch], device=self.device)    # (B, 1)
+        try:
+            logits = self._forward(tokens, [r.cached for r in batch], [r.slot for r in batch], pattern,
+                                   logits_at=torch.zeros(len(batch), dtype=torch.long, device=self.device))
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch[0], exc)
+                return
+            log.warning("a batched decode of %d requests failed (%s: %s); retrying them one by one",
+                        len(batch), type(exc).__name__, exc)
+            for r in batch:
+                self._decode([r], pattern)
+            return
+        for r, row in zip(batch, logits):
+            r.cached += 1
+            try:
+                self._accept(r, row)
+            except Exception as exc:
+                self._fail(r, exc)
+
+    def _fail(self, req: EngineRequest, exc: BaseException) -> None:
+        """End one request with finish_reason "error"; its slot is freed, the others keep running."""
+        log.error("request %s failed in the engine", req.id, exc_info=exc)
+        with self._lock:
+            self._finish(req, "error", error=f"generation failed inside the engine ({type(exc).__name__}); "
+                                            f"request {req.id}, see the replica log")
 
     def _forward(self, tokens: torch.Tensor, starts: list[int], slots: list[int], pattern: str,
                  logits_at: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,8 @@ class ServingMetrics:
         self.e2e = h("indexcache_e2e_request_latency_seconds", "Request arrival to last token.", LATENCY_BUCKETS)
         self.prompt_tokens = c("indexcache_prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = c("indexcache_generation_tokens", "Tokens generated.")
-        self._requests = Counter("indexcache_requests", "Finished requests by finish_reason (stop, length, abort, error).",
+        self._requests = Counter("indexcache_requests",
+                                 "Finished requests by finish_reason (stop, length, abort, error).",
                                  names + ["finish_reason"], registry=r)
         for reason in FINISH_REASONS:  # export zeros so rate() works before the first abort/error
             self._requests.labels(**self.labels, finish_reason=reason)

@@ -12,7 +12,9 @@ Roles as in `ray.serve.llm`:
 
 The server streams dicts to the ingress: first `{"prompt_tokens": n, ...}` (or `{"error": ..., "status":
 4xx, "param": ...}` for bad input, so the ingress can answer with a proper status before any byte of a
-stream is sent), then `{"text": delta, "finish_reason": ..., ...}` chunks.
+stream is sent), then `{"text": delta, "finish_reason": ..., ...}` chunks. A failure after the head ends
+with a chunk whose finish_reason is "error" (and an `error` message); the ingress turns it into an SSE
+error event, or a 500 when not streaming.
 """
 
 import asyncio
@@ -109,9 +111,8 @@ def load_model(model: str, dtype: str = "float32"):
 # the server deployment
 # ---------------------------------------------------------------------------------------------------
 def _holdback(text: str, stops: list[str]) -> int:
-    """Characters at the end of `text` that could still become a stop string (or an unfinished UTF-8
-    character) and must not be streamed yet."""
-    hold = len(text) - len(text.rstrip("\ufffd"))
+    """Characters at the end of `text` that could still become a stop string and must not be streamed yet."""
+    hold = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:k]):
@@ -120,13 +121,66 @@ def _holdback(text: str, stops: list[str]) -> int:
     return hold
 
 
+class TextStream:
+    """One request's generated token ids -> text to stream, cut at the first stop string.
+
+    The obvious way (decode all output ids and search all the text, every token) is quadratic in the
+    output. Here each token costs work proportional to the stop strings and the last token or two:
+      - decoding: only the tokens since the last point where the text was complete, with the tokens
+        before it as context (a byte-level BPE token may hold half of a UTF-8 character, a SentencePiece
+        token's leading space depends on its left neighbour); `text` grows by the difference;
+      - searching: only `visible[searched - (longest stop - 1):]`, the new text plus the characters
+        before it that a new match could start in (a match wholly inside the old text was found earlier).
+    `visible` is the text so far without a trailing unfinished character (U+FFFD while its bytes are
+    still coming); at the end everything is flushed. The slow twin in tests/serving/test_text_stream.py
+    (decode and search everything each token) cuts at the same token and the same character.
+    """
+
+    def __init__(self, decode, stops=()):
+        self.decode = decode
+        self.stops = list(stops)
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.ids: list[int] = []
+        self.prefix = 0          # first token of the decoding context
+        self.read = 0            # ids[:read] are decoded into `text`
+        self.text = ""           # decode(ids[:read]): complete characters only
+        self.tail = ""           # text of ids[read:], may end in unfinished characters
+        self.searched = 0        # no stop string ends inside visible[:searched]
+        self.sent = 0            # visible[:sent] has been streamed
+
+    def push(self, token_id: int | None, final: bool = False) -> tuple[str, bool]:
+        """Add one generated token (None: none, e.g. an end without a token); `final`: the request ended.
+        Returns (text to stream now, whether a stop string ended the text; then nothing more comes)."""
+        if token_id is not None:
+            self.ids.append(token_id)
+            context = self.decode(self.ids[self.prefix:self.read])
+            self.tail = self.decode(self.ids[self.prefix:])[len(context):]
+            if self.tail and not self.tail.endswith("\ufffd"):
+                self.text += self.tail
+                self.prefix, self.read, self.tail = self.read, len(self.ids), ""
+        tail = self.tail if final else self.tail.rstrip("\ufffd")
+        total = len(self.text) + len(tail)
+        start = max(0, self.searched - max(self.longest - 1, 0))     # <= self.sent
+        window = self.text[start:] + tail if start <= len(self.text) else tail[start - len(self.text):]
+        self.searched = total
+        cut = min((i for i in (window.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            end, stopped = start + cut, True
+        else:
+            end, stopped = (total if final else total - _holdback(window, self.stops)), False
+        delta = window[self.sent - start:max(end, self.sent) - start]
+        self.sent = max(end, self.sent)
+        return delta, stopped
+
+
 class IndexCacheServer:
     """Owns the model, engine, metrics and sampler of one replica."""
 
     def __init__(self, model: str = "smollm2", served_model_name: str | None = None, deployment: str = "local",
                  max_batch_size: int = 8, max_model_len: int | None = 2048, chunk_size: int = 256,
                  samples_dir: str | None = None, sample_rate: float = 0.0, gpu_hourly_usd: float = 0.0,
-                 metrics_port: int | None = None, dtype: str = "float32"):
+                 metrics_port: int | None = None, dtype: str = "float32", engine_class: type | None = None):
+        """engine_class: an Engine subclass (tests inject faults through it); default Engine."""
         from .engine import Engine
         from .metrics import ServingMetrics
         from .sampler import SamplerConfig, TrafficSampler
@@ -134,7 +188,7 @@ class IndexCacheServer:
         self.model, pattern, self.tokenizer, name = load_model(model, dtype)
         self.served_model_name = served_model_name or name
         self.metrics = ServingMetrics(self.served_model_name, deployment, self.model.args.n_layers, gpu_hourly_usd)
-        self.engine = Engine(self.model, pattern=pattern, max_batch_size=max_batch_size,
+        self.engine = (engine_class or Engine)(self.model, pattern=pattern, max_batch_size=max_batch_size,
                              max_model_len=max_model_len, chunk_size=chunk_size, metrics=self.metrics).start()
         if sample_rate and not samples_dir:
             raise ValueError("sample_rate > 0 needs samples_dir (where the sample shards go)")
@@ -175,6 +229,10 @@ class IndexCacheServer:
             raise ValueError(f"user_config.pattern: {exc}") from None
         if rate is not None and self.sampler is not None:
             self.sampler.set_rate(float(rate))
+        if self.sampler is not None:
+            # samples kept so far reach the volume now rather than up to flush_interval_s later: a user
+            # who turns sampling off (or changes anything) finds what was kept ready to calibrate on
+            self.sampler.flush()
         if price is not None:
             self.metrics.set_price(price)
         log.info("pattern v%d %s (%d/%d F layers)", version, pattern, pattern.count("F"), len(pattern))
@@ -209,32 +267,35 @@ class IndexCacheServer:
                 self.sampler.offer(prompt=body["prompt"])
             elif body.get("messages") is not None:
                 self.sampler.offer(messages=body["messages"])
-        stops: list[str] = body.get("stop") or []
         holder = []
         agen = self.engine.generate(ids, params, on_submit=holder.append)
-        out_ids: list[int] = []
-        sent = 0
+        text = TextStream(self.tokenizer.decode, body.get("stop") or [])
+        first = True
         try:
-            first = True
             async for chunk in agen:
                 if first:
-                    yield {"prompt_tokens": len(ids), "pattern": chunk.pattern, "pattern_version": chunk.pattern_version}
+                    yield {"prompt_tokens": len(ids), "pattern": chunk.pattern,
+                           "pattern_version": chunk.pattern_version}
                     first = False
-                if chunk.token_id is not None and chunk.token_id not in params.stop_token_ids:
-                    out_ids.append(chunk.token_id)
-                text = self.tokenizer.decode(out_ids)
-                reason = chunk.finish_reason
-                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
+                token = chunk.token_id if chunk.token_id not in params.stop_token_ids else None
+                delta, stopped = text.push(token, final=chunk.finish_reason is not None)
+                reason = "stop" if stopped else chunk.finish_reason
+                if stopped and chunk.finish_reason is None:
                     self.engine.abort(holder[0], "stop")
-                end = len(text) if reason else len(text) - _holdback(text, stops)
-                delta, sent = text[sent:max(end, sent)], max(end, sent)
                 if delta or reason:
-                    yield {"text": delta, "finish_reason": reason, "completion_tokens": len(out_ids),
+                    yield {"text": delta, "finish_reason": reason, "completion_tokens": len(text.ids),
                            "error": chunk.error}
                 if reason:
                     return
+        except Exception as exc:   # e.g. the tokenizer cannot decode: end this request as an error, not the replica
+            log.exception("request failed while streaming its output")
+            if holder:
+                self.engine.abort(holder[0], "error")
+            if first:
+                yield {"prompt_tokens": len(ids), "pattern": self.engine.pattern,
+                       "pattern_version": self.engine.pattern_version}
+            yield {"text": "", "finish_reason": "error", "completion_tokens": len(text.ids),
+                   "error": f"generation failed ({type(exc).__name__}); see the replica log"}
         finally:
             await agen.aclose()
 
@@ -278,6 +339,13 @@ def error(status: int, message: str, param: str | None = None, code: str | None 
 def _event(obj: dict) -> str:
     """One server-sent event."""
     return f"data: {json.dumps(obj)}\n\n"
+
+
+def _error_event(message: str | None) -> str:
+    """The event that ends a stream whose generation failed after the 200 was sent: `data: {"error": ...}`,
+    which the openai client raises as APIError (OpenAI and vLLM do the same)."""
+    return _event({"error": {"message": message or "generation failed inside the server; see the replica log",
+                             "type": "server_error", "param": None, "code": 500}})
 
 
 @api.exception_handler(RequestValidationError)
@@ -375,15 +443,20 @@ class OpenAIIngress:
             if body.stream:
                 return StreamingResponse(self._sse(stream, meta, chat, head["prompt_tokens"], release),
                                          media_type="text/event-stream")
-            text, reason, n_out = [], None, 0
-            async for chunk in stream:
-                text.append(chunk["text"])
-                reason, n_out = chunk["finish_reason"] or reason, chunk["completion_tokens"]
+            text, reason, n_out, failure = [], None, 0, None
+            try:
+                async for chunk in stream:
+                    text.append(chunk["text"])
+                    reason, n_out = chunk["finish_reason"] or reason, chunk["completion_tokens"]
+                    failure = chunk.get("error") or failure
+            except Exception:   # the server call itself failed (e.g. its replica died)
+                log.exception("a request failed")
+                reason = "error"
             release()
             usage = {"prompt_tokens": head["prompt_tokens"], "completion_tokens": n_out,
                      "total_tokens": head["prompt_tokens"] + n_out}
             if reason == "error":
-                return error(500, "generation failed inside the engine; see the replica log")
+                return error(500, failure or "generation failed inside the server; see the replica log")
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                           "finish_reason": reason, "logprobs": None}
@@ -403,6 +476,10 @@ class OpenAIIngress:
                     {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
             n_out = 0
             async for chunk in stream:
+                if chunk["finish_reason"] == "error":   # end the stream the way OpenAI and vLLM do
+                    yield _error_event(chunk.get("error"))
+                    yield "data: [DONE]\n\n"
+                    return
                 n_out = chunk["completion_tokens"]
                 reason = None if chunk["finish_reason"] in (None,) else (
                     "length" if chunk["finish_reason"] == "length" else "stop")
@@ -418,6 +495,10 @@ class OpenAIIngress:
         except asyncio.CancelledError:
             stream.cancel()
             raise
+        except Exception:   # the server call itself failed (e.g. its replica died): tell the client, in band
+            log.exception("a streaming request failed")
+            yield _error_event(None)
+            yield "data: [DONE]\n\n"
         finally:
             release()
 

@@ -6,6 +6,18 @@ import pytest
 from indexcache.tiny import CharTokenizer, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny model's matmuls are far too small to gain from threads; on a 2-core CI machine shared with
+    Ray's processes, two torch threads made these tests ~5x slower. Restored after each test, so other
+    areas' tests keep torch's default."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def model():
     return tiny_model(seed=0)
@@ -103,3 +115,26 @@ def serve_app(tmp_path_factory):
     yield app
     serve.shutdown()
     ray.shutdown()
+
+
+def make_faulty_engine(poison: int, after: int):
+    """An Engine that raises inside its (batched) forward once a request whose prompt starts with token
+    `poison` has produced `after` tokens: a fault only that request triggers. Built inside this function
+    so that Ray pickles the class by value into the Serve replica (a test module is not importable there)."""
+    from indexcache.engine import Engine
+
+    class FaultyEngine(Engine):
+        POISON = poison
+
+        def _forward(self, tokens, starts, slots, pattern, logits_at):
+            if any(r.prompt[0] == poison and r.slot in slots and len(r.output) >= after for r in self.running):
+                raise RuntimeError("injected fault")
+            return super()._forward(tokens, starts, slots, pattern, logits_at)
+
+    return FaultyEngine
+
+
+@pytest.fixture(scope="session")
+def faulty_engine():
+    """Factory: make_faulty_engine(poison, after)."""
+    return make_faulty_engine

@@ -136,3 +136,24 @@ def test_bad_prompts_are_refused_with_the_limit(model):
     # a prompt that fits but leaves less room than max_tokens is cut by the context: finish "length"
     chunks = run_all(engine, [(0, [5] * 60, SamplingParams(max_new_tokens=50), None)])
     assert len(tokens(chunks[0])) == 4 and chunks[0][-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("after", [0, 3], ids=["in-prefill", "mid-decode"])
+def test_a_request_that_makes_the_engine_raise_fails_alone(model, random_prompts, faulty_engine, after):
+    metrics = ServingMetrics("tiny", "test", model.args.n_layers)
+    engine = faulty_engine(poison=97, after=after)(model, max_batch_size=3, chunk_size=64, metrics=metrics)
+    good = random_prompts(3, lo=5, hi=20, seed=8)
+    assert 97 not in [p[0] for p in good]
+    bad = [97] + good[0][1:]
+    params = SamplingParams(max_new_tokens=8)
+    # the bad request shares the decode batch with two others; a third waits for a slot and gets the bad one's
+    chunks = run_all(engine, [(0, good[0], params, None), (0, bad, params, None), (0, good[1], params, None),
+                              (1, good[2], params, None)])
+    assert chunks[1][-1].finish_reason == "error" and "inside the engine" in chunks[1][-1].error
+    assert len(tokens(chunks[1])) == after
+    for i, p in ((0, good[0]), (2, good[1]), (3, good[2])):
+        assert tokens(chunks[i]) == naive_generate(model, p, params), f"request {i}"
+        assert chunks[i][-1].finish_reason == "length"
+    assert engine.free_slots == [0, 1, 2] and not engine.running
+    count = lambda reason: metrics._requests.labels(**metrics.labels, finish_reason=reason)._value.get()  # noqa: E731
+    assert count("error") == 1 and count("length") == 3

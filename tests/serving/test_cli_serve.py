@@ -1,0 +1,84 @@
+"""`indexcache serve --tiny`, the command itself (the README's first command takes the same path with the
+real model): it starts Ray and the app, prints where it listens, answers the openai client, and Ctrl-C
+stops it cleanly and promptly, with the traffic it sampled written out. Its own Ray instance, so this file
+sorts before the ones that use the session's."""
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+
+from indexcache.samples import read_samples
+
+SERVING_DIR = str(Path(__file__).resolve().parents[2] / "serving")
+
+STARTUP_S = 120   # Ray + Serve + two replicas on a loaded 2-core machine; ~15 s when idle
+STOP_S = 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lines_of(stream, sink):
+    for line in iter(stream.readline, ""):
+        sink.put(line)
+    sink.put(None)
+
+
+def test_indexcache_serve_tiny_answers_and_stops_on_ctrl_c(tmp_path, tokenizer):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": SERVING_DIR, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "indexcache.cli", "serve", "--tiny", "--port", str(port), "--num-cpus", "1",
+           "--max-model-len", "256", "--samples-dir", str(tmp_path / "samples"), "--sample-rate", "1"]
+    # its own session, like a terminal's foreground job: Ctrl-C reaches the whole process group
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out, err = queue.Queue(), []
+    threading.Thread(target=lines_of, args=(proc.stdout, out), daemon=True).start()
+    threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    try:
+        deadline, url = time.monotonic() + STARTUP_S, None
+        while url is None and time.monotonic() < deadline:
+            try:
+                line = out.get(timeout=1)
+            except queue.Empty:
+                continue
+            assert line is not None, f"indexcache serve exited early:\n{''.join(err)[-3000:]}"
+            if m := re.search(r"listening on (http://\S+/v1)", line):
+                url = m.group(1)
+        assert url == f"http://127.0.0.1:{port}/v1", f"no URL printed:\n{''.join(err)[-3000:]}"
+
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        messages = [{"role": "user", "content": "hello, I am ann@example.com"}]
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=8)
+        assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1
+        assert r.system_fingerprint.startswith("indexcache-v")
+
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=STOP_S)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = "".join(err)
+    assert rc == 0, f"exit status {rc}:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stopped_in < STOP_S
+    # the replica flushed its sampled traffic on the way down: calibration can read it, redacted
+    samples = read_samples(tmp_path / "samples", tokenizer=tokenizer, on_error="stop").samples
+    assert [list(s.sample.messages) for s in samples] == [[{"role": "user", "content": "hello, I am <email>"}]]
+    print(f"stopped in {stopped_in:.1f} s")

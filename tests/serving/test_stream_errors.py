@@ -1,0 +1,90 @@
+"""A request that makes the engine raise, through the running app: its stream ends with an error event (the
+openai client raises), it counts as finish_reason="error", and concurrent requests and the replica are
+untouched. Runs a second small app (the real server and ingress, with a fault-injecting engine) in the
+session's Ray instance."""
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from indexcache.generate import SamplingParams, generate
+
+MODEL = "indexcache-tiny"
+POISON = "~"   # a prompt starting with this makes the engine raise once it has produced AFTER tokens
+AFTER = 3
+
+
+@pytest.fixture(scope="module")
+def faulty_url(serve_app, tokenizer, faulty_engine):
+    from ray import serve
+
+    from indexcache.serve_app import IndexCacheServer, OpenAIIngress
+
+    engine_class = faulty_engine(poison=tokenizer.encode(POISON)[0], after=AFTER)
+    server = serve.deployment(IndexCacheServer, name="IndexCacheServer").options(
+        ray_actor_options={"num_cpus": 0})   # the session app's server holds the CPUs Ray was given
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress").options(ray_actor_options={"num_cpus": 0})
+    app = ingress.bind(server.bind(model="tiny", max_model_len=256, max_batch_size=4, deployment="faulty",
+                                   engine_class=engine_class))
+    serve.run(app, name="faulty", route_prefix="/faulty")
+    yield serve_app.url + "/faulty"
+    serve.delete("faulty")
+
+
+def requests_total(url, reason):
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("indexcache_requests_total{") and f'finish_reason="{reason}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_an_engine_fault_ends_only_its_own_stream_with_an_error_event(faulty_url, model, tokenizer):
+    client = openai.AsyncOpenAI(base_url=faulty_url + "/v1", api_key="unused", max_retries=0)
+    good = ["the index cache", "sparse layers share", "top-k of the indexer"]
+
+    async def stream(prompt, chat=False):
+        pieces = []
+        if chat:
+            it = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                      max_tokens=24, temperature=0, stream=True)
+            async for c in it:
+                pieces.append(c.choices[0].delta.content or "" if c.choices else "")
+        else:
+            it = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                                 stream=True)
+            async for c in it:
+                pieces.append(c.choices[0].text if c.choices else "")
+        return "".join(pieces)
+
+    async def doomed(prompt):
+        pieces = []
+        with pytest.raises(openai.APIError, match="inside the engine") as failure:
+            it = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                                 stream=True)
+            async for c in it:
+                pieces.append(c.choices[0].text if c.choices else "")
+        return "".join(pieces), failure.value
+
+    async def main():
+        return await asyncio.gather(doomed(POISON + good[0]), *(stream(p) for p in good[1:]),
+                                    stream(good[0], chat=True))
+
+    errors_before = requests_total(faulty_url, "error")
+    (partial, err), *outputs = asyncio.run(main())
+    # the doomed stream got its first tokens, then the error event (not a silent "stop")
+    assert len(partial) == AFTER and err.body["code"] == 500
+    # the others, decoded in the same batch as the failing one, finished with exactly their own text
+    params = SamplingParams(max_new_tokens=24, stop_token_ids=tuple(tokenizer.stop_token_ids))
+    expected = [tokenizer.decode(generate(model, [tokenizer.encode(p)], params)[0]) for p in good[1:]]
+    chat_ids = tokenizer.apply_chat_template([{"role": "user", "content": good[0]}])
+    expected.append(tokenizer.decode(generate(model, [chat_ids], params)[0]))
+    assert outputs == expected
+    assert requests_total(faulty_url, "error") - errors_before == 1
+    # a non-streaming request that hits the fault gets a 500 naming the failure; the replica keeps serving
+    r = httpx.post(f"{faulty_url}/v1/completions", json={"prompt": POISON + "x", "max_tokens": 10}, timeout=30)
+    assert r.status_code == 500 and "inside the engine" in r.json()["error"]["message"]
+    assert requests_total(faulty_url, "error") - errors_before == 2
+    sync = openai.OpenAI(base_url=faulty_url + "/v1", api_key="unused", max_retries=0)
+    assert sync.completions.create(model=MODEL, prompt="alive", max_tokens=4).usage.completion_tokens == 4
+    assert httpx.get(f"{faulty_url}/healthz").json()["status"] == "ok"
