@@ -193,9 +193,9 @@ class OperatorProcess:
         self.metrics_port = free_port()
         monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig))
         monkeypatch.setenv("INDEXCACHE_OPERATOR_METRICS_PORT", str(self.metrics_port))
-        # Watches drive the work; the periodic resync is the safety net it is in production (a watch
-        # event can be consumed while kopf retries a conflicting patch of its own).
-        monkeypatch.setenv("INDEXCACHE_OPERATOR_RESYNC_SECONDS", "2")
+        # Watches alone must drive the work: the periodic resync is a safety net, and at 60 s (its
+        # production default) any wait_for below that needs it times out, so a lost event fails a test.
+        monkeypatch.setenv("INDEXCACHE_OPERATOR_RESYNC_SECONDS", "60")
         monkeypatch.setenv("INDEXCACHE_SERVING_IMAGE", "registry.test/indexcache-serving:test")
         self.runner = None
 
@@ -205,6 +205,27 @@ class OperatorProcess:
                                  timeout=30)
         self.runner.__enter__()
         wait_for(lambda: _http_ok(self.metrics_port), what="operator /healthz")
+
+    def reconciles(self) -> float:
+        """Reconciles finished so far (all resources), from the operator's own /metrics."""
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("indexcache_operator_reconciles_total{"))
+
+    def wait_idle(self, quiet_s: float = 0.6, timeout: float = 15.0) -> None:
+        """Wait until no reconcile has finished for `quiet_s`: whatever happens next was started by
+        the next change alone, not by the tail of an earlier one."""
+        deadline = time.monotonic() + timeout
+        last, since = self.reconciles(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.reconciles()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return
+        raise AssertionError(f"the operator kept reconciling for {timeout}s")
 
     def stop(self) -> None:
         if self.runner is not None:
