@@ -28,7 +28,8 @@ import kube_harness as kh  # tests/operator's harness (this directory's conftest
 
 SERVE = [sys.executable, "-c", "import sys; from indexcache.cli import main; sys.exit(main())", "serve"]
 GPU_HOURLY_USD = 2.5
-TINY_LAYERS, SERVE_FREQ = 6, 2  # --freq 2 on the tiny model: F at layers 0, 1, 3, 5 -> 4 of 6 run their indexer
+TINY_LAYERS, SERVE_FREQ = 6, 2
+SERVE_FULL_LAYERS = 4  # --freq 2 (offset 2) on the 6-layer tiny model: F at layers 0, 1, 3, 5
 SERVE_DEPLOYMENT = "local"  # `indexcache serve`'s deployment label
 NAME, BROKEN = "chat", "broken"
 CALIBRATED = "FSSSSSSS"
@@ -255,7 +256,7 @@ def test_serving_and_cost_panels_show_a_live_server_under_load(prom, server):
     _eventually(
         prom,
         f"indexcache_gpu_hourly_usd{sel} == {GPU_HOURLY_USD}",
-        f"indexcache_full_layers{sel} == 4",
+        f"indexcache_full_layers{sel} == {SERVE_FULL_LAYERS}",
         f"indexcache_layers{sel} == {TINY_LAYERS}",
         # Every request the client finished is counted (the next scrape or two brings the last ones in).
         f'sum(indexcache_requests_total{{deployment="{SERVE_DEPLOYMENT}", finish_reason=~"stop|length"}})'
