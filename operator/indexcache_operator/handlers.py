@@ -11,7 +11,7 @@ import logging
 import kopf
 
 from indexcache_operator import (COMPONENT_LABEL, DEPLOYMENT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL,
-                                 PLURAL, VERSION)
+                                 PLURAL, RECALIBRATE_ANNOTATION, VERSION)
 from indexcache_operator import builders as b
 from indexcache_operator import kube as k
 from indexcache_operator import metrics as m
@@ -90,6 +90,30 @@ async def _resync_loop(ctx: Context) -> None:
                 await asyncio.to_thread(reconcile, ctx, meta["namespace"], meta["name"])
             except ReconcileError as e:
                 log.warning("resync of %s/%s failed: %s", meta["namespace"], meta["name"], e)
+
+
+def recalibration_pending(body: kopf.Body) -> bool:
+    """The annotation carries a token that no Job has been started for yet."""
+    token = body.metadata.annotations.get(RECALIBRATE_ANNOTATION)
+    started = ((body.get("status") or {}).get("recalibration") or {}).get("requestToken")
+    return bool(token) and token != started
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, annotations={RECALIBRATE_ANNOTATION: kopf.PRESENT})
+def recalibration_requested(event: dict, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo,
+                            **_) -> None:
+    """`kubectl annotate ... indexcache.io/recalibrate=<token>` starts its Job now.
+
+    The update handler above never sees this annotation: kopf keeps its own state in annotations
+    under the same `indexcache.io/` prefix (marked `indexcache.io/kopf-managed`) and leaves every
+    annotation of a prefix it manages out of the diff it compares, so to kopf the change is no
+    change. Hence this watch-level handler, which sees every event as it is."""
+    if event.get("type") == "DELETED" or getattr(memo, "ctx", None) is None or not recalibration_pending(body):
+        return
+    try:
+        reconcile(memo.ctx, namespace, name)
+    except ReconcileError as e:  # the next event or the resync retries
+        log.warning("starting the recalibration of %s/%s failed: %s", namespace, name, e)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

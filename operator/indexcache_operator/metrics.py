@@ -12,6 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from indexcache_operator.models import CONDITION_TYPES
 
 _KEY = ("namespace", "name")
+# Every value of the bounded outcome labels, exported at 0 from a resource's first reconcile: Prometheus'
+# increase() cannot count a series whose first sample is already 1, so the first recalibration of a
+# deployment would otherwise show as 0 in the dashboards' "(time range)" panels.
+RECALIBRATION_RESULTS = ("succeeded", "failed")
+GATE_DECISIONS = ("applied", "rejected", "recommended")
 
 
 class OperatorMetrics:
@@ -40,6 +45,10 @@ class OperatorMetrics:
                                 "Loss delta (nats/token) of the last recalibration vs all-F.", _KEY, registry=r)
 
     def observe_status(self, namespace: str, name: str, spec_replicas: int, status: dict) -> None:
+        for result in RECALIBRATION_RESULTS:
+            self.recalibrations.labels(namespace, name, result)
+        for decision in GATE_DECISIONS:
+            self.gate_decisions.labels(namespace, name, decision)
         self.replicas.labels(namespace, name).set(spec_replicas)
         self.ready_replicas.labels(namespace, name).set(status.get("readyReplicas", 0))
         if status.get("fullLayers") is not None:

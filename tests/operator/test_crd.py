@@ -17,10 +17,31 @@ VALID = {"apiVersion": "indexcache.io/v1alpha1", "kind": "IndexCacheDeployment",
 
 
 def test_generated_crd_files_match_the_models():
-    text = crd_module.render()
-    for path in (crd_module.CRD_PATH, crd_module.CHART_CRD_PATH):
+    for path, text in crd_module.outputs().items():
         assert path.read_text() == text, f"{path} drifted: run python -m indexcache_operator.crd"
     assert crd_module.main(["--check"]) == 0
+
+
+def test_only_the_chart_copy_survives_helm_uninstall():
+    """Deleting a CRD deletes every IndexCacheDeployment: `helm uninstall` must leave it (keep), while the
+    plain crds/ copy, applied with kubectl, carries no Helm annotation."""
+    plain = yaml.safe_load(crd_module.CRD_PATH.read_text())
+    chart = yaml.safe_load(crd_module.CHART_CRD_PATH.read_text())
+    assert chart["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert "annotations" not in plain["metadata"]
+    del chart["metadata"]["annotations"]
+    assert chart == plain  # otherwise the same CRD
+
+
+def test_drift_check_notices_a_chart_crd_without_the_keep_policy(tmp_path, monkeypatch, capsys):
+    stale = tmp_path / "crd.yaml"
+    stale.write_text(crd_module.render())  # the plain copy where the chart's belongs
+    plain = tmp_path / "indexcachedeployments.yaml"
+    plain.write_text(crd_module.render())
+    monkeypatch.setattr(crd_module, "CHART_CRD_PATH", stale)
+    monkeypatch.setattr(crd_module, "CRD_PATH", plain)
+    assert crd_module.main(["--check"]) == 1
+    assert f"{stale} is out of date" in capsys.readouterr().err
 
 
 def test_crd_is_structural_and_has_the_contract_names():

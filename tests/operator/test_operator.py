@@ -122,7 +122,9 @@ def test_deleting_the_resource_removes_everything(api, operator, kit):
     assert _metric(operator.metrics_port, 'indexcache_operator_condition{condition="Ready",name="chat"') is None
 
 
-def _recalibrate(api, kit, token: str) -> str:
+def _recalibrate(api, kit, token: str, operator=None) -> str:
+    if operator is not None:
+        operator.wait_idle()  # so that only the annotation's own watch event can start the Job
     api.kube.patch(kit.ICDS, kit.NS, NAME, {"metadata": {"annotations": {"indexcache.io/recalibrate": token}}})
     return kit.wait_for(lambda: next(iter(api.names(kit.k.JOBS) - _recalibrate.seen), None), what="a new Job")
 
@@ -136,7 +138,7 @@ def test_annotation_recalibration_through_the_quality_gate(api, operator, kit):
     _deploy_ready(api, kit, recalibration={"autoApply": "Gated", "maxLossDelta": 0.02})
     cluster_before = api.get(k.RAYSERVICES, NAME)["spec"]["rayClusterConfig"]
 
-    job = _recalibrate(api, kit, "first")
+    job = _recalibrate(api, kit, "first", operator)
     _recalibrate.seen.add(job)
     assert job.startswith("chat-recal-")
     assert api.get(k.JOBS, job)["spec"]["template"]["spec"]["containers"][0]["args"][0] == "calibrate"
@@ -149,7 +151,7 @@ def test_annotation_recalibration_through_the_quality_gate(api, operator, kit):
     assert (last["job"], last["result"], last["decision"], last["lossDelta"]) == (job, "Succeeded", "Applied", 0.01)
     assert kit.condition({"status": status}, "Calibrated")["reason"] == "PatternApplied"
 
-    job2 = _recalibrate(api, kit, "second")
+    job2 = _recalibrate(api, kit, "second", operator)
     kit.job_finishes(api, job2, kit.calibration_result("FFFSSSSS", loss_delta=0.3))
     status = kit.wait_for(lambda: _status(api, kit)["recalibration"]["last"]["job"] == job2 and _status(api, kit))
     assert status["recalibration"]["last"]["decision"] == "Rejected"
@@ -169,7 +171,7 @@ def test_annotation_recalibration_through_the_quality_gate(api, operator, kit):
 def test_a_failed_job_keeps_the_pattern_and_says_so(api, operator, kit):
     _recalibrate.seen = set()
     _deploy_ready(api, kit)
-    job = _recalibrate(api, kit, "will-fail")
+    job = _recalibrate(api, kit, "will-fail", operator)
     kit.job_finishes(api, job, None, failure_reason="DeadlineExceeded")
     status = kit.wait_for(lambda: (_status(api, kit).get("recalibration") or {}).get("last") and _status(api, kit))
     assert (status["recalibration"]["last"]["result"], status["recalibration"]["last"]["reason"]) == \
@@ -184,7 +186,7 @@ def test_operator_restart_mid_recalibration_resumes_without_duplicates(api, oper
     k = kit.k
     _recalibrate.seen = set()
     _deploy_ready(api, kit)
-    job = _recalibrate(api, kit, "across-restart")
+    job = _recalibrate(api, kit, "across-restart", operator)
     kit.wait_for(lambda: _status(api, kit)["recalibration"].get("requestToken") == "across-restart")
     operator.stop()
     kit.job_finishes(api, job, kit.calibration_result("FSSSFSSS", loss_delta=0.0))  # while it is down
