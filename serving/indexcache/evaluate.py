@@ -347,7 +347,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analysis-context", type=int, help="tokens for recall/overlap (default min(max context, 4096))")
     parser.add_argument("--indexer", help="trained indexer.safetensors to use instead of the checkpoint's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="float32 (default): bf16 on CPU measured perplexity 48.5 vs 27.9 at 1K tokens")
+    parser.add_argument("--threads", type=int, help="CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--topk-curve", type=_int_list,
                         help="instead of the full evaluation: perplexity of dense vs all-F DSA at these top-k "
                              "values (e.g. 64,128,256,512) and --contexts; writes curve.json and curve.md")
@@ -364,6 +366,8 @@ def main_eval(args) -> int:
         parser = argparse.ArgumentParser(prog="indexcache eval", description=__doc__.split("\n")[0])
         add_eval_arguments(parser)
         args = parser.parse_args(list(args))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         if args.topk is not None and args.topk < 1:
             raise ValueError(f"--topk {args.topk}: must be >= 1")
