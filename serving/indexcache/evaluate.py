@@ -70,33 +70,23 @@ def heldout_windows(encode, context: int, per_source: int) -> dict[str, list[lis
 PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                  "Find it and memorize it. I will quiz you about it.\n")
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-PASSKEY_QUESTION = "\nWhat is the pass key?"
-PASSKEY_ANSWER_PREFIX = "The pass key is"
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
 PASSKEY_NEW_TOKENS = 7
-_CHAT_OVERHEAD = 64   # tokens of the chat template around the user message (system prompt included)
 
 
 def passkey_prompt(tokenizer, context: int, depth: float, key: int) -> list[int]:
-    """A prompt of at most `context - PASSKEY_NEW_TOKENS` tokens, the key sentence at `depth` (0..1) of
-    the filler. Asked through the checkpoint's chat template with the answer begun ("The pass key is"):
-    the instruct model answers the bare completion prompt at 1K with "the pass key." instead of the key
-    (measured, dense: 1/3 at 1K bare, 3/3 in the chat form)."""
+    """A plain completion prompt of `context - PASSKEY_NEW_TOKENS` tokens (room for the answer within the
+    context) with the key sentence at `depth` (0..1) of the filler. (Asking through the chat template
+    was tried and did worse on the dense model: 3/6 vs 5/6 at 1K-2K.)"""
     encode = tokenizer.encode
     needle = encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
     intro, question, filler = encode(PASSKEY_INTRO), encode(PASSKEY_QUESTION), encode(PASSKEY_FILLER)
-    budget = context - PASSKEY_NEW_TOKENS - _CHAT_OVERHEAD - len(encode(PASSKEY_ANSWER_PREFIX))
-    n_filler = max(1, budget - len(intro) - len(question) - len(needle))
+    n_filler = context - PASSKEY_NEW_TOKENS - len(intro) - len(question) - len(needle)
+    if n_filler < 1:
+        raise ValueError(f"context {context} is too short for a passkey prompt")
     hay = (filler * (n_filler // len(filler) + 1))[:n_filler]
     cut = int(len(hay) * depth)
-    cut -= cut % len(filler)          # the needle goes between filler sentences, not inside one
-    body = tokenizer.decode(intro + hay[:cut] + needle + hay[cut:] + question, skip_special_tokens=False)
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": body}]) + encode(PASSKEY_ANSWER_PREFIX)
-    else:
-        prompt = encode(body + " " + PASSKEY_ANSWER_PREFIX)
-    if len(prompt) + PASSKEY_NEW_TOKENS > context:
-        raise ValueError(f"passkey prompt of {len(prompt)} tokens does not fit a {context}-token context")
-    return prompt
+    return intro + hay[:cut] + needle + hay[cut:] + question
 
 
 @torch.no_grad()
