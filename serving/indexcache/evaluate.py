@@ -71,13 +71,19 @@ PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot
                  "Find it and memorize it. I will quiz you about it.\n")
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+PASSKEY_NEW_TOKENS = 7
 
 
-def passkey_prompt(encode, context: int, depth: float, key: int) -> list[int]:
-    """A prompt of about `context` tokens with the key sentence at `depth` (0..1) of the filler."""
+def passkey_prompt(tokenizer, context: int, depth: float, key: int) -> list[int]:
+    """A plain completion prompt of `context - PASSKEY_NEW_TOKENS` tokens (room for the answer within the
+    context) with the key sentence at `depth` (0..1) of the filler. (Asking through the chat template
+    was tried and did worse on the dense model: 3/6 vs 5/6 at 1K-2K.)"""
+    encode = tokenizer.encode
     needle = encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
     intro, question, filler = encode(PASSKEY_INTRO), encode(PASSKEY_QUESTION), encode(PASSKEY_FILLER)
-    n_filler = max(1, context - len(intro) - len(question) - len(needle))
+    n_filler = context - PASSKEY_NEW_TOKENS - len(intro) - len(question) - len(needle)
+    if n_filler < 1:
+        raise ValueError(f"context {context} is too short for a passkey prompt")
     hay = (filler * (n_filler // len(filler) + 1))[:n_filler]
     cut = int(len(hay) * depth)
     return intro + hay[:cut] + needle + hay[cut:] + question
@@ -214,8 +220,8 @@ def evaluate(model: DSAForCausalLM, tokenizer, *, contexts=DEFAULT_CONTEXTS, top
     for name, (attention, pat) in variants.items():
         found = []
         for trial in trials:
-            prompt = passkey_prompt(encode, trial["context"], trial["depth"], trial["key"])
-            out = greedy(model, prompt, 7, attention, pat)
+            prompt = passkey_prompt(tokenizer, trial["context"], trial["depth"], trial["key"])
+            out = greedy(model, prompt, PASSKEY_NEW_TOKENS, attention, pat)
             found.append({**trial, "ok": str(trial["key"]) in tokenizer.decode(out)})
         result["passkey"][name] = {"correct": sum(t["ok"] for t in found), "total": len(found), "trials": found}
         log(f"[eval] passkey {name}: {sum(t['ok'] for t in found)}/{len(found)}")
@@ -347,7 +353,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analysis-context", type=int, help="tokens for recall/overlap (default min(max context, 4096))")
     parser.add_argument("--indexer", help="trained indexer.safetensors to use instead of the checkpoint's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="float32 (default): bf16 on CPU measured perplexity 48.5 vs 27.9 at 1K tokens")
+    parser.add_argument("--threads", type=int, help="CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--topk-curve", type=_int_list,
                         help="instead of the full evaluation: perplexity of dense vs all-F DSA at these top-k "
                              "values (e.g. 64,128,256,512) and --contexts; writes curve.json and curve.md")
@@ -364,6 +372,8 @@ def main_eval(args) -> int:
         parser = argparse.ArgumentParser(prog="indexcache eval", description=__doc__.split("\n")[0])
         add_eval_arguments(parser)
         args = parser.parse_args(list(args))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         if args.topk is not None and args.topk < 1:
             raise ValueError(f"--topk {args.topk}: must be >= 1")

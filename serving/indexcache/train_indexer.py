@@ -244,8 +244,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="bfloat16",
-                        help="dtype of the frozen LM's teacher pass (indexers always train in fp32)")
+    parser.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the frozen LM's teacher pass (indexers always train in fp32); bf16 "
+                             "is faster on CPU but measured perplexity 48.5 vs 27.9 (fp32) at 1K tokens")
     parser.add_argument("--artifact-dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true")

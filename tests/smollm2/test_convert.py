@@ -139,3 +139,29 @@ def test_full_model_logits_match_transformers_gguf_load(tmp_path):
         a, b = ours(ids).logits, reference(ids).logits
     assert (a - b).abs().max().item() < 1e-4
     assert tok.decode([a[0, -1].argmax().item()]).strip() == "Berlin"
+
+
+def test_bundled_indexer_artifact_is_complete_and_documented():
+    """`indexcache serve` on a fresh machine relies on these committed weights and their manifest."""
+    path = smollm2.bundled_indexer()
+    assert path is not None and path.stat().st_size < 16 * 2**20   # small enough to commit
+    tensors, keys = smollm2.read_indexer_file(path, 30)
+    assert len(tensors) == 30 * 5
+    assert (keys["index_n_heads"], keys["index_head_dim"], keys["index_rope_head_dim"]) == (4, 64, 32)
+    assert keys["index_topk"] <= 4096 // 8            # acceptance: top-k at most 1/8 of a 4K context
+    assert all(torch.isfinite(t.float()).all() for t in tensors.values())
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    assert manifest["command"].startswith("indexcache train-indexer")
+    assert len(manifest["commit"]) == 40 and "HotpotQA" in manifest["data"]["training"]
+    assert manifest["kl_last_10_mean"] < manifest["kl_first"] / 4   # it learned: KL fell by more than 4x
+
+
+def test_indexer_file_errors_name_the_fix(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, str(bad))
+    with pytest.raises(ValueError, match="not an indexer tensor"):
+        smollm2.read_indexer_file(bad, 2)
+    with pytest.raises(FileNotFoundError, match="train-indexer"):
+        smollm2.read_indexer_file(tmp_path / "missing.safetensors", 2)
