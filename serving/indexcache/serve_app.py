@@ -37,7 +37,6 @@ from ray.serve.handle import DeploymentHandle
 log = logging.getLogger("indexcache.serve")
 
 USER_CONFIG_KEYS = ("pattern", "pattern_version", "sample_rate", "gpu_hourly_usd")
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,13 +81,9 @@ class ChatCompletionRequest(_Body):
 # model loading
 # ---------------------------------------------------------------------------------------------------
 def bundled_model_dir() -> Path:
-    """The SmolLM2 DSA checkpoint shipped in indexcache/artifacts (built by `indexcache convert smollm2`)."""
-    for candidate in sorted(ARTIFACTS.glob("smollm2*")):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"the bundled SmolLM2 DSA model is not in {ARTIFACTS}: build it with `indexcache convert smollm2 --out DIR` "
-        "and pass --model DIR, or run the tiny random demo model with --tiny")
+    """The SmolLM2 DSA checkpoint: packaged GGUF + bundled trained indexer, converted once and cached."""
+    from .smollm2 import bundled_checkpoint
+    return bundled_checkpoint()
 
 
 def load_model(model: str, dtype: str = "float32"):

@@ -205,6 +205,38 @@ def bundled_indexer() -> Path | None:
     return path if path.is_file() else None
 
 
+def bundled_checkpoint(cache_root: str | Path | None = None) -> Path:
+    """The ready-to-serve SmolLM2 DSA checkpoint: the packaged GGUF plus the bundled trained indexer,
+    converted once into a cache directory (INDEXCACHE_HOME, default ~/.cache/indexcache) keyed by the
+    indexer file's digest, so a new artifact gets a new directory. The conversion (~20 s) writes into a
+    temporary directory renamed into place, so an interrupted first start never leaves half a model."""
+    import hashlib
+    import os
+    import shutil
+
+    indexer = bundled_indexer()
+    if indexer is None:
+        raise FileNotFoundError(f"no trained indexer in {ARTIFACT_DIR}: train one with `indexcache train-indexer` "
+                                "or serve another checkpoint with --model DIR")
+    root = Path(cache_root or os.environ.get("INDEXCACHE_HOME") or Path.home() / ".cache" / "indexcache")
+    digest = hashlib.sha256(indexer.read_bytes()).hexdigest()[:12]
+    target = root / f"smollm2-dsa-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
+    try:
+        convert_smollm2(tmp, indexer=indexer)
+        try:
+            tmp.rename(target)
+        except OSError:           # another process finished first: use its copy
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def read_indexer_file(path, num_layers: int) -> tuple[dict[str, torch.Tensor], dict]:
     """Indexer tensors of layers [0, num_layers) and the index_* config keys they imply."""
     from safetensors import safe_open
