@@ -9,5 +9,7 @@ for sub in ("operator", "serving"):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+sys.path.insert(0, str(ROOT / "tests"))  # shared helpers such as tiny_models
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
