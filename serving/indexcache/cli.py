@@ -40,13 +40,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_samples_for(args: argparse.Namespace, model):
+    """The --samples files as token lists for this model (its tokenizer, context and vocabulary)."""
+    from pathlib import Path
+
+    from .calibration import load_samples
+
+    tokenizer = None
+    if (Path(args.model) / "tokenizer.json").is_file():
+        from .tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(args.model)
+    loaded = load_samples(args.samples, tokenizer=tokenizer,
+                          tokenizer_name=args.tokenizer_name or Path(args.model).resolve().name,
+                          max_tokens=model.args.max_seq_len, vocab_size=model.args.vocab_size,
+                          on_error=args.on_error)
+    print(f"# samples: {loaded.summary}", file=sys.stderr)
+    return loaded, tokenizer
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     import torch
 
-    from .calibration import (CalibrationSet, calibrate, checkpoint_identity, format_summary, load_samples,
+    from .calibration import (CalibrationSet, calibrate, checkpoint_identity, format_summary,
                               parse_configmap_target, report_configmap, select_samples, target_full_layers,
                               write_json_atomic)
     from .checkpoint import load_checkpoint
@@ -59,15 +76,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model, _ = load_checkpoint(args.model, dtype=dtype, device=args.device)
-    tokenizer = None
-    if (Path(args.model) / "tokenizer.json").is_file():
-        from .tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(args.model)
-    loaded = load_samples(args.samples, tokenizer=tokenizer,
-                          tokenizer_name=args.tokenizer_name or Path(args.model).resolve().name,
-                          max_tokens=model.args.max_seq_len, vocab_size=model.args.vocab_size,
-                          on_error=args.on_error)
-    print(f"# samples: {loaded.summary}", file=sys.stderr)
+    loaded, tokenizer = load_samples_for(args, model)
     tokens = select_samples(loaded.token_lists, args.max_samples, args.seed)
     calib = CalibrationSet.from_token_lists(tokens, batch_tokens=args.batch_tokens, device=args.device)
     out = Path(args.out)
@@ -123,26 +132,16 @@ def add_calibrate_parser(sub) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
-    from .calibration import load_samples, select_samples
+    from .calibration import select_samples
     from .checkpoint import load_checkpoint, save_checkpoint
     from .distill import distill, format_report, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_checkpoint(args.model, pattern=args.pattern)
-    tokenizer = None
-    if (Path(args.model) / "tokenizer.json").is_file():
-        from .tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(args.model)
-    loaded = load_samples(args.samples, tokenizer=tokenizer,
-                          tokenizer_name=args.tokenizer_name or Path(args.model).resolve().name,
-                          max_tokens=model.args.max_seq_len, vocab_size=model.args.vocab_size,
-                          on_error=args.on_error)
-    print(f"# samples: {loaded.summary}", file=sys.stderr)
+    loaded, tokenizer = load_samples_for(args, model)
     samples = [s[: args.max_len] for s in select_samples(loaded.token_lists, None, args.seed)]
     n_heldout = int(len(samples) * args.heldout_fraction)
     if n_heldout == 0 or n_heldout == len(samples):
