@@ -143,20 +143,28 @@ def test_pattern_switches_under_streaming_load(serve_app, model, tokenizer):
     rng = random.Random(7)
     patterns = ["FSSFSS", "FSFSFS", "FFFFFF", "FSSSSS"]
     jobs = []
+    started_on = set()   # pattern versions some request has started on (from its fingerprints)
 
     async def one(client, prompt, n):
         stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True)
         text, fingerprints = [], set()
         async for chunk in stream:
             fingerprints.add(chunk.system_fingerprint)
+            started_on.add(int(re.fullmatch(r"indexcache-v(\d+)-[FS]+", chunk.system_fingerprint).group(1)))
             if chunk.choices:
                 text.append(chunk.choices[0].text)
         return "".join(text), fingerprints
 
     async def switch():
+        # Each switch waits until a request has started on the pattern before the next one, so every
+        # pattern serves traffic however slow the machine is (a fixed sleep skipped some under load).
         for version, pattern in enumerate(patterns, start=10):
             await asyncio.sleep(0.1)
             await asyncio.to_thread(serve_app.deploy, {"pattern": pattern, "pattern_version": version})
+            deadline = time.monotonic() + 60
+            while version not in started_on:
+                assert time.monotonic() < deadline, f"no request started on {pattern} within 60 s of the switch"
+                await asyncio.sleep(0.02)
 
     async def worker(client, switching, out):
         # keep requests in flight until the last switch is live, then one more round
@@ -175,7 +183,10 @@ def test_pattern_switches_under_streaming_load(serve_app, model, tokenizer):
         await asyncio.gather(*(worker(client, switching, out) for _ in range(3)))   # 3 <= the app's limit of 6
         return [r for _, r in sorted(out, key=lambda x: x[0])]
 
-    results = asyncio.run(main())
+    try:
+        results = asyncio.run(main())
+    finally:
+        serve_app.deploy({"pattern": "FFFFFF", "pattern_version": 20})   # later tests expect the default
     seen = set()
     for (prompt, n), (text, fingerprints) in zip(jobs, results):
         assert len(fingerprints) == 1, fingerprints   # one pattern for the whole request
@@ -184,7 +195,6 @@ def test_pattern_switches_under_streaming_load(serve_app, model, tokenizer):
         assert text == expected_text(model, tokenizer, tokenizer.encode(prompt), pattern, n), (prompt, pattern)
     assert len(seen) >= 4, seen                       # the switches really happened mid-load
     assert serve_app.server().info.remote().result()["replica_pid"] == pid   # no replica restart
-    serve_app.deploy({"pattern": "FFFFFF", "pattern_version": 20})
 
 
 def test_bad_user_config_is_refused_with_the_key(serve_app):
