@@ -7,7 +7,8 @@
 The backend is chosen per call from the switch and the tensors' device:
   - INDEXCACHE_KERNELS=torch   always the references (kernels/reference.py);
   - INDEXCACHE_KERNELS=triton  always the Triton kernels (fails clearly if Triton is missing);
-  - INDEXCACHE_KERNELS=auto    (default) Triton for CUDA tensors when Triton imports, else references.
+  - INDEXCACHE_KERNELS=auto    (default) Triton for CUDA tensors when Triton imports; on a CPU the
+                               masked dense sparse attention (kernels/masked.py); else references.
 `use_triton(True/False)` overrides the environment at run time; `use_triton(None)` returns to it.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 
 import torch
 
+from .masked import masked_sparse_attention_gqa, masked_sparse_attention_mla
 from .reference import (
     FP8_E4M3_MAX,
     quantize_indexer_fp8,
@@ -82,10 +84,17 @@ def indexer_scores(q, k, weights, q_start, kv_len, k_scale=None):
     return ref_indexer_scores(q, k, weights, q_start, kv_len, k_scale=k_scale)
 
 
+def _cpu_fast_path(device) -> bool:
+    """auto mode on a CPU: the masked dense path (kernels/masked.py) instead of the gathering reference."""
+    return _mode() == "auto" and torch.device(device).type == "cpu"
+
+
 def sparse_attention_gqa(q, k, v, indices, scale: float):
     if backend(q.device) == "triton":
         from .sparse_attention import sparse_attention_gqa as fast
         return fast(q, k, v, indices, scale)
+    if _cpu_fast_path(q.device):
+        return masked_sparse_attention_gqa(q, k, v, indices, scale)
     return ref_sparse_attention_gqa(q, k, v, indices, scale)
 
 
@@ -93,4 +102,6 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int):
     if backend(q.device) == "triton":
         from .sparse_attention import sparse_attention_mla as fast
         return fast(q, kv, indices, scale, v_dim)
+    if _cpu_fast_path(q.device):
+        return masked_sparse_attention_mla(q, kv, indices, scale, v_dim)
     return ref_sparse_attention_mla(q, kv, indices, scale, v_dim)
