@@ -22,47 +22,35 @@ from .config import ModelArgs
 from .model import DSAForCausalLM
 from .pattern import resolve_pattern
 
-# DeepSeek inference/ names -> HF names (applied to the part after `layers.{i}.` or to the whole name).
-_DEEPSEEK_TO_HF = [
-    (r"^embed\.weight$", "model.embed_tokens.weight"),
-    (r"^head\.weight$", "lm_head.weight"),
-    (r"^norm\.weight$", "model.norm.weight"),
-    (r"^layers\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^layers\.(\d+)\.attn\.indexer\.", r"model.layers.\1.self_attn.indexer."),
-    (r"^layers\.(\d+)\.attn\.wq_a\.", r"model.layers.\1.self_attn.q_a_proj."),
-    (r"^layers\.(\d+)\.attn\.q_norm\.", r"model.layers.\1.self_attn.q_a_layernorm."),
-    (r"^layers\.(\d+)\.attn\.wq_b\.", r"model.layers.\1.self_attn.q_b_proj."),
-    (r"^layers\.(\d+)\.attn\.wkv_a\.", r"model.layers.\1.self_attn.kv_a_proj_with_mqa."),
-    (r"^layers\.(\d+)\.attn\.kv_norm\.", r"model.layers.\1.self_attn.kv_a_layernorm."),
-    (r"^layers\.(\d+)\.attn\.wkv_b\.", r"model.layers.\1.self_attn.kv_b_proj."),
-    (r"^layers\.(\d+)\.attn\.wo\.", r"model.layers.\1.self_attn.o_proj."),
-    (r"^layers\.(\d+)\.ffn\.gate\.bias$", r"model.layers.\1.mlp.gate.e_score_correction_bias"),
-    (r"^layers\.(\d+)\.ffn\.gate\.weight$", r"model.layers.\1.mlp.gate.weight"),
-    (r"^layers\.(\d+)\.ffn\.(experts\.\d+\.|shared_experts\.|)w1\.", r"model.layers.\1.mlp.\2gate_proj."),
-    (r"^layers\.(\d+)\.ffn\.(experts\.\d+\.|shared_experts\.|)w3\.", r"model.layers.\1.mlp.\2up_proj."),
-    (r"^layers\.(\d+)\.ffn\.(experts\.\d+\.|shared_experts\.|)w2\.", r"model.layers.\1.mlp.\2down_proj."),
+# One table of name pairs, (DeepSeek inference/ name, HF name); both rename directions are built from it.
+# Whole names first, then the parts after `layers.{i}.` / `model.layers.{i}.`; {e} stands for the expert
+# prefix (`experts.{j}.`, `shared_experts.` or nothing), which both namings keep.
+_WHOLE_NAMES = [("embed.weight", "model.embed_tokens.weight"), ("head.weight", "lm_head.weight"),
+                ("norm.weight", "model.norm.weight")]
+_LAYER_PARTS = [
+    ("attn_norm.", "input_layernorm."), ("ffn_norm.", "post_attention_layernorm."),
+    ("attn.indexer.", "self_attn.indexer."), ("attn.wq_a.", "self_attn.q_a_proj."),
+    ("attn.q_norm.", "self_attn.q_a_layernorm."), ("attn.wq_b.", "self_attn.q_b_proj."),
+    ("attn.wkv_a.", "self_attn.kv_a_proj_with_mqa."), ("attn.kv_norm.", "self_attn.kv_a_layernorm."),
+    ("attn.wkv_b.", "self_attn.kv_b_proj."), ("attn.wo.", "self_attn.o_proj."),
+    ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"), ("ffn.gate.weight", "mlp.gate.weight"),
+    ("ffn.{e}w1.", "mlp.{e}gate_proj."), ("ffn.{e}w3.", "mlp.{e}up_proj."), ("ffn.{e}w2.", "mlp.{e}down_proj."),
 ]
-_HF_TO_DEEPSEEK = [  # for writing test checkpoints in DeepSeek's naming
-    (r"^model\.embed_tokens\.weight$", "embed.weight"),
-    (r"^lm_head\.weight$", "head.weight"),
-    (r"^model\.norm\.weight$", "norm.weight"),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attn_norm."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
-    (r"^model\.layers\.(\d+)\.self_attn\.indexer\.", r"layers.\1.attn.indexer."),
-    (r"^model\.layers\.(\d+)\.self_attn\.q_a_proj\.", r"layers.\1.attn.wq_a."),
-    (r"^model\.layers\.(\d+)\.self_attn\.q_a_layernorm\.", r"layers.\1.attn.q_norm."),
-    (r"^model\.layers\.(\d+)\.self_attn\.q_b_proj\.", r"layers.\1.attn.wq_b."),
-    (r"^model\.layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.", r"layers.\1.attn.wkv_a."),
-    (r"^model\.layers\.(\d+)\.self_attn\.kv_a_layernorm\.", r"layers.\1.attn.kv_norm."),
-    (r"^model\.layers\.(\d+)\.self_attn\.kv_b_proj\.", r"layers.\1.attn.wkv_b."),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"layers.\1.attn.wo."),
-    (r"^model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias$", r"layers.\1.ffn.gate.bias"),
-    (r"^model\.layers\.(\d+)\.mlp\.gate\.weight$", r"layers.\1.ffn.gate.weight"),
-    (r"^model\.layers\.(\d+)\.mlp\.(experts\.\d+\.|shared_experts\.|)gate_proj\.", r"layers.\1.ffn.\2w1."),
-    (r"^model\.layers\.(\d+)\.mlp\.(experts\.\d+\.|shared_experts\.|)up_proj\.", r"layers.\1.ffn.\2w3."),
-    (r"^model\.layers\.(\d+)\.mlp\.(experts\.\d+\.|shared_experts\.|)down_proj\.", r"layers.\1.ffn.\2w2."),
-]
+_EXPERT_PREFIX = r"(experts\.\d+\.|shared_experts\.|)"
+
+
+def _rename_table(src: int, layer_src: str, layer_dst: str) -> list[tuple[str, str]]:
+    """Regex rules renaming side `src` (0 DeepSeek, 1 HF) of the pairs into the other side."""
+    dst = 1 - src
+    table = [("^" + re.escape(pair[src]) + "$", pair[dst]) for pair in _WHOLE_NAMES]
+    for pair in _LAYER_PARTS:
+        pattern = "^" + layer_src + re.escape(pair[src]).replace(re.escape("{e}"), _EXPERT_PREFIX)
+        table.append((pattern, layer_dst + pair[dst].replace("{e}", r"\2")))
+    return table
+
+
+_DEEPSEEK_TO_HF = _rename_table(0, r"layers\.(\d+)\.", r"model.layers.\1.")
+_HF_TO_DEEPSEEK = _rename_table(1, r"model\.layers\.(\d+)\.", r"layers.\1.")  # writing test checkpoints
 _INDEXER_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.indexer\.")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 FP8_BLOCK = 128

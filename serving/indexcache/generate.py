@@ -110,9 +110,8 @@ def generate(model: DSAForCausalLM, prompts: list[list[int]], params: SamplingPa
     max_len = max(len(p) for p in prompts) + params.max_new_tokens
     cache = KVCache(model.args, len(prompts), max_len, pattern, dtype=model.lm_head.weight.dtype, device=device)
     slots = torch.arange(len(prompts), device=device)
+    # sequence i samples from seed + i (a single prompt: exactly `seed`, as naive_generate)
     generators = [make_generator(None if params.seed is None else params.seed + i) for i in range(len(prompts))]
-    if params.seed is not None and len(prompts) == 1:
-        generators = [make_generator(params.seed)]
     outputs: list[list[int]] = [[] for _ in prompts]
     if params.max_new_tokens == 0:
         return outputs
