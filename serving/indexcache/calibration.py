@@ -429,8 +429,10 @@ def greedy_search(model: DSAForCausalLM, calib: CalibrationSet, target: int, *,
                         resumed_at_step=resumed_at)
 
 
-def plain_greedy_search(model: DSAForCausalLM, calib: CalibrationSet, target: int) -> SearchResult:
-    """The reference: the same search with one whole forward per candidate, no reuse, no checkpoint."""
+def plain_greedy_search(model: DSAForCausalLM, calib: CalibrationSet, target: int, *,
+                        on_step: Callable[[str, int], None] | None = None) -> SearchResult:
+    """The reference: the same search with one whole forward per candidate, no reuse, no checkpoint.
+    on_step(pattern, passes) runs after every step (benchmarks time the steps with it)."""
     n = model.args.n_layers
     pattern = all_full_pattern(model)
     start_full = pattern.count("F")
@@ -448,6 +450,8 @@ def plain_greedy_search(model: DSAForCausalLM, calib: CalibrationSet, target: in
         step_losses.append(losses[best])
         order.append(best)
         candidate_losses.append(losses)
+        if on_step is not None:
+            on_step(pattern, passes)
     return SearchResult(pattern=pattern, loss_all_full=loss_all_full, step_losses=step_losses, flip_order=order,
                         candidate_losses=candidate_losses, passes=passes,
                         plain_passes=plain_passes_for(n, start_full, target))

@@ -243,6 +243,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
+    parser.add_argument("--init-indexer", help="start from these indexer weights (an indexer.safetensors), "
+                                               "e.g. to continue a short-window run on longer windows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the frozen LM's teacher pass (indexers always train in fp32); bf16 "
@@ -270,7 +272,14 @@ def main_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, _ = load_checkpoint(args.model, dtype=getattr(torch, args.lm_dtype), device=args.device)
+        init = None
+        if args.init_indexer:
+            from safetensors.torch import load_file
+            if not Path(args.init_indexer).is_file():
+                raise FileNotFoundError(f"--init-indexer {args.init_indexer}: no such file")
+            init = load_file(args.init_indexer)
+        model, _ = load_checkpoint(args.model, dtype=getattr(torch, args.lm_dtype), device=args.device,
+                                   extra_state=init)
         tokenizer = load_tokenizer(args.model)
     except (ValueError, FileNotFoundError) as err:
         print(f"indexcache train-indexer: {err}", file=sys.stderr)
@@ -299,6 +308,10 @@ def main_train(args) -> int:
         "lm_dtype": args.lm_dtype,
         "torch": torch.__version__,
     }
+    if args.init_indexer:
+        import hashlib
+        manifest["init_indexer"] = {"path": str(args.init_indexer),
+                                    "sha256": hashlib.sha256(Path(args.init_indexer).read_bytes()).hexdigest()}
     t0 = time.perf_counter()
     result = train(model, windows, steps=args.steps, out_dir=Path(args.out), lr=args.lr, warmup=args.warmup,
                    batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, resume=args.resume,

@@ -50,4 +50,7 @@ def test_auto_mode_uses_the_fast_path_on_cpu_and_torch_mode_the_reference(monkey
     kernels.sparse_attention_gqa(q, k, v, idx, 0.5)
     monkeypatch.setenv("INDEXCACHE_KERNELS", "torch")
     kernels.sparse_attention_gqa(q, k, v, idx, 0.5)
-    assert calls == ["masked", "ref"]
+    monkeypatch.setenv("INDEXCACHE_KERNELS", "masked")
+    kernels.sparse_attention_gqa(q, k, v, idx, 0.5)
+    assert kernels.backend("cuda") == "torch"   # masked mode never picks Triton, even for CUDA tensors
+    assert calls == ["masked", "ref", "masked"]

@@ -77,3 +77,18 @@ def test_bad_arguments_are_refused_with_the_flag_named(small_checkpoint, tmp_pat
     assert "config.json" in capsys.readouterr().err
     assert evaluate.main_eval(["--model", str(small_checkpoint), "--out", str(tmp_path), "--topk", "0"]) == 2
     assert "--topk" in capsys.readouterr().err
+
+
+def test_init_indexer_continues_from_earlier_weights(small_checkpoint, tmp_path):
+    """--init-indexer (short-window weights continued on longer windows) starts where the earlier run ended:
+    its first KL is the earlier run's, not the random initialisation's, and the manifest names the file."""
+    base = ["--seq-len", "96", "--warmup", "1", "--lm-dtype", "float32", "--device", "cpu", "--no-progress",
+            "--model", str(small_checkpoint)]
+    assert train_indexer.main_train(base + ["--out", str(tmp_path / "a"), "--steps", "6", "--lr", "5e-3"]) == 0
+    first = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    init = tmp_path / "a" / "indexer.safetensors"
+    assert train_indexer.main_train(base + ["--out", str(tmp_path / "b"), "--steps", "1", "--init-indexer", str(init)]) == 0
+    second = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert second["kl_first"] < first["kl_first"] - 0.05 * first["kl_first"]
+    assert second["init_indexer"]["path"] == str(init) and len(second["init_indexer"]["sha256"]) == 64
+    assert train_indexer.main_train(base + ["--out", str(tmp_path / "c"), "--init-indexer", str(tmp_path / "no")]) == 2

@@ -8,7 +8,9 @@ The backend is chosen per call from the switch and the tensors' device:
   - INDEXCACHE_KERNELS=torch   always the references (kernels/reference.py);
   - INDEXCACHE_KERNELS=triton  always the Triton kernels (fails clearly if Triton is missing);
   - INDEXCACHE_KERNELS=auto    (default) Triton for CUDA tensors when Triton imports; on a CPU the
-                               masked dense sparse attention (kernels/masked.py); else references.
+                               masked dense sparse attention (kernels/masked.py); else references;
+  - INDEXCACHE_KERNELS=masked  the masked dense sparse attention on every device and the reference
+                               indexer: exact and fastest for short contexts (<= 8K) such as SmolLM2's.
 `use_triton(True/False)` overrides the environment at run time; `use_triton(None)` returns to it.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ __all__ = [
     "quantize_indexer_fp8", "FP8_E4M3_MAX",
 ]
 
-_MODES = ("torch", "triton", "auto")
+_MODES = ("torch", "triton", "auto", "masked")
 _override: str | None = None
 
 
@@ -65,7 +67,7 @@ def backend(device: torch.device | str | None = None) -> str:
             raise RuntimeError("INDEXCACHE_KERNELS=triton but Triton is not installed; "
                                "install triton or set INDEXCACHE_KERNELS=torch")
         return "triton"
-    if mode == "torch":
+    if mode in ("torch", "masked"):
         return "torch"
     on_cuda = device is not None and torch.device(device).type == "cuda"
     return "triton" if on_cuda and triton_available() else "torch"
@@ -85,8 +87,10 @@ def indexer_scores(q, k, weights, q_start, kv_len, k_scale=None):
 
 
 def _cpu_fast_path(device) -> bool:
-    """auto mode on a CPU: the masked dense path (kernels/masked.py) instead of the gathering reference."""
-    return _mode() == "auto" and torch.device(device).type == "cpu"
+    """The masked dense path (kernels/masked.py) instead of the gathering reference: auto mode on a CPU,
+    masked mode everywhere."""
+    mode = _mode()
+    return mode == "masked" or (mode == "auto" and torch.device(device).type == "cpu")
 
 
 def sparse_attention_gqa(q, k, v, indices, scale: float):
