@@ -76,6 +76,8 @@ def timed_searches(model, calib, targets: list[int], device: str, compare_plain:
             sync(device)
             marks[kind][pattern.count("F")] = {"pattern": pattern, "passes": passes, "loss": loss,
                                                "wall_s": round(time.monotonic() - t0, 2)}
+            print(f"# {kind} search reached {pattern.count('F')} F: {json.dumps(marks[kind][pattern.count('F')])}",
+                  file=sys.stderr, flush=True)
 
     sync(device)
     t0 = time.monotonic()
@@ -141,6 +143,7 @@ def main(argv=None) -> int:
         passkeys = passkey_trials(args.passkey_contexts)
         record.update(eval_context=args.eval_context, eval_windows=len(windows), passkey_trials=len(passkeys))
         record["all_full"] = evaluate_pattern(model, tokenizer, "F" * n, windows, passkeys)
+        print(f"# all-F: {json.dumps(record['all_full'])}", file=sys.stderr, flush=True)
     for target in targets:
         g = marks["greedy"][target]
         uniform = uniform_pattern(n, target)

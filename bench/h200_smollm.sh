@@ -26,7 +26,8 @@ stage)
 train)
   # Continue an earlier indexer (INIT, default the shipped one) on 8K windows, so the indexer sees every
   # distance up to SmolLM2's 8K context, with repeated spans in every 3rd window (REPEAT_EVERY; 0: none).
-  # v2 = v1 + 8K windows, no repeats; v3 = v2 + 8K windows with repeats (INIT=/tmp/stage/v2-indexer.safetensors).
+  # v2 = v1 + 8K windows, no repeats; v3 = v2 + 8K windows with repeats (INIT=/tmp/stage/v2-indexer.safetensors);
+  # v4 = v3 + 8K windows, every window with repeats (INIT=/tmp/stage/v3-indexer.safetensors REPEAT_EVERY=1).
   TRAIN_SECONDS=${2:-240}
   V1=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
   AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans 16"
@@ -63,8 +64,8 @@ evaluate)
 calibrate)
   log "calibration quality + timing, fp32"
   timeout ${2:-300} python3 bench/calibration_quality.py --model /tmp/ckpt2 --device cuda --dtype float32 \
-      --calib-samples 16 --calib-tokens 2048 --eval-context 4096 --eval-windows 4 \
-      --passkey-contexts 1024 2048 4096 8192 --compare-plain --out "$OUT/calibration_quality.json" 2>&1 | tail -30
+      --calib-samples ${CALIB_SAMPLES:-16} --calib-tokens ${CALIB_TOKENS:-2048} --eval-context 4096 --eval-windows ${EVAL_WINDOWS:-4} \
+      --passkey-contexts ${PASSKEY_CONTEXTS:-1024 2048 4096 8192} --compare-plain --out "$OUT/calibration_quality.json" 2>&1 | grep -v "transformers\]"
   log done ;;
 *) echo "usage: $0 stage | train SECONDS | evaluate | calibrate [SECONDS]" >&2; exit 2 ;;
 esac

