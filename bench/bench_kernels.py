@@ -117,13 +117,28 @@ def bench_indexer_prefill(n, peaks, plain_max):
             for t0 in range(0, n, chunk):
                 indexer_scores_into(q, k, w, qs, kl, ks, t0, min(n, t0 + chunk), buf[:, :min(n, t0 + chunk) - t0], False)
 
-        def topk_only():
+        def topk_only(method="radix", path=None):
             for t0 in range(0, n, chunk):
-                topk_rows_into(buf[:, :min(n, t0 + chunk) - t0], out, qs, kl, t0, TOPK)
+                topk_rows_into(buf[:, :min(n, t0 + chunk) - t0], out, qs, kl, t0, TOPK, method=method,
+                               path_out=path)
 
         scores_only()
         t_scores = bench(scores_only)
         t_topk = bench(topk_only)
+        # the sampled top-k, side by side: time, the same sets as the radix select (last chunk), and how
+        # many rows took the sampled path (1) or the whole-row fallback (2)
+        last = out[:, n - min(chunk, n):].clone()
+        t_topk_sampled = bench(lambda: topk_only("sampled"))
+        if fp8:
+            row["topk_sampled_same_sets"] = bool(torch.equal(last.sort(-1).values,
+                                                             out[:, n - min(chunk, n):].sort(-1).values))
+            path = torch.empty(min(chunk, n), dtype=torch.int32, device="cuda")
+            t0 = n - min(chunk, n)
+            topk_rows_into(buf[:, :n - t0], out, qs, kl, t0, TOPK, method="sampled", path_out=path)
+            row["topk_sampled_fallback_rows"] = int((path == 2).sum())
+            row["topk_sampled_rows"] = int((path == 1).sum())
+        row[f"{name}_topk_sampled_s"] = t_topk_sampled
+        row[f"{name}_sampled_s"] = bench(lambda: indexer_topk(q, k, w, TOPK, qs, kl, k_scale=ks, topk_method="sampled"))
         peak = peaks["fp8_tflops" if fp8 else "bf16_tflops"]
         row[f"{name}_s"] = t_all
         row[f"{name}_scores_s"] = t_scores
@@ -289,6 +304,16 @@ def print_table(r):
         print(f"{row['context']:>7} {row['bf16_s']:8.3f} {row['bf16_tflops']:6.0f} {100*row['bf16_frac_of_peak']:5.0f}"
               f" {row['bf16_scores_s']:7.3f} {row['bf16_topk_s']:7.3f} {row['fp8_s']:8.3f} {row['fp8_tflops']:6.0f}"
               f" {100*row['fp8_frac_of_peak']:5.0f} {row.get('plain_s', math.nan):8.3f} {row.get('speedup_bf16_vs_plain', math.nan):5.1f}")
+    print("top-k: radix select vs sampled threshold (same sets?; rows sampled / whole-row fallback, last chunk)")
+    for row in r["prefill"]:
+        if "error" in row or "fp8_topk_sampled_s" not in row:
+            continue
+        flops = causal_flops(row["context"], row["context"], 0)
+        print(f"{row['context']:>7} top-k radix {row['fp8_topk_s']:.3f} s  sampled {row['fp8_topk_sampled_s']:.3f} s "
+              f"({row['fp8_topk_s'] / row['fp8_topk_sampled_s']:.2f}x)  same sets {row['topk_sampled_same_sets']}  "
+              f"rows {row['topk_sampled_rows']} / {row['topk_sampled_fallback_rows']}  |  fp8 indexer with sampled "
+              f"top-k {row['fp8_sampled_s']:.3f} s {flops / row['fp8_sampled_s'] / 1e12:.0f} TF/s "
+              f"{100 * flops / row['fp8_sampled_s'] / 1e12 / r['peaks']['fp8_tflops']:.0f} % of peak")
     print("decode indexer (one query per sequence)")
     for row in r["decode"]:
         if "error" in row:

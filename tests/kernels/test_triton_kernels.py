@@ -224,3 +224,67 @@ def test_sparse_mla_matches_reference(dev, gen, decode):
             again = sparse_attention_mla(q, kv, idx, scale, Dc, n_split=n_split,
                                          out=torch.full_like(out, float("nan")))
             assert rel_err(again, want) < 1e-2, f"n_split={n_split}"
+
+
+def _random_rows(gen, dev, B, T, S):
+    scores = torch.randn(B, T, S, generator=gen).to(dev)
+    return scores, torch.tensor([S - T, S // 2], device=dev), torch.tensor([S, S // 2 + T], device=dev)
+
+
+def _topk_both_ways(scores, q_start, kv_len, topk, **sampled):
+    from indexcache.kernels.indexer import topk_rows_into
+    B, T = scores.shape[:2]
+    dev = scores.device
+    radix = torch.full((B, T, topk), POISON_INDEX, dtype=torch.int32, device=dev)
+    fast = torch.full((B, T, topk), POISON_INDEX, dtype=torch.int32, device=dev)
+    path = torch.full((B * T,), -1, dtype=torch.int32, device=dev)
+    topk_rows_into(scores, radix, q_start, kv_len, 0, topk, method="radix")
+    topk_rows_into(scores, fast, q_start, kv_len, 0, topk, method="sampled", path_out=path, **sampled)
+    return radix, fast, path.cpu()
+
+
+def _masked(scores, q_start, kv_len):
+    B, T, S = scores.shape
+    pos = torch.arange(S, device=scores.device)
+    limit = torch.minimum(q_start[:, None] + torch.arange(T, device=scores.device)[None, :], kv_len[:, None] - 1)
+    return scores.masked_fill(pos[None, None, :] > limit[..., None], float("-inf"))
+
+
+def test_sampled_topk_equals_the_radix_select_on_random_rows(dev, gen):
+    """The sampled top-k (threshold from every stride-th key, select among the candidates) is a fast path
+    of the whole-row radix select: the same set of indices (the order within a row may differ: each
+    writes the keys above its last radix digit first), and the sampled path is what ran."""
+    B, T, S, topk, stride = (2, 8, 3000, 64, 8) if SMALL else (2, 256, 131072, 2048, 64)
+    scores, q_start, kv_len = _random_rows(gen, dev, B, T, S)
+    radix, fast, path = _topk_both_ways(scores, q_start, kv_len, topk, stride=stride)
+    assert torch.equal(radix.cpu().sort(-1).values, fast.cpu().sort(-1).values)
+    assert_topk_correct(fast, _masked(scores, q_start, kv_len), topk)
+    assert (path == 1).float().mean() >= 0.9 and not (path == -1).any()
+
+
+def test_sampled_topk_falls_back_to_the_whole_row_when_the_estimate_fails(dev, gen):
+    """A constant row (every key ties), a row whose sampled keys are all the worst and one whose sampled
+    keys are all the best give more candidates than the scratch holds: those rows take the whole-row
+    fallback and still return the exact top-k; a row with a few distinct values may take either path."""
+    B, T, S, topk, stride = (2, 6, 3000, 64, 8) if SMALL else (2, 64, 131072, 2048, 64)
+    scores = torch.randn(B, T, S, generator=gen).to(dev)
+    q_start, kv_len = torch.tensor([S - T, S - T - 7], device=dev), torch.tensor([S, S - 7], device=dev)
+    scores[:, 0] = 0.25                                                # every key ties
+    sampled_positions = torch.arange(0, S, stride, device=dev)
+    scores[:, 1, sampled_positions] = -50.0                            # samples say: threshold is low
+    scores[:, 2, sampled_positions] = 50.0                             # ... and here: far too high
+    scores[:, 3] = (scores[:, 3] * 2).round()                          # few distinct values
+    radix, fast, path = _topk_both_ways(scores, q_start, kv_len, topk, stride=stride)
+    assert torch.equal(radix.cpu().sort(-1).values, fast.cpu().sort(-1).values)
+    assert_topk_correct(fast, _masked(scores, q_start, kv_len), topk, ties=True)
+    rows = path.view(B, T)
+    assert (rows[:, :3] == 2).all(), rows
+    assert (rows[:, 4:] == 1).all(), rows
+
+
+def test_topk_method_is_checked(dev, gen):
+    from indexcache.kernels.indexer import topk_rows_into
+    scores, q_start, kv_len = _random_rows(gen, dev, 1, 2, 100)
+    out = torch.empty(1, 2, 8, dtype=torch.int32, device=dev)
+    with pytest.raises(ValueError, match="method"):
+        topk_rows_into(scores, out, q_start[:1], kv_len[:1], 0, 8, method="bitonic")

@@ -11,6 +11,9 @@ Two stages per chunk of queries:
   2. `_topk_rows_kernel`: exact radix select per row over an order-preserving uint32 image of the
      fp32 scores: up to four 8-bit histogram passes find the k-th largest key, a last pass writes
      every index above it and the first few equal to it. No sort, at most 5 reads of the row.
+     method="sampled" first estimates a threshold from every 64th key, keeps the ~2K keys above it in
+     a scratch (one read of the row) and radix-selects there, falling back to the whole row when the
+     estimate fails: the same result from ~1.3 reads of the row.
 Rows too few to fill the GPU (decode) use torch.topk on fully written scores instead.
 
 Precision: bf16 and e4m3 operands are multiplied exactly with fp32 accumulation (Hopper's FP8
@@ -120,16 +123,16 @@ def _orderable_key(x):
 
 @triton.jit
 def _radix_digit(src, n, prefix, k_left, SHIFT: tl.constexpr, NBINS: tl.constexpr, HIGH: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """One radix-select step: among keys whose top HIGH bits equal prefix's, histogram the digit
-    at SHIFT and pick the digit holding the k_left-th largest. Returns (prefix with that digit
-    set, rank still to find inside it)."""
+                 BLOCK: tl.constexpr, STRIDE: tl.constexpr = 1):
+    """One radix-select step over src[0], src[STRIDE], ... (n keys): among keys whose top HIGH bits
+    equal prefix's, histogram the digit at SHIFT and pick the digit holding the k_left-th largest.
+    Returns (prefix with that digit set, rank still to find inside it, keys in that digit)."""
     offs = tl.arange(0, BLOCK)
     hist = tl.zeros((NBINS,), dtype=tl.int32)
     for start in range(0, n, BLOCK):
         o = start + offs
         keep = o < n
-        key = _orderable_key(tl.load(src + o, mask=keep, other=0.0))
+        key = _orderable_key(tl.load(src + o.to(tl.int64) * STRIDE, mask=keep, other=0.0))
         if HIGH > 0:
             keep = keep & ((key >> (32 - HIGH)) == (prefix >> (32 - HIGH)))
         digit = ((key >> SHIFT) & (NBINS - 1)).to(tl.int32)
@@ -143,29 +146,13 @@ def _radix_digit(src, n, prefix, k_left, SHIFT: tl.constexpr, NBINS: tl.constexp
 
 
 @triton.jit
-def _topk_rows_kernel(
-    scores_ptr, out_ptr, qstart_ptr, kvlen_ptr,
-    t0, T_chunk, ss_b, ss_t, so_b, so_t,
-    K: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T_chunk
-    t = row % T_chunk
-    q_start = tl.load(qstart_ptr + b)
-    kv_len = tl.load(kvlen_ptr + b)
-    n = tl.minimum(q_start + t0 + t + 1, kv_len)      # valid keys of this query: 0..n-1
-    n = tl.maximum(n, 0)
-    src = scores_ptr + b * ss_b + t * ss_t
-    dst = out_ptr + b * so_b + (t0 + t) * so_t
-    offs = tl.arange(0, BLOCK)
-    if n <= K:
-        for start in range(0, K, BLOCK):
-            o = start + offs
-            tl.store(dst + o, tl.where(o < n, o, -1).to(tl.int32), mask=o < K)
-        return
+def _radix_select_into(src, n, dst, index_map, K: tl.constexpr, BLOCK: tl.constexpr, HAS_MAP: tl.constexpr):
+    """Exact top-K of the n fp32 keys at src (n > K) into dst[0:K]: every key above the K-th largest,
+    then the first equal ones in order. HAS_MAP: write index_map[i] for key i instead of i."""
     # Radix select of the K-th largest key, one byte at a time, most significant first. 256 bins:
     # Triton's histogram costs about bins/32 operations per key, so wide digits are slower.
     # Stop early once the chosen bin holds exactly the keys still wanted (all of it is taken).
+    offs = tl.arange(0, BLOCK)
     prefix = tl.zeros((), dtype=tl.uint32)
     prefix, k_left, in_bin = _radix_digit(src, n, prefix, K, 24, 256, 0, BLOCK)
     fixed = tl.full((), 8, tl.int32)                       # leading key bits decided so far
@@ -186,16 +173,86 @@ def _topk_rows_kernel(
     taken_equal = 0
     for start in range(0, n, BLOCK):
         o = start + offs
-        key = _orderable_key(tl.load(src + o, mask=o < n, other=0.0))
         inside = o < n
+        key = _orderable_key(tl.load(src + o, mask=inside, other=0.0))
         gt = inside & ((key >> shift) > threshold)
         eq = inside & ((key >> shift) == threshold)
+        if HAS_MAP:
+            value = tl.load(index_map + o, mask=inside, other=0)
+        else:
+            value = o.to(tl.int32)
         rank_gt = taken_above + tl.cumsum(gt.to(tl.int32), 0) - 1
         rank_eq = taken_equal + tl.cumsum(eq.to(tl.int32), 0) - 1
-        tl.store(dst + rank_gt, o.to(tl.int32), mask=gt)
-        tl.store(dst + n_above + rank_eq, o.to(tl.int32), mask=eq & (rank_eq < k_left))
+        tl.store(dst + rank_gt, value, mask=gt)
+        tl.store(dst + n_above + rank_eq, value, mask=eq & (rank_eq < k_left))
         taken_above += tl.sum(gt.to(tl.int32), 0)
         taken_equal += tl.sum(eq.to(tl.int32), 0)
+
+
+@triton.jit
+def _topk_rows_kernel(
+    scores_ptr, out_ptr, qstart_ptr, kvlen_ptr, cand_key_ptr, cand_idx_ptr, path_ptr,
+    t0, T_chunk, ss_b, ss_t, so_b, so_t,
+    K: tl.constexpr, BLOCK: tl.constexpr, SAMPLED: tl.constexpr, STRIDE: tl.constexpr,
+    RANK: tl.constexpr, CAP: tl.constexpr, RECORD_PATH: tl.constexpr,
+):
+    """Top-K of one row of scores per program.
+
+    SAMPLED=False: radix select over the whole row (up to 5 reads of it).
+    SAMPLED=True: estimate a threshold from every STRIDE-th key (the key of rank RANK among them, to
+    16 bits: about RANK * STRIDE ~ 2K keys lie above it), copy the keys at or above it with their
+    indices into a per-row scratch of CAP entries (one read of the row), and radix-select there. When
+    the estimate fails (fewer than K or more than CAP candidates: adversarial or tied rows), fall back
+    to the whole row. The result is the same either way; only the time differs.
+    RECORD_PATH: path_ptr[row] = 0 short row, 1 sampled, 2 fallback (tests, benchmarks)."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T_chunk
+    t = row % T_chunk
+    q_start = tl.load(qstart_ptr + b)
+    kv_len = tl.load(kvlen_ptr + b)
+    n = tl.minimum(q_start + t0 + t + 1, kv_len)      # valid keys of this query: 0..n-1
+    n = tl.maximum(n, 0)
+    src = scores_ptr + b * ss_b + t * ss_t
+    dst = out_ptr + b * so_b + (t0 + t) * so_t
+    offs = tl.arange(0, BLOCK)
+    if n <= K:
+        for start in range(0, K, BLOCK):
+            o = start + offs
+            tl.store(dst + o, tl.where(o < n, o, -1).to(tl.int32), mask=o < K)
+        if RECORD_PATH:
+            tl.store(path_ptr + row, 0)
+        return
+    path = 2
+    if SAMPLED:
+        m = (n + STRIDE - 1) // STRIDE                      # samples: keys 0, STRIDE, 2*STRIDE, ...
+        if m > RANK:
+            est = tl.zeros((), dtype=tl.uint32)
+            est, r_left, in_bin = _radix_digit(src, m, est, RANK, 24, 256, 0, BLOCK, STRIDE)
+            est, r_left, in_bin = _radix_digit(src, m, est, r_left, 16, 256, 8, BLOCK, STRIDE)
+            cand_key = cand_key_ptr + row * CAP
+            cand_idx = cand_idx_ptr + row * CAP
+            count = 0
+            for c0 in range(0, n, BLOCK):
+                o = c0 + offs
+                inside = o < n
+                x = tl.load(src + o, mask=inside, other=0.0)
+                take = inside & (_orderable_key(x) >= est)
+                rank = count + tl.cumsum(take.to(tl.int32), 0) - 1
+                tl.store(cand_key + rank, x, mask=take & (rank < CAP))
+                tl.store(cand_idx + rank, o.to(tl.int32), mask=take & (rank < CAP))
+                count += tl.sum(take.to(tl.int32), 0)
+            if (count >= K) & (count <= CAP):
+                path = 1
+                if count == K:
+                    for j in range(0, K, BLOCK):
+                        oj = j + offs
+                        tl.store(dst + oj, tl.load(cand_idx + oj, mask=oj < K, other=0), mask=oj < K)
+                else:
+                    _radix_select_into(cand_key, count, dst, cand_idx, K, BLOCK, True)
+    if path == 2:
+        _radix_select_into(src, n, dst, src, K, BLOCK, False)
+    if RECORD_PATH:
+        tl.store(path_ptr + row, path)
 
 
 def _check_device(*tensors) -> None:
@@ -231,17 +288,42 @@ def indexer_scores_into(q, k, weights, q_start, kv_len, k_scale, t0, t1, out, wr
         BLOCK_T=block_t, BLOCK_S=block_s, num_warps=num_warps, num_stages=num_stages)
 
 
-def topk_rows_into(scores, out, q_start, kv_len, t0, topk, block=1024, num_warps=8):
-    """Radix-select top-k of each row of scores (B, Tc, >=S) into out[:, t0:t0+Tc] (stage 2 only)."""
+# Sampled top-k: every TOPK_STRIDE-th key estimates a threshold with ~TOPK_MARGIN * K keys above it.
+TOPK_STRIDE = 64
+TOPK_MARGIN = 2
+TOPK_METHODS = ("radix", "sampled")
+_TOPK_DEFAULT_METHOD = "radix"
+
+
+def topk_rows_into(scores, out, q_start, kv_len, t0, topk, block=1024, num_warps=8, method=None,
+                   stride=TOPK_STRIDE, margin=TOPK_MARGIN, path_out=None):
+    """Top-k of each row of scores (B, Tc, >=S) into out[:, t0:t0+Tc] (stage 2 only).
+    method: "radix" (whole-row radix select) or "sampled" (threshold from a sample, radix select over
+    the candidates above it, whole-row fallback); the same indices either way. path_out: optional
+    (B * Tc,) int32 receiving 0 / 1 / 2 per row (short row / sampled / fallback)."""
+    method = method or _TOPK_DEFAULT_METHOD
+    if method not in TOPK_METHODS:
+        raise ValueError(f"method={method!r}: use one of {', '.join(TOPK_METHODS)}")
     B, Tc = scores.shape[:2]
+    sampled = method == "sampled"
+    rank = max(1, (topk * margin) // stride)
+    cap = triton.next_power_of_2(2 * topk * margin)
+    if sampled:
+        cand_key = torch.empty(B * Tc, cap, dtype=torch.float32, device=scores.device)
+        cand_idx = torch.empty(B * Tc, cap, dtype=torch.int32, device=scores.device)
+    else:
+        cand_key = cand_idx = scores                       # unused pointers
     _topk_rows_kernel[(B * Tc,)](
-        scores, out, q_start, kv_len, t0, Tc, scores.stride(0), scores.stride(1),
-        out.stride(0), out.stride(1), K=topk, BLOCK=block, num_warps=num_warps)
+        scores, out, q_start, kv_len, cand_key, cand_idx, path_out if path_out is not None else out,
+        t0, Tc, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
+        K=topk, BLOCK=block, SAMPLED=sampled, STRIDE=stride, RANK=rank, CAP=cap,
+        RECORD_PATH=path_out is not None, num_warps=num_warps)
 
 
 def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, query_chunk: int | None = None,
-                 out=None):
-    """Triton twin of `ref_indexer_topk`: (B, T, topk) int32, -1 where fewer keys are valid."""
+                 out=None, topk_method: str | None = None):
+    """Triton twin of `ref_indexer_topk`: (B, T, topk) int32, -1 where fewer keys are valid.
+    topk_method: "radix" (default) or "sampled" (see `topk_rows_into`)."""
     check_indexer_inputs(q, k, weights, q_start, kv_len, k_scale, topk)
     _check_device(q, k, weights, q_start, kv_len, k_scale)
     B, T, H, D = q.shape
@@ -270,7 +352,7 @@ def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, query_
         buf = scores[:, : t1 - t0]
         indexer_scores_into(q, k, weights, q_start, kv_len, k_scale, t0, t1, buf, write_all=not radix)
         if radix:
-            topk_rows_into(buf, out, q_start, kv_len, t0, topk)
+            topk_rows_into(buf, out, q_start, kv_len, t0, topk, method=topk_method)
         else:
             kk = min(topk, S)
             values, idx = buf.topk(kk, dim=-1)
