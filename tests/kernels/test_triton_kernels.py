@@ -67,11 +67,17 @@ def assert_topk_correct(idx, scores, topk, ties=False, rtol=1e-4):
                 kth = sc.topk(want).values[-1]
                 tol = rtol * float(sc[torch.isfinite(sc)].abs().max()) + 1e-6
                 assert float(sc[chosen].min()) >= float(kth) - tol, f"row {b},{t}: missed a better key"
+                # every key clearly above the k-th (beyond the precision tolerance) must be chosen;
+                # keys within tol of it may swap, and exact ties (ReLU makes many scores exactly 0)
+                # may resolve either way
+                clearly_better = torch.nonzero(sc > float(kth) + tol).flatten()
+                assert torch.isin(clearly_better, chosen).all(), f"row {b},{t}: left out a clearly better key"
                 best = set(sc.topk(want).indices.tolist())
                 overlap_num += len(best & set(chosen.tolist()))
                 overlap_den += want
     if not ties:
-        assert overlap_num >= 0.97 * overlap_den
+        # random continuous scores: near-threshold swaps are rare
+        assert overlap_num >= 0.9 * overlap_den
 
 
 def run_indexer_case(dev, gen, B, T, H, D, S, q_start, kv_len, topk, fp8=False, query_chunk=None):
