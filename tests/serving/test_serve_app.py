@@ -95,7 +95,7 @@ def test_bad_input_gets_4xx_naming_the_problem(serve_app):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(f"{url}/healthz").json()["status"] == "ok"   # health and metrics need no key
     # the replica survived all of it
-    assert serve_app.client().completions.create(model=MODEL, prompt="ok", max_tokens=2).usage.completion_tokens == 2
+    assert serve_app.client().completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0).usage.completion_tokens == 2
 
 
 def test_over_the_limit_gets_429_with_retry_after_and_vanished_clients_free_their_slots(serve_app):
@@ -133,7 +133,7 @@ def test_over_the_limit_gets_429_with_retry_after_and_vanished_clients_free_thei
     assert metric(text, "indexcache_requests_running") == 0
     assert metric(text, "indexcache_kv_cache_usage_ratio") == 0
     assert metric(text, "indexcache_requests_total", finish_reason="abort") - aborts_before == 6
-    assert serve_app.client().completions.create(model=MODEL, prompt="alive", max_tokens=3).usage.completion_tokens == 3
+    assert serve_app.client().completions.create(model=MODEL, prompt="alive", max_tokens=3, temperature=0).usage.completion_tokens == 3
 
 
 def test_pattern_switches_under_streaming_load(serve_app, model, tokenizer):
