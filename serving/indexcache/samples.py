@@ -18,6 +18,7 @@ Reading reports every bad line by file and line number with a reason (`malformed
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -139,10 +140,15 @@ class Sample:
 # ---------------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------------
+_shard_sequence = itertools.count()
+
+
 def shard_name(now: float | None = None) -> str:
-    """Sortable by time, unique across replicas writing to one volume."""
+    """Sortable by time, unique across replicas writing to one volume. Within one process a sequence
+    number keeps shards written in the same millisecond in write order (the bounds delete the oldest by
+    name); across replicas the random part only makes names unique."""
     now = time.time() if now is None else now
-    return f"samples-{int(now * 1000):015d}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
+    return f"samples-{int(now * 1000):015d}-{next(_shard_sequence):09d}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
 
 
 def write_shard(directory: str | Path, samples: Iterable[Sample], name: str | None = None) -> Path:

@@ -92,3 +92,15 @@ def test_invalid_objects_name_the_field(obj, field):
 def test_missing_path_says_what_to_give(tmp_path):
     with pytest.raises(FileNotFoundError, match="directory of shards"):
         read_samples(tmp_path / "nope")
+
+
+def test_shards_written_in_one_millisecond_sort_in_write_order(tmp_path):
+    """The directory's bounds delete the oldest shards by name: names must sort in write order even when
+    a busy replica flushes several shards within one millisecond."""
+    from indexcache.samples import Sample, list_shards, read_samples, shard_name, write_shard
+
+    for i in range(50):
+        write_shard(tmp_path, [Sample(prompt=f"shard {i}", ts=0.0, id=str(i))], name=shard_name(now=1234.5))
+    prompts = [r.sample.prompt for r in read_samples(tmp_path).samples]
+    assert prompts == [f"shard {i}" for i in range(50)]
+    assert len(list_shards(tmp_path)) == 50
