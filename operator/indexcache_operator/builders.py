@@ -108,8 +108,30 @@ def user_config(spec: IndexCacheDeploymentSpec, pattern: str | None, pattern_ver
     return config
 
 
+# Ray Serve's cap on the ingress replica sits this far above the app-wide limit, so that the ingress
+# answers 429 itself (the serving app's INGRESS_HEADROOM; the operator image has no serving code).
+INGRESS_HEADROOM = 64
+
+
+def app_max_ongoing_requests(spec: IndexCacheDeploymentSpec) -> int:
+    """The app-wide limit the one ingress replica enforces (429 beyond it): maxOngoingRequests per replica
+    times the replicas, at most autoscaling.maxReplicas under autoscaling (requests beyond what the
+    running replicas take wait in Ray Serve's queue, which is what scales the app up)."""
+    replicas = spec.autoscaling.max_replicas if spec.autoscaling is not None else max(1, spec.replicas)
+    return spec.max_ongoing_requests * replicas
+
+
+def scaled_to_zero(spec: IndexCacheDeploymentSpec) -> bool:
+    """replicas: 0 without autoscaling: nothing serves, and no RayService exists (Ray Serve refuses
+    num_replicas 0)."""
+    return spec.replicas == 0 and spec.autoscaling is None
+
+
 def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | None,
                  pattern_version: int) -> dict:
+    if scaled_to_zero(spec):
+        raise ValueError("spec.replicas is 0: Ray Serve has no zero-replica deployment; "
+                         "the operator removes the RayService instead of building one")
     server: dict = {
         "name": SERVER_DEPLOYMENT,
         "max_ongoing_requests": spec.max_ongoing_requests,
@@ -141,7 +163,11 @@ def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | No
             },
             "deployments": [
                 server,
+                # The limit is the ingress's user_config and Serve's cap a deployment option: a new
+                # replica count changes both in place, restarting nothing.
                 {"name": INGRESS_DEPLOYMENT, "num_replicas": 1,
+                 "max_ongoing_requests": app_max_ongoing_requests(spec) + INGRESS_HEADROOM,
+                 "user_config": {"max_ongoing_requests": app_max_ongoing_requests(spec)},
                  "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}},
             ],
         }],

@@ -208,7 +208,14 @@ def ensure_children(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDe
     ensure(ctx, body, k.ROLEBINDINGS, b.role_binding(owner))
     # A claim's spec is immutable once bound: restore ownership, never re-size behind the user's back.
     ensure(ctx, body, k.PVCS, b.samples_claim(owner, spec), immutable=("spec",))
-    rs = ensure(ctx, body, k.RAYSERVICES, b.rayservice(owner, spec, ctx.config, pattern, version))
+    if b.scaled_to_zero(spec):
+        # Ray Serve has no zero-replica deployment (num_replicas must be > 0; KubeRay would fail to apply
+        # the config): scaled to zero, the RayService (head and workers) goes. The samples claim, the
+        # calibrated pattern (status) and the schedule stay; replicas >= 1 brings it back with them.
+        remove(ctx, body, k.RAYSERVICES, owner.namespace, b.rayservice_name(owner), "RayService")
+        rs = None
+    else:
+        rs = ensure(ctx, body, k.RAYSERVICES, b.rayservice(owner, spec, ctx.config, pattern, version))
     if spec.recalibration.schedule:
         ensure(ctx, body, k.CRONJOBS, b.recalibration_cronjob(owner, spec, ctx.config))
     else:
@@ -334,8 +341,9 @@ def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheD
     set_condition(status, "Reconciled", True, "ChildrenInSync",
                   "RayService, samples claim, recalibration RBAC and CronJob match the spec", generation)
     set_condition(status, "Degraded", False, "AsExpected", "", generation)
-    if spec.replicas == 0 and spec.autoscaling is None:
-        set_condition(status, "Ready", False, "ScaledToZero", "spec.replicas is 0", generation)
+    if b.scaled_to_zero(spec):
+        set_condition(status, "Ready", False, "ScaledToZero",
+                      "spec.replicas is 0: no RayService runs; set replicas >= 1 to serve again", generation)
         status.phase = Phase.scaled_to_zero
     else:
         set_condition(status, "Ready", serving, reason, message, generation)

@@ -37,7 +37,7 @@ def _kuberay_schema(path: Path) -> dict:
 
 @pytest.mark.parametrize("variant", [
     {},
-    {"replicas": 0},
+    {"replicas": 0, "autoscaling": {"minReplicas": 0, "maxReplicas": 2}},   # Serve scales from zero
     {"autoscaling": {"minReplicas": 1, "maxReplicas": 6, "targetOngoingRequests": 3}, "replicas": 2},
     {"indexCache": {}, "model": {"uri": "smollm2"}},
 ])
@@ -61,12 +61,49 @@ def test_rayservice_is_valid_for_kuberay_and_carries_the_serve_contract(kit, var
     worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
     if s.autoscaling:
-        assert server["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "initial_replicas": 2,
-                                                "target_ongoing_requests": 3.0}
-        assert (worker["minReplicas"], worker["maxReplicas"]) == (1, 6)
+        a = s.autoscaling
+        assert server["autoscaling_config"] == {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                                "initial_replicas": s.replicas,
+                                                "target_ongoing_requests": a.target_ongoing_requests}
+        assert (worker["minReplicas"], worker["maxReplicas"]) == (a.min_replicas, a.max_replicas)
         assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     else:
         assert server["num_replicas"] == s.replicas == worker["replicas"] == worker["maxReplicas"]
+    # The one ingress replica holds the app-wide limit: maxOngoingRequests per replica, times the replicas
+    # (the most it may scale to), and Serve's own cap on it sits above so that it answers 429 itself.
+    ingress = next(d for d in app["deployments"] if d["name"] == "OpenAIIngress")
+    replicas = s.autoscaling.max_replicas if s.autoscaling else s.replicas
+    assert ingress["user_config"] == {"max_ongoing_requests": s.max_ongoing_requests * replicas}
+    assert ingress["max_ongoing_requests"] > s.max_ongoing_requests * replicas
+    from ray.serve.schema import ServeDeploySchema
+    ServeDeploySchema.model_validate(yaml.safe_load(rs["spec"]["serveConfigV2"]))   # what Ray Serve accepts
+
+
+def test_replicas_zero_builds_no_serve_config_ray_would_refuse():
+    """Ray Serve refuses num_replicas 0 (KubeRay could never apply such a RayService); the operator removes
+    the RayService instead (test_operator), and the builder refuses to build one."""
+    from ray.serve.schema import ServeDeploySchema
+    with pytest.raises(ValueError, match="replicas is 0"):
+        b.rayservice(OWNER, spec(replicas=0), CONFIG, "FFSSFSSS", 1)
+    broken = yaml.safe_load(b.rayservice(OWNER, spec(replicas=1), CONFIG, "FFSSFSSS", 1)["spec"]["serveConfigV2"])
+    broken["applications"][0]["deployments"][0]["num_replicas"] = 0   # what the builder used to write
+    with pytest.raises(ValueError, match="num_replicas"):
+        ServeDeploySchema.model_validate(broken)
+
+
+def test_scaling_changes_the_app_limit_in_place_without_redeploying():
+    """A new replica count must not change the app's args (that redeploys every replica): only lightweight
+    options move, the server's num_replicas and the ingress's limit (user_config) and cap."""
+    apps = [yaml.safe_load(b.rayservice(OWNER, spec(replicas=n, maxOngoingRequests=10), CONFIG, "FFSSFSSS", 1)
+                           ["spec"]["serveConfigV2"])["applications"][0] for n in (1, 4)]
+    assert apps[0]["args"] == apps[1]["args"] and apps[0]["import_path"] == apps[1]["import_path"]
+    ingress = [next(d for d in a["deployments"] if d["name"] == "OpenAIIngress") for a in apps]
+    assert [i["user_config"]["max_ongoing_requests"] for i in ingress] == [10, 40]
+    for a in apps:
+        for dep in a["deployments"]:
+            for key in ("num_replicas", "user_config", "max_ongoing_requests"):
+                dep.pop(key, None)
+    assert apps[0] == apps[1]
 
 
 def test_a_new_pattern_changes_only_user_config():

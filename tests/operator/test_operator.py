@@ -90,6 +90,24 @@ def test_update_replicas_and_pattern(api, operator, kit):
     kit.wait_for(lambda: any(e["reason"] == "PatternChanged" for e in api.events()), what="event")
 
 
+def test_scale_to_zero_removes_the_rayservice_and_scaling_up_brings_it_back(api, operator, kit):
+    """replicas: 0 frees every pod (Ray Serve cannot run a deployment at 0 replicas, so the RayService goes);
+    the samples claim and the pattern stay, and replicas: 2 serves the same pattern again."""
+    k = kit.k
+    _deploy_ready(api, kit)
+    api.kube.patch(kit.ICDS, kit.NS, NAME, {"spec": {"replicas": 0}})
+    kit.wait_for(lambda: api.get(k.RAYSERVICES, NAME) is None, what="RayService removed")
+    body = kit.wait_for(lambda: (x := api.get(kit.ICDS, NAME))["status"].get("phase") == "ScaledToZero" and x)
+    assert kit.condition(body, "Ready")["reason"] == "ScaledToZero"
+    assert kit.condition(body, "Degraded")["status"] == "False"
+    assert api.get(k.PVCS, "chat-samples") is not None and body["status"]["pattern"] == "FFSSFSSS"
+    api.kube.patch(kit.ICDS, kit.NS, NAME, {"spec": {"replicas": 2}})
+    rs = kit.wait_for(lambda: api.get(k.RAYSERVICES, NAME), what="RayService back")
+    assert _user_config(rs)["pattern"] == "FFSSFSSS"
+    kit.kuberay_reports_healthy(api, NAME, ready=2)
+    kit.wait_for(lambda: _ready(api, kit), what="Ready=True again")
+
+
 def test_children_edited_or_deleted_by_hand_are_restored(api, operator, kit):
     k = kit.k
     api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME, recalibration={"schedule": "0 3 * * *"}))
