@@ -352,6 +352,26 @@ async def _bad_body(request: Request, exc: RequestValidationError):
     return error(400, f"{field}: {first.get('msg')}", param=field)
 
 
+# Ray Serve's own cap on the ingress replica sits this far above the app-wide limit, so that the ingress
+# answers 429 itself (at Serve's cap, Ray would queue instead).
+INGRESS_HEADROOM = 64
+
+
+def check_ingress_config(config: dict | None) -> int | None:
+    """The ingress's user_config: {"max_ongoing_requests": n}, the app-wide limit on requests in flight
+    (429 beyond it). Returns n (None when the key is absent); a bad value raises naming the field."""
+    config = config or {}
+    unknown = set(config) - {"max_ongoing_requests"}
+    if unknown:
+        raise ValueError(f"OpenAIIngress user_config: unknown key(s) {sorted(unknown)}; "
+                         "the only key is max_ongoing_requests")
+    n = config.get("max_ongoing_requests")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"OpenAIIngress user_config max_ongoing_requests={n!r}: must be an integer >= 1 "
+                         "(the app-wide limit: per-replica limit x replicas)")
+    return n
+
+
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, server: DeploymentHandle, max_ongoing_requests: int = 32, api_key: str | None = None):
@@ -360,6 +380,14 @@ class OpenAIIngress:
         self.api_key = api_key or os.environ.get("INDEXCACHE_API_KEY") or None
         self.ongoing = 0
         self._info: dict | None = None
+
+    def reconfigure(self, config: dict) -> None:
+        """Ray Serve calls this with the ingress's user_config, at start and on every change, without a
+        restart: the operator raises the app-wide limit here when the replica count changes. Requests
+        already in flight keep their slots; a lower limit only refuses new ones until enough finish."""
+        n = check_ingress_config(config)
+        if n is not None:
+            self.max_ongoing = n
 
     async def info(self) -> dict:
         if self._info is None:
@@ -377,7 +405,8 @@ class OpenAIIngress:
     @api.get("/healthz")
     async def healthz(self):
         info = await self.info()
-        return {"status": "ok", "model": info["id"]}
+        return {"status": "ok", "model": info["id"], "ongoing_requests": self.ongoing,
+                "max_ongoing_requests": self.max_ongoing}
 
     @api.get("/metrics")
     async def metrics(self):
@@ -508,7 +537,9 @@ class AppArgs(BaseModel):
     model: str = "smollm2"                 # checkpoint dir, "smollm2" (bundled) or "tiny" (random demo)
     served_model_name: str | None = None
     deployment: str = "local"              # the IndexCacheDeployment name (metric label)
-    max_ongoing_requests: int = Field(32, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)   # per server replica (Ray Serve's cap on each)
+    # the app-wide limit (429 beyond it); default max_ongoing_requests x num_replicas
+    ingress_max_ongoing_requests: int | None = Field(None, ge=1)
     max_batch_size: int = Field(8, ge=1)   # KV cache slots: requests decoded together
     max_model_len: int | None = Field(2048, ge=2)
     chunk_size: int = Field(256, ge=1)     # prefill tokens per engine step
@@ -539,15 +570,18 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_ongoing_requests=a.max_ongoing_requests + 8,
         ray_actor_options={"num_gpus": a.num_gpus, "num_cpus": a.num_cpus},
         health_check_period_s=10)
+    # One ingress replica counts every request in flight, whichever server replica runs it; its limit
+    # is the app's: the per-replica limit times the replicas (user_config, so it changes in place).
+    app_limit = a.ingress_max_ongoing_requests or a.max_ongoing_requests * a.num_replicas
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress").options(
-        # the ingress must accept more than the limit so it can answer 429 itself (Ray would queue)
-        max_ongoing_requests=a.max_ongoing_requests + 64, ray_actor_options={"num_cpus": 0})
+        max_ongoing_requests=app_limit + INGRESS_HEADROOM, user_config={"max_ongoing_requests": app_limit},
+        ray_actor_options={"num_cpus": 0})
     return ingress.bind(
         server.bind(model=a.model, served_model_name=a.served_model_name, deployment=a.deployment,
                     max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, chunk_size=a.chunk_size,
                     samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
                     metrics_port=a.metrics_port, dtype=a.dtype),
-        max_ongoing_requests=a.max_ongoing_requests, api_key=a.api_key)
+        max_ongoing_requests=app_limit, api_key=a.api_key)
 
 
 def start_local(app_args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int = 2,

@@ -63,20 +63,23 @@ class ServeApp:
         self.url = f"http://127.0.0.1:{port}"
         self.api_key = API_KEY
 
-    def config(self, user_config):
+    def config(self, user_config, ingress_user_config=None):
         from ray.serve.schema import ServeDeploySchema
+        deployments = [{"name": "IndexCacheServer", "user_config": user_config}]
+        if ingress_user_config is not None:
+            deployments.append({"name": "OpenAIIngress", "user_config": ingress_user_config})
         return ServeDeploySchema.model_validate({
             "http_options": {"host": "127.0.0.1", "port": self.port},
             "applications": [{
                 "name": "indexcache", "route_prefix": "/", "import_path": "indexcache.serve_app:build_app",
                 "runtime_env": {"env_vars": {"PYTHONPATH": SERVING_DIR}}, "args": self.app_args,
-                "deployments": [{"name": "IndexCacheServer", "user_config": user_config}]}]})
+                "deployments": deployments}]})
 
-    def deploy(self, user_config):
+    def deploy(self, user_config, ingress_user_config=None):
         """Apply a Serve config (what KubeRay does on a RayService update) and wait until it is live."""
         from ray import serve
         from ray.serve.context import _get_global_client
-        _get_global_client().deploy_apps(self.config(user_config), _blocking=True)
+        _get_global_client().deploy_apps(self.config(user_config, ingress_user_config), _blocking=True)
         want = user_config.get("pattern_version")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

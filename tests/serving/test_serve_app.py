@@ -136,6 +136,59 @@ def test_over_the_limit_gets_429_with_retry_after_and_vanished_clients_free_thei
     assert serve_app.client().completions.create(model=MODEL, prompt="alive", max_tokens=3, temperature=0).usage.completion_tokens == 3
 
 
+def _limit(serve_app):
+    return httpx.get(f"{serve_app.url}/healthz").json()["max_ongoing_requests"]
+
+
+def test_the_app_wide_limit_changes_in_place_through_the_ingress_user_config(serve_app):
+    """The operator sets the ingress's user_config to maxOngoingRequests x replicas when the replica count
+    changes; the new limit holds for new requests without restarting a replica."""
+    url, auth = serve_app.url, {"Authorization": f"Bearer {serve_app.api_key}"}
+    pid = serve_app.server().info.remote().result()["replica_pid"]
+    assert _limit(serve_app) == 6                       # max_ongoing_requests x num_replicas (1)
+
+    async def hold(client, i):
+        body = {"prompt": f"limit {i}", "max_tokens": 100, "temperature": 0, "stream": True}
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=auth) as r:
+            if r.status_code == 200:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        await asyncio.sleep(0.3)
+                        break
+            else:
+                await r.aread()
+            return r.status_code
+
+    async def burst(n):
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(hold(client, i) for i in range(n)))
+
+    try:
+        serve_app.deploy({"pattern": "FFFFFF", "pattern_version": 50}, ingress_user_config={"max_ongoing_requests": 2})
+        deadline = time.monotonic() + 30
+        while _limit(serve_app) != 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        codes = asyncio.run(burst(5))
+        assert sorted(codes) == [200, 200, 429, 429, 429], codes
+    finally:
+        serve_app.deploy({"pattern": "FFFFFF", "pattern_version": 51})   # back to the builder's limit
+        deadline = time.monotonic() + 30
+        while _limit(serve_app) != 6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert _limit(serve_app) == 6
+    assert serve_app.server().info.remote().result()["replica_pid"] == pid   # nothing restarted
+
+
+def test_ingress_user_config_errors_name_the_field():
+    from indexcache.serve_app import check_ingress_config
+    assert check_ingress_config({"max_ongoing_requests": 40}) == 40 and check_ingress_config(None) is None
+    for bad in (0, -1, 2.5, "8", True):
+        with pytest.raises(ValueError, match="max_ongoing_requests"):
+            check_ingress_config({"max_ongoing_requests": bad})
+    with pytest.raises(ValueError, match="unknown key.*max_ongoing_requests"):
+        check_ingress_config({"max_ongoing": 4})
+
+
 def test_pattern_switches_under_streaming_load(serve_app, model, tokenizer):
     """Concurrent streams while user_config changes the pattern several times: no errors, and every output
     equals the same request run alone on the pattern it started with."""
