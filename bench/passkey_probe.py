@@ -1,0 +1,114 @@
+"""Why does a passkey trial fail? Per layer, where the dense model looks and where the indexer ranks it.
+
+    python bench/passkey_probe.py --context 8192 --depth 0.9 [--indexer FILE] [--topk 512] [--out probe.json]
+
+Builds the same prompt as `indexcache eval --contexts 1024,2048,4096,8192` (the key depends on the eval's
+context list: `--trial-contexts`), runs the frozen LM
+densely, and for the prompt's last query (where the answer's first token is predicted) reports per layer:
+the dense head-summed attention mass on the needle's key digits, the best (smallest) rank the indexer gives
+any of those tokens among all keys, and whether that rank is inside the top-k. Then the greedy answers of
+the dense and the all-F DSA model. CPU, fp32; an 8K prompt takes a few minutes on two cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serving"))
+from indexcache import evaluate  # noqa: E402
+from indexcache.checkpoint import load_checkpoint  # noqa: E402
+from indexcache.smollm2 import bundled_indexer, convert_smollm2  # noqa: E402
+from indexcache.tokenizer import load_tokenizer  # noqa: E402
+from indexcache.train_indexer import index_scores, layer_inputs_and_attention  # noqa: E402
+
+
+def key_positions(tokenizer, prompt: list[int], key: int) -> list[int]:
+    """Positions of the tokens spelling the key's digits in its first occurrence in the needle."""
+    needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+    for start in range(len(prompt) - len(needle) + 1):
+        if prompt[start:start + len(needle)] == needle:
+            break
+    else:
+        raise ValueError("the needle is not in the prompt")
+    pos, text = [], ""
+    for i, t in enumerate(needle):
+        piece = tokenizer.decode([t])
+        if any(ch.isdigit() for ch in piece):
+            pos.append(start + i)
+        text += piece
+        if str(key) in text:
+            break
+    return pos
+
+
+@torch.no_grad()
+def probe(model, tokenizer, context: int, depth: float, topk: int, trial_contexts=evaluate.DEFAULT_CONTEXTS) -> dict:
+    trial = next(t for t in evaluate.passkey_trials(trial_contexts) if t["depth"] == depth and t["context"] == context)
+    prompt = evaluate.passkey_prompt(tokenizer, context, depth, trial["key"])
+    needle = key_positions(tokenizer, prompt, trial["key"])
+    ids = torch.tensor([prompt])
+    layers = []
+    for layer, x, attn, ctx in layer_inputs_and_attention(model, ids):
+        last_attn = attn[0, -1].float()                                    # (S,) head-summed, sums to 1
+        scores = index_scores(model, layer, x.float(), ctx)[0, -1]         # (S,)
+        order = scores.argsort(descending=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        best = int(rank[needle].min())
+        dense_rank = int((last_attn > last_attn[needle].max()).sum())
+        layers.append({"layer": layer, "needle_mass": round(float(last_attn[needle].sum()), 4),
+                       "dense_rank": dense_rank, "indexer_rank": best, "in_topk": best < topk})
+    answers = {}
+    n = model.args.n_layers
+    for name, attention in (("dense", "dense"), ("dsa_all_f", "sparse")):
+        out = evaluate.greedy(model, prompt, evaluate.PASSKEY_NEW_TOKENS, attention, "F" * n)
+        logits = model(ids, pattern="F" * n, attention=attention, logits_at=torch.tensor([len(prompt) - 1]))[0]
+        top = logits.float().log_softmax(-1).topk(5)                       # the answer's first token
+        answers[name] = {"answer": tokenizer.decode(out), "ok": str(trial["key"]) in tokenizer.decode(out),
+                         "first_token_top5": [(tokenizer.decode([int(i)]), round(float(v), 3))
+                                              for v, i in zip(top.values, top.indices)]}
+    return {"context": context, "depth": depth, "key": trial["key"], "needle_positions": needle,
+            "prompt_tokens": len(prompt), "topk": topk, "layers": layers, "answers": answers}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--depth", type=float, default=0.9, choices=evaluate.PASSKEY_DEPTHS)
+    p.add_argument("--indexer", default="", help="indexer safetensors (default: the bundled one)")
+    p.add_argument("--topk", type=int, default=512)
+    p.add_argument("--trial-contexts", default=",".join(map(str, evaluate.DEFAULT_CONTEXTS)),
+                   help="the eval's --contexts, which fix the trial keys (seed 0)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ckpt = convert_smollm2(Path(tempfile.mkdtemp(prefix="smollm2-")),
+                           indexer=Path(args.indexer) if args.indexer else bundled_indexer(), index_topk=args.topk)
+    model, tokenizer = load_checkpoint(ckpt, dtype=torch.float32)[0], load_tokenizer(ckpt)
+    t0 = time.perf_counter()
+    trial_contexts = [int(c) for c in args.trial_contexts.split(",")]
+    if args.context not in trial_contexts:
+        raise SystemExit(f"--context {args.context} is not in --trial-contexts {args.trial_contexts}")
+    r = probe(model.eval(), tokenizer, args.context, args.depth, args.topk, trial_contexts)
+    r["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"context {r['context']} depth {r['depth']} key {r['key']}; needle tokens {r['needle_positions']}")
+    print("layer  needle mass  dense rank  indexer rank  in top-k")
+    for row in r["layers"]:
+        print(f"{row['layer']:5d}  {row['needle_mass']:11.4f}  {row['dense_rank']:10d}  {row['indexer_rank']:12d}  "
+              f"{'yes' if row['in_topk'] else 'NO'}")
+    for name, a in r["answers"].items():
+        print(f"{name}: {a['answer']!r} ({'ok' if a['ok'] else 'wrong'}); first token, top-5 log-probs: "
+              + ", ".join(f"{t!r} {v}" for t, v in a["first_token_top5"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(r, indent=1))
+
+
+if __name__ == "__main__":
+    main()
