@@ -77,6 +77,28 @@ def probe(model, tokenizer, context: int, depth: float, topk: int, trial_context
             "prompt_tokens": len(prompt), "topk": topk, "layers": layers, "answers": answers}
 
 
+@torch.no_grad()
+def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: int) -> list[dict]:
+    """The answer's first token with sparse attention in one group of layers only (dense elsewhere): which
+    layers' sparse attention (at every position of the prompt) costs the right token `right`."""
+    n = model.args.n_layers
+    ids = torch.tensor([prompt])
+    ctxs = {mode: model.context(ids, pattern="F" * n, attention=mode)[0] for mode in ("dense", "sparse")}
+    at = torch.tensor([len(prompt) - 1])
+    rows = []
+    for group in groups:
+        x = model.model.embed_tokens(ids)
+        for layer in range(n):
+            x, _ = model.run_layers(x, ctxs["sparse" if layer in group else "dense"], "F" * n, layer, layer + 1)
+        logp = model.logits(x, at)[0].float().log_softmax(-1)
+        top = int(logp.argmax())
+        rows.append({"sparse_layers": group, "right_logprob": round(float(logp[right]), 3),
+                     "top": tokenizer.decode([top]), "top_logprob": round(float(logp[top]), 3)})
+        print(f"sparse in {group[0]}-{group[-1]}: right token {float(logp[right]):.3f}, "
+              f"top {tokenizer.decode([top])!r} {float(logp[top]):.3f}", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--context", type=int, default=8192)
@@ -87,6 +109,10 @@ def main() -> None:
                    help="the eval's --contexts, which fix the trial keys (seed 0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="")
+    p.add_argument("--ablate", type=int, default=0, metavar="N",
+                   help="instead: sparse attention in one group of N layers at a time, dense elsewhere")
+    p.add_argument("--ablate-only", default="", metavar="L,L,...",
+                   help="with --ablate: only the groups starting at these layers")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = convert_smollm2(Path(tempfile.mkdtemp(prefix="smollm2-")),
@@ -96,6 +122,23 @@ def main() -> None:
     trial_contexts = [int(c) for c in args.trial_contexts.split(",")]
     if args.context not in trial_contexts:
         raise SystemExit(f"--context {args.context} is not in --trial-contexts {args.trial_contexts}")
+    if args.ablate:
+        trial = next(t for t in evaluate.passkey_trials(trial_contexts)
+                     if t["depth"] == args.depth and t["context"] == args.context)
+        prompt = evaluate.passkey_prompt(tokenizer, args.context, args.depth, trial["key"])
+        right = tokenizer.encode(f" {trial['key']}")[0]                   # the number's first token
+        n = model.args.n_layers
+        groups = [list(range(i, min(n, i + args.ablate))) for i in range(0, n, args.ablate)]
+        if args.ablate_only:
+            starts = {int(x) for x in args.ablate_only.split(",")}
+            groups = [g for g in groups if g[0] in starts]
+        else:
+            groups = [list(range(n))] + groups
+        rows = ablate(model.eval(), tokenizer, prompt, groups, right)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"context": args.context, "depth": args.depth, "key": trial["key"],
+                                                  "right_token": tokenizer.decode([right]), "rows": rows}, indent=1))
+        return
     r = probe(model.eval(), tokenizer, args.context, args.depth, args.topk, trial_contexts)
     r["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"context {r['context']} depth {r['depth']} key {r['key']}; needle tokens {r['needle_positions']}")
