@@ -117,7 +117,7 @@ def app_max_ongoing_requests(spec: IndexCacheDeploymentSpec) -> int:
     """The app-wide limit the one ingress replica enforces (429 beyond it): maxOngoingRequests per replica
     times the replicas, at most autoscaling.maxReplicas under autoscaling (requests beyond what the
     running replicas take wait in Ray Serve's queue, which is what scales the app up)."""
-    replicas = spec.autoscaling.max_replicas if spec.autoscaling is not None else max(1, spec.replicas)
+    replicas = spec.autoscaling.max_replicas if spec.autoscaling is not None else spec.replicas
     return spec.max_ongoing_requests * replicas
 
 
@@ -147,6 +147,7 @@ def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | No
             "initial_replicas": spec.replicas,
             "target_ongoing_requests": spec.autoscaling.target_ongoing_requests,
         }
+    app_limit = app_max_ongoing_requests(spec)
     return {
         "applications": [{
             "name": SERVE_APP_NAME,
@@ -166,8 +167,8 @@ def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | No
                 # The limit is the ingress's user_config and Serve's cap a deployment option: a new
                 # replica count changes both in place, restarting nothing.
                 {"name": INGRESS_DEPLOYMENT, "num_replicas": 1,
-                 "max_ongoing_requests": app_max_ongoing_requests(spec) + INGRESS_HEADROOM,
-                 "user_config": {"max_ongoing_requests": app_max_ongoing_requests(spec)},
+                 "max_ongoing_requests": app_limit + INGRESS_HEADROOM,
+                 "user_config": {"max_ongoing_requests": app_limit},
                  "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}},
             ],
         }],
