@@ -321,14 +321,12 @@ def main_train(args) -> int:
         return 2
     layers = None
     if args.layers:
-        try:
-            layers = sorted({int(x) for x in args.layers.split(",")})
-        except ValueError:
-            layers = [-1]
-        if not layers or layers[0] < 0 or layers[-1] >= model.args.n_layers:
+        parts = [p.strip() for p in args.layers.split(",")]
+        if not all(p.isdigit() and int(p) < model.args.n_layers for p in parts):
             print(f"indexcache train-indexer: --layers {args.layers!r}: give layer numbers 0..{model.args.n_layers - 1}, "
                   "comma-separated", file=sys.stderr)
             return 2
+        layers = sorted({int(p) for p in parts})
     if args.seq_len > model.args.max_seq_len:
         print(f"indexcache train-indexer: --seq-len {args.seq_len} exceeds the model's "
               f"max_position_embeddings ({model.args.max_seq_len})", file=sys.stderr)
