@@ -147,19 +147,23 @@ def test_the_app_wide_limit_changes_in_place_through_the_ingress_user_config(ser
     pid = serve_app.server().info.remote().result()["replica_pid"]
     assert _limit(serve_app) == 6                       # max_ongoing_requests x num_replicas (1)
 
-    async def hold(client, i):
-        body = {"prompt": f"limit {i}", "max_tokens": 100, "temperature": 0, "stream": True}
-        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=auth) as r:
-            if r.status_code == 200:
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        await asyncio.sleep(0.3)
-                        break
-            else:
-                await r.aread()
-            return r.status_code
-
     async def burst(n):
+        """n concurrent streams; an admitted one holds its slot until every request has its answer, so
+        the outcome does not depend on how fast the machine is."""
+        answered, all_answered = [], asyncio.Event()
+
+        async def hold(client, i):
+            body = {"prompt": f"limit {i}", "max_tokens": 100, "temperature": 0, "stream": True}
+            async with client.stream("POST", f"{url}/v1/completions", json=body, headers=auth) as r:
+                answered.append(r.status_code)
+                if len(answered) == n:
+                    all_answered.set()
+                if r.status_code == 200:
+                    await asyncio.wait_for(all_answered.wait(), timeout=30)
+                else:
+                    await r.aread()
+                return r.status_code
+
         async with httpx.AsyncClient(timeout=60) as client:
             return await asyncio.gather(*(hold(client, i) for i in range(n)))
 
