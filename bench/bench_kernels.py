@@ -5,6 +5,8 @@ and the sparse MLA attention kernels, against peaks measured in the same run.
 
 Prefill: one layer's indexer over a whole causal context of N tokens (every query, top-2048).
 Decode: one query per sequence at the end of an N-token indexer K cache.
+Sparse MLA: bf16 latent cache vs FP8 latent cache (e4m3 + fp32 scale per key, bf16 RoPE key) on the same
+queries and indices (`--only-mla`: just those and the peaks, a short run).
 FLOPs counted are the useful causal ones: sum over queries of visible keys x H x D x 2.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
 
 from indexcache.kernels import reference as ref  # noqa: E402
 from indexcache.kernels.indexer import indexer_scores_into, indexer_topk, topk_rows_into  # noqa: E402
-from indexcache.kernels.sparse_attention import sparse_attention_mla  # noqa: E402
+from indexcache.kernels.sparse_attention import sparse_attention_mla, sparse_attention_mla_fp8  # noqa: E402
 
 H, D, TOPK = 32, 128, 2048          # the 30B model's indexer (GLM-5 / paper shape)
 
@@ -184,6 +186,60 @@ def bench_mla(n_queries, batch, heads=20, dc=512, dr=64, s=65536, k_sel=TOPK, **
             "gather_tbps": bytes_ / t / 1e12}
 
 
+def bench_mla_kv_formats(n_queries, batch, heads=20, dc=512, dr=64, s=65536, k_sel=TOPK, peaks=None):
+    """Sparse MLA over the bf16 latent cache and over its FP8 form (e4m3 latent + fp32 scale per key,
+    bf16 RoPE key), same queries, same indices: time, gather rate and the output difference."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(batch, n_queries, heads, dc + dr, device="cuda", generator=g, dtype=torch.bfloat16)
+    kv = torch.randn(batch, s, dc + dr, device="cuda", generator=g, dtype=torch.bfloat16)
+    idx = torch.randint(0, s, (batch, n_queries, k_sel), device="cuda", generator=g, dtype=torch.int32)
+    latent8, latent_scale = ref.quantize_latent_fp8(kv[..., :dc])                  # (B, S, dc), (B, S)
+    k_rope = kv[..., dc:].contiguous()                                             # (B, S, dr) bf16
+    t_bf16 = bench(lambda: sparse_attention_mla(q, kv, idx, 0.0625, dc), warmup=2, rep=5)
+    t_fp8 = bench(lambda: sparse_attention_mla_fp8(q, latent8, latent_scale, k_rope, idx, 0.0625), warmup=2, rep=5)
+    a = sparse_attention_mla(q, kv, idx, 0.0625, dc).float()
+    b = sparse_attention_mla_fp8(q, latent8, latent_scale, k_rope, idx, 0.0625).float()
+    reads = batch * n_queries * k_sel                                              # selected rows gathered
+    row = {"queries": n_queries, "batch": batch, "bf16_s": t_bf16, "fp8_kv_s": t_fp8,
+           "fp8_kv_speedup": t_bf16 / t_fp8, "fp8_vs_bf16_rel_err": float((a - b).norm() / a.norm()),
+           "bf16_gather_tbps": reads * (dc + dr) * 2 / t_bf16 / 1e12,
+           "fp8_gather_tbps": reads * (dc + 2 * dr + 4) / t_fp8 / 1e12}
+    if peaks:
+        row["bf16_frac_copy_bw"] = row["bf16_gather_tbps"] / peaks["copy_tbps"]
+        row["fp8_frac_copy_bw"] = row["fp8_gather_tbps"] / peaks["copy_tbps"]
+    del q, kv, idx, latent8, latent_scale, k_rope, a, b
+    torch.cuda.empty_cache()
+    return row
+
+
+MLA_KV_CASES = ((4096, 1), (1, 1), (1, 32))     # a 4K-token prefill chunk; decode at batch 1 and 32
+
+
+def mla_kv_format_rows(peaks):
+    rows = []
+    for nq, batch in MLA_KV_CASES:
+        try:
+            row = bench_mla_kv_formats(nq, batch, peaks=peaks)
+        except Exception as e:  # a failure is recorded, not hidden
+            row = {"queries": nq, "batch": batch, "error": repr(e)[:500]}
+        rows.append(row)
+        print("mla_kv", json.dumps(row), flush=True)
+    return rows
+
+
+def print_mla_kv(rows):
+    print("sparse MLA, bf16 latent cache vs FP8 latent cache (same queries and indices; gather per key "
+          "1152 B vs 644 B)")
+    for row in rows:
+        if "error" in row:
+            print(f"q{row['queries']} b{row['batch']} ERROR {row['error'][:100]}")
+            continue
+        print(f"queries {row['queries']:>5} batch {row['batch']:>3}: bf16 {1e3 * row['bf16_s']:.3f} ms "
+              f"({row['bf16_gather_tbps']:.2f} TB/s)  fp8 {1e3 * row['fp8_kv_s']:.3f} ms "
+              f"({row['fp8_gather_tbps']:.2f} TB/s)  {row['fp8_kv_speedup']:.2f}x  "
+              f"rel diff {row['fp8_vs_bf16_rel_err']:.3f}")
+
+
 def sweep_scores_configs(n=65536):
     """Scores-stage time at one context for a few tile shapes (picks the kernel's defaults)."""
     q, k, w, _ = indexer_inputs(n, seed=3)
@@ -236,7 +292,17 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time a few tile shapes of the scores stage")
     ap.add_argument("--only-sweeps", action="store_true",
                     help="only the top-k tile sweep and the MLA decode cases (short run)")
+    ap.add_argument("--only-mla", action="store_true",
+                    help="only the peaks and sparse MLA, bf16 vs FP8 latent cache (short run)")
     args = ap.parse_args()
+    if args.only_mla:
+        res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("BENCH_COMMIT", "?"),
+               "peaks": measure_peaks()}
+        res["mla_kv_formats"] = mla_kv_format_rows(res["peaks"])
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print_mla_kv(res["mla_kv_formats"])
+        return
     if args.only_sweeps:
         res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("BENCH_COMMIT", "?"),
                "topk_sweep": sweep_topk_configs(),
@@ -285,6 +351,7 @@ def main():
             row = {"queries": nq, "batch": batch, "error": repr(e)[:500]}
         result["mla"].append(row)
         print("mla", json.dumps(row), flush=True)
+    result["mla_kv_formats"] = mla_kv_format_rows(peaks)
     result["wall_s"] = time.time() - t0
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -328,6 +395,8 @@ def print_table(r):
             continue
         print(f"queries {row['queries']:>5} batch {row['batch']:>3} {row.get('block_k', '')} {row.get('num_warps', '')} {row.get('num_stages', '')}: {1e3*row['s']:.3f} ms  {row['tflops']:.0f} TF/s  "
               f"gather {row['gather_tbps']:.2f} TB/s")
+    if r.get("mla_kv_formats"):
+        print_mla_kv(r["mla_kv_formats"])
 
 
 if __name__ == "__main__":

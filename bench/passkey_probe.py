@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serving"))
 from indexcache import evaluate  # noqa: E402
 from indexcache.checkpoint import load_checkpoint  # noqa: E402
+from indexcache.model import Capture  # noqa: E402
 from indexcache.smollm2 import bundled_indexer, convert_smollm2  # noqa: E402
 from indexcache.tokenizer import load_tokenizer  # noqa: E402
 from indexcache.train_indexer import index_scores, layer_inputs_and_attention  # noqa: E402
@@ -77,10 +78,27 @@ def probe(model, tokenizer, context: int, depth: float, topk: int, trial_context
             "prompt_tokens": len(prompt), "topk": topk, "layers": layers, "answers": answers}
 
 
+def oracle_indices(model, x: torch.Tensor, layer: int, topk: int) -> torch.Tensor:
+    """The best any indexer could pick: the top-k keys of the layer's own dense head-summed attention on
+    hidden states x (1, T, dim), per query; (1, T, topk) int, -1 past the causal keys."""
+    capture = Capture(attention=True, index_scores=False, layers={layer})
+    ctx = model.context(x.new_zeros(x.shape[:2], dtype=torch.long), pattern="F" * model.args.n_layers,
+                        attention="dense", capture=capture)[0]
+    model.run_layers(x, ctx, "F" * model.args.n_layers, layer, layer + 1)
+    attn = capture.attn.pop(layer)                                          # (1, T, T), 0 above the diagonal
+    k = min(topk, attn.shape[-1])
+    values, idx = attn.float().topk(k, dim=-1)
+    T = attn.shape[1]
+    causal = idx <= torch.arange(T)[None, :, None]                          # keys a query may see
+    return torch.where(causal, idx, torch.full_like(idx, -1)).to(torch.int32)
+
+
 @torch.no_grad()
-def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: int) -> list[dict]:
+def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: int, oracle: bool = False) -> list[dict]:
     """The answer's first token with sparse attention in one group of layers only (dense elsewhere): which
-    layers' sparse attention (at every position of the prompt) costs the right token `right`."""
+    layers' sparse attention (at every position of the prompt) costs the right token `right`.
+    oracle: those layers select the dense attention's own top-k instead of the indexer's (the bound
+    a perfect indexer would reach at this top-k)."""
     n = model.args.n_layers
     ids = torch.tensor([prompt])
     ctxs = {mode: model.context(ids, pattern="F" * n, attention=mode)[0] for mode in ("dense", "sparse")}
@@ -89,12 +107,17 @@ def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: 
     for group in groups:
         x = model.model.embed_tokens(ids)
         for layer in range(n):
+            if oracle and layer in group:
+                chosen = oracle_indices(model, x, layer, model.args.index_topk)
+                pattern = "F" * layer + "S" + "F" * (n - layer - 1)         # S: use the indices passed in
+                x, _ = model.run_layers(x, ctxs["sparse"], pattern, layer, layer + 1, indices=chosen)
+                continue
             x, _ = model.run_layers(x, ctxs["sparse" if layer in group else "dense"], "F" * n, layer, layer + 1)
         logp = model.logits(x, at)[0].float().log_softmax(-1)
         top = int(logp.argmax())
-        rows.append({"sparse_layers": group, "right_logprob": round(float(logp[right]), 3),
+        rows.append({"sparse_layers": group, "oracle": oracle, "right_logprob": round(float(logp[right]), 3),
                      "top": tokenizer.decode([top]), "top_logprob": round(float(logp[top]), 3)})
-        print(f"sparse in {group[0]}-{group[-1]}: right token {float(logp[right]):.3f}, "
+        print(f"sparse{' (oracle top-k)' if oracle else ''} in {group[0]}-{group[-1]}: right token {float(logp[right]):.3f}, "
               f"top {tokenizer.decode([top])!r} {float(logp[top]):.3f}", flush=True)
     return rows
 
@@ -113,6 +136,9 @@ def main() -> None:
                    help="instead: sparse attention in one group of N layers at a time, dense elsewhere")
     p.add_argument("--ablate-only", default="", metavar="L,L,...",
                    help="with --ablate: only the groups starting at these layers")
+    p.add_argument("--oracle", action="store_true",
+                   help="with --ablate: the sparse layers select the dense attention's own top-k (a perfect "
+                        "indexer) instead of the indexer's")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = convert_smollm2(Path(tempfile.mkdtemp(prefix="smollm2-")),
@@ -134,7 +160,7 @@ def main() -> None:
             groups = [g for g in groups if g[0] in starts]
         else:
             groups = [list(range(n))] + groups
-        rows = ablate(model.eval(), tokenizer, prompt, groups, right)
+        rows = ablate(model.eval(), tokenizer, prompt, groups, right, oracle=args.oracle)
         if args.out:
             Path(args.out).write_text(json.dumps({"context": args.context, "depth": args.depth, "key": trial["key"],
                                                   "right_token": tokenizer.decode([right]), "rows": rows}, indent=1))

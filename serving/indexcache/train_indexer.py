@@ -162,6 +162,48 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def widen_indexer_heads(tensors: dict[str, torch.Tensor], n_heads: int, head_dim: int,
+                        seed: int = 0) -> tuple[dict[str, torch.Tensor], int]:
+    """Give every layer's indexer n_heads heads, keeping its scores exactly (function-preserving).
+
+    The score is I[t, s] = sum_h w_h[t] * relu(q_h[t] . k[s]) with w = weights_proj(x) * H^-0.5 * D^-0.5.
+    New heads get fresh query rows (std 1/sqrt(in_dim), as `smollm2.init_indexer_tensors`) and a zero
+    weights_proj row, so they add nothing until training moves their weight; the old weights_proj rows
+    are scaled by sqrt(n_heads / H) to cancel the change of H^-0.5. Training then starts exactly where
+    the narrower indexer ended (more capacity for the layers it could not fit). Returns (tensors, old H).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(tensors)
+    old = None
+    for name in sorted(tensors):
+        if not name.endswith(".indexer.wq_b.weight"):
+            continue
+        prefix = name[: -len("wq_b.weight")]
+        wq, wp = tensors[name], tensors[prefix + "weights_proj.weight"]      # (H*D, in), (H, dim)
+        if tensors[prefix + "wk.weight"].shape[0] != head_dim:
+            raise ValueError(f"{prefix}wk.weight: head dim {tensors[prefix + 'wk.weight'].shape[0]} in the file, "
+                             f"{head_dim} in the model: convert the model with --index-head-dim "
+                             f"{tensors[prefix + 'wk.weight'].shape[0]}")
+        h = wq.shape[0] // head_dim
+        if wq.shape[0] != h * head_dim or wp.shape[0] != h:
+            raise ValueError(f"{name}: {tuple(wq.shape)} does not hold whole heads of dim {head_dim}")
+        if old is not None and h != old:
+            raise ValueError(f"{name}: {h} heads, other layers have {old}; one head count for all layers")
+        old = h
+        if n_heads < h:
+            raise ValueError(f"the indexer file has {h} heads per layer but the model's index_n_heads is "
+                             f"{n_heads}: convert the model with --index-n-heads {h} (or more, to widen it)")
+        extra = n_heads - h
+        new_q = torch.randn(extra * head_dim, wq.shape[1], generator=gen) * wq.shape[1] ** -0.5
+        out[name] = torch.cat([wq.float(), new_q], 0).to(wq.dtype)                # (n_heads*D, in)
+        grow = math.sqrt(n_heads / h)
+        out[prefix + "weights_proj.weight"] = torch.cat(
+            [wp.float() * grow, torch.zeros(extra, wp.shape[1])], 0).to(wp.dtype)  # (n_heads, dim)
+    if old is None:
+        raise ValueError("no indexer tensors (model.layers.N.self_attn.indexer.wq_b.weight) in the file")
+    return out, old
+
+
 def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parent
@@ -288,6 +330,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def main_train(args) -> int:
     """`indexcache train-indexer --model DIR --out DIR ...`; args: a Namespace or an argv list."""
     from .checkpoint import load_checkpoint
+    from .config import ModelArgs
     from .tokenizer import load_tokenizer
 
     argv = None
@@ -307,12 +350,14 @@ def main_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        init = None
+        init, init_heads = None, None
         if args.init_indexer:
             from safetensors.torch import load_file
             if not Path(args.init_indexer).is_file():
                 raise FileNotFoundError(f"--init-indexer {args.init_indexer}: no such file")
             init = load_file(args.init_indexer)
+            shape = ModelArgs.from_dir(args.model)
+            init, init_heads = widen_indexer_heads(init, shape.index_n_heads, shape.index_head_dim)
         model, _ = load_checkpoint(args.model, dtype=getattr(torch, args.lm_dtype), device=args.device,
                                    extra_state=init)
         tokenizer = load_tokenizer(args.model)
@@ -361,6 +406,10 @@ def main_train(args) -> int:
         import hashlib
         manifest["init_indexer"] = {"path": str(args.init_indexer),
                                     "sha256": hashlib.sha256(Path(args.init_indexer).read_bytes()).hexdigest()}
+        if init_heads < a.index_n_heads:
+            manifest["init_indexer"]["widened_from_heads"] = init_heads
+            print(f"widening the indexer from {init_heads} to {a.index_n_heads} heads per layer "
+                  "(new heads start at zero weight: the scores are unchanged until training moves them)")
     t0 = time.perf_counter()
     result = train(model, windows, steps=args.steps, out_dir=Path(args.out), lr=args.lr, warmup=args.warmup,
                    batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, resume=args.resume,

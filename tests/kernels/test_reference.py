@@ -154,6 +154,59 @@ def test_bf16_inputs_give_bf16_outputs_close_to_fp32():
     assert (out16.float() - out32).norm() / out32.norm() < 1e-2
 
 
+def _fp8_mla_case(seed, B=2, T=3, H=4, Dc=32, Dr=8, S=40, K=12):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, Dc + Dr, generator=g) * 0.5
+    latent = torch.randn(B, S, Dc, generator=g)
+    latent = latent * torch.rsqrt(latent.pow(2).mean(-1, keepdim=True))   # the model's normalised latent
+    k_rope = torch.randn(B, S, Dr, generator=g)
+    idx = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(B * T)]).view(B, T, K).to(torch.int32)
+    idx[0, 1, K // 3:] = -1
+    idx[1, 2, :] = -1
+    return q, latent, k_rope, idx
+
+
+def test_fp8_latent_quantisation_keeps_each_row_within_e4m3_precision():
+    _, latent, _, _ = _fp8_mla_case(8)
+    latent8, scale = ref.quantize_latent_fp8(latent.bfloat16())
+    assert latent8.dtype == torch.float8_e4m3fn and latent8.shape == latent.shape
+    assert scale.dtype == torch.float32 and scale.shape == latent.shape[:2]
+    # each row's largest element maps to e4m3's largest finite value, 448
+    assert torch.equal(latent8.float().abs().amax(-1), torch.full(scale.shape, 448.0))
+    back = ref.dequantize_latent_fp8(latent8, scale)
+    # 3 mantissa bits: every element within 1/16 of itself (or of the e4m3 subnormal step near 0)
+    tol = latent.bfloat16().float().abs() / 16 + scale[..., None] * 2.0 ** -9
+    assert ((back - latent.bfloat16().float()).abs() <= tol).all()
+
+
+def test_fp8_latent_mla_reference_is_close_to_the_bf16_attention():
+    """Attention over the FP8 latent cache against attention over the same cache in bf16 (same queries,
+    same indices): within 5 % relative Frobenius error (e4m3: 3 mantissa bits); rows with no key are
+    zeros in both; over the dequantised cache it is the bf16 reference exactly."""
+    q, latent, k_rope, idx = _fp8_mla_case(9)
+    scale = 0.2
+    kv = torch.cat([latent, k_rope], -1).bfloat16()
+    latent8, latent_scale = ref.quantize_latent_fp8(kv[..., :32])
+    got = ref.ref_sparse_attention_mla_fp8(q.bfloat16(), latent8, latent_scale, kv[..., 32:], idx, scale)
+    want = ref.ref_sparse_attention_mla(q.bfloat16(), kv, idx, scale, 32)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    err = float((got.float() - want.float()).norm() / want.float().norm())
+    assert err < 0.05, err
+    assert torch.count_nonzero(got[1, 2]) == 0
+    deq = torch.cat([ref.dequantize_latent_fp8(latent8, latent_scale), kv[..., 32:].float()], -1)
+    assert torch.equal(got, ref.ref_sparse_attention_mla(q.bfloat16(), deq, idx, scale, 32))
+
+
+def _fp8_mla_call(latent8=None, latent_scale=None, k_rope=None, q=None):
+    """The FP8-latent reference on a valid (1, 1, 2 heads, 8 + 4) case, with one argument replaced."""
+    latent8 = torch.zeros(1, 5, 8).to(torch.float8_e4m3fn) if latent8 is None else latent8
+    latent_scale = torch.ones(1, 5) if latent_scale is None else latent_scale
+    k_rope = torch.zeros(1, 5, 4) if k_rope is None else k_rope
+    q = torch.zeros(1, 1, 2, 12) if q is None else q
+    return ref.ref_sparse_attention_mla_fp8(q, latent8, latent_scale, k_rope,
+                                            torch.zeros(1, 1, 2, dtype=torch.int32), 1.0)
+
+
 @pytest.mark.parametrize("call, field", [
     (lambda: ref.ref_indexer_topk(torch.randn(1, 2, 3), torch.randn(1, 4, 3), torch.randn(1, 2, 1),
                                   2, torch.tensor([0]), torch.tensor([4])), "q"),
@@ -166,6 +219,12 @@ def test_bf16_inputs_give_bf16_outputs_close_to_fp32():
                                           1.0), "q"),
     (lambda: ref.ref_sparse_attention_mla(torch.randn(1, 1, 2, 4), torch.randn(1, 5, 4),
                                           torch.full((1, 1, 2), 5, dtype=torch.int32), 1.0, 3), "indices"),
+    (lambda: _fp8_mla_call(latent8=torch.zeros(1, 5, 8, dtype=torch.bfloat16)), "latent8"),
+    (lambda: _fp8_mla_call(latent8=torch.zeros(2, 5, 8).to(torch.float8_e4m3fn)), "latent8"),
+    (lambda: _fp8_mla_call(latent_scale=torch.ones(1, 4)), "latent_scale"),
+    (lambda: _fp8_mla_call(latent_scale=torch.ones(1, 5, dtype=torch.bfloat16)), "latent_scale"),
+    (lambda: _fp8_mla_call(k_rope=torch.zeros(1, 5, 3)), "k_rope"),
+    (lambda: _fp8_mla_call(q=torch.zeros(1, 1, 2, 8)), "latent8"),
 ])
 def test_bad_input_names_the_field(call, field):
     with pytest.raises(ValueError, match=f"^{field}: "):

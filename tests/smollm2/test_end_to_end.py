@@ -113,3 +113,58 @@ def test_layers_trains_only_the_named_layers(small_checkpoint, tmp_path):
         assert same == (".layers.1." not in name), name
     for bad in ("7", "x", "-1"):
         assert train_indexer.main_train(base + ["--out", str(tmp_path / "c"), "--layers", bad]) == 2
+
+
+def test_init_indexer_with_fewer_heads_widens_without_changing_the_scores(small_checkpoint, tmp_path, capsys):
+    """A 4-head indexer continued on a model converted with 8 heads: the widened indexer scores exactly
+    as the 4-head one did (new heads start at zero weight), so training starts where it ended; then the
+    new heads learn. A wider file into a narrower model is refused with the flag that fixes it."""
+    from indexcache.checkpoint import load_checkpoint
+    from indexcache.smollm2 import convert_smollm2
+
+    base = ["--seq-len", "96", "--warmup", "1", "--lm-dtype", "float32", "--device", "cpu", "--no-progress",
+            "--artifact-dtype", "float32", "--lr", "5e-3"]
+    narrow = tmp_path / "narrow"
+    assert train_indexer.main_train(base + ["--model", str(small_checkpoint), "--out", str(narrow), "--steps", "4"]) == 0
+    init = narrow / "indexer.safetensors"
+    wide_model = convert_smollm2(tmp_path / "wide", index_n_heads=8, index_head_dim=32, index_topk=16, seed=1,
+                                 num_layers=2)
+
+    tensors = load_file(str(init))
+    widened, old_heads = train_indexer.widen_indexer_heads(tensors, 8, 32)
+    assert old_heads == 4 and widened["model.layers.1.self_attn.indexer.wq_b.weight"].shape[0] == 8 * 32
+    m4, _ = load_checkpoint(small_checkpoint, extra_state=tensors)
+    m8, _ = load_checkpoint(wide_model, extra_state=widened)
+    assert m8.args.index_n_heads == 8
+    tokens = torch.randint(0, m4.args.vocab_size, (1, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for layer in range(2):
+            x = torch.randn(1, 64, m4.args.dim, generator=torch.Generator().manual_seed(layer))
+            ctx4, _ = m4.context(tokens, pattern="FF", attention="dense")
+            ctx8, _ = m8.context(tokens, pattern="FF", attention="dense")
+            s4 = train_indexer.index_scores(m4, layer, x, ctx4)
+            s8 = train_indexer.index_scores(m8, layer, x, ctx8)
+            finite = torch.isfinite(s4)
+            assert torch.equal(finite, torch.isfinite(s8))
+            torch.testing.assert_close(s8[finite], s4[finite], rtol=1e-5, atol=1e-5)
+
+    # Continuing on the same windows: the first KL is the narrow run's at that step, not a fresh start's.
+    ref = tmp_path / "ref"
+    assert train_indexer.main_train(base + ["--model", str(small_checkpoint), "--out", str(ref), "--steps", "1",
+                                            "--init-indexer", str(init)]) == 0
+    wide = tmp_path / "widened"
+    assert train_indexer.main_train(base + ["--model", str(wide_model), "--out", str(wide), "--steps", "6",
+                                            "--init-indexer", str(init)]) == 0
+    ref_m = json.loads((ref / "manifest.json").read_text())
+    wide_m = json.loads((wide / "manifest.json").read_text())
+    assert abs(wide_m["kl_first"] - ref_m["kl_first"]) < 1e-4 * ref_m["kl_first"] + 1e-6
+    assert wide_m["init_indexer"]["widened_from_heads"] == 4 and wide_m["model"]["index_n_heads"] == 8
+    trained = load_file(str(wide / "indexer.safetensors"))
+    new_weights = trained["model.layers.0.self_attn.indexer.weights_proj.weight"][4:]
+    assert new_weights.abs().max() > 0            # the new heads left zero: they are trained, not dead
+    capsys.readouterr()
+
+    # A wider file cannot go into a narrower model: the error names the flag that fixes it.
+    assert train_indexer.main_train(base + ["--model", str(small_checkpoint), "--out", str(tmp_path / "bad"),
+                                            "--steps", "1", "--init-indexer", str(wide / "indexer.safetensors")]) == 2
+    assert "--index-n-heads 8" in capsys.readouterr().err

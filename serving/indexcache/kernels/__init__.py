@@ -23,7 +23,9 @@ import torch
 from .masked import masked_sparse_attention_gqa, masked_sparse_attention_mla
 from .reference import (
     FP8_E4M3_MAX,
+    dequantize_latent_fp8,
     quantize_indexer_fp8,
+    quantize_latent_fp8,
     ref_indexer_scores,
     ref_indexer_topk,
     ref_sparse_attention_gqa,
@@ -33,7 +35,7 @@ from .reference import (
 __all__ = [
     "use_triton", "backend", "triton_available",
     "indexer_topk", "indexer_scores", "sparse_attention_gqa", "sparse_attention_mla",
-    "quantize_indexer_fp8", "FP8_E4M3_MAX",
+    "quantize_indexer_fp8", "quantize_latent_fp8", "dequantize_latent_fp8", "FP8_E4M3_MAX",
 ]
 
 _MODES = ("torch", "triton", "auto", "masked")

@@ -9,6 +9,7 @@ Shapes (B batch, T queries, S keys/cache slots, H heads, D head dim, K selected 
   indexer:   q (B, T, H, D), k (B, S, D), weights (B, T, H) fp32, q_start / kv_len (B,) int64
   gqa:       q (B, T, Hq, Dh), k / v (B, S, Hkv, Dh), indices (B, T, K) int32
   mla:       q (B, T, H, Dc + Dr), kv (B, S, Dc + Dr), indices (B, T, K) int32
+  mla fp8:   q (B, T, H, Dc + Dr), latent8 (B, S, Dc) e4m3, latent_scale (B, S) fp32, k_rope (B, S, Dr)
 """
 from __future__ import annotations
 
@@ -85,6 +86,24 @@ def quantize_indexer_fp8(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor
     q8 = (qf / q_scale[..., None]).to(torch.float8_e4m3fn)
     k8 = (kf / k_scale[..., None]).to(torch.float8_e4m3fn)
     return q8, k8, weights.float() * q_scale, k_scale.float()
+
+
+def quantize_latent_fp8(latent: torch.Tensor):
+    """FP8 latent KV cache rows: (..., S, Dc) -> (latent8 (..., S, Dc) e4m3, scale (..., S) fp32).
+
+    One scale per token row, amax / 448, so latent8 * scale[..., None] is the latent to e4m3's
+    precision (3 mantissa bits: within 1/16 of each element, relative). The scale factors out of both
+    attention products (q . (s k8) = s (q . k8); sum_j p_j s_j k8_j = (p * s) @ k8), so a kernel reads
+    the 1-byte rows and one fp32 per key instead of 2-byte rows (DeepSeek-V3.2's FP8 KV cache).
+    """
+    lf = latent.float()
+    scale = lf.abs().amax(dim=-1).clamp_min(1e-12) / FP8_E4M3_MAX     # (..., S)
+    return (lf / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_latent_fp8(latent8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(..., S, Dc) e4m3 and (..., S) fp32 -> (..., S, Dc) fp32."""
+    return latent8.float() * scale.float()[..., None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,3 +236,27 @@ def ref_sparse_attention_mla(q, kv, indices, scale: float, v_dim: int) -> torch.
             out[b, t0:t1] = _sparse_attend(q[b, t0:t1].float(), keys, keys[..., :v_dim],
                                            indices[b, t0:t1], scale, H).to(q.dtype)
     return out
+
+
+def check_mla_fp8_inputs(q, latent8, latent_scale, k_rope, indices) -> None:
+    """Shape/dtype checks of the FP8-latent MLA cache, shared by the reference and the Triton wrapper."""
+    check_sparse_inputs(q, indices, latent8.shape[0], "latent8")
+    B, Dq = q.shape[0], q.shape[3]
+    if latent8.dim() != 3 or latent8.dtype not in FP8_DTYPES or not 0 < latent8.shape[2] < Dq:
+        raise _fail("latent8", f"expected (B, S, Dc < {Dq}) float8_e4m3fn, got {latent8.dtype} {tuple(latent8.shape)}",
+                    "quantize the normalised latent with quantize_latent_fp8")
+    S, Dc = latent8.shape[1], latent8.shape[2]
+    if tuple(latent_scale.shape) != (B, S) or latent_scale.dtype != torch.float32:
+        raise _fail("latent_scale", f"expected ({B}, {S}) float32, got {latent_scale.dtype} {tuple(latent_scale.shape)}",
+                    "pass the per-token scale returned by quantize_latent_fp8")
+    if tuple(k_rope.shape) != (B, S, Dq - Dc) or k_rope.dtype in FP8_DTYPES:
+        raise _fail("k_rope", f"expected ({B}, {S}, {Dq - Dc}) in bf16/fp32, got {k_rope.dtype} {tuple(k_rope.shape)}",
+                    "keep the RoPE key unquantised, one row per cache slot, q's rope width")
+
+
+def ref_sparse_attention_mla_fp8(q, latent8, latent_scale, k_rope, indices, scale: float) -> torch.Tensor:
+    """Absorbed MLA over an FP8 latent cache: dequantise (latent8 * latent_scale, then k_rope) and run
+    `ref_sparse_attention_mla`. Returns (B, T, H, Dc) in q's dtype."""
+    check_mla_fp8_inputs(q, latent8, latent_scale, k_rope, indices)
+    kv = torch.cat([dequantize_latent_fp8(latent8, latent_scale), k_rope.float()], dim=-1)  # (B, S, Dc+Dr)
+    return ref_sparse_attention_mla(q, kv, indices, scale, latent8.shape[2])

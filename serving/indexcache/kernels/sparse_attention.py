@@ -9,8 +9,10 @@ l) with fp32 accumulators. A query with no valid index writes zeros. The heads f
 tensor-core products, padded to 16. bf16 operands are exact with fp32 accumulation; fp32 operands
 run as TF32. Prefill: one program per (query, head block). Decode (too few queries to fill the
 GPU): the selected keys are split across programs and the partial softmaxes merged (split-K).
+The MLA kernel also reads an FP8 latent cache (e4m3 rows with one fp32 scale per key, RoPE key in
+bf16): 644 bytes gathered per selected key instead of 1152.
 
-References: `reference.ref_sparse_attention_gqa` / `ref_sparse_attention_mla`.
+References: `reference.ref_sparse_attention_gqa` / `ref_sparse_attention_mla` / `ref_sparse_attention_mla_fp8`.
 """
 from __future__ import annotations
 
@@ -21,9 +23,12 @@ import triton.language as tl
 from .indexer import _check_device
 from .reference import (  # noqa: F401 (the twins these kernels are tested against)
     _fail,
+    check_mla_fp8_inputs,
     check_sparse_inputs,
+    quantize_latent_fp8,
     ref_sparse_attention_gqa,
     ref_sparse_attention_mla,
+    ref_sparse_attention_mla_fp8,
 )
 
 
@@ -73,12 +78,15 @@ def _sparse_attention_gqa_kernel(
 
 @triton.jit
 def _sparse_attention_mla_kernel(
-    q_ptr, kv_ptr, idx_ptr, out_ptr, part_acc_ptr, part_ml_ptr, scale, K_sel, S, H, T, k_per_split,
-    sq_b, sq_t, sq_h, skv_b, skv_s, si_b, si_t, so_b, so_t, so_h,
+    q_ptr, lat_ptr, rope_ptr, lsc_ptr, idx_ptr, out_ptr, part_acc_ptr, part_ml_ptr, scale, K_sel, S, H, T,
+    k_per_split, sq_b, sq_t, sq_h, sl_b, sl_s, sr_b, sr_s, ssc_b, si_b, si_t, so_b, so_t, so_h,
     DC: tl.constexpr, DC_PAD: tl.constexpr, DR: tl.constexpr, DR_PAD: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, N_SPLIT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, N_SPLIT: tl.constexpr, FP8_KV: tl.constexpr,
 ):
-    """q = [q_latent (DC) | q_rope (DR)], kv = [latent (DC) | k_rope (DR)], value = latent.
+    """q = [q_latent (DC) | q_rope (DR)], key = [latent (DC) | k_rope (DR)], value = latent.
+    bf16 cache: lat_ptr and rope_ptr point into one (B, S, DC + DR) row. FP8_KV: latent rows are e4m3
+    with one fp32 scale per key (lsc_ptr), converted exactly to q's dtype; the scale multiplies the
+    latent part of each score and each p before the PV product (it factors out of both dots).
     With N_SPLIT > 1 (decode: too few queries to fill the GPU) each program takes one slice of
     the selected keys and writes its unnormalised (acc, m, l) for `_combine_splits`."""
     pid0 = tl.program_id(0)
@@ -92,7 +100,7 @@ def _sparse_attention_mla_kernel(
     c_ok = offs_c < DC
     r_ok = offs_r < DR
     q_row = q_ptr + b * sq_b + t * sq_t + heads[:, None] * sq_h
-    qc = tl.load(q_row + offs_c[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+    qc = tl.load(q_row + offs_c[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)   # (BLOCK_H, DC_PAD)
     qr = tl.load(q_row + DC + offs_r[None, :], mask=h_ok[:, None] & r_ok[None, :], other=0.0)
     m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_H,), tl.float32)
@@ -104,17 +112,28 @@ def _sparse_attention_mla_kernel(
         j = start + offs_k
         idx = tl.load(idx_ptr + b * si_b + t * si_t + j, mask=j < k_hi, other=-1)
         ok = (idx >= 0) & (idx < S)
-        row = kv_ptr + b * skv_b + tl.where(ok, idx, 0).to(tl.int64) * skv_s
-        latent = tl.load(row[:, None] + offs_c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
-        rope = tl.load(row[:, None] + DC + offs_r[None, :], mask=ok[:, None] & r_ok[None, :], other=0.0)
-        s = tl.dot(qc, tl.trans(latent)) + tl.dot(qr, tl.trans(rope))        # (BLOCK_H, BLOCK_K)
+        row = tl.where(ok, idx, 0).to(tl.int64)                              # (BLOCK_K,)
+        latent = tl.load(lat_ptr + b * sl_b + row[:, None] * sl_s + offs_c[None, :],
+                         mask=ok[:, None] & c_ok[None, :], other=0.0)        # (BLOCK_K, DC_PAD)
+        rope = tl.load(rope_ptr + b * sr_b + row[:, None] * sr_s + offs_r[None, :],
+                       mask=ok[:, None] & r_ok[None, :], other=0.0)          # (BLOCK_K, DR_PAD)
+        if FP8_KV:
+            latent = latent.to(qc.dtype)                                     # e4m3 -> bf16: exact
+            ksc = tl.load(lsc_ptr + b * ssc_b + row, mask=ok, other=0.0)     # (BLOCK_K,) fp32
+            s = tl.dot(qc, tl.trans(latent)) * ksc[None, :] + tl.dot(qr, tl.trans(rope))
+        else:
+            s = tl.dot(qc, tl.trans(latent)) + tl.dot(qr, tl.trans(rope))    # (BLOCK_H, BLOCK_K)
         s = tl.where(ok[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
+        if FP8_KV:
+            pv = (p * ksc[None, :]).to(latent.dtype)                         # the value's scale, per key
+        else:
+            pv = p.to(latent.dtype)
+        acc = acc * alpha[:, None] + tl.dot(pv, latent)
         m = m_new
     if N_SPLIT > 1:
         part = ((b * T + t) * N_SPLIT + split) * H + heads                   # (BLOCK_H,)
@@ -177,7 +196,7 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int 
     """Triton twin of `ref_sparse_attention_mla`: (B, T, H, v_dim) in q's dtype."""
     check_sparse_inputs(q, indices, kv.shape[0], "kv")
     _check_device(q, kv, indices)
-    B, T, H, Dq = q.shape
+    Dq = q.shape[3]
     if kv.dim() != 3 or kv.shape[2] != Dq:
         raise _fail("kv", f"expected (B, S, {Dq}), got {tuple(kv.shape)}",
                     "pass the latent cache (normalised latent then RoPE key) with q's last dim")
@@ -189,6 +208,38 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int 
         kv = kv.to(q.dtype)
     if kv.stride(2) != 1:
         kv = kv.contiguous()
+    # latent and rope are the two halves of one cache row; the scale pointer is unused
+    return _launch_mla(q, kv, kv[..., v_dim:], kv, indices, scale, v_dim, False, block_h, block_k, out,
+                       num_warps, num_stages, n_split)
+
+
+def sparse_attention_mla_fp8(q, latent8, latent_scale, k_rope, indices, scale: float,
+                             block_h: int | None = None, block_k: int = 32, out=None, num_warps: int = 4,
+                             num_stages: int = 2, n_split: int | None = None):
+    """Triton twin of `ref_sparse_attention_mla_fp8`: absorbed MLA over an FP8 latent cache.
+
+    latent8 (B, S, Dc) e4m3 and latent_scale (B, S) fp32 from `quantize_latent_fp8`, k_rope (B, S, Dr)
+    unquantised, q (B, T, H, Dc + Dr) bf16. A selected key costs Dc + 2 Dr + 4 bytes of gather
+    (644 at 512 + 64) instead of 2 (Dc + Dr) (1152). Returns (B, T, H, Dc) in q's dtype."""
+    check_mla_fp8_inputs(q, latent8, latent_scale, k_rope, indices)
+    _check_device(q, latent8, latent_scale, k_rope, indices)
+    q = q.contiguous()
+    if k_rope.dtype != q.dtype:
+        k_rope = k_rope.to(q.dtype)
+    if latent8.stride(2) != 1:
+        latent8 = latent8.contiguous()
+    if k_rope.stride(2) != 1:
+        k_rope = k_rope.contiguous()
+    if latent_scale.stride(1) != 1:
+        latent_scale = latent_scale.contiguous()
+    return _launch_mla(q, latent8, k_rope, latent_scale, indices, scale, latent8.shape[2], True, block_h,
+                       block_k, out, num_warps, num_stages, n_split)
+
+
+def _launch_mla(q, latent, rope, latent_scale, indices, scale, v_dim, fp8_kv, block_h, block_k, out,
+                num_warps, num_stages, n_split):
+    """q (B, T, H, Dc+Dr) contiguous; latent (B, S, >=Dc) and rope (B, S, >=Dr) with unit last stride."""
+    B, T, H, Dq = q.shape
     indices = indices.to(torch.int32).contiguous()
     if out is None:
         out = torch.empty(B, T, H, v_dim, dtype=q.dtype, device=q.device)
@@ -205,11 +256,12 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int 
     else:
         part_acc = part_ml = out      # unused
     _sparse_attention_mla_kernel[(T * n_split, B, triton.cdiv(H, block_h))](
-        q, kv, indices, out, part_acc, part_ml, scale, K_sel, kv.shape[1], H, T, k_per_split,
-        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+        q, latent, rope, latent_scale, indices, out, part_acc, part_ml, scale, K_sel, latent.shape[1], H, T,
+        k_per_split, q.stride(0), q.stride(1), q.stride(2), latent.stride(0), latent.stride(1),
+        rope.stride(0), rope.stride(1), latent_scale.stride(0) if fp8_kv else 0,
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1), out.stride(2),
         DC=v_dim, DC_PAD=_pad(v_dim), DR=dr, DR_PAD=_pad(dr), BLOCK_H=block_h, BLOCK_K=block_k,
-        N_SPLIT=n_split, num_warps=num_warps, num_stages=num_stages)
+        N_SPLIT=n_split, FP8_KV=fp8_kv, num_warps=num_warps, num_stages=num_stages)
     if n_split > 1:
         _combine_splits(part_acc, part_ml, out)
     return out
