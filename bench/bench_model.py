@@ -151,17 +151,24 @@ class Weights:
 
 
 def rms(x):
-    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    """RMSNorm without weight, in fp32 (one fused kernel where torch has it, as a serving engine would)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype)
 
 
-def rope(x, pos):
-    """Rotate-half RoPE on the last dim of x (..., T, [heads,] 64) at absolute positions pos (T,)."""
-    d = x.shape[-1]
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+def rope_table(pos, d=64):
+    """cos, sin (T, d/2) fp32 at absolute positions pos (T,): computed once per forward and shared by
+    every layer's RoPE (query, key and indexer key), as serving engines cache them."""
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d))
     ang = pos.float()[:, None] * inv[None]                          # (T, d/2)
+    return ang.cos(), ang.sin()
+
+
+def rope(x, table):
+    """Rotate-half RoPE on the last dim of x (..., T, [heads,] 64) with table = rope_table(positions)."""
+    d = x.shape[-1]
+    cos, sin = table
     if x.dim() == 3:
-        ang = ang[:, None, :]
-    cos, sin = ang.cos(), ang.sin()
+        cos, sin = cos[:, None, :], sin[:, None, :]
     x1, x2 = x[..., : d // 2].float(), x[..., d // 2:].float()
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
 
@@ -385,7 +392,7 @@ class Model:
             if self.idx_k[l] is not None:
                 self.idx_k[l][0, :n] = torch.randn(n, c.idx_dim, device=DEV).to(self.idx_k[l].dtype)
 
-    def layer(self, l, x, pos, p0, idx_prev, timer, scores_buf):
+    def layer(self, l, x, rot, p0, idx_prev, timer, scores_buf):
         c, w = self.c, self.w
         T = x.shape[0]
         timer.mark("rest")
@@ -395,8 +402,8 @@ class Model:
         q = (q_lat @ w.wq_b).view(T, c.heads, c.nope + c.rope)
         kv = h @ w.wkv_a                                                      # (T, 512 + 64)
         timer.mark("rest")
-        q_rope = rope(q[..., c.nope:], pos)
-        k_rope = rope(kv[:, c.kv_rank:], pos)
+        q_rope = rope(q[..., c.nope:], rot)
+        k_rope = rope(kv[:, c.kv_rank:], rot)
         if self.fp8_kv:
             lat8, lat_scale = quantize_latent_fp8(rms(kv[:, : c.kv_rank]))    # (T, 512) e4m3, (T,) fp32
             self.latent8[l][0, p0:p0 + T] = lat8
@@ -413,7 +420,7 @@ class Model:
             timer.mark("indexer")
             iq = (q_lat @ w.wi_q).view(1, T, c.idx_heads, c.idx_dim)
             ik = F.layer_norm((h @ w.wi_k).float(), (c.idx_dim,)).to(DTYPE)
-            ik = torch.cat([rope(ik[:, :64], pos), ik[:, 64:]], -1)
+            ik = torch.cat([rope(ik[:, : c.rope], rot), ik[:, c.rope:]], -1)
             iw = (h @ w.wi_w).float()[None] * (c.idx_heads ** -0.5 * c.idx_dim ** -0.5)
             ks = None
             if self.fp8:
@@ -453,10 +460,10 @@ class Model:
         return x + f, idx_prev
 
     def forward(self, x, p0, timer, scores_buf):
-        pos = torch.arange(p0, p0 + x.shape[0], device=DEV)
+        rot = rope_table(torch.arange(p0, p0 + x.shape[0], device=DEV), self.c.rope)   # shared by all layers
         idx = None
         for l in range(self.c.layers):
-            x, idx = self.layer(l, x, pos, p0, idx, timer, scores_buf)
+            x, idx = self.layer(l, x, rot, p0, idx, timer, scores_buf)
         timer.mark("end")
         return x
 
