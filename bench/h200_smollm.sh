@@ -3,7 +3,7 @@
 # and time calibration with and without activation reuse. Device-tool calls on one warm machine
 # (the packaged GGUF is larger than one transfer; /tmp survives between calls while the machine is warm):
 #   1. carry .lead/a:  bash bench/h200_smollm.sh stage
-#   1b. carry .lead/c: bash bench/h200_smollm.sh stage
+#   1b. carry .lead/c: bash bench/h200_smollm.sh stage   (and carry .lead/v8c the same way to continue v8c)
 #   2. carry .lead/b:  bash bench/h200_smollm.sh train TRAIN_SECONDS   (STEPS=n skips the speed probe)
 #   (or carry .lead/b: bash bench/h200_smollm.sh sweep: indexer head counts on weak layers only)
 #   3. no carry:      bash bench/h200_smollm.sh evaluate
@@ -43,6 +43,7 @@ stage)
   mkdir -p /tmp/stage
   [ -f .lead/a/gguf.part ] && cp .lead/a/gguf.part /tmp/stage/gguf.a
   [ -d .lead/c ] && cp .lead/c/* /tmp/stage/
+  [ -d .lead/v8c ] && mkdir -p /tmp/stage/v8c && cp .lead/v8c/* /tmp/stage/v8c/   # INIT=/tmp/stage/v8c/indexer.safetensors
   ls -la /tmp/stage; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
 train)
   # Continue an earlier indexer (INIT, default the shipped one) on 8K windows, so the indexer sees every
