@@ -54,10 +54,10 @@ train)
   # EVAL_CONTEXTS: contexts of the check after training (4096,8192). LAYERS: train only these (e.g. 7).
   # INDEX_HEADS: indexer heads of the trained model (default 4); more than INIT's widens it (new heads
   # start at zero weight, so training starts from INIT's scores; train_indexer.widen_indexer_heads).
-  # LR: peak learning rate (1e-3).
+  # LR: peak learning rate (1e-3). PERIODIC_EVERY: every k-th window gets a periodic stretch (0: none).
   TRAIN_SECONDS=${2:-240}
   INIT_FILE=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
-  AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans ${REPEAT_SPANS:-16} ${LAYERS:+--layers $LAYERS}"
+  AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans ${REPEAT_SPANS:-16} --periodic-every ${PERIODIC_EVERY:-0} ${LAYERS:+--layers $LAYERS}"
   unpack
   log convert
   $IC convert smollm2 --out /tmp/ckpt --indexer random --index-topk 512 --index-n-heads ${INDEX_HEADS:-4} || exit 1

@@ -1,6 +1,7 @@
 """Why does a passkey trial fail? Per layer, where the dense model looks and where the indexer ranks it.
 
     python bench/passkey_probe.py --context 8192 --depth 0.9 [--indexer FILE] [--topk 512] [--out probe.json]
+    ... [--ablate N [--ablate-only L,...] [--oracle]] | [--shift L,...]
 
 Builds the same prompt as `indexcache eval --contexts 1024,2048,4096,8192` (the key depends on the eval's
 context list: `--trial-contexts`), runs the frozen LM
@@ -122,6 +123,28 @@ def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: 
     return rows
 
 
+@torch.no_grad()
+def distribution_shift(model, tokenizer, prompt: list[int], layers: list[int], topk: int) -> dict:
+    """Per layer: the indexer's KL to the dense attention and its top-k recall on the trial prompt, and the
+    same on the first held-out essay window of the same length (natural text the indexer never saw).
+    A layer that fits prose but not the prompt shows it here."""
+    from indexcache import corpora
+    from indexcache.train_indexer import indexer_kl, topk_recall
+
+    essay = next(corpora.token_windows(corpora.heldout_essays(), tokenizer.encode, len(prompt),
+                                       separator_id=tokenizer.eos_token_id))
+    out = {}
+    for name, ids in (("prompt", prompt), ("heldout_essay", essay)):
+        rows = []
+        for layer, x, attn, ctx in layer_inputs_and_attention(model, torch.tensor([ids]), layers):
+            scores = index_scores(model, layer, x.float(), ctx)
+            rows.append({"layer": layer, "kl": round(indexer_kl(attn, scores).item(), 4),
+                         "recall": round(topk_recall(attn, scores, topk, first_query=len(ids) // 2), 3)})
+            print(f"{name} layer {layer}: KL {rows[-1]['kl']:.4f} recall {rows[-1]['recall']:.3f}", flush=True)
+        out[name] = rows
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--context", type=int, default=8192)
@@ -139,6 +162,9 @@ def main() -> None:
     p.add_argument("--oracle", action="store_true",
                    help="with --ablate: the sparse layers select the dense attention's own top-k (a perfect "
                         "indexer) instead of the indexer's")
+    p.add_argument("--shift", default="", metavar="L,L,...",
+                   help="instead: per-layer indexer KL and recall on the prompt vs a held-out essay window of "
+                        "the same length, for these layers")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = convert_smollm2(Path(tempfile.mkdtemp(prefix="smollm2-")),
@@ -148,6 +174,16 @@ def main() -> None:
     trial_contexts = [int(c) for c in args.trial_contexts.split(",")]
     if args.context not in trial_contexts:
         raise SystemExit(f"--context {args.context} is not in --trial-contexts {args.trial_contexts}")
+    if args.shift:
+        trial = next(t for t in evaluate.passkey_trials(trial_contexts)
+                     if t["depth"] == args.depth and t["context"] == args.context)
+        prompt = evaluate.passkey_prompt(tokenizer, args.context, args.depth, trial["key"])
+        layers = sorted({int(x) for x in args.shift.split(",")})
+        r = distribution_shift(model.eval(), tokenizer, prompt, layers, args.topk)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"context": args.context, "depth": args.depth, "key": trial["key"],
+                                                  "indexer": args.indexer or "bundled", **r}, indent=1))
+        return
     if args.ablate:
         trial = next(t for t in evaluate.passkey_trials(trial_contexts)
                      if t["depth"] == args.depth and t["context"] == args.context)

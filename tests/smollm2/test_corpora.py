@@ -81,3 +81,36 @@ def test_training_windows_repeat_only_every_kth_window():
     aug = training_windows(encode, 512, 0, repeat_every=3, spans=4)
     pairs = [(next(plain), next(aug)) for _ in range(6)]
     assert [a != b for a, b in pairs] == [False, False, True, False, False, True]
+
+
+def test_periodic_stretch_repeats_one_passage_of_the_window_over_a_long_stretch():
+    import random as _random
+
+    from indexcache.train_indexer import periodic_stretch
+
+    window = list(range(4096))                      # distinct tokens: the repeated passage is identifiable
+    for seed in range(5):
+        out = periodic_stretch(window, _random.Random(seed))
+        assert len(out) == len(window)
+        assert periodic_stretch(window, _random.Random(seed)) == out                 # deterministic
+        changed = [i for i, t in enumerate(out) if t != i]
+        # the overwritten tokens form one stretch of 30-90 % of the window, made of one passage of the
+        # window repeated back to back: period = the passage length, values from the window itself
+        unit = sorted(set(out[i] for i in changed) | {out[changed[0]]})
+        period = max(unit) - min(unit) + 1
+        assert 8 <= period <= 64 and unit == list(range(min(unit), max(unit) + 1))
+        lo, hi = changed[0], changed[-1]
+        stretch = out[lo:hi + 1]
+        assert all(stretch[j] == stretch[j - period] for j in range(period, len(stretch)))
+        assert 0.3 * 4096 - 2 * period <= hi - lo + 1 <= 0.9 * 4096
+    assert periodic_stretch(window[:20], _random.Random(0)) == window[:20]    # too short: unchanged
+
+
+def test_training_windows_make_periodic_only_every_kth_window():
+    from indexcache.train_indexer import training_windows
+
+    encode = lambda text: [ord(c) % 251 for c in text]  # noqa: E731
+    plain = training_windows(encode, 512, 0)
+    aug = training_windows(encode, 512, 0, periodic_every=2)
+    pairs = [(next(plain), next(aug)) for _ in range(6)]
+    assert [a != b for a, b in pairs] == [False, True, False, True, False, True]
