@@ -47,18 +47,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serving"))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # the CPU smoke test: the interpreter turns a scalar loop bound into an int with int(array), which
-    # NumPy >= 2.4 refuses for its 1-element arrays (the same patch as tests/kernels/conftest.py)
-    from triton.runtime import interpreter as _interp
+from indexcache.kernels.interpreter import patch_for_numpy2  # noqa: E402
 
-    _orig_patch_tensor = _interp._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        _orig_patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = _patch_lang_tensor
+patch_for_numpy2()   # the CPU smoke test under TRITON_INTERPRET=1
 
 from indexcache.kernels import quantize_indexer_fp8, quantize_latent_fp8  # noqa: E402
 from indexcache.kernels.indexer import indexer_scores_into, topk_rows_into  # noqa: E402
