@@ -719,7 +719,8 @@ def main():
     ap.add_argument("--fp8-kv", action="store_true",
                     help="latent KV cache as e4m3 + one fp32 scale per token (RoPE key bf16), FP8-latent MLA kernel")
     ap.add_argument("--profile-decode", action="store_true",
-                    help="at the largest context (all-F pattern): torch.profiler kernel table per decode token")
+                    help="at the largest context (all-F pattern): torch.profiler kernel table per decode token "
+                         "(profiled after that run's timed replays)")
     ap.add_argument("--prefill-max-context", type=int, default=10 ** 9,
                     help="above this context, no prefill (decode only; saves device time)")
     ap.add_argument("--tiny", action="store_true", help="toy sizes (TinyCfg): the CPU smoke test")
@@ -743,7 +744,7 @@ def main():
     wt = args.warmup_tokens
     prefill(Model(c, w, wt, "F" * (c.layers - 1) + "S", args.fp8_indexer, grouped, mla_cfg, args.fp8_kv), wt, wt // 2)
     names = args.patterns.split(",")
-    profile_name = "all-F" if "all-F" in names else names[0]     # --profile-decode's pattern
+    profile_name = "all-F" if "all-F" in names else names[0]     # --profile-decode: this pattern at the largest context
     for n in contexts:                      # contexts outer: a time-budget cut keeps whole comparisons
         for name in names:
             pattern = PATTERNS[name][: c.layers]
@@ -757,7 +758,11 @@ def main():
                                                       or name in ("all-F", "1/4")):
                     row.update(prefill(model, n, args.chunk))
                 if not args.no_decode:
-                    row.update(decode(model, n, decode_moe=args.decode_moe))
+                    profile = args.profile_decode and n == max(contexts) and name == profile_name
+                    row.update(decode(model, n, decode_moe=args.decode_moe, profile=profile))
+                    if profile:      # the profile goes beside the runs, not into their rows
+                        res["decode_profile"] = {"pattern": name, "context": n, **{
+                            k: row.pop(k) for k in [k for k in row if k.startswith("decode_profile")]}}
                 del model
             except Exception as e:
                 row["error"] = repr(e)[:500]
@@ -770,25 +775,10 @@ def main():
     res["wall_s"] = time.time() - t_start
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    print_table(res, profiles=False)
-    if args.profile_decode and not args.no_decode:
-        # after the measured runs and their JSON, so that a profiler failure cannot cost them
-        n, name = max(contexts), profile_name
-        prof = {"pattern": name, "context": n}
-        try:
-            model = Model(c, w, n + 1, PATTERNS[name][: c.layers], args.fp8_indexer, grouped, mla_cfg, args.fp8_kv)
-            prof.update(decode(model, n, decode_moe=args.decode_moe, profile=True))
-            del model
-        except Exception as e:
-            prof["error"] = repr(e)[:500]
-        res["decode_profile"] = prof
-        res["wall_s"] = time.time() - t_start
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-        print_decode_profile(prof)
+    print_table(res)
 
 
-def print_table(res, profiles=True):
+def print_table(res):
     print(f"\n{res['gpu']} torch {res['torch']} commit {res['commit']} chunk {res['chunk']} "
           f"fp8 indexer {res['fp8_indexer']} fp8 KV {res.get('fp8_kv', False)} decode MoE {res.get('decode_moe', 'grouped')}")
     print(f"{'pattern':>12} {'F':>3} {'ctx':>7} {'prefill s':>9} | {'indexer':>7} {'topk':>6} {'attn':>6} "
@@ -820,7 +810,7 @@ def print_table(res, profiles=True):
         if "decode_tokens_per_s_gather_moe" in r and "decode_tokens_per_s_grouped_moe" in r:
             print(f"decode MoE gather / grouped {r['pattern']:>12} @ {r['context']:>7}: "
                   f"{r['decode_tokens_per_s_gather_moe'] / r['decode_tokens_per_s_grouped_moe']:.2f}x")
-    if profiles and "decode_profile" in res:
+    if "decode_profile" in res:
         print_decode_profile(res["decode_profile"])
     if res["skipped"]:
         print("skipped (time budget):", res["skipped"])
