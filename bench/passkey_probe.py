@@ -49,10 +49,15 @@ def key_positions(tokenizer, prompt: list[int], key: int) -> list[int]:
     return pos
 
 
+def trial_prompt(tokenizer, context: int, depth: float, trial_contexts) -> tuple[dict, list[int]]:
+    """The eval's passkey trial at (context, depth) and its prompt tokens (keys depend on trial_contexts)."""
+    trial = next(t for t in evaluate.passkey_trials(trial_contexts) if t["depth"] == depth and t["context"] == context)
+    return trial, evaluate.passkey_prompt(tokenizer, context, depth, trial["key"])
+
+
 @torch.no_grad()
 def probe(model, tokenizer, context: int, depth: float, topk: int, trial_contexts=evaluate.DEFAULT_CONTEXTS) -> dict:
-    trial = next(t for t in evaluate.passkey_trials(trial_contexts) if t["depth"] == depth and t["context"] == context)
-    prompt = evaluate.passkey_prompt(tokenizer, context, depth, trial["key"])
+    trial, prompt = trial_prompt(tokenizer, context, depth, trial_contexts)
     needle = key_positions(tokenizer, prompt, trial["key"])
     ids = torch.tensor([prompt])
     layers = []
@@ -175,9 +180,7 @@ def main() -> None:
     if args.context not in trial_contexts:
         raise SystemExit(f"--context {args.context} is not in --trial-contexts {args.trial_contexts}")
     if args.shift:
-        trial = next(t for t in evaluate.passkey_trials(trial_contexts)
-                     if t["depth"] == args.depth and t["context"] == args.context)
-        prompt = evaluate.passkey_prompt(tokenizer, args.context, args.depth, trial["key"])
+        trial, prompt = trial_prompt(tokenizer, args.context, args.depth, trial_contexts)
         layers = sorted({int(x) for x in args.shift.split(",")})
         r = distribution_shift(model.eval(), tokenizer, prompt, layers, args.topk)
         if args.out:
@@ -185,9 +188,7 @@ def main() -> None:
                                                   "indexer": args.indexer or "bundled", **r}, indent=1))
         return
     if args.ablate:
-        trial = next(t for t in evaluate.passkey_trials(trial_contexts)
-                     if t["depth"] == args.depth and t["context"] == args.context)
-        prompt = evaluate.passkey_prompt(tokenizer, args.context, args.depth, trial["key"])
+        trial, prompt = trial_prompt(tokenizer, args.context, args.depth, trial_contexts)
         right = tokenizer.encode(f" {trial['key']}")[0]                   # the number's first token
         n = model.args.n_layers
         groups = [list(range(i, min(n, i + args.ablate))) for i in range(0, n, args.ablate)]
