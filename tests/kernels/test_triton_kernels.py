@@ -8,6 +8,7 @@ score (every chosen key scores at least the k-th best score, less that tolerance
 set overlap (near-ties may swap); attention outputs in bf16 by relative Frobenius error < 1e-2.
 """
 import os
+import secrets
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,8 +37,11 @@ def dev():
 
 @pytest.fixture
 def gen(request):
-    # fresh inputs per test, reproducible per test name
-    return torch.Generator().manual_seed(abs(hash(request.node.name)) % (2 ** 31))
+    """Fresh inputs on every run; the seed is printed (pytest shows it with a failure) and
+    INDEXCACHE_TEST_SEED=<seed> replays that run."""
+    seed = int(os.environ.get("INDEXCACHE_TEST_SEED") or secrets.randbits(31))
+    print(f"{request.node.name}: INDEXCACHE_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
 
 
 def make_indexer(gen, dev, B, T, H, D, S, q_start, kv_len, dtype=LOW):
@@ -329,6 +333,13 @@ def _random_rows(gen, dev, B, T, S):
     return scores, torch.tensor([S - T, S // 2], device=dev), torch.tensor([S, S // 2 + T], device=dev)
 
 
+def SAMPLED_CASE(T_small, T_gpu):
+    """(B, T, S, topk, stride) for the sampled top-k tests. Both sizes estimate the threshold from the
+    64th-best sample (RANK = topk * margin / stride), so a random row misses the [topk, CAP] window of
+    candidates with probability ~1e-5 (simulated: 0 of 20,000 rows); at RANK 16 it was ~0.4 % per row."""
+    return (2, T_small, 3000, 64, 2) if SMALL else (2, T_gpu, 131072, 2048, 64)
+
+
 def _topk_both_ways(scores, q_start, kv_len, topk, **sampled):
     from indexcache.kernels.indexer import topk_rows_into
     B, T = scores.shape[:2]
@@ -352,7 +363,7 @@ def test_sampled_topk_equals_the_radix_select_on_random_rows(dev, gen):
     """The sampled top-k (threshold from every stride-th key, select among the candidates) is a fast path
     of the whole-row radix select: the same set of indices (the order within a row may differ: each
     writes the keys above its last radix digit first), and the sampled path is what ran."""
-    B, T, S, topk, stride = (2, 8, 3000, 64, 8) if SMALL else (2, 256, 131072, 2048, 64)
+    B, T, S, topk, stride = SAMPLED_CASE(8, 256)
     scores, q_start, kv_len = _random_rows(gen, dev, B, T, S)
     radix, fast, path = _topk_both_ways(scores, q_start, kv_len, topk, stride=stride)
     assert torch.equal(radix.cpu().sort(-1).values, fast.cpu().sort(-1).values)
@@ -363,15 +374,15 @@ def test_sampled_topk_equals_the_radix_select_on_random_rows(dev, gen):
 def test_sampled_topk_falls_back_to_the_whole_row_when_the_estimate_fails(dev, gen):
     """Rows where the estimate fails take the whole-row fallback and still return the exact top-k: a
     constant row (every key ties), a row whose sampled keys are all the worst (too few candidates), and
-    a row whose best value is shared by 8 keys per sample, so more keys reach the threshold than the
-    scratch holds. A row with a few distinct values may take either path."""
-    B, T, S, topk, stride = (2, 6, 3000, 64, 8) if SMALL else (2, 64, 131072, 2048, 64)
+    a row whose best value is shared by half its keys, so more keys reach the threshold than the
+    scratch holds. A row with a few distinct values may take either path; random rows take the sampled one."""
+    B, T, S, topk, stride = SAMPLED_CASE(6, 64)
     scores = torch.randn(B, T, S, generator=gen).to(dev)
     q_start, kv_len = torch.tensor([S - T, S - T - 7], device=dev), torch.tensor([S, S - 7], device=dev)
     scores[:, 0] = 0.25                                                # every key ties
     sampled_positions = torch.arange(0, S, stride, device=dev)
     scores[:, 1, sampled_positions] = -50.0                            # samples say: threshold is low
-    scores[:, 2, ::max(1, stride // 8)] = 50.0                         # 8 keys per sample reach it
+    scores[:, 2, ::2] = 50.0                                           # half the row reaches it
     scores[:, 3] = (scores[:, 3] * 2).round()                          # few distinct values
     radix, fast, path = _topk_both_ways(scores, q_start, kv_len, topk, stride=stride)
     assert torch.equal(radix.cpu().sort(-1).values, fast.cpu().sort(-1).values)
