@@ -1,7 +1,7 @@
 """Why does a passkey trial fail? Per layer, where the dense model looks and where the indexer ranks it.
 
     python bench/passkey_probe.py --context 8192 --depth 0.9 [--indexer FILE] [--topk 512] [--out probe.json]
-    ... [--ablate N [--ablate-only L,...] [--oracle]] | [--shift L,...]
+    ... [--ablate N [--ablate-only L,...] [--oracle [--oracle-rows A:B]]] | [--shift L,...]
 
 Builds the same prompt as `indexcache eval --contexts 1024,2048,4096,8192` (the key depends on the eval's
 context list: `--trial-contexts`), runs the frozen LM
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serving"))
 from indexcache import evaluate  # noqa: E402
 from indexcache.checkpoint import load_checkpoint  # noqa: E402
-from indexcache.model import Capture  # noqa: E402
+from indexcache.model import Capture, select_indices  # noqa: E402
 from indexcache.smollm2 import bundled_indexer, convert_smollm2  # noqa: E402
 from indexcache.tokenizer import load_tokenizer  # noqa: E402
 from indexcache.train_indexer import index_scores, layer_inputs_and_attention  # noqa: E402
@@ -99,12 +99,21 @@ def oracle_indices(model, x: torch.Tensor, layer: int, topk: int) -> torch.Tenso
     return torch.where(causal, idx, torch.full_like(idx, -1)).to(torch.int32)
 
 
+def indexer_indices(model, x: torch.Tensor, layer: int, ctx) -> torch.Tensor:
+    """The layer's own indexer top-k on hidden states x (1, T, dim), as its F step would pick them."""
+    block = model.model.layers[layer]
+    normed = block.input_layernorm(x)
+    return select_indices(block.self_attn, normed, normed, ctx, layer, None, model.args.index_topk)
+
+
 @torch.no_grad()
-def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: int, oracle: bool = False) -> list[dict]:
+def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: int, oracle: bool = False,
+           oracle_rows: slice = slice(None)) -> list[dict]:
     """The answer's first token with sparse attention in one group of layers only (dense elsewhere): which
     layers' sparse attention (at every position of the prompt) costs the right token `right`.
     oracle: those layers select the dense attention's own top-k instead of the indexer's (the bound
-    a perfect indexer would reach at this top-k)."""
+    a perfect indexer would reach at this top-k), for the queries in oracle_rows (a slice of prompt
+    positions; the indexer picks for the others): which positions' choices cost the answer."""
     n = model.args.n_layers
     ids = torch.tensor([prompt])
     ctxs = {mode: model.context(ids, pattern="F" * n, attention=mode)[0] for mode in ("dense", "sparse")}
@@ -114,16 +123,22 @@ def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: 
         x = model.model.embed_tokens(ids)
         for layer in range(n):
             if oracle and layer in group:
-                chosen = oracle_indices(model, x, layer, model.args.index_topk)
+                chosen = oracle_indices(model, x, layer, model.args.index_topk)          # (1, T, topk)
+                if oracle_rows != slice(None):
+                    mixed = indexer_indices(model, x, layer, ctxs["sparse"])
+                    mixed[:, oracle_rows] = chosen[:, oracle_rows]
+                    chosen = mixed
                 pattern = "F" * layer + "S" + "F" * (n - layer - 1)         # S: use the indices passed in
                 x, _ = model.run_layers(x, ctxs["sparse"], pattern, layer, layer + 1, indices=chosen)
                 continue
             x, _ = model.run_layers(x, ctxs["sparse" if layer in group else "dense"], "F" * n, layer, layer + 1)
         logp = model.logits(x, at)[0].float().log_softmax(-1)
         top = int(logp.argmax())
-        rows.append({"sparse_layers": group, "oracle": oracle, "right_logprob": round(float(logp[right]), 3),
+        rows.append({"sparse_layers": group, "oracle": oracle,
+                     "oracle_rows": [oracle_rows.start, oracle_rows.stop] if oracle else None, "right_logprob": round(float(logp[right]), 3),
                      "top": tokenizer.decode([top]), "top_logprob": round(float(logp[top]), 3)})
-        print(f"sparse{' (oracle top-k)' if oracle else ''} in {group[0]}-{group[-1]}: right token {float(logp[right]):.3f}, "
+        where = f" rows {oracle_rows.start}:{oracle_rows.stop}" if oracle_rows != slice(None) else ""
+        print(f"sparse{f' (oracle top-k{where})' if oracle else ''} in {group[0]}-{group[-1]}: right token {float(logp[right]):.3f}, "
               f"top {tokenizer.decode([top])!r} {float(logp[top]):.3f}", flush=True)
     return rows
 
@@ -150,6 +165,14 @@ def distribution_shift(model, tokenizer, prompt: list[int], layers: list[int], t
     return out
 
 
+def parse_slice(text: str) -> slice:
+    try:
+        a, b = text.split(":")
+        return slice(int(a) if a.strip() else None, int(b) if b.strip() else None)
+    except ValueError:
+        raise SystemExit(f"--oracle-rows {text!r}: write A:B with integers, e.g. -64: or :-64") from None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--context", type=int, default=8192)
@@ -167,6 +190,9 @@ def main() -> None:
     p.add_argument("--oracle", action="store_true",
                    help="with --ablate: the sparse layers select the dense attention's own top-k (a perfect "
                         "indexer) instead of the indexer's")
+    p.add_argument("--oracle-rows", default=":", metavar="A:B",
+                   help="with --oracle: only the queries at prompt positions A:B (Python slice, negative from the "
+                        "end) get the dense top-k; the indexer picks for the rest")
     p.add_argument("--shift", default="", metavar="L,L,...",
                    help="instead: per-layer indexer KL and recall on the prompt vs a held-out essay window of "
                         "the same length, for these layers")
@@ -190,6 +216,7 @@ def main() -> None:
     if args.ablate:
         trial, prompt = trial_prompt(tokenizer, args.context, args.depth, trial_contexts)
         right = tokenizer.encode(f" {trial['key']}")[0]                   # the number's first token
+        print(f"prompt {len(prompt)} tokens; key digits at {key_positions(tokenizer, prompt, trial['key'])}")
         n = model.args.n_layers
         groups = [list(range(i, min(n, i + args.ablate))) for i in range(0, n, args.ablate)]
         if args.ablate_only:
@@ -197,7 +224,8 @@ def main() -> None:
             groups = [g for g in groups if g[0] in starts]
         else:
             groups = [list(range(n))] + groups
-        rows = ablate(model.eval(), tokenizer, prompt, groups, right, oracle=args.oracle)
+        rows = ablate(model.eval(), tokenizer, prompt, groups, right, oracle=args.oracle,
+                      oracle_rows=parse_slice(args.oracle_rows))
         if args.out:
             Path(args.out).write_text(json.dumps({"context": args.context, "depth": args.depth, "key": trial["key"],
                                                   "right_token": tokenizer.decode([right]), "rows": rows}, indent=1))
