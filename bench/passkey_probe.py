@@ -1,7 +1,7 @@
 """Why does a passkey trial fail? Per layer, where the dense model looks and where the indexer ranks it.
 
     python bench/passkey_probe.py --context 8192 --depth 0.9 [--indexer FILE] [--topk 512] [--out probe.json]
-    ... [--ablate N [--ablate-only L,...] [--oracle [--oracle-rows A:B]]] | [--shift L,...]
+    ... [--ablate N [--ablate-only L,...] [--oracle [--oracle-rows A:B[,C:D]]]] | [--shift L,...]
 
 Builds the same prompt as `indexcache eval --contexts 1024,2048,4096,8192` (the key depends on the eval's
 context list: `--trial-contexts`), runs the frozen LM
@@ -108,12 +108,12 @@ def indexer_indices(model, x: torch.Tensor, layer: int, ctx) -> torch.Tensor:
 
 @torch.no_grad()
 def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: int, oracle: bool = False,
-           oracle_rows: slice = slice(None)) -> list[dict]:
+           oracle_rows: list[slice] | None = None) -> list[dict]:
     """The answer's first token with sparse attention in one group of layers only (dense elsewhere): which
     layers' sparse attention (at every position of the prompt) costs the right token `right`.
     oracle: those layers select the dense attention's own top-k instead of the indexer's (the bound
-    a perfect indexer would reach at this top-k), for the queries in oracle_rows (a slice of prompt
-    positions; the indexer picks for the others): which positions' choices cost the answer."""
+    a perfect indexer would reach at this top-k), for the queries in oracle_rows (slices of prompt
+    positions, default all; the indexer picks for the others): which positions' choices cost the answer."""
     n = model.args.n_layers
     ids = torch.tensor([prompt])
     ctxs = {mode: model.context(ids, pattern="F" * n, attention=mode)[0] for mode in ("dense", "sparse")}
@@ -124,9 +124,10 @@ def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: 
         for layer in range(n):
             if oracle and layer in group:
                 chosen = oracle_indices(model, x, layer, model.args.index_topk)          # (1, T, topk)
-                if oracle_rows != slice(None):
+                if oracle_rows is not None:
                     mixed = indexer_indices(model, x, layer, ctxs["sparse"])
-                    mixed[:, oracle_rows] = chosen[:, oracle_rows]
+                    for rows_slice in oracle_rows:
+                        mixed[:, rows_slice] = chosen[:, rows_slice]
                     chosen = mixed
                 pattern = "F" * layer + "S" + "F" * (n - layer - 1)         # S: use the indices passed in
                 x, _ = model.run_layers(x, ctxs["sparse"], pattern, layer, layer + 1, indices=chosen)
@@ -135,9 +136,10 @@ def ablate(model, tokenizer, prompt: list[int], groups: list[list[int]], right: 
         logp = model.logits(x, at)[0].float().log_softmax(-1)
         top = int(logp.argmax())
         rows.append({"sparse_layers": group, "oracle": oracle,
-                     "oracle_rows": [oracle_rows.start, oracle_rows.stop] if oracle else None, "right_logprob": round(float(logp[right]), 3),
+                     "oracle_rows": ([[r.start, r.stop] for r in oracle_rows] if oracle_rows else "all") if oracle else None,
+                     "right_logprob": round(float(logp[right]), 3),
                      "top": tokenizer.decode([top]), "top_logprob": round(float(logp[top]), 3)})
-        where = f" rows {oracle_rows.start}:{oracle_rows.stop}" if oracle_rows != slice(None) else ""
+        where = (" rows " + ",".join(f"{r.start}:{r.stop}" for r in oracle_rows)) if oracle_rows else ""
         print(f"sparse{f' (oracle top-k{where})' if oracle else ''} in {group[0]}-{group[-1]}: right token {float(logp[right]):.3f}, "
               f"top {tokenizer.decode([top])!r} {float(logp[top]):.3f}", flush=True)
     return rows
@@ -165,12 +167,16 @@ def distribution_shift(model, tokenizer, prompt: list[int], layers: list[int], t
     return out
 
 
-def parse_slice(text: str) -> slice:
+def parse_row_slices(text: str) -> list[slice] | None:
+    """'A:B[,C:D...]' (Python slices of prompt positions, negative from the end) -> slices; ':' -> None (all)."""
+    if text.strip() == ":":
+        return None
     try:
-        a, b = text.split(":")
-        return slice(int(a) if a.strip() else None, int(b) if b.strip() else None)
+        pairs = [part.split(":") for part in text.split(",")]
+        return [slice(int(a) if a.strip() else None, int(b) if b.strip() else None) for a, b in pairs]
     except ValueError:
-        raise SystemExit(f"--oracle-rows {text!r}: write A:B with integers, e.g. -64: or :-64") from None
+        raise SystemExit(f"--oracle-rows {text!r}: write A:B[,C:D...] with integers, e.g. -64: or "
+                         "7300:7400,-64:") from None
 
 
 def main() -> None:
@@ -190,9 +196,9 @@ def main() -> None:
     p.add_argument("--oracle", action="store_true",
                    help="with --ablate: the sparse layers select the dense attention's own top-k (a perfect "
                         "indexer) instead of the indexer's")
-    p.add_argument("--oracle-rows", default=":", metavar="A:B",
-                   help="with --oracle: only the queries at prompt positions A:B (Python slice, negative from the "
-                        "end) get the dense top-k; the indexer picks for the rest")
+    p.add_argument("--oracle-rows", default=":", metavar="A:B[,C:D]",
+                   help="with --oracle: only the queries at these prompt positions (Python slices, negative from "
+                        "the end) get the dense top-k; the indexer picks for the rest")
     p.add_argument("--shift", default="", metavar="L,L,...",
                    help="instead: per-layer indexer KL and recall on the prompt vs a held-out essay window of "
                         "the same length, for these layers")
@@ -225,7 +231,7 @@ def main() -> None:
         else:
             groups = [list(range(n))] + groups
         rows = ablate(model.eval(), tokenizer, prompt, groups, right, oracle=args.oracle,
-                      oracle_rows=parse_slice(args.oracle_rows))
+                      oracle_rows=parse_row_slices(args.oracle_rows))
         if args.out:
             Path(args.out).write_text(json.dumps({"context": args.context, "depth": args.depth, "key": trial["key"],
                                                   "right_token": tokenizer.decode([right]), "rows": rows}, indent=1))
