@@ -333,7 +333,7 @@ def _random_rows(gen, dev, B, T, S):
     return scores, torch.tensor([S - T, S // 2], device=dev), torch.tensor([S, S // 2 + T], device=dev)
 
 
-def SAMPLED_CASE(T_small, T_gpu):
+def sampled_case(T_small, T_gpu):
     """(B, T, S, topk, stride) for the sampled top-k tests. Both sizes estimate the threshold from the
     64th-best sample (RANK = topk * margin / stride), so a random row misses the [topk, CAP] window of
     candidates with probability ~1e-5 (simulated: 0 of 20,000 rows); at RANK 16 it was ~0.4 % per row."""
@@ -363,7 +363,7 @@ def test_sampled_topk_equals_the_radix_select_on_random_rows(dev, gen):
     """The sampled top-k (threshold from every stride-th key, select among the candidates) is a fast path
     of the whole-row radix select: the same set of indices (the order within a row may differ: each
     writes the keys above its last radix digit first), and the sampled path is what ran."""
-    B, T, S, topk, stride = SAMPLED_CASE(8, 256)
+    B, T, S, topk, stride = sampled_case(8, 256)
     scores, q_start, kv_len = _random_rows(gen, dev, B, T, S)
     radix, fast, path = _topk_both_ways(scores, q_start, kv_len, topk, stride=stride)
     assert torch.equal(radix.cpu().sort(-1).values, fast.cpu().sort(-1).values)
@@ -376,7 +376,7 @@ def test_sampled_topk_falls_back_to_the_whole_row_when_the_estimate_fails(dev, g
     constant row (every key ties), a row whose sampled keys are all the worst (too few candidates), and
     a row whose best value is shared by half its keys, so more keys reach the threshold than the
     scratch holds. A row with a few distinct values may take either path; random rows take the sampled one."""
-    B, T, S, topk, stride = SAMPLED_CASE(6, 64)
+    B, T, S, topk, stride = sampled_case(6, 64)
     scores = torch.randn(B, T, S, generator=gen).to(dev)
     q_start, kv_len = torch.tensor([S - T, S - T - 7], device=dev), torch.tensor([S, S - 7], device=dev)
     scores[:, 0] = 0.25                                                # every key ties
