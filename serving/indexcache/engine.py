@@ -34,6 +34,8 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from . import kernels
+from .cuda_graphs import DecodeGraphs
 from .generate import SamplingParams, make_generator, sample_token
 from .metrics import FlopModel, ServingMetrics
 from .model import DSAForCausalLM, KVCache
@@ -79,7 +81,8 @@ class EngineRequest:
 class Engine:
     def __init__(self, model: DSAForCausalLM, *, pattern: str | None = None, pattern_version: int = 0,
                  max_batch_size: int = 8, max_model_len: int | None = None, chunk_size: int = 256,
-                 metrics: ServingMetrics | None = None):
+                 metrics: ServingMetrics | None = None, enforce_eager: bool = False,
+                 indexer_fp8: bool | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if chunk_size < 1:
@@ -91,8 +94,17 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.pattern = model.check_pattern(pattern or model.default_pattern)
         self.pattern_version = pattern_version
-        self.cache = KVCache(self.args, max_batch_size, self.max_model_len, self.pattern,
-                             dtype=model.lm_head.weight.dtype, device=self.device)
+        on_cuda = self.device.type == "cuda"
+        # CUDA graphs for decode unless asked for eager (debugging), like vLLM's --enforce-eager
+        self.cuda_graphs = on_cuda and not enforce_eager
+        # the FP8 lightning indexer (e4m3 keys, half the bytes) on CUDA by default; bf16 on request
+        self.indexer_fp8 = on_cuda and kernels.backend(self.device) == "triton" if indexer_fp8 is None else indexer_fp8
+        # one extra slot when graphs pad a batch up to its bucket: padding rows write there
+        n_slots = max_batch_size + (1 if self.cuda_graphs else 0)
+        self.cache = KVCache(self.args, n_slots, self.max_model_len, self.pattern,
+                             dtype=model.lm_head.weight.dtype, device=self.device, indexer_fp8=self.indexer_fp8)
+        self.graphs = (DecodeGraphs(model, self.cache, max_batch_size, self.max_model_len, pad_slot=max_batch_size)
+                       if self.cuda_graphs else None)
         self.flops = FlopModel.of(self.args)
         self.metrics = metrics
         if metrics is not None:
@@ -106,6 +118,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.forwards = 0   # forwards run (a test counts them to see batching happen)
+        self._graph_patterns_in_use: set[str] | None = None
 
     # -------------------------------------------------------------------------------- configuration
     def set_pattern(self, pattern: str, version: int) -> None:
@@ -113,6 +126,10 @@ class Engine:
         pattern = self.model.check_pattern(pattern)
         with self._lock:
             self.pattern, self.pattern_version = pattern, version
+            in_use = {r.pattern for r in self.running} | {r.pattern for r in self.waiting} | {pattern}
+            # graphs of patterns nobody uses any more are freed by the engine thread (never during a capture);
+            # the new pattern's graphs are captured there on first use
+            self._graph_patterns_in_use = in_use
         if self.metrics is not None:
             self.metrics.set_pattern(pattern, version)
 
@@ -214,6 +231,9 @@ class Engine:
                 if req.params.max_new_tokens == 0:
                     self._finish(req, "length")
             running = list(self.running)
+            drop, self._graph_patterns_in_use = self._graph_patterns_in_use, None
+        if drop is not None and self.graphs is not None:
+            self.graphs.drop_patterns(drop | {r.pattern for r in running})
         self._update_gauges()
         if not running:
             return False
@@ -230,6 +250,7 @@ class Engine:
             try:
                 logits = self._forward(tokens, [start], [req.slot], req.pattern,
                                        logits_at=torch.tensor([len(chunk) - 1], device=self.device))
+                logits = logits.cpu() if self.device.type != "cpu" else logits       # one sync, then sampling on the host
                 req.cached += len(chunk)
                 if self.metrics is not None:
                     self.metrics.prompt_tokens.inc(len(chunk))
@@ -251,10 +272,15 @@ class Engine:
         its requests one by one so that only the request that fails alone is failed: one bad request never
         takes the others down. Re-running is safe: a forward writes the cache at each request's current
         position only, and the retry overwrites what the failed one wrote there."""
-        tokens = torch.tensor([[r.output[-1]] for r in batch], device=self.device)    # (B, 1)
         try:
-            logits = self._forward(tokens, [r.cached for r in batch], [r.slot for r in batch], pattern,
-                                   logits_at=torch.zeros(len(batch), dtype=torch.long, device=self.device))
+            if self.graphs is not None:
+                logits = self._replay(batch, pattern)
+            else:
+                tokens = torch.tensor([[r.output[-1]] for r in batch], device=self.device)    # (B, 1)
+                logits = self._forward(tokens, [r.cached for r in batch], [r.slot for r in batch], pattern,
+                                       logits_at=torch.zeros(len(batch), dtype=torch.long, device=self.device))
+            if self.device.type != "cpu":
+                logits = logits.cpu()   # one device sync per step; sampling runs on the host copy
         except Exception as exc:
             if len(batch) == 1:
                 self._fail(batch[0], exc)
@@ -280,16 +306,29 @@ class Engine:
 
     def _forward(self, tokens: torch.Tensor, starts: list[int], slots: list[int], pattern: str,
                  logits_at: torch.Tensor) -> torch.Tensor:
+        """One eager forward; starts and slots go in as host lists (no device sync inside the model)."""
         t0 = time.monotonic()
-        logits = self.model(tokens, start_pos=torch.tensor(starts, device=self.device), cache=self.cache,
-                            slots=torch.tensor(slots, device=self.device), pattern=pattern, logits_at=logits_at)
+        logits = self.model(tokens, start_pos=starts, cache=self.cache, slots=slots, pattern=pattern,
+                            logits_at=logits_at)
+        self._observe_forward(t0, starts, tokens.shape[1], pattern)
+        return logits
+
+    def _replay(self, batch: list[EngineRequest], pattern: str) -> torch.Tensor:
+        """One decode position for `batch` through its CUDA graph (captured on first use)."""
+        t0 = time.monotonic()
+        starts = [r.cached for r in batch]
+        logits = self.graphs.run([r.output[-1] for r in batch], starts, [r.slot for r in batch], pattern)
+        self._observe_forward(t0, starts, 1, pattern)
+        return logits
+
+    def _observe_forward(self, t0: float, starts: list[int], n: int, pattern: str) -> None:
+        # On CUDA the forward returns before the device finishes: the time is launch time until the caller
+        # syncs; the step's sampling sync follows at once, so per-step sums stay right within one step.
         seconds = time.monotonic() - t0
         self.forwards += 1
         if self.metrics is not None:
-            n = tokens.shape[1]
             computed, skipped, total = self.flops.forward([(s, n) for s in starts], pattern.count("F"), len(starts))
             self.metrics.observe_forward(seconds, computed, skipped, total)
-        return logits
 
     def _accept(self, req: EngineRequest, logits: torch.Tensor) -> None:
         """Sample the next token of `req` from its logits (V,), emit it, finish when due."""

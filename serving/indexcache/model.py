@@ -91,6 +91,9 @@ class ForwardContext:
     cache: "KVCache | None"
     slots: torch.Tensor | None     # (B,) cache rows of the batch
     capture: Capture | None
+    kv_bound: int = 0              # host-side bound on kv_len: how many cache rows a read covers
+    slot_range: tuple[int, int] | None = None  # slots are first..last contiguous (known on the host)
+    in_place: bool = False         # sparse attention reads the cache pool itself (no copy of the prefix)
 
 
 class KVCache:
@@ -99,11 +102,15 @@ class KVCache:
     GQA: k, v (slots, S, Hkv, Dh). MLA: kv (slots, S, kv_lora_rank + rope_dim), the normalised latent then
     the RoPE key. Indexer K (slots, S, index_head_dim) exists only for F layers: an S layer runs no indexer
     and needs none. A pattern switch that turns a layer F allocates its indexer cache then.
+    `indexer_fp8`: indexer keys stored as e4m3 with one fp32 scale per key (`indexer_k_scale`), what the
+    FP8 lightning indexer reads (DeepSeek-V3.2 runs its indexer in FP8); half the bytes of bf16 keys.
     """
 
     def __init__(self, args: ModelArgs, n_slots: int, max_len: int, pattern: str,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 indexer_fp8: bool = False):
         self.args, self.n_slots, self.max_len, self.dtype, self.device = args, n_slots, max_len, dtype, device
+        self.indexer_fp8 = indexer_fp8
         self.layers: list[dict[str, torch.Tensor]] = []
         for _ in range(args.n_layers):
             if args.attention == "gqa":
@@ -114,17 +121,36 @@ class KVCache:
                 shape = (n_slots, max_len, args.kv_lora_rank + args.qk_rope_head_dim)
                 self.layers.append({"kv": torch.zeros(shape, dtype=dtype, device=device)})
         self.indexer_k: dict[int, torch.Tensor] = {}
+        self.indexer_k_scale: dict[int, torch.Tensor] = {}
         self.ensure_pattern(pattern)
 
     def ensure_pattern(self, pattern: str) -> None:
         for layer, kind in enumerate(pattern):
             if kind == "F" and layer not in self.indexer_k:
+                k_dtype = torch.float8_e4m3fn if self.indexer_fp8 else self.dtype
                 self.indexer_k[layer] = torch.zeros(self.n_slots, self.max_len, self.args.index_head_dim,
-                                                    dtype=self.dtype, device=self.device)
+                                                    dtype=k_dtype, device=self.device)
+                if self.indexer_fp8:
+                    self.indexer_k_scale[layer] = torch.ones(self.n_slots, self.max_len, device=self.device)
 
     def nbytes(self) -> int:
-        tensors = [t for layer in self.layers for t in layer.values()] + list(self.indexer_k.values())
+        tensors = ([t for layer in self.layers for t in layer.values()] + list(self.indexer_k.values())
+                   + list(self.indexer_k_scale.values()))
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def write_cache(cache_tensor: torch.Tensor, new: torch.Tensor, ctx: ForwardContext) -> None:
+    """Write new (B, T, ...) rows at their positions in the batch's slots."""
+    cache_tensor[ctx.slots[:, None], ctx.positions] = new.to(cache_tensor.dtype)
+
+
+def read_cache(cache_tensor: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """The visible prefix (B, kv_bound, ...) of the batch's slots: a view when the slots are one
+    contiguous range (a prefill chunk, a one-request decode), else a gather."""
+    if ctx.slot_range is not None:
+        first, last = ctx.slot_range
+        return cache_tensor[first:last + 1, : ctx.kv_bound]
+    return cache_tensor[ctx.slots, : ctx.kv_bound]
 
 
 def write_and_read(cache_tensor: torch.Tensor | None, new: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -134,8 +160,20 @@ def write_and_read(cache_tensor: torch.Tensor | None, new: torch.Tensor, ctx: Fo
     """
     if cache_tensor is None:
         return new
-    cache_tensor[ctx.slots[:, None], ctx.positions] = new.to(cache_tensor.dtype)
-    return cache_tensor[ctx.slots, : int(ctx.kv_len.max())].to(new.dtype)
+    write_cache(cache_tensor, new, ctx)
+    return read_cache(cache_tensor, ctx).to(new.dtype)
+
+
+def pooled(q: torch.Tensor, cache_tensor: torch.Tensor, indices: torch.Tensor, ctx: ForwardContext):
+    """Sparse attention straight over the cache, without copying any request's prefix: the whole cache is
+    one sequence of n_slots * max_len rows, each request's top-k indices are shifted to its slot's rows
+    (-1 stays -1, "no key"), and the B requests' T queries become one batch row of B*T queries.
+    q (B, T, H, D), indices (B, T, K) -> q (1, B*T, H, D), pool (1, n_slots * max_len, ...), idx (1, B*T, K)."""
+    B, T = q.shape[:2]
+    shift = (ctx.slots.to(torch.int64) * cache_tensor.shape[1])[:, None, None]    # (B, 1, 1) first row of each slot
+    idx = torch.where(indices >= 0, indices.to(torch.int64) + shift, -1)
+    pool = cache_tensor.flatten(0, 1)[None]
+    return q.reshape(1, B * T, *q.shape[2:]), pool, idx.reshape(1, B * T, -1)
 
 
 def causal_mask(ctx: ForwardContext, n_keys: int, device) -> torch.Tensor:
@@ -210,10 +248,19 @@ def select_indices(attn: nn.Module, x: torch.Tensor, q_src: torch.Tensor, ctx: F
     if attn.indexer is None:
         raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no indexer weights for it")
     q, k, weights = attn.indexer(x, q_src, ctx)
-    k_all = write_and_read(ctx.cache.indexer_k[layer] if ctx.cache is not None else None, k, ctx)  # (B, S, D)
     capture = ctx.capture
     if capture is not None and capture.index_scores and capture.wants(layer):
+        k_all = write_and_read(ctx.cache.indexer_k[layer] if ctx.cache is not None else None, k, ctx)
         capture.scores[layer] = kernels.indexer_scores(q, k_all, weights, ctx.start_pos, ctx.kv_len)
+    if ctx.cache is not None and ctx.cache.indexer_fp8:
+        # FP8 indexer: e4m3 q and k with positive scales pulled out of the ReLU (kernels.quantize_indexer_fp8)
+        q, k, weights, k_scale = kernels.quantize_indexer_fp8(q, k, weights)     # k (B, T, D), k_scale (B, T)
+        write_cache(ctx.cache.indexer_k[layer], k, ctx)
+        write_cache(ctx.cache.indexer_k_scale[layer], k_scale, ctx)
+        k_all = read_cache(ctx.cache.indexer_k[layer], ctx)                      # (B, S, D) e4m3
+        k_scale_all = read_cache(ctx.cache.indexer_k_scale[layer], ctx)          # (B, S) fp32
+        return kernels.indexer_topk(q, k_all, weights, topk, ctx.start_pos, ctx.kv_len, k_scale=k_scale_all)
+    k_all = write_and_read(ctx.cache.indexer_k[layer] if ctx.cache is not None else None, k, ctx)  # (B, S, D)
     return kernels.indexer_topk(q, k_all, weights, topk, ctx.start_pos, ctx.kv_len)  # (B, T, topk) int32
 
 
@@ -238,6 +285,13 @@ class GQAttention(nn.Module):
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), angles, False)  # (B, T, Hkv, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         layer_cache = ctx.cache.layers[self.layer] if ctx.cache is not None else {}
+        if ctx.in_place and ctx.attention == "sparse":   # GPU: attend over the cache pool, no prefix copy
+            write_cache(layer_cache["k"], k, ctx)
+            write_cache(layer_cache["v"], v, ctx)
+            indices = select_indices(self, x, x, ctx, self.layer, shared, self.args.index_topk)
+            q1, k_pool, idx = pooled(q, layer_cache["k"], indices, ctx)
+            out = kernels.sparse_attention_gqa(q1, k_pool, layer_cache["v"].flatten(0, 1)[None], idx, self.scale)
+            return self.o_proj(out.view(B, T, -1)), indices
         k_all = write_and_read(layer_cache.get("k"), k, ctx)  # (B, S, Hkv, Dh)
         v_all = write_and_read(layer_cache.get("v"), v, ctx)
         if ctx.attention == "dense":
@@ -287,10 +341,17 @@ class MLAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe[:, :, None], angles, interleaved)[:, :, 0]], -1)
         layer_cache = ctx.cache.layers[self.layer] if ctx.cache is not None else {}
-        kv_all = write_and_read(layer_cache.get("kv"), latent, ctx)                # (B, S, rank + rope)
         wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, : self.nope])  # (B, T, H, rank)
         q_abs = torch.cat([q_latent, q_pe], dim=-1)                                 # (B, T, H, rank + rope)
+        if ctx.in_place and ctx.attention == "sparse":   # GPU: attend over the cache pool, no prefix copy
+            write_cache(layer_cache["kv"], latent, ctx)
+            indices = select_indices(self, x, qr, ctx, self.layer, shared, self.args.index_topk)
+            q1, pool, idx = pooled(q_abs, layer_cache["kv"], indices, ctx)
+            out_latent = kernels.sparse_attention_mla(q1, pool, idx, self.scale, self.rank).view(B, T, self.n_heads, -1)
+            out = torch.einsum("bthc,hdc->bthd", out_latent, wkv_b[:, self.nope:])   # (B, T, H, v_dim)
+            return self.o_proj(out.flatten(2)), indices
+        kv_all = write_and_read(layer_cache.get("kv"), latent, ctx)                # (B, S, rank + rope)
         if ctx.attention == "dense":
             kv_heads = kv_all[:, :, None].expand(-1, -1, self.n_heads, -1)
             out_latent = dense_attention(q_abs, kv_heads, kv_heads[..., : self.rank], self.scale, ctx, self.layer)
@@ -420,28 +481,46 @@ class DSAForCausalLM(nn.Module):
     def default_pattern(self) -> str:
         return self.args.pattern
 
-    def context(self, tokens: torch.Tensor, *, start_pos: torch.Tensor | int = 0, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, pattern: str | None = None, attention: str = "sparse",
-                capture: Capture | None = None) -> tuple[ForwardContext, str]:
-        """Validate the arguments of a forward and build its context. Returns (ctx, pattern)."""
+    def context(self, tokens: torch.Tensor, *, start_pos: torch.Tensor | list[int] | int = 0,
+                cache: KVCache | None = None, slots: torch.Tensor | list[int] | None = None,
+                pattern: str | None = None, attention: str = "sparse", capture: Capture | None = None,
+                kv_bound: int | None = None) -> tuple[ForwardContext, str]:
+        """Validate the arguments of a forward and build its context. Returns (ctx, pattern).
+
+        start_pos / slots as host lists (what the engine passes) cost no device sync; as tensors, the
+        bound on the keys to read is taken from the device once. `kv_bound` (a host int >= every
+        start_pos + T) skips that and every other host-side check: what a CUDA-graph capture needs."""
         B, T = tokens.shape
         device = tokens.device
         if attention not in ("sparse", "dense"):
             raise ValueError(f"attention must be 'sparse' or 'dense', got {attention!r}")
         pattern = self.check_pattern(pattern or self.default_pattern)
+        host_starts = [start_pos] * B if isinstance(start_pos, int) else (
+            list(start_pos) if isinstance(start_pos, (list, tuple)) else None)
         start = torch.as_tensor(start_pos, dtype=torch.long, device=device).expand(B).contiguous()
-        if cache is None and bool((start != 0).any()):
-            raise ValueError("start_pos > 0 needs a KV cache holding the earlier tokens")
         positions = start[:, None] + torch.arange(T, device=device)[None, :]      # (B, T)
-        if int(positions.max()) >= self.args.max_seq_len:
-            raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds max_position_embeddings "
-                             f"({self.args.max_seq_len})")
+        if kv_bound is None:
+            if cache is None and (any(host_starts) if host_starts is not None else bool((start != 0).any())):
+                raise ValueError("start_pos > 0 needs a KV cache holding the earlier tokens")
+            kv_bound = (max(host_starts) if host_starts is not None else int(start.max())) + T
+            if kv_bound > self.args.max_seq_len:
+                raise ValueError(f"sequence of {kv_bound} tokens exceeds max_position_embeddings "
+                                 f"({self.args.max_seq_len})")
+        slot_range, in_place = None, False
         if cache is not None:
             cache.ensure_pattern(pattern)
-            slots = torch.arange(B, device=device) if slots is None else slots
+            if slots is None:
+                slot_range = (0, B - 1)
+                slots = torch.arange(B, device=device)
+            elif isinstance(slots, (list, tuple)):
+                if list(slots) == list(range(slots[0], slots[0] + B)):
+                    slot_range = (slots[0], slots[0] + B - 1)
+                slots = torch.tensor(slots, device=device)
+            in_place = kernels.backend(device) == "triton"
         angles = {d: self.rope_angles(d, positions) for d in self.rope_dims}
         ctx = ForwardContext(positions=positions, start_pos=start, kv_len=start + T, angles=angles,
-                             attention=attention, cache=cache, slots=slots, capture=capture)
+                             attention=attention, cache=cache, slots=slots, capture=capture,
+                             kv_bound=kv_bound, slot_range=slot_range, in_place=in_place)
         return ctx, pattern
 
     def run_layers(self, x: torch.Tensor, ctx: ForwardContext, pattern: str, start: int = 0, stop: int | None = None,
@@ -467,18 +546,20 @@ class DSAForCausalLM(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), logits_at]            # (B, dim)
         return self.lm_head(x).float()
 
-    def forward(self, tokens: torch.Tensor, *, start_pos: torch.Tensor | int = 0, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, pattern: str | None = None, attention: str = "sparse",
-                capture: Capture | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, start_pos: torch.Tensor | list[int] | int = 0,
+                cache: KVCache | None = None, slots: torch.Tensor | list[int] | None = None,
+                pattern: str | None = None, attention: str = "sparse", capture: Capture | None = None,
+                logits_at: torch.Tensor | None = None, kv_bound: int | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V), or (B, V) at the per-row positions `logits_at` (B,).
 
         start_pos: (B,) or int, position of tokens[:, 0]; with a cache, keys and values (and indexer keys
         of F layers) are written at start_pos + t into rows `slots` of the cache and attention reads the
         cache; without one, the forward sees only `tokens` (start_pos must be 0).
         pattern: F/S per layer (default: the checkpoint's); attention: "sparse" (DSA) or "dense".
+        kv_bound: see `context` (CUDA-graph capture).
         """
         ctx, pattern = self.context(tokens, start_pos=start_pos, cache=cache, slots=slots, pattern=pattern,
-                                    attention=attention, capture=capture)
+                                    attention=attention, capture=capture, kv_bound=kv_bound)
         x = self.model.embed_tokens(tokens)                                        # (B, T, dim)
         x, _ = self.run_layers(x, ctx, pattern)
         return self.logits(x, logits_at)

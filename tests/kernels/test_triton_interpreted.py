@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 def test_triton_kernels_match_their_references_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                          str(HERE / "test_triton_kernels.py")],
+                          str(HERE / "test_triton_kernels.py"), str(HERE / "test_model_fast_path.py")],
                          cwd=HERE.parent.parent, env=env, capture_output=True, text=True, timeout=600)
     tail = (run.stdout + run.stderr)[-3000:]
     assert run.returncode == 0, tail

@@ -1,0 +1,74 @@
+"""The served fast path of the model against its reference, on fresh random inputs.
+
+`ctx.in_place` (Triton backend): sparse attention reads the KV cache pool itself, each request's top-k
+indices shifted to its slot's rows, instead of the reference's gathered copy of every prefix. The same
+model, cache contents and tokens must give the same logits. Marked gpu: on an H200 it runs natively,
+in CI under Triton's interpreter (tests/kernels/test_triton_interpreted.py) at these tiny sizes.
+Tolerance: fp32 on the CPU (2e-4 relative: the kernels accumulate in another order); bf16 on CUDA (2e-2).
+"""
+import pytest
+import torch
+
+from indexcache import kernels
+from indexcache.model import KVCache
+from tiny_models import random_model
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+TOL = 2e-2 if DEVICE == "cuda" else 2e-4
+
+
+def _run(model, use_triton: bool, indexer_fp8: bool, prompts, slots, pattern):
+    """Chunked prefill of each prompt into its slot, then 3 batched decode steps over non-contiguous slots
+    (fed fixed tokens, so both runs see the same sequences). Returns every forward's logits (N, V)."""
+    kernels.use_triton(use_triton)
+    try:
+        cache = KVCache(model.args, 4, 64, pattern, dtype=DTYPE, device=DEVICE, indexer_fp8=indexer_fp8)
+        outs, nxt = [], []
+        for prompt, slot in zip(prompts, slots):
+            for c0 in range(0, len(prompt), 7):      # 7-token chunks: queries of later chunks read earlier keys
+                chunk = torch.tensor([prompt[c0:c0 + 7]], device=DEVICE)
+                logits = model(chunk, start_pos=[c0], cache=cache, slots=[slot], pattern=pattern)
+                outs.append(logits[0].float())
+            nxt.append(prompt[0])
+        lengths = [len(p) for p in prompts]
+        for _ in range(3):
+            tokens = torch.tensor([[t] for t in nxt], device=DEVICE)
+            logits = model(tokens, start_pos=lengths, cache=cache, slots=slots, pattern=pattern)[:, -1]
+            outs.append(logits.float())
+            nxt = [(t * 7 + 3) % model.args.vocab_size for t in nxt]
+            lengths = [n + 1 for n in lengths]
+        return torch.cat(outs)
+    finally:
+        kernels.use_triton(None)
+
+
+@pytest.mark.parametrize("family", ["gqa", "mla"])
+def test_attention_over_the_cache_pool_matches_the_gathered_reference(family):
+    model = random_model(family, seed=int(torch.randint(0, 10_000, ())), projection_std=0.3).to(DEVICE, DTYPE)
+    n = model.args.n_layers
+    pattern = "FSF" + "S" * (n - 3)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    prompts = [torch.randint(2, model.args.vocab_size, (n_tok,), generator=g).tolist() for n_tok in (19, 11)]
+    slots = [2, 0]                       # not contiguous, not in order: the pool shift is exercised
+    ref = _run(model, use_triton=False, indexer_fp8=False, prompts=prompts, slots=slots, pattern=pattern)
+    fast = _run(model, use_triton=True, indexer_fp8=False, prompts=prompts, slots=slots, pattern=pattern)
+    err = (fast - ref).norm() / ref.norm()
+    assert err < TOL, f"relative error {err:.2e} over {ref.shape[0]} rows"
+
+
+@pytest.mark.parametrize("family", ["gqa", "mla"])
+def test_fp8_indexer_cache_matches_the_reference_on_the_same_e4m3_keys(family):
+    """The FP8 indexer's cache (e4m3 keys + one fp32 scale per key, written per chunk and per decode
+    step, read back per slot) through the Triton kernels equals the reference indexer on the same
+    quantised keys (kernels.ref_indexer_topk with k_scale). How close FP8 selection is to bf16 selection
+    is the kernel tests' business (tests/kernels/test_triton_kernels.py)."""
+    model = random_model(family, seed=int(torch.randint(0, 10_000, ())), projection_std=0.3).to(DEVICE, DTYPE)
+    pattern = "F" * model.args.n_layers
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    prompts = [torch.randint(2, model.args.vocab_size, (n_tok,), generator=g).tolist() for n_tok in (19, 11)]
+    ref = _run(model, use_triton=False, indexer_fp8=True, prompts=prompts, slots=[1, 3], pattern=pattern)
+    fast = _run(model, use_triton=True, indexer_fp8=True, prompts=prompts, slots=[1, 3], pattern=pattern)
+    err = (fast - ref).norm() / ref.norm()
+    assert err < TOL, f"relative error {err:.2e}"
