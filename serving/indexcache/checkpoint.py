@@ -3,7 +3,11 @@
 Tensor names: the Hugging Face names used by DeepSeek-V3.2 and GLM-5 (`glm_moe_dsa`) releases
 (`model.layers.{i}.self_attn.q_a_proj.weight`, `...self_attn.indexer.wq_b.weight`, ...) and DeepSeek's
 own `inference/` names (`layers.{i}.attn.wq_a.weight`, ...). FP8 block-quantised weights
-(`weight_scale_inv`, 128x128 blocks) are dequantised on load. Multi-token-prediction layers beyond
+(`weight_scale_inv`, 128x128 blocks) are dequantised on load. Loading streams one tensor at a time from
+the shards straight into the model's parameters (built without memory, in the target dtype on the target
+device), so host memory never holds the whole state dict; the loader reports its peak host memory.
+Routed experts are stored one matrix per expert in the files and stacked per layer in the model
+(`mlp.experts.gate_up_proj` (E, 2I, D), `mlp.experts.down_proj` (E, D, I)). Multi-token-prediction layers beyond
 `num_hidden_layers` are ignored. A checkpoint whose shared layers carry no indexer weights (GLM-5.2)
 loads when the pattern marks those layers S.
 """
@@ -11,7 +15,10 @@ loads when the pattern marks those layers S.
 from __future__ import annotations
 
 import json
+import logging
 import re
+import resource
+import time
 from pathlib import Path
 
 import torch
@@ -53,7 +60,40 @@ _DEEPSEEK_TO_HF = _rename_table(0, r"layers\.(\d+)\.", r"model.layers.\1.")
 _HF_TO_DEEPSEEK = _rename_table(1, r"model\.layers\.(\d+)\.", r"layers.\1.")  # writing test checkpoints
 _INDEXER_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.indexer\.")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# one routed expert's matrix in a file: (layer prefix, expert, which)
+_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 FP8_BLOCK = 128
+log = logging.getLogger(__name__)
+
+
+def expert_target(name: str, inter_dim: int) -> tuple[str, int, slice] | None:
+    """Where a per-expert file tensor goes in the stacked model parameter: (parameter name, expert, rows)."""
+    m = _EXPERT_RE.match(name)
+    if m is None:
+        return None
+    prefix, e, which = m.group(1), int(m.group(2)), m.group(3)
+    if which == "down_proj":
+        return f"{prefix}.down_proj", e, slice(None)
+    rows = slice(0, inter_dim) if which == "gate_proj" else slice(inter_dim, 2 * inter_dim)
+    return f"{prefix}.gate_up_proj", e, rows
+
+
+def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stacked expert parameters of a model state dict as per-expert tensors under the files' names."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            base, inter = name[: -len("gate_up_proj")], tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = tensor[e, :inter].clone()
+                out[f"{base}{e}.up_proj.weight"] = tensor[e, inter:].clone()
+        elif name.endswith(".mlp.experts.down_proj"):
+            base = name[: -len("down_proj")]
+            for e in range(tensor.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = tensor[e].clone()
+        else:
+            out[name] = tensor
+    return out
 
 
 def _rename(name: str, table) -> str:
@@ -79,22 +119,34 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def read_state_dict(path: Path, n_layers: int) -> dict[str, torch.Tensor]:
-    """All tensors under HF names, FP8 blocks dequantised, MTP layers (>= n_layers) dropped."""
-    raw: dict[str, torch.Tensor] = {}
+def checkpoint_entries(path: Path, n_layers: int) -> dict[str, tuple[Path, str, str | None]]:
+    """HF name -> (file, name in the file, name of its FP8 block scale or None), from the shard headers
+    alone (nothing is read). MTP layers (>= n_layers) and the scales themselves are left out."""
+    names: dict[str, tuple[Path, str]] = {}
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                raw[to_hf_name(name)] = f.get_tensor(name)
-    state = {}
-    for name, tensor in raw.items():
+                names[to_hf_name(name)] = (file, name)
+    entries = {}
+    for name, (file, raw_name) in names.items():
         m = _LAYER_RE.match(name)
         if (m and int(m.group(1)) >= n_layers) or name.endswith("weight_scale_inv"):
             continue
-        scale = raw.get(name + "_scale_inv") if name.endswith(".weight") else None
-        if scale is not None:
-            tensor = dequant_fp8_blocks(tensor, scale)
-        state[name] = tensor
+        scale = names.get(name + "_scale_inv") if name.endswith(".weight") else None
+        if scale is not None and scale[0] != file:
+            raise ValueError(f"{name}: its weight_scale_inv is in {scale[0].name}, not beside it in {file.name}")
+        entries[name] = (file, raw_name, scale[1] if scale else None)
+    return entries
+
+
+def read_state_dict(path: Path, n_layers: int) -> dict[str, torch.Tensor]:
+    """All tensors under HF names (per expert, as in the files), FP8 blocks dequantised (tools and tests;
+    the model loader streams instead)."""
+    state = {}
+    for name, (file, raw_name, scale_name) in checkpoint_entries(path, n_layers).items():
+        with safe_open(str(file), framework="pt") as f:
+            tensor = f.get_tensor(raw_name)
+            state[name] = dequant_fp8_blocks(tensor, f.get_tensor(scale_name)) if scale_name else tensor
     return state
 
 
@@ -106,39 +158,95 @@ def dequant_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 
 def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int | None = None,
-                    offset: int | None = None, dtype: torch.dtype = torch.float32,
+                    offset: int | None = None, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", extra_state: dict[str, torch.Tensor] | None = None
                     ) -> tuple[DSAForCausalLM, str]:
     """Build the model from a checkpoint directory. Returns (model, the IndexCache pattern to run).
 
     The pattern is `pattern` if given, else resolved from `freq`/`offset` if given, else the
     checkpoint's own (config keys). `extra_state` overrides tensors (e.g. trained indexer weights).
+    dtype: the weights' dtype; default bf16 on CUDA, fp32 on the CPU. Tensors stream one at a time from
+    the shards into the parameters; `model.load_stats` holds the seconds and the peak host memory.
     """
+    t0 = time.monotonic()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     path = Path(path)
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     args = ModelArgs.from_dir(path)
     if pattern is None and (freq is not None or offset is not None):
         pattern = resolve_pattern(args.n_layers, freq=freq or 1, offset=offset or args.index_skip_topk_offset)
-    state = read_state_dict(path, args.n_layers)
-    if extra_state:
-        state.update(extra_state)
-    indexer_layers = {int(m.group(1)) for name in state if (m := _INDEXER_RE.match(name))}
-    model = DSAForCausalLM(args, indexer_layers=indexer_layers)
+    entries = checkpoint_entries(path, args.n_layers)
+    extra_state = dict(extra_state or {})
+    provided = set(entries) | set(extra_state)
+    indexer_layers = {int(m.group(1)) for name in provided if (m := _INDEXER_RE.match(name))}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)      # parameters are born in the target dtype, without memory
+    try:
+        with torch.device("meta"):
+            model = DSAForCausalLM(args, indexer_layers=indexer_layers)
+    finally:
+        torch.set_default_dtype(default)
     run_pattern = model.check_pattern(pattern or args.pattern)
+    params = model.state_dict(keep_vars=True)
     if args.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if args.tie_word_embeddings else set()))
-    unexpected = sorted(set(state) - set(expected))
+        params.pop("lm_head.weight", None)
+        for name in ("lm_head.weight",):
+            entries.pop(name, None)
+            extra_state.pop(name, None)
+    # every file tensor maps to one parameter (or one expert's rows of a stacked one): check names first
+    targets = {}
+    for name in set(entries) | set(extra_state):
+        target = expert_target(name, args.moe_inter_dim)
+        targets[name] = target if target is not None else (name, None, None)
+    covered = {t[0] for t in targets.values()}
+    missing = sorted(set(params) - covered)
+    unexpected = sorted(name for name, t in targets.items() if t[0] not in params)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match its config.json: "
                          f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    for name, tensor in state.items():
-        if tuple(expected[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
-                             f"{tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False)
-    return model.to(device=device, dtype=dtype).eval(), run_pattern
+    model = model.to_empty(device=device)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    params = model.state_dict(keep_vars=True)
+    filled: dict[str, int] = {}
+    with torch.no_grad():
+        def put(name: str, tensor: torch.Tensor) -> None:
+            pname, expert, rows = targets[name]
+            param = params[pname]
+            dst = param if expert is None else param[expert, rows]
+            if tuple(dst.shape) != tuple(tensor.shape):
+                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                 f"{tuple(dst.shape)}")
+            dst.copy_(tensor)
+            filled[pname] = filled.get(pname, 0) + tensor.numel()
+
+        by_file: dict[Path, list[str]] = {}
+        for name, (file, _, _) in entries.items():
+            if name not in extra_state:
+                by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for name in names:
+                    _, raw_name, scale_name = entries[name]
+                    tensor = f.get_tensor(raw_name)
+                    if scale_name is not None:
+                        tensor = dequant_fp8_blocks(tensor, f.get_tensor(scale_name))
+                    put(name, tensor)
+        for name, tensor in extra_state.items():
+            put(name, tensor)
+    partial = sorted(n for n, p in params.items() if filled.get(n, 0) != p.numel())
+    if partial:
+        raise ValueError(f"checkpoint {path}: tensors {partial[:8]} are only partly given "
+                         f"(e.g. some routed experts are missing)")
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model.load_stats = {"seconds": time.monotonic() - t0, "peak_host_rss_mib": rss1 / 1024,
+                        "host_rss_growth_mib": (rss1 - rss0) / 1024,
+                        "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20}
+    log.info("loaded %s: %.0f MiB of weights (%s on %s) in %.1f s, peak host memory %.0f MiB", path,
+             model.load_stats["weights_mib"], dtype, device, model.load_stats["seconds"], rss1 / 1024)
+    return model.eval(), run_pattern
 
 
 def save_checkpoint(model: DSAForCausalLM, path: str | Path, *, naming: str = "hf",
@@ -153,7 +261,7 @@ def save_checkpoint(model: DSAForCausalLM, path: str | Path, *, naming: str = "h
     config.update(config_overrides or {})
     (path / "config.json").write_text(json.dumps(config, indent=2))
     tensors = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in split_experts(model.state_dict()).items():
         m = _INDEXER_RE.match(name)
         if (m and int(m.group(1)) in drop_indexers) or (model.args.tie_word_embeddings and name == "lm_head.weight"):
             continue

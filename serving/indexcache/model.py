@@ -401,21 +401,34 @@ class Router(nn.Module):
         return weights * a.route_scale, experts
 
 
+class Experts(nn.Module):
+    """The routed experts of one MoE layer, stacked so one kernel serves them all (kernels.moe_routed):
+    gate_up_proj (E, 2I, D): expert e's gate_proj rows then its up_proj rows; down_proj (E, D, I).
+    Checkpoints keep one matrix per expert (`mlp.experts.{e}.gate_proj.weight`, ...): checkpoint.py stacks
+    them on load and splits them on save, so the files keep DeepSeek's and Hugging Face's names."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        nn.init.normal_(self.gate_up_proj, std=dim ** -0.5)
+        nn.init.normal_(self.down_proj, std=inter_dim ** -0.5)
+
+
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate = Router(args)
-        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts))
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
         self.shared_experts = MLP(args.dim, args.moe_inter_dim * args.n_shared_experts) if args.n_shared_experts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                                # (N, dim)
-        weights, experts = self.gate(x)                                             # (N, k)
-        out = torch.zeros_like(x)
-        for e in experts.unique().tolist():
-            token, slot = (experts == e).nonzero(as_tuple=True)
-            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None].to(x.dtype))
+        weights, experts = self.gate(x)                                             # (N, k) fp32, (N, k) int64
+        # sum_j weights[n, j] * expert_{experts[n, j]}(x[n]): sorted grouped GEMM (prefill) or a gather
+        # GEMV over the selected experts only (decode); no host sync either way (kernels/moe.py)
+        out = kernels.moe_routed(x, weights, experts, self.experts.gate_up_proj, self.experts.down_proj).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
