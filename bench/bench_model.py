@@ -40,7 +40,8 @@ from indexcache.kernels.interpreter import patch_for_numpy2  # noqa: E402
 
 patch_for_numpy2()   # the CPU smoke test under TRITON_INTERPRET=1
 
-from indexcache.model import DSAForCausalLM, ModelArgs  # noqa: E402
+from indexcache.model import DSAForCausalLM  # noqa: E402
+from indexcache.model.config import ModelArgs  # noqa: E402
 from indexcache.engine import Engine, SamplingParams  # noqa: E402
 
 DEV = os.environ.get("BENCH_DEVICE", "cuda")

@@ -8,7 +8,7 @@ For each target fraction (default 1/2 and 1/4 of the 30 layers F):
     --eval-context tokens (essays not trained on + Shakespeare) and passkey retrieval (depths 10/50/90 %).
 Prints a markdown table for bench/RESULTS.md and writes the raw numbers as JSON.
 
-Needs the SmolLM2 DSA model (issue 3: indexcache.smollm2, indexcache.corpora, indexcache.evaluate).
+Needs the SmolLM2 DSA model (issue 3: indexcache.offline.smollm2, indexcache.offline.corpora, indexcache.offline.evaluate).
   CPU, small:  python bench/calibration_quality.py --calib-samples 8 --calib-tokens 512 --eval-context 4096 \
                    --eval-windows 2 --passkey-contexts 4096
   H200:        python bench/calibration_quality.py --device cuda --compare-plain
@@ -28,15 +28,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "serving"))
 
-from indexcache.calibration import CalibrationSet, checkpoint_identity, plain_greedy_search, target_full_layers  # noqa: E402
-from indexcache.checkpoint import load_checkpoint  # noqa: E402
-from indexcache.pattern import uniform_pattern  # noqa: E402
+from indexcache.offline.calibration import CalibrationSet, checkpoint_identity, plain_greedy_search, target_full_layers  # noqa: E402
+from indexcache.model.checkpoint import load_checkpoint  # noqa: E402
+from indexcache.model.pattern import uniform_pattern  # noqa: E402
 
 
 def model_dir(args) -> Path:
     if args.model:
         return Path(args.model)
-    from indexcache.smollm2 import bundled_indexer, convert_smollm2
+    from indexcache.offline.smollm2 import bundled_indexer, convert_smollm2
     out = Path(tempfile.mkdtemp(prefix="smollm2-dsa-"))
     print(f"# converting SmolLM2 with the bundled indexer into {out}", file=sys.stderr)
     return convert_smollm2(out, indexer=bundled_indexer())
@@ -48,7 +48,7 @@ def sync(device: str) -> None:
 
 
 def evaluate_pattern(model, tokenizer, pattern: str, windows: list[list[int]], passkeys: list[dict]) -> dict:
-    from indexcache.evaluate import PASSKEY_NEW_TOKENS, greedy, passkey_prompt, window_nll
+    from indexcache.offline.evaluate import PASSKEY_NEW_TOKENS, greedy, passkey_prompt, window_nll
     nll = count = 0
     for w in windows:
         a, b = window_nll(model, w, "sparse", pattern)
@@ -67,7 +67,7 @@ def timed_searches(model, calib, targets: list[int], device: str, compare_plain:
     """One greedy search down to the smallest target (greedy is deterministic, so the pattern it holds
     after reaching a larger target is exactly what a search stopping there returns), timed at each
     target; the same for the plain search when asked."""
-    from indexcache.calibration import greedy_search
+    from indexcache.offline.calibration import greedy_search
     lowest = min(targets)
     marks: dict[str, dict] = {"greedy": {}, "plain": {}}
 
@@ -113,10 +113,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from indexcache import corpora
-    from indexcache.calibration import pattern_loss
-    from indexcache.evaluate import heldout_windows, passkey_trials
-    from indexcache.tokenizer import load_tokenizer
+    from indexcache.offline import corpora
+    from indexcache.offline.calibration import pattern_loss
+    from indexcache.offline.evaluate import heldout_windows, passkey_trials
+    from indexcache.model.tokenizer import load_tokenizer
 
     path = model_dir(args)
     dtype = getattr(torch, args.dtype)

@@ -3,7 +3,7 @@
     python bench/compare_indexers.py --context 4096 --topk 256 512 \
         --indexer v1=/path/indexer.safetensors --indexer v2=/path/other.safetensors
 
-Windows: held-out essay segment 1 and Shakespeare play 0 of `indexcache.corpora` (never trained on), the
+Windows: held-out essay segment 1 and Shakespeare play 0 of `indexcache.offline.corpora` (never trained on), the
 first `--context` tokens of each. The checkpoint is the packaged SmolLM2 converted with random indexers;
 each `--indexer` file replaces them.
 """
@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serving"))
 from safetensors.torch import load_file  # noqa: E402
 
-from indexcache import corpora  # noqa: E402
-from indexcache.checkpoint import load_checkpoint  # noqa: E402
-from indexcache.smollm2 import convert_smollm2  # noqa: E402
-from indexcache.tokenizer import load_tokenizer  # noqa: E402
+from indexcache.offline import corpora  # noqa: E402
+from indexcache.model.checkpoint import load_checkpoint  # noqa: E402
+from indexcache.offline.smollm2 import convert_smollm2  # noqa: E402
+from indexcache.model.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main() -> None:

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serving"))
-from indexcache import evaluate  # noqa: E402
-from indexcache.checkpoint import load_checkpoint  # noqa: E402
+from indexcache.offline import evaluate  # noqa: E402
+from indexcache.model.checkpoint import load_checkpoint  # noqa: E402
 from indexcache.model import Capture, select_indices  # noqa: E402
-from indexcache.smollm2 import bundled_indexer, convert_smollm2  # noqa: E402
-from indexcache.tokenizer import load_tokenizer  # noqa: E402
-from indexcache.train_indexer import index_scores, layer_inputs_and_attention  # noqa: E402
+from indexcache.offline.smollm2 import bundled_indexer, convert_smollm2  # noqa: E402
+from indexcache.model.tokenizer import load_tokenizer  # noqa: E402
+from indexcache.offline.train_indexer import index_scores, layer_inputs_and_attention  # noqa: E402
 
 
 def key_positions(tokenizer, prompt: list[int], key: int) -> list[int]:
@@ -150,8 +150,8 @@ def distribution_shift(model, tokenizer, prompt: list[int], layers: list[int], t
     """Per layer: the indexer's KL to the dense attention and its top-k recall on the trial prompt, and the
     same on the first held-out essay window of the same length (natural text the indexer never saw).
     A layer that fits prose but not the prompt shows it here."""
-    from indexcache import corpora
-    from indexcache.train_indexer import indexer_kl, topk_recall
+    from indexcache.offline import corpora
+    from indexcache.offline.train_indexer import indexer_kl, topk_recall
 
     essay = next(corpora.token_windows(corpora.heldout_essays(), tokenizer.encode, len(prompt),
                                        separator_id=tokenizer.eos_token_id))

@@ -6,7 +6,7 @@ zero) practically impossible, so top-k sets are well defined and comparisons are
 """
 import torch
 
-from indexcache.config import ModelArgs
+from indexcache.model.config import ModelArgs
 from indexcache.model import DSAForCausalLM
 
 TINY_GQA = dict(model_type="llama_dsa", vocab_size=97, dim=64, n_layers=6, max_seq_len=256, n_heads=4,

@@ -16,7 +16,7 @@ from indexcache_operator.config import OperatorConfig
 from indexcache_operator.models import IndexCacheDeploymentSpec
 
 SERVE_APP_NAME = "indexcache"
-SERVE_IMPORT_PATH = "indexcache.serve_app:build_app"  # docs/contracts.md
+SERVE_IMPORT_PATH = "indexcache.serving.app:build_app"  # docs/contracts.md
 SERVER_DEPLOYMENT = "IndexCacheServer"
 INGRESS_DEPLOYMENT = "OpenAIIngress"
 SERVE_PORT = 8000

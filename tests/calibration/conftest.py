@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from indexcache.checkpoint import save_checkpoint
+from indexcache.model.checkpoint import save_checkpoint
 from tiny_models import FAMILIES, TINY_GQA, TINY_MLA, random_model as _random_model  # noqa: F401
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from indexcache import __version__, cli
-from indexcache.calibration import checkpoint_identity
-from indexcache.pattern import uniform_pattern
+from indexcache.offline.calibration import checkpoint_identity
+from indexcache.model.pattern import uniform_pattern
 
 CONTRACT_KEYS = {"pattern": str, "full_layers": int, "num_layers": int, "target_full": float,
                  "loss_all_full": float, "loss": float, "loss_delta": float, "step_losses": list,
@@ -51,7 +51,7 @@ def test_calibrate_writes_the_contract_result_and_prints_a_summary(tmp_path, che
 
 
 def test_model_identity_changes_with_any_weight(checkpoint_dir, tmp_path):
-    from indexcache.checkpoint import save_checkpoint
+    from indexcache.model.checkpoint import save_checkpoint
     ckpt, model = checkpoint_dir
     before = checkpoint_identity(ckpt)
     with torch.no_grad():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from indexcache import cli
-from indexcache.checkpoint import load_checkpoint
-from indexcache.distill import (centroid_distill_loss, dense_targets, distill, multi_layer_distill_loss,
+from indexcache.model.checkpoint import load_checkpoint
+from indexcache.offline.distill import (centroid_distill_loss, dense_targets, distill, multi_layer_distill_loss,
                                 served_layers)
 
 

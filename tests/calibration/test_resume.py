@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from indexcache.calibration import CalibrationSet, calibrate, greedy_search
-from indexcache.checkpoint import load_checkpoint, save_checkpoint
+from indexcache.offline.calibration import CalibrationSet, calibrate, greedy_search
+from indexcache.model.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,7 +87,7 @@ def test_same_seed_same_result_other_seed_other_subset(tmp_path, make_model, mak
     samples = make_tokens(30, seed=9)
 
     def run(seed):
-        from indexcache.calibration import select_samples
+        from indexcache.offline.calibration import select_samples
         calib = CalibrationSet.from_token_lists(select_samples(samples, 8, seed))
         result = calibrate(model, calib, 0.5, model_id="m", seed=seed)
         return calib.samples_id, {k: v for k, v in result.items() if k != "duration_s"}

@@ -1,9 +1,9 @@
 """The greedy search: activation reuse chooses what the plain search chooses, at fewer passes."""
 import pytest
 
-from indexcache.calibration import (CalibrationSet, all_full_pattern, candidates_total, flip, greedy_search,
+from indexcache.offline.calibration import (CalibrationSet, all_full_pattern, candidates_total, flip, greedy_search,
                                     pattern_loss, plain_greedy_search, target_full_layers)
-from indexcache.pattern import full_layers
+from indexcache.model.pattern import full_layers
 
 # Reuse restarts at layer l from the very tensors a whole forward would compute there, so losses
 # agree to rounding of the float64 sums; 1e-9 relative is far below any real loss difference (1e-4).

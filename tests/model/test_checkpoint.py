@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from indexcache.checkpoint import dequant_fp8_blocks, load_checkpoint, save_checkpoint
+from indexcache.model.checkpoint import dequant_fp8_blocks, load_checkpoint, save_checkpoint
 
 
 def same_logits(a, b, pattern=None):

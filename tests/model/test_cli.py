@@ -1,9 +1,10 @@
 import subprocess
 import sys
 
-from indexcache.checkpoint import save_checkpoint
+from indexcache.model.checkpoint import save_checkpoint
 from indexcache.cli import main
-from indexcache.generate import SamplingParams, generate
+from indexcache.engine import SamplingParams
+from indexcache.engine.generate import generate
 
 
 def test_generate_command_prints_the_models_tokens(tmp_path, make_model, capsys):

@@ -1,9 +1,10 @@
 """The DSA model with IndexCache: sparse vs dense, pattern sharing, caches, generation."""
 import torch
 
-from indexcache.generate import SamplingParams, generate, naive_generate, prefill
+from indexcache.engine import SamplingParams
+from indexcache.engine.generate import generate, naive_generate, prefill
 from indexcache.model import Capture, KVCache
-from indexcache.pattern import full_layers, source_layers
+from indexcache.model.pattern import full_layers, source_layers
 
 
 def tokens(batch, length, seed=1, vocab=97):

@@ -1,6 +1,6 @@
 import pytest
 
-from indexcache.pattern import (full_layers, pattern_from_indexer_types, resolve_pattern, source_layers,
+from indexcache.model.pattern import (full_layers, pattern_from_indexer_types, resolve_pattern, source_layers,
                                 uniform_pattern)
 
 

@@ -50,7 +50,7 @@ def test_rayservice_is_valid_for_kuberay_and_carries_the_serve_contract(kit, var
         "apiVersion": "indexcache.io/v1alpha1", "kind": "IndexCacheDeployment", "name": "chat", "uid": "1234",
         "controller": True, "blockOwnerDeletion": True}
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
-    assert app["import_path"] == "indexcache.serve_app:build_app"
+    assert app["import_path"] == "indexcache.serving.app:build_app"
     assert app["args"]["model"] == s.model.uri and app["args"]["deployment"] == "chat"
     server = next(d for d in app["deployments"] if d["name"] == "IndexCacheServer")
     assert server["ray_actor_options"]["num_gpus"] == 4

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from indexcache.tiny import CharTokenizer, tiny_model
+from indexcache.model.tiny import CharTokenizer, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +71,7 @@ class ServeApp:
         return ServeDeploySchema.model_validate({
             "http_options": {"host": "127.0.0.1", "port": self.port},
             "applications": [{
-                "name": "indexcache", "route_prefix": "/", "import_path": "indexcache.serve_app:build_app",
+                "name": "indexcache", "route_prefix": "/", "import_path": "indexcache.serving.app:build_app",
                 "runtime_env": {"env_vars": {"PYTHONPATH": SERVING_DIR}}, "args": self.app_args,
                 "deployments": deployments}]})
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openai
 
-from indexcache.samples import read_samples
+from indexcache.serving.samples import read_samples
 
 SERVING_DIR = str(Path(__file__).resolve().parents[2] / "serving")
 

@@ -3,9 +3,9 @@ import asyncio
 
 import pytest
 
-from indexcache.engine import ContextLengthError, Engine
-from indexcache.generate import SamplingParams, generate, naive_generate
-from indexcache.metrics import ServingMetrics
+from indexcache.engine import ContextLengthError, Engine, SamplingParams
+from indexcache.engine.generate import generate, naive_generate
+from indexcache.serving.metrics import ServingMetrics
 
 SPARSE = "FSSFSS"
 

@@ -6,8 +6,7 @@ padded batch's other matmul shapes cannot flip an argmax through rounding. Needs
 import pytest
 import torch
 
-from indexcache.engine import Engine
-from indexcache.generate import SamplingParams
+from indexcache.engine import Engine, SamplingParams
 from tiny_models import random_model
 
 pytestmark = pytest.mark.gpu

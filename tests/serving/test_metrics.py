@@ -1,5 +1,5 @@
 """FLOP accounting behind indexcache_indexer_flops_* and the money-saved metric."""
-from indexcache.metrics import FlopModel, ServingMetrics, sparse_pairs, visible_pairs
+from indexcache.serving.metrics import FlopModel, ServingMetrics, sparse_pairs, visible_pairs
 
 
 def test_pair_counts_match_a_brute_force_count():

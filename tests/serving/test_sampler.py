@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from indexcache.sampler import SamplerConfig, TrafficSampler, redact
-from indexcache.samples import read_samples
+from indexcache.serving.sampler import SamplerConfig, TrafficSampler, redact
+from indexcache.serving.samples import read_samples
 
 
 def test_redaction_hides_emails_and_long_numbers_but_keeps_text():

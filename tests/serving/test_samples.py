@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from indexcache.samples import Sample, SampleError, list_shards, read_samples, write_shard
+from indexcache.serving.samples import Sample, SampleError, list_shards, read_samples, write_shard
 
 
 class WordTokenizer:
@@ -97,7 +97,7 @@ def test_missing_path_says_what_to_give(tmp_path):
 def test_shards_written_in_one_millisecond_sort_in_write_order(tmp_path):
     """The directory's bounds delete the oldest shards by name: names must sort in write order even when
     a busy replica flushes several shards within one millisecond."""
-    from indexcache.samples import Sample, list_shards, read_samples, shard_name, write_shard
+    from indexcache.serving.samples import Sample, list_shards, read_samples, shard_name, write_shard
 
     for i in range(50):
         write_shard(tmp_path, [Sample(prompt=f"shard {i}", ts=0.0, id=str(i))], name=shard_name(now=1234.5))

@@ -8,7 +8,8 @@ import httpx
 import openai
 import pytest
 
-from indexcache.generate import SamplingParams, generate
+from indexcache.engine import SamplingParams
+from indexcache.engine.generate import generate
 
 MODEL = "indexcache-tiny"
 POISON = "~"   # a prompt starting with this makes the engine raise once it has produced AFTER tokens
@@ -19,7 +20,7 @@ AFTER = 3
 def faulty_url(serve_app, tokenizer, faulty_engine):
     from ray import serve
 
-    from indexcache.serve_app import IndexCacheServer, OpenAIIngress
+    from indexcache.serving.app import IndexCacheServer, OpenAIIngress
 
     engine_class = faulty_engine(poison=tokenizer.encode(POISON)[0], after=AFTER)
     server = serve.deployment(IndexCacheServer, name="IndexCacheServer").options(

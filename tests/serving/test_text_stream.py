@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from indexcache.serve_app import TextStream
-from indexcache.tiny import CharTokenizer
+from indexcache.serving.app import TextStream
+from indexcache.model.tiny import CharTokenizer
 
 TEXTS = ["Grüße aus Zürich — naïve café ☕ und 日本語のテキスト 🙂🙃 stop here",
          "the index cache shares top-k indices between layers; déjà vu 💡 42 €",

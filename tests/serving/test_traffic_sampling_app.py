@@ -1,9 +1,9 @@
 """Traffic sampling through the running app: sample_rate comes from IndexCacheServer's user_config (as the
 operator sets it); kept requests (completions and chat, streaming or not) land in samples_dir as JSONL shards
-in the calibration format, redacted, and `indexcache.samples` reads them back; at rate 0 nothing lands."""
+in the calibration format, redacted, and `indexcache.serving.samples` reads them back; at rate 0 nothing lands."""
 from pathlib import Path
 
-from indexcache.samples import list_shards, read_samples
+from indexcache.serving.samples import list_shards, read_samples
 
 MODEL = "indexcache-tiny"
 

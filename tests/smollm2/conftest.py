@@ -5,7 +5,7 @@ import pytest
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory):
     """The first 2 of SmolLM2's 30 layers, real weights, random indexer (4 heads x 32): ~2 s to write."""
-    from indexcache.smollm2 import convert_smollm2
+    from indexcache.offline.smollm2 import convert_smollm2
 
     return convert_smollm2(tmp_path_factory.mktemp("smollm2-2l"), index_n_heads=4, index_head_dim=32,
                            index_topk=16, seed=0, num_layers=2)
@@ -13,6 +13,6 @@ def small_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(small_checkpoint):
-    from indexcache.tokenizer import load_tokenizer
+    from indexcache.model.tokenizer import load_tokenizer
 
     return load_tokenizer(small_checkpoint)

@@ -2,8 +2,8 @@
 import torch
 from safetensors.torch import load_file
 
-from indexcache.checkpoint import load_checkpoint
-from indexcache.smollm2 import bundled_checkpoint, bundled_indexer
+from indexcache.model.checkpoint import load_checkpoint
+from indexcache.offline.smollm2 import bundled_checkpoint, bundled_indexer
 
 
 def test_bundled_checkpoint_is_built_once_with_the_trained_indexer(tmp_path):

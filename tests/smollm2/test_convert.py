@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from indexcache import smollm2
+from indexcache.offline import smollm2
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
@@ -115,7 +115,7 @@ def test_tokenizer_round_trip_and_chat_template(tokenizer, small_checkpoint):
 
 
 def test_tokenizer_errors_are_actionable(tmp_path, tokenizer):
-    from indexcache.tokenizer import load_tokenizer
+    from indexcache.model.tokenizer import load_tokenizer
 
     with pytest.raises(FileNotFoundError, match="indexcache convert smollm2"):
         load_tokenizer(tmp_path)
@@ -127,7 +127,7 @@ def test_tokenizer_errors_are_actionable(tmp_path, tokenizer):
 def test_full_model_logits_match_transformers_gguf_load(tmp_path):
     """All 30 layers: logits equal transformers' own GGUF load (tolerance 1e-4; measured 0.0)."""
     from transformers import AutoModelForCausalLM
-    from indexcache.tokenizer import load_tokenizer
+    from indexcache.model.tokenizer import load_tokenizer
 
     out = smollm2.convert_smollm2(tmp_path / "full")
     ours = llama_from_checkpoint(out)

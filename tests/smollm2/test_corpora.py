@@ -1,7 +1,7 @@
 """The packaged corpora and the train/held-out split."""
 import pytest
 
-from indexcache import corpora
+from indexcache.offline import corpora
 
 
 def test_split_is_disjoint_deterministic_and_about_three_quarters_training():
@@ -60,7 +60,7 @@ def test_windows_have_exact_length_and_stay_in_one_document(tokenizer):
 def test_repeat_spans_copies_earlier_text_later_and_keeps_the_length():
     import random as _random
 
-    from indexcache.train_indexer import repeat_spans
+    from indexcache.offline.train_indexer import repeat_spans
 
     window = list(range(4096))                      # distinct tokens: every copy is identifiable
     out = repeat_spans(window, _random.Random(3), spans=8)
@@ -74,7 +74,7 @@ def test_repeat_spans_copies_earlier_text_later_and_keeps_the_length():
 
 
 def test_training_windows_repeat_only_every_kth_window():
-    from indexcache.train_indexer import training_windows
+    from indexcache.offline.train_indexer import training_windows
 
     encode = lambda text: [ord(c) % 251 for c in text]  # noqa: E731
     plain = training_windows(encode, 512, 0)
@@ -86,7 +86,7 @@ def test_training_windows_repeat_only_every_kth_window():
 def test_periodic_stretch_repeats_one_passage_of_the_window_over_a_long_stretch():
     import random as _random
 
-    from indexcache.train_indexer import periodic_stretch
+    from indexcache.offline.train_indexer import periodic_stretch
 
     window = list(range(4096))                      # distinct tokens: the repeated passage is identifiable
     for seed in range(5):
@@ -107,7 +107,7 @@ def test_periodic_stretch_repeats_one_passage_of_the_window_over_a_long_stretch(
 
 
 def test_training_windows_make_periodic_only_every_kth_window():
-    from indexcache.train_indexer import training_windows
+    from indexcache.offline.train_indexer import training_windows
 
     encode = lambda text: [ord(c) % 251 for c in text]  # noqa: E731
     plain = training_windows(encode, 512, 0)

@@ -4,7 +4,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from indexcache import evaluate, train_indexer
+from indexcache.offline import evaluate, train_indexer
 
 
 def test_convert_train_eval_chain(small_checkpoint, tmp_path):
@@ -24,7 +24,7 @@ def test_convert_train_eval_chain(small_checkpoint, tmp_path):
     assert all(".self_attn.indexer." in k for k in trained)
 
     # The trained indexer installs into a fresh conversion (what `convert --indexer PATH` does).
-    from indexcache.smollm2 import convert_smollm2
+    from indexcache.offline.smollm2 import convert_smollm2
     installed = convert_smollm2(tmp_path / "installed", num_layers=2, tokenizer=False,
                                 indexer=run / "indexer.safetensors")
     cfg = json.loads((installed / "config.json").read_text())
@@ -119,8 +119,8 @@ def test_init_indexer_with_fewer_heads_widens_without_changing_the_scores(small_
     """A 4-head indexer continued on a model converted with 8 heads: the widened indexer scores exactly
     as the 4-head one did (new heads start at zero weight), so training starts where it ended; then the
     new heads learn. A wider file into a narrower model is refused with the flag that fixes it."""
-    from indexcache.checkpoint import load_checkpoint
-    from indexcache.smollm2 import convert_smollm2
+    from indexcache.model.checkpoint import load_checkpoint
+    from indexcache.offline.smollm2 import convert_smollm2
 
     base = ["--seq-len", "96", "--warmup", "1", "--lm-dtype", "float32", "--device", "cpu", "--no-progress",
             "--artifact-dtype", "float32", "--lr", "5e-3"]

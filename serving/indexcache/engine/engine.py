@@ -1,7 +1,7 @@
 """Continuous batching engine: many requests share one preallocated slot KV cache and advance together.
 
 Roles as in `ray.serve.llm`: this is the engine. It sees token ids only; `generate()` is an async
-generator of `TokenChunk`s. The server deployment (serve_app.py) owns one engine per replica.
+generator of `TokenChunk`s. The server deployment (serving/app.py) owns one engine per replica.
 
 A scheduler step (run by one background thread, or by hand with `step()` in tests):
   1. drop aborted requests (client gone, stop string hit): their slots are free again at once;
@@ -18,7 +18,7 @@ the batch continues with the same tokens as if nothing happened.
 
 Live pattern switch: `set_pattern()` only changes what *new* requests get. Each request keeps the pattern
 it was admitted with until it finishes, so its output equals the same request run alone on that pattern
-(the slow twin: `generate.generate` / `naive_generate`). The cache holds indexer keys for the union of
+(the slow twin: `engine.generate.generate` / `naive_generate`). The cache holds indexer keys for the union of
 the patterns' F layers (KVCache.ensure_pattern); each request reads and writes only its own slot.
 """
 from __future__ import annotations
@@ -34,11 +34,11 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from . import kernels
+from .. import kernels
+from ..model.dsa import DSAForCausalLM, KVCache
+from ..serving.metrics import FlopModel, ServingMetrics
 from .cuda_graphs import DecodeGraphs
-from .generate import SamplingParams, make_generator, sample_token
-from .metrics import FlopModel, ServingMetrics
-from .model import DSAForCausalLM, KVCache
+from .sampling import SamplingParams, make_generator, sample_token
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from . import kernels
-from .model import Capture, DSAForCausalLM, ForwardContext
-from .pattern import source_layers, validate_pattern
+from .. import kernels
+from ..model.dsa import Capture, DSAForCausalLM, ForwardContext
+from ..model.pattern import source_layers, validate_pattern
 
 
 def served_layers(pattern: str) -> dict[int, list[int]]:

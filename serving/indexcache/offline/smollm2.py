@@ -182,7 +182,7 @@ def write_tokenizer(out_dir: Path, gguf_file: Path, model_max_length: int) -> No
     """tokenizer.json + tokenizer_config.json (+ chat_template.jinja) from the GGUF's embedded tokenizer.
 
     transformers 5 saves the chat template to chat_template.jinja; we also keep it in
-    tokenizer_config.json so older readers (and tokenizer.py's fallback) find it in one file.
+    tokenizer_config.json so older readers (and model/tokenizer.py's fallback) find it in one file.
     """
     from transformers import AutoTokenizer
 
@@ -196,7 +196,7 @@ def write_tokenizer(out_dir: Path, gguf_file: Path, model_max_length: int) -> No
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts" / "smollm2-dsa"
+ARTIFACT_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-dsa"   # indexcache/artifacts/
 
 
 def bundled_indexer() -> Path | None:

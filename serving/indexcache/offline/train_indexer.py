@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from . import corpora, kernels
-from .model import Capture, DSAForCausalLM
+from .. import kernels
+from . import corpora
+from ..model.dsa import Capture, DSAForCausalLM
 
 INDEXER_FILE = "indexer.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -358,9 +359,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main_train(args) -> int:
     """`indexcache train-indexer --model DIR --out DIR ...`; args: a Namespace or an argv list."""
-    from .checkpoint import load_checkpoint
-    from .config import ModelArgs
-    from .tokenizer import load_tokenizer
+    from ..model.checkpoint import load_checkpoint
+    from ..model.config import ModelArgs
+    from ..model.tokenizer import load_tokenizer
 
     argv = None
     if not isinstance(args, argparse.Namespace):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from .. import kernels
 from .config import ModelArgs
 from .pattern import validate_pattern
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import corpora
-from .model import DSAForCausalLM, KVCache
+from ..model.dsa import DSAForCausalLM, KVCache
 from .train_indexer import index_scores, indexer_kl, layer_inputs_and_attention
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
@@ -365,8 +365,8 @@ def main_eval(args) -> int:
     """`indexcache eval --model DIR --out DIR [--pattern ...]`; args: a Namespace or an argv list."""
     from safetensors.torch import load_file
 
-    from .checkpoint import load_checkpoint
-    from .tokenizer import load_tokenizer
+    from ..model.checkpoint import load_checkpoint
+    from ..model.tokenizer import load_tokenizer
 
     if not isinstance(args, argparse.Namespace):
         parser = argparse.ArgumentParser(prog="indexcache eval", description=__doc__.split("\n")[0])

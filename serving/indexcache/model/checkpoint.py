@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelArgs
-from .model import DSAForCausalLM
+from .dsa import DSAForCausalLM
 from .pattern import resolve_pattern
 
 # One table of name pairs, (DeepSeek inference/ name, HF name); both rename directions are built from it.

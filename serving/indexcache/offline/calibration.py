@@ -38,9 +38,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .model import Capture, DSAForCausalLM
-from .pattern import full_layers, source_layers, uniform_pattern, validate_pattern
+from .. import __version__
+from ..model.dsa import Capture, DSAForCausalLM
+from ..model.pattern import full_layers, source_layers, uniform_pattern, validate_pattern
 
 CHECKPOINT_KIND = "indexcache-calibration-checkpoint"
 LOGITS_CHUNK = 1024  # tokens per LM-head chunk: (chunk, vocab) fp32 logits stay small at 4K+ contexts
@@ -123,7 +123,7 @@ def load_samples(paths: Sequence[str | Path], *, tokenizer=None, tokenizer_name:
     ids outside the vocabulary, fewer than 2 tokens) are skipped and counted (on_error="skip") or stop the
     run naming file and line (on_error="stop"). No usable sample at all is an error, never an all-F result.
     """
-    from .samples import SampleError, read_samples
+    from ..serving.samples import SampleError, read_samples
 
     token_lists, errors, read = [], [], 0
     for path in paths:

@@ -33,7 +33,7 @@ REASONS = ("malformed_json", "empty", "invalid", "over_context", "wrong_tokenize
 
 
 class Tokenizer(Protocol):
-    """What reading needs to count tokens (indexcache.tokenizer.CheckpointTokenizer fits)."""
+    """What reading needs to count tokens (indexcache.model.tokenizer.CheckpointTokenizer fits)."""
 
     def encode(self, text: str) -> list[int]: ...
 

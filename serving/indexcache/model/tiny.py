@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelArgs
-from .model import DSAForCausalLM
+from .dsa import DSAForCausalLM
 
 # ids 0 (<pad>) and 1 (<eos>), then printable ASCII 32..126 and newline: 98 tokens.
 SPECIALS = ("<pad>", "<eos>")
