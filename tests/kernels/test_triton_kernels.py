@@ -8,7 +8,6 @@ score (every chosen key scores at least the k-th best score, less that tolerance
 set overlap (near-ties may swap); attention outputs in bf16 by relative Frobenius error < 1e-2.
 """
 import os
-import secrets
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,22 +25,7 @@ POISON_INDEX = 0x7EADBEEF
 LOW = torch.float32 if INTERPRET else torch.bfloat16
 
 
-@pytest.fixture
-def dev():
-    if INTERPRET:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.fail("these tests need a CUDA GPU (or TRITON_INTERPRET=1 for a CPU run)")
-    return torch.device("cuda")
-
-
-@pytest.fixture
-def gen(request):
-    """Fresh inputs on every run; the seed is printed (pytest shows it with a failure) and
-    INDEXCACHE_TEST_SEED=<seed> replays that run."""
-    seed = int(os.environ.get("INDEXCACHE_TEST_SEED") or secrets.randbits(31))
-    print(f"{request.node.name}: INDEXCACHE_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
+# `dev` and `gen` (fresh seeded inputs per run) come from tests/kernels/conftest.py
 
 
 def make_indexer(gen, dev, B, T, H, D, S, q_start, kv_len, dtype=LOW):
