@@ -88,11 +88,16 @@ def backend(device: torch.device | str | None = None) -> str:
     return "triton" if on_cuda and triton_available() else "torch"
 
 
-def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None):
-    """(B, T, topk) int32 indices of the top-k keys of the lightning indexer; -1 pads."""
+def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, k_slots=None):
+    """(B, T, topk) int32 indices of the top-k keys of the lightning indexer; -1 pads.
+    k_slots (B,): k / k_scale hold every cache slot and query row b reads slot k_slots[b] (in place on
+    the GPU; the reference gathers the rows first)."""
     if backend(q.device) == "triton":
         from .indexer import indexer_topk as fast
-        return fast(q, k, weights, topk, q_start, kv_len, k_scale=k_scale)
+        return fast(q, k, weights, topk, q_start, kv_len, k_scale=k_scale, k_slots=k_slots)
+    if k_slots is not None:
+        k = k[k_slots]
+        k_scale = None if k_scale is None else k_scale[k_slots]
     return ref_indexer_topk(q, k, weights, topk, q_start, kv_len, k_scale=k_scale)
 
 
