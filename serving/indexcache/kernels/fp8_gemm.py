@@ -9,7 +9,7 @@ scaled into an fp32 accumulator, so precision is promoted every 128 elements of 
 cores keep fewer mantissa bits inside one block: ~1e-4 relative).
 
 `fp8_block_linear` runs one of two GEMMs on the quantised operands:
-  - "scaled_mm": torch._scaled_mm with the 1x128 / 128x128 block scales (cuBLAS on Hopper, torch >= 2.9):
+  - "scaled_mm": torch._scaled_mm with the 1x128 / 128x128 block scales (seen on the H200's torch 2.11):
     a = x8 (M, K), scale_a (M, K/128) stored outer-dim-major, b = w8.t(), scale_b = w_scale_inv.t()
     (K/128, N/128) with stride (1, K/128). 1,251 TFLOP/s at M=4096, K=7168, N=2048 on the H200.
   - "triton": `_fp8_block_gemm_kernel` below, where _scaled_mm refuses a shape, a layout or this torch.

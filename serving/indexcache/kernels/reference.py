@@ -284,14 +284,21 @@ def _to_e4m3(t: torch.Tensor) -> torch.Tensor:
 
 def quantize_weight_fp8_blocks(w: torch.Tensor):
     """(..., N, K) float -> (w8 (..., N, K) e4m3, scale_inv (..., ceil(N/128), ceil(K/128)) fp32), the
-    checkpoint layout; leading dims (experts) are kept. Ragged edge blocks take the amax of what they hold."""
+    checkpoint layout; leading dims (experts) are kept, one matrix at a time (the fp32 temporaries of a
+    whole expert stack would be several times its size). Ragged edge blocks take the amax of what they hold."""
     *lead, N, K = w.shape
     nb, kb = _blocks(N), _blocks(K)
+    if lead:
+        w8 = torch.empty(*lead, N, K, dtype=torch.float8_e4m3fn, device=w.device)
+        scale = torch.empty(*lead, nb, kb, dtype=torch.float32, device=w.device)
+        for i, matrix in enumerate(w.reshape(-1, N, K)):
+            w8.view(-1, N, K)[i], scale.view(-1, nb, kb)[i] = quantize_weight_fp8_blocks(matrix)
+        return w8, scale
     wp = torch.nn.functional.pad(w.float(), (0, kb * FP8_BLOCK - K, 0, nb * FP8_BLOCK - N))  # zeros: amax unchanged
-    blocks = wp.reshape(*lead, nb, FP8_BLOCK, kb, FP8_BLOCK)
-    scale = blocks.abs().amax(dim=(-3, -1)).clamp_min(1e-12) / FP8_E4M3_MAX             # (..., nb, kb)
-    w8 = _to_e4m3(blocks / scale[..., :, None, :, None]).reshape(*lead, nb * FP8_BLOCK, kb * FP8_BLOCK)
-    return w8[..., :N, :K].contiguous(), scale.contiguous()
+    blocks = wp.view(nb, FP8_BLOCK, kb, FP8_BLOCK)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / FP8_E4M3_MAX                # (nb, kb)
+    w8 = _to_e4m3(blocks / scale[:, None, :, None]).view(nb * FP8_BLOCK, kb * FP8_BLOCK)
+    return w8[:N, :K].contiguous(), scale
 
 
 def dequantize_weight_fp8_blocks(w8: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
