@@ -223,6 +223,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def log_to_stderr() -> None:
+    """Fetch progress (byte counters) goes to stderr, where an init container's log shows it."""
+    import logging
+    logger = logging.getLogger("indexcache.model.storage")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    import json
+
+    from .model.storage import resolve
+
+    log_to_stderr()
+    resolved = resolve(args.uri, args.cache, offline=True if args.offline else None,
+                       verify_hashes=args.verify_hashes)
+    print(json.dumps(resolved.to_json()), flush=True)
+    return 0
+
+
+def add_fetch_parser(sub) -> None:
+    from .model.storage import SUPPORTED
+    p = sub.add_parser("fetch", help="download a model into the model cache once (what the init container runs)",
+                       description="Resolve a model URI into a verified checkpoint directory in the cache and print "
+                       f"{{uri, path, revision, name, downloaded_bytes}} as JSON. URIs: {SUPPORTED}.")
+    p.add_argument("uri", help="model URI, directory or bundled name")
+    p.add_argument("--cache", help="model cache directory (default: INDEXCACHE_MODEL_CACHE or "
+                   "~/.cache/indexcache/models)")
+    p.add_argument("--offline", action="store_true", help="use the cache only (also INDEXCACHE_OFFLINE=1 or "
+                   "HF_HUB_OFFLINE=1)")
+    p.add_argument("--verify-hashes", action="store_true", help="re-hash a cached model's files against its "
+                   "manifest (default: file list and sizes)")
+    p.set_defaults(func=cmd_fetch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_calibrate_parser(sub)
     add_distill_parser(sub)
+    add_fetch_parser(sub)
     p = sub.add_parser("serve", help="serve the OpenAI-compatible API locally (Ray Serve on this machine)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory (default: the bundled SmolLM2 DSA model)")
@@ -278,9 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .model.storage import FetchError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fetch"]:   # every init container runs it: parse it without the modules that import torch
+        parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
+        add_fetch_parser(parser.add_subparsers(dest="command", required=True))
+    else:
+        parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except FetchError as exc:   # the last line of an init container's log says why (FallbackToLogsOnError)
+        print(f"indexcache {args.command}: error ({exc.reason}): {exc}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         print(f"indexcache {args.command}: error: {exc}", file=sys.stderr)
         return 2
