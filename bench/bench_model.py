@@ -24,7 +24,9 @@ CPU smoke test (no timing meaning; Triton kernels in the interpreter, fp32):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -80,6 +82,25 @@ def sync():
         torch.cuda.synchronize()
 
 
+def release(engine):
+    """Free an engine's KV cache and graphs before the next one is built."""
+    engine.graphs = engine.cache = None
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Failed(RuntimeError):
+    pass
+
+
+def collect(errors: list):
+    def emit(chunk):
+        if chunk.finish_reason == "error":
+            errors.append(chunk.error)
+    return emit
+
+
 @torch.no_grad()
 def random_model(args: ModelArgs) -> DSAForCausalLM:
     """The served model class with random weights, built straight on the device in DTYPE (no host copy)."""
@@ -116,8 +137,9 @@ def random_prompt(n: int, vocab: int, gen: torch.Generator) -> list[int]:
 def prefill_and_decode(model, pattern, n, steps, chunk, enforce_eager, gen):
     """One request of n tokens: TTFT through the engine's chunked prefill, then `steps` decode steps."""
     engine = engine_for(model, pattern, 1, n + steps + 2, chunk, enforce_eager)
+    errors = []
     req = engine.submit(random_prompt(n, model.args.vocab_size, gen),
-                        SamplingParams(max_new_tokens=steps + 1), emit=lambda chunk: None)
+                        SamplingParams(max_new_tokens=steps + 1), emit=collect(errors))
     sync()
     t0 = time.perf_counter()
     while not req.output:
@@ -128,19 +150,22 @@ def prefill_and_decode(model, pattern, n, steps, chunk, enforce_eager, gen):
         t = time.perf_counter()
         engine.step()                          # each step samples on the host: it ends synchronised
         times.append(time.perf_counter() - t)
+    if errors:
+        raise Failed(errors[0])
     warm = times[2:] or times                  # the first replays include the graph capture
     step = statistics.median(warm)
     out = {"context": n, "prefill_s": ttft, "prefill_tokens_per_s": n / ttft, "decode_step_s": step,
            "decode_tokens_per_s": 1.0 / step, "decode_steps": len(times),
            "kv_cache_gib": engine.cache.nbytes() / 2 ** 30, "graph_captures": engine.graphs.captures if engine.graphs else 0}
-    del engine
+    release(engine)
     return out
 
 
 def batched_decode(model, pattern, batch, context, steps, chunk, enforce_eager, gen):
     engine = engine_for(model, pattern, batch, context + steps + 2, chunk, enforce_eager)
+    errors = []
     reqs = [engine.submit(random_prompt(context, model.args.vocab_size, gen), SamplingParams(max_new_tokens=steps + 1),
-                          emit=lambda chunk: None) for _ in range(batch)]
+                          emit=collect(errors)) for _ in range(batch)]
     while not all(r.output for r in reqs):
         engine.step()
     times = []
@@ -148,8 +173,10 @@ def batched_decode(model, pattern, batch, context, steps, chunk, enforce_eager, 
         t = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t)
+    if errors:
+        raise Failed(errors[0])
     step = statistics.median(times[2:] or times)
-    del engine
+    release(engine)
     return {"batch": batch, "context": context, "decode_step_s": step, "decode_tokens_per_s": batch / step}
 
 
@@ -173,9 +200,10 @@ def serving_load(model, pattern, n_requests, prompt_len, gen_len, chunk, enforce
     for i, p in enumerate(prompts):
         arrivals[i] = time.perf_counter()
         engine.submit(p, SamplingParams(max_new_tokens=gen_len), emit=emitter(i))
-    done.wait()
+    done.wait(timeout=600)
     wall = time.perf_counter() - t0
     engine.stop()
+    release(engine)
     ttft = sorted(stamps[i][0] - arrivals[i] for i in stamps)
     tpot = sorted((s[-1] - s[0]) / (len(s) - 1) for s in stamps.values() if len(s) > 1)
     tokens = sum(len(s) for s in stamps.values())
@@ -208,6 +236,7 @@ def main():
     ap.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--time-budget", type=float, default=420.0, help="seconds; later rows are skipped")
     a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t_start = time.perf_counter()
     if a.config:
         with open(a.config) as f:
@@ -238,8 +267,14 @@ def main():
         for name in a.patterns.split(","):
             if not budget_left(f"prefill+decode {name} @ {n}"):
                 continue
-            row = prefill_and_decode(model, pattern_for(name, args.n_layers), n, a.decode_steps, a.chunk,
-                                     a.enforce_eager, gen)
+            try:
+                row = prefill_and_decode(model, pattern_for(name, args.n_layers), n, a.decode_steps, a.chunk,
+                                         a.enforce_eager, gen)
+            except Exception as exc:      # record it and go on: one round measures everything it can
+                logging.exception("prefill+decode %s @ %d failed", name, n)
+                res.setdefault("errors", []).append(f"prefill+decode {name} @ {n}: {exc!r}"[:2000])
+                save()
+                continue
             row["pattern"] = name
             res["rows"].append(row)
             print(f"{name:>6} @ {n:>7}: prefill {row['prefill_s']:7.2f} s ({row['prefill_tokens_per_s']:8.0f} tok/s)"
@@ -247,8 +282,13 @@ def main():
             save()
     if a.batch and budget_left("batched decode"):
         for name in a.patterns.split(","):
-            row = batched_decode(model, pattern_for(name, args.n_layers), a.batch, a.batch_context,
-                                 a.decode_steps, a.chunk, a.enforce_eager, gen)
+            try:
+                row = batched_decode(model, pattern_for(name, args.n_layers), a.batch, a.batch_context,
+                                     a.decode_steps, a.chunk, a.enforce_eager, gen)
+            except Exception as exc:
+                logging.exception("batched decode %s failed", name)
+                res.setdefault("errors", []).append(f"batched {name}: {exc!r}"[:2000])
+                continue
             row["pattern"] = name
             res.setdefault("batched", []).append(row)
             print(f"{name:>6} batch {a.batch} @ {a.batch_context}: {row['decode_tokens_per_s']:.0f} tok/s", flush=True)

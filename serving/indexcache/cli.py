@@ -193,12 +193,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("give either --pattern or --freq/--offset, not both")
     model = "tiny" if args.tiny else (args.model or "smollm2")
     if model == "smollm2":
-        from .serving.app import bundled_model_dir
+        from .model.loading import bundled_model_dir
         bundled_model_dir()   # fail here, with the fix, rather than inside a Ray replica
     pattern = args.pattern
     if pattern is None and (args.freq or args.offset):
         from .model.config import ModelArgs
-        from .serving.app import bundled_model_dir
+        from .model.loading import bundled_model_dir
         from .model.tiny import TINY_CONFIG
         n_layers = TINY_CONFIG["n_layers"] if model == "tiny" else ModelArgs.from_dir(
             bundled_model_dir() if model == "smollm2" else model).n_layers

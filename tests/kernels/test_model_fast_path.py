@@ -46,7 +46,8 @@ def _run(model, use_triton: bool, indexer_fp8: bool, prompts, slots, pattern):
 
 @pytest.mark.parametrize("family", ["gqa", "mla"])
 def test_attention_over_the_cache_pool_matches_the_gathered_reference(family):
-    model = random_model(family, seed=int(torch.randint(0, 10_000, ())), projection_std=0.3).to(DEVICE, DTYPE)
+    model = random_model(family, seed=int(torch.randint(0, 10_000, ())), projection_std=0.3,
+                         index_head_dim=32).to(DEVICE, DTYPE)   # FP8 tensor-core dots need K >= 32
     n = model.args.n_layers
     pattern = "FSF" + "S" * (n - 3)
     g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
@@ -64,7 +65,8 @@ def test_fp8_indexer_cache_matches_the_reference_on_the_same_e4m3_keys(family):
     step, read back per slot) through the Triton kernels equals the reference indexer on the same
     quantised keys (kernels.ref_indexer_topk with k_scale). How close FP8 selection is to bf16 selection
     is the kernel tests' business (tests/kernels/test_triton_kernels.py)."""
-    model = random_model(family, seed=int(torch.randint(0, 10_000, ())), projection_std=0.3).to(DEVICE, DTYPE)
+    model = random_model(family, seed=int(torch.randint(0, 10_000, ())), projection_std=0.3,
+                         index_head_dim=32).to(DEVICE, DTYPE)   # FP8 tensor-core dots need K >= 32
     pattern = "F" * model.args.n_layers
     g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
     prompts = [torch.randint(2, model.args.vocab_size, (n_tok,), generator=g).tolist() for n_tok in (19, 11)]

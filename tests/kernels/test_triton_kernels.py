@@ -8,7 +8,6 @@ score (every chosen key scores at least the k-th best score, less that tolerance
 set overlap (near-ties may swap); attention outputs in bf16 by relative Frobenius error < 1e-2.
 """
 import os
-import secrets
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,22 +25,7 @@ POISON_INDEX = 0x7EADBEEF
 LOW = torch.float32 if INTERPRET else torch.bfloat16
 
 
-@pytest.fixture
-def dev():
-    if INTERPRET:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.fail("these tests need a CUDA GPU (or TRITON_INTERPRET=1 for a CPU run)")
-    return torch.device("cuda")
-
-
-@pytest.fixture
-def gen(request):
-    """Fresh inputs on every run; the seed is printed (pytest shows it with a failure) and
-    INDEXCACHE_TEST_SEED=<seed> replays that run."""
-    seed = int(os.environ.get("INDEXCACHE_TEST_SEED") or secrets.randbits(31))
-    print(f"{request.node.name}: INDEXCACHE_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
+# `dev` and `gen` (fresh seeded inputs per run) come from tests/kernels/conftest.py
 
 
 def make_indexer(gen, dev, B, T, H, D, S, q_start, kv_len, dtype=LOW):
@@ -274,58 +258,6 @@ def test_sparse_mla_fp8_kv_matches_reference(dev, gen, decode):
         assert rel_err(got, want) < 1e-2, f"n_split={n_split}"
         assert torch.count_nonzero(got[-1, -1]) == 0, "a row with no valid index must be zeros"
 
-
-def _bench_model():
-    """bench/bench_model.py, whose decode MoE path is tested here (on the CPU it runs in fp32)."""
-    if INTERPRET:
-        os.environ.setdefault("BENCH_DEVICE", "cpu")
-    bench = str(Path(__file__).resolve().parents[2] / "bench")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    import bench_model
-    return bench_model
-
-
-@pytest.mark.parametrize("tokens", [1, 16])
-def test_moe_gather_path_matches_the_per_expert_loop(dev, gen, tokens):
-    """The decode MoE of the 30B bench (Triton GEMVs that read only the selected experts' weights)
-    against the slow per token-expert loop, fresh random inputs (a token routed to the last expert
-    included): relative Frobenius error < 1e-2 in bf16 (the gate/up activation is rounded to bf16
-    between the two GEMVs; the loop stays fp32), < 1e-4 in fp32 under the interpreter. The whole MoE
-    layer (router + shared expert) agrees with its grouped-GEMM path to 2e-2 (both bf16), "auto"
-    picks the gather path at these sizes, and on the GPU the gather path replays in a CUDA graph."""
-    bm = _bench_model()
-    # the 30B shape's hidden 2048, expert width 1536 and top-4, with 16 of its 64 experts (smaller random
-    # weights; the kernels index any expert the same way)
-    E, k, hidden, width = (8, 2, 64, 48) if SMALL else (16, 4, 2048, 1536)
-    h = torch.randn(tokens, hidden, generator=gen).to(LOW).to(dev)
-    w = SimpleNamespace(
-        router=(torch.randn(hidden, E, generator=gen) * 0.02).to(LOW).to(dev),
-        exp_gu=(torch.randn(E, hidden, 2 * width, generator=gen) * hidden ** -0.5).to(LOW).to(dev),
-        exp_d=(torch.randn(E, width, hidden, generator=gen) * width ** -0.5).to(LOW).to(dev),
-        shared_gu=(torch.randn(hidden, 2 * width, generator=gen) * hidden ** -0.5).to(LOW).to(dev),
-        shared_d=(torch.randn(width, hidden, generator=gen) * width ** -0.5).to(LOW).to(dev))
-    c = SimpleNamespace(experts=E, topk_experts=k)
-    top_w, top_e = torch.randn(tokens, E, generator=gen).softmax(-1).topk(k, dim=-1)    # (T, k), (T, k)
-    top_e[-1] = torch.cat([torch.tensor([E - 1]), torch.arange(k - 1)])               # the last expert
-    top_w, top_e = top_w.to(dev), top_e.to(dev)
-    got = bm.moe_routed_gather(h, top_w, top_e, w.exp_gu, w.exp_d)
-    want = bm.moe_routed_loop(h, top_w, top_e, w.exp_gu, w.exp_d)
-    assert got.shape == (tokens, hidden) and got.dtype == torch.float32
-    assert rel_err(got, want) < (1e-2 if LOW == torch.bfloat16 else 1e-4)
-    gather = bm.moe(h, w, c, {}, "gather")
-    assert torch.equal(bm.moe(h, w, c, {}, "auto"), gather), "auto must pick the gather path for few pairs"
-    assert rel_err(gather, bm.moe(h, w, c, {}, "grouped")) < 2e-2
-    if dev.type == "cuda":
-        out = torch.empty_like(got)
-        graph = torch.cuda.CUDAGraph()
-        bm.moe_routed_gather(h, top_w, top_e, w.exp_gu, w.exp_d)      # compiled before capture
-        with torch.cuda.graph(graph):
-            out.copy_(bm.moe_routed_gather(h, top_w, top_e, w.exp_gu, w.exp_d))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, got), "the gather MoE must replay in a CUDA graph (no host syncs)"
 
 
 def _random_rows(gen, dev, B, T, S):

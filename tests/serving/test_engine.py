@@ -157,3 +157,14 @@ def test_a_request_that_makes_the_engine_raise_fails_alone(model, random_prompts
     assert engine.free_slots == [0, 1, 2] and not engine.running
     count = lambda reason: metrics._requests.labels(**metrics.labels, finish_reason=reason)._value.get()  # noqa: E731
     assert count("error") == 1 and count("length") == 3
+
+
+def test_is_alive_follows_the_scheduler_thread(model):
+    engine = Engine(model, max_batch_size=1)
+    assert not engine.is_alive()               # built, not started
+    engine.start()
+    try:
+        assert engine.is_alive()
+    finally:
+        engine.stop()
+    assert not engine.is_alive()

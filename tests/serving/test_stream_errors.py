@@ -20,7 +20,8 @@ AFTER = 3
 def faulty_url(serve_app, tokenizer, faulty_engine):
     from ray import serve
 
-    from indexcache.serving.app import IndexCacheServer, OpenAIIngress
+    from indexcache.serving.ingress import OpenAIIngress
+    from indexcache.serving.server import IndexCacheServer
 
     engine_class = faulty_engine(poison=tokenizer.encode(POISON)[0], after=AFTER)
     server = serve.deployment(IndexCacheServer, name="IndexCacheServer").options(

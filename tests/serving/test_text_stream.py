@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from indexcache.serving.app import TextStream
+from indexcache.serving.detokenizer import TextStream
 from indexcache.model.tiny import CharTokenizer
 
 TEXTS = ["Grüße aus Zürich — naïve café ☕ und 日本語のテキスト 🙂🙃 stop here",

@@ -1,7 +1,7 @@
 """Continuous batching engine: many requests share one preallocated slot KV cache and advance together.
 
 Roles as in `ray.serve.llm`: this is the engine. It sees token ids only; `generate()` is an async
-generator of `TokenChunk`s. The server deployment (serving/app.py) owns one engine per replica.
+generator of `TokenChunk`s. The server deployment (serving/server.py) owns one engine per replica.
 
 A scheduler step (run by one background thread, or by hand with `step()` in tests):
   1. drop aborted requests (client gone, stop string hit): their slots are free again at once;
@@ -191,6 +191,10 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="indexcache-engine", daemon=True)
             self._thread.start()
         return self
+
+    def is_alive(self) -> bool:
+        """Whether the scheduler thread is running (a replica whose engine died must be restarted)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         with self._lock:

@@ -3,6 +3,8 @@
     from indexcache import kernels
     idx = kernels.indexer_topk(q, k, weights, topk, q_start, kv_len)   # (B, T, topk) int32
     out = kernels.sparse_attention_mla(q, kv, idx, scale, v_dim)
+    y = kernels.fp8_block_linear(x, w8, w_scale_inv)                     # (..., N) bf16, FP8 checkpoints
+    out = kernels.moe_routed(x, top_w, top_e, w_gate_up, w_down)         # (N, D) fp32 routed experts
 
 The backend is chosen per call from the switch and the tensors' device:
   - INDEXCACHE_KERNELS=torch   always the references (kernels/reference.py);
@@ -11,6 +13,9 @@ The backend is chosen per call from the switch and the tensors' device:
                                masked dense sparse attention (kernels/masked.py); else references;
   - INDEXCACHE_KERNELS=masked  the masked dense sparse attention on every device and the reference
                                indexer: exact and fastest for short contexts (<= 8K) such as SmolLM2's.
+Routed experts (`moe_routed`) have no Triton-free reference fast enough for a model: the "torch" backend
+runs `kernels.moe.moe_grouped` (plain PyTorch: sorted pairs, torch._grouped_mm); `ref_moe_routed`, one pair
+at a time, is the twin the tests compare against.
 `use_triton(True/False)` overrides the environment at run time; `use_triton(None)` returns to it.
 """
 from __future__ import annotations
@@ -22,12 +27,18 @@ import torch
 
 from .masked import masked_sparse_attention_gqa, masked_sparse_attention_mla
 from .reference import (
+    FP8_BLOCK,
     FP8_E4M3_MAX,
+    dequantize_act_fp8_blocks,
     dequantize_latent_fp8,
+    dequantize_weight_fp8_blocks,
     quantize_indexer_fp8,
     quantize_latent_fp8,
+    quantize_weight_fp8_blocks,
+    ref_fp8_block_linear,
     ref_indexer_scores,
     ref_indexer_topk,
+    ref_quantize_act_fp8_blocks,
     ref_sparse_attention_gqa,
     ref_sparse_attention_mla,
 )
@@ -36,6 +47,8 @@ __all__ = [
     "use_triton", "backend", "triton_available",
     "indexer_topk", "indexer_scores", "sparse_attention_gqa", "sparse_attention_mla",
     "quantize_indexer_fp8", "quantize_latent_fp8", "dequantize_latent_fp8", "FP8_E4M3_MAX",
+    "fp8_block_linear", "quantize_act_fp8_blocks", "dequantize_act_fp8_blocks", "quantize_weight_fp8_blocks",
+    "dequantize_weight_fp8_blocks", "FP8_BLOCK", "moe_routed",
 ]
 
 _MODES = ("torch", "triton", "auto", "masked")
@@ -75,11 +88,16 @@ def backend(device: torch.device | str | None = None) -> str:
     return "triton" if on_cuda and triton_available() else "torch"
 
 
-def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None):
-    """(B, T, topk) int32 indices of the top-k keys of the lightning indexer; -1 pads."""
+def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, k_slots=None):
+    """(B, T, topk) int32 indices of the top-k keys of the lightning indexer; -1 pads.
+    k_slots (B,): k / k_scale hold every cache slot and query row b reads slot k_slots[b] (in place on
+    the GPU; the reference gathers the rows first)."""
     if backend(q.device) == "triton":
         from .indexer import indexer_topk as fast
-        return fast(q, k, weights, topk, q_start, kv_len, k_scale=k_scale)
+        return fast(q, k, weights, topk, q_start, kv_len, k_scale=k_scale, k_slots=k_slots)
+    if k_slots is not None:
+        k = k[k_slots]
+        k_scale = None if k_scale is None else k_scale[k_slots]
     return ref_indexer_topk(q, k, weights, topk, q_start, kv_len, k_scale=k_scale)
 
 
@@ -111,3 +129,33 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int):
     if _cpu_fast_path(q.device):
         return masked_sparse_attention_mla(q, kv, indices, scale, v_dim)
     return ref_sparse_attention_mla(q, kv, indices, scale, v_dim)
+
+
+def quantize_act_fp8_blocks(x):
+    """x (M, K) -> (x8 (M, K) e4m3, scale (M, ceil(K/128)) fp32): one scale per token per 128 of K."""
+    if backend(x.device) == "triton":
+        from .fp8_gemm import quantize_act_fp8_blocks as fast
+        return fast(x)
+    return ref_quantize_act_fp8_blocks(x)
+
+
+def fp8_block_linear(x, w, w_scale_inv, out_dtype=torch.bfloat16):
+    """y (..., N) = x (..., K) @ w_real^T for an FP8 checkpoint weight w (N, K) e4m3 with its
+    weight_scale_inv (ceil(N/128), ceil(K/128)). On CUDA: torch._scaled_mm with block scales, or the
+    Triton kernel where _scaled_mm refuses (kernels/fp8_gemm.py); elsewhere the fp32 reference."""
+    if backend(x.device) == "triton":
+        from .fp8_gemm import fp8_block_linear as fast
+        return fast(x, w, w_scale_inv, out_dtype)
+    return ref_fp8_block_linear(x, w, w_scale_inv, out_dtype)
+
+
+def moe_routed(x, top_w, top_e, w_gate_up, w_down, *, gate_up_scale_inv=None, down_scale_inv=None):
+    """Routed experts, (N, D) fp32: sum_j top_w[n, j] * expert top_e[n, j] (SwiGLU) of x[n]. x (N, D),
+    w_gate_up (E, 2I, D), w_down (E, D, I), bf16/fp32 or e4m3 with their block scales (kernels/moe.py).
+    Triton backend: the gather GEMVs for at most SMALL_MOE_PAIRS pairs, else the grouped path; torch
+    backend: the grouped path (torch._grouped_mm on the CPU)."""
+    from . import moe
+    if backend(x.device) == "triton":
+        return moe.moe_routed(x, top_w, top_e, w_gate_up, w_down, "auto",
+                              gate_up_scale_inv=gate_up_scale_inv, down_scale_inv=down_scale_inv)
+    return moe.moe_grouped(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv, down_scale_inv)

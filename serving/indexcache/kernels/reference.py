@@ -260,3 +260,163 @@ def ref_sparse_attention_mla_fp8(q, latent8, latent_scale, k_rope, indices, scal
     check_mla_fp8_inputs(q, latent8, latent_scale, k_rope, indices)
     kv = torch.cat([dequantize_latent_fp8(latent8, latent_scale), k_rope.float()], dim=-1)  # (B, S, Dc+Dr)
     return ref_sparse_attention_mla(q, kv, indices, scale, latent8.shape[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-scaled FP8 linear (DeepSeek-V3 / V3.2 / GLM-5 FP8 checkpoints)
+# ---------------------------------------------------------------------------------------------
+# Weights: w (N, K) e4m3 with weight_scale_inv (ceil(N/128), ceil(K/128)) fp32, one scale per 128 x 128
+# block: w_real[n, k] = w[n, k] * scale_inv[n // 128, k // 128]. Activations: one scale per token per
+# 128-wide block of K (1 x 128), amax / 448, made at run time.
+
+FP8_BLOCK = 128
+
+
+def _blocks(n: int) -> int:
+    return -(-n // FP8_BLOCK)
+
+
+def _to_e4m3(t: torch.Tensor) -> torch.Tensor:
+    """fp32 already divided by its scale -> e4m3, round to nearest even; the clamp keeps a quotient that
+    lands a hair above 448 (amax / (amax / 448)) on 448 instead of NaN."""
+    return t.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_weight_fp8_blocks(w: torch.Tensor):
+    """(..., N, K) float -> (w8 (..., N, K) e4m3, scale_inv (..., ceil(N/128), ceil(K/128)) fp32), the
+    checkpoint layout; leading dims (experts) are kept, one matrix at a time (the fp32 temporaries of a
+    whole expert stack would be several times its size). Ragged edge blocks take the amax of what they hold."""
+    *lead, N, K = w.shape
+    nb, kb = _blocks(N), _blocks(K)
+    if lead:
+        w8 = torch.empty(*lead, N, K, dtype=torch.float8_e4m3fn, device=w.device)
+        scale = torch.empty(*lead, nb, kb, dtype=torch.float32, device=w.device)
+        for i, matrix in enumerate(w.reshape(-1, N, K)):
+            w8.view(-1, N, K)[i], scale.view(-1, nb, kb)[i] = quantize_weight_fp8_blocks(matrix)
+        return w8, scale
+    wp = torch.nn.functional.pad(w.float(), (0, kb * FP8_BLOCK - K, 0, nb * FP8_BLOCK - N))  # zeros: amax unchanged
+    blocks = wp.view(nb, FP8_BLOCK, kb, FP8_BLOCK)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / FP8_E4M3_MAX                # (nb, kb)
+    w8 = _to_e4m3(blocks / scale[:, None, :, None]).view(nb * FP8_BLOCK, kb * FP8_BLOCK)
+    return w8[:N, :K].contiguous(), scale
+
+
+def dequantize_weight_fp8_blocks(w8: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(..., N, K) e4m3 and (..., ceil(N/128), ceil(K/128)) -> (..., N, K) in dtype: w8 * scale of its block."""
+    N, K = w8.shape[-2:]
+    s = scale_inv.float().repeat_interleave(FP8_BLOCK, dim=-2)[..., :N, :]
+    s = s.repeat_interleave(FP8_BLOCK, dim=-1)[..., :K]                                  # (..., N, K)
+    return (w8.float() * s).to(dtype)
+
+
+def ref_quantize_act_fp8_blocks(x: torch.Tensor):
+    """(..., K) -> (x8 (..., K) e4m3, scale (..., ceil(K/128)) fp32): per token, per 128-wide block of K,
+    scale = amax / 448 and x8 = round_to_e4m3(x / scale); the last block may be ragged."""
+    K = x.shape[-1]
+    kb = _blocks(K)
+    xp = torch.nn.functional.pad(x.float(), (0, kb * FP8_BLOCK - K))
+    blocks = xp.reshape(*x.shape[:-1], kb, FP8_BLOCK)                                  # (..., kb, 128)
+    scale = blocks.abs().amax(dim=-1).clamp_min(1e-12) / FP8_E4M3_MAX                  # (..., kb)
+    x8 = _to_e4m3(blocks / scale[..., None]).reshape(*x.shape[:-1], kb * FP8_BLOCK)[..., :K]
+    return x8.contiguous(), scale
+
+
+def dequantize_act_fp8_blocks(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(..., K) e4m3 and (..., ceil(K/128)) -> (..., K) fp32."""
+    K = x8.shape[-1]
+    return x8.float() * scale.float().repeat_interleave(FP8_BLOCK, dim=-1)[..., :K]
+
+
+def check_fp8_linear_inputs(x, w, w_scale_inv) -> None:
+    """Shape/dtype checks of a block-scaled FP8 linear, shared by the reference and the fast paths."""
+    if w.dim() != 2 or w.dtype not in FP8_DTYPES:
+        raise _fail("w", f"expected an (N, K) float8_e4m3fn weight, got {w.dtype} {tuple(w.shape)}",
+                    "pass the checkpoint's FP8 weight (or quantize with quantize_weight_fp8_blocks)")
+    N, K = w.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise _fail("x", f"last dim {x.shape[-1] if x.dim() else None} differs from the weight's in_features {K} "
+                    f"(w is {tuple(w.shape)})", "pass activations of shape (..., in_features)")
+    if x.dtype in FP8_DTYPES or not x.dtype.is_floating_point:
+        raise _fail("x", f"expected bf16/fp16/fp32 activations, got {x.dtype}",
+                    "pass unquantised activations: they are quantised per 1x128 block here")
+    want = (_blocks(N), _blocks(K))
+    if tuple(w_scale_inv.shape) != want or w_scale_inv.dtype != torch.float32:
+        raise _fail("w_scale_inv", f"expected {want} float32 (one scale per 128x128 block of the {N}x{K} "
+                    f"weight), got {w_scale_inv.dtype} {tuple(w_scale_inv.shape)}",
+                    "pass the checkpoint's weight_scale_inv for this weight")
+
+
+def ref_fp8_block_linear(x, w, w_scale_inv, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """y = x8_real @ w_real^T: x quantised per 1x128 block (as the fast paths do), both sides dequantised
+    to fp32, one fp32 matmul. x (..., K), w (N, K) e4m3, w_scale_inv (ceil(N/128), ceil(K/128)) fp32.
+    Returns (..., N) in out_dtype."""
+    check_fp8_linear_inputs(x, w, w_scale_inv)
+    x8, x_scale = ref_quantize_act_fp8_blocks(x)
+    return (dequantize_act_fp8_blocks(x8, x_scale) @ dequantize_weight_fp8_blocks(w, w_scale_inv).t()).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routed experts (MoE)
+# ---------------------------------------------------------------------------------------------
+# x (N, D); top_w (N, k) fp32 and top_e (N, k) int64 from the router; experts stacked per layer,
+# stored out x in as in HF checkpoints: w_gate_up (E, 2I, D) (gate rows, then up rows), w_down (E, D, I).
+# FP8 experts: e4m3 with scale_inv (E, 2I/128, D/128) / (E, D/128, I/128).
+
+def check_moe_inputs(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv=None, down_scale_inv=None) -> None:
+    """Shape/dtype checks of the routed experts (no host sync: expert ids are not range-checked)."""
+    if x.dim() != 2:
+        raise _fail("x", f"expected (N, D) tokens, got shape {tuple(x.shape)}", "flatten batch and time first")
+    N, D = x.shape
+    if top_e.dim() != 2 or top_e.shape[0] != N or top_e.dtype not in (torch.int64, torch.int32):
+        raise _fail("top_e", f"expected ({N}, k) int64 expert ids, got {top_e.dtype} {tuple(top_e.shape)}",
+                    "pass the router's top-k expert indices for these tokens")
+    if tuple(top_w.shape) != tuple(top_e.shape) or not top_w.dtype.is_floating_point:
+        raise _fail("top_w", f"expected {tuple(top_e.shape)} float weights like top_e, got {top_w.dtype} "
+                    f"{tuple(top_w.shape)}", "pass the router's top-k weights")
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != D or w_gate_up.shape[1] % 2:
+        raise _fail("w_gate_up", f"expected (E, 2I, D={D}), got {tuple(w_gate_up.shape)}",
+                    "stack each expert's gate_proj.weight and up_proj.weight rows: (E, 2I, D)")
+    E, I = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    if tuple(w_down.shape) != (E, D, I):
+        raise _fail("w_down", f"expected (E, D, I) = {(E, D, I)}, got {tuple(w_down.shape)}",
+                    "stack each expert's down_proj.weight: (E, D, I)")
+    fp8 = w_gate_up.dtype in FP8_DTYPES
+    if fp8 != (w_down.dtype in FP8_DTYPES):
+        raise _fail("w_down", f"w_gate_up is {w_gate_up.dtype} but w_down is {w_down.dtype}",
+                    "quantise both expert matrices or neither")
+    scales = (("gate_up_scale_inv", gate_up_scale_inv, w_gate_up), ("down_scale_inv", down_scale_inv, w_down))
+    if not fp8:
+        for name, s, _ in scales:
+            if s is not None:
+                raise _fail(name, "given for unquantised experts", "pass scales only with float8_e4m3fn experts")
+        return
+    if I % FP8_BLOCK or D % FP8_BLOCK:
+        raise _fail("w_gate_up", f"FP8 experts need D ({D}) and I ({I}) multiples of {FP8_BLOCK} (gate and up "
+                    "rows must not share a scale block)", "dequantise this model's experts to bf16 at load time")
+    for name, s, w in scales:
+        want = (E, w.shape[1] // FP8_BLOCK, w.shape[2] // FP8_BLOCK)
+        if s is None or tuple(s.shape) != want or s.dtype != torch.float32:
+            got = None if s is None else f"{s.dtype} {tuple(s.shape)}"
+            raise _fail(name, f"expected {want} float32 (one scale per 128x128 block per expert), got {got}",
+                        "pass the stacked weight_scale_inv of the experts")
+
+
+def ref_moe_routed(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv=None, down_scale_inv=None) -> torch.Tensor:
+    """out[n] = sum_j top_w[n, j] * W_down[e] (silu(W_gate[e] x_n) * W_up[e] x_n), e = top_e[n, j]: one
+    token-expert pair at a time in fp32 (FP8 experts dequantised first, one expert at a time). (N, D) fp32."""
+    check_moe_inputs(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv, down_scale_inv)
+    N, D = x.shape
+    I = w_down.shape[2]
+    out = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+    for n in range(N):
+        for j in range(top_e.shape[1]):
+            e = int(top_e[n, j])
+            if gate_up_scale_inv is None:
+                gu, dn = w_gate_up[e].float(), w_down[e].float()
+            else:
+                gu = dequantize_weight_fp8_blocks(w_gate_up[e], gate_up_scale_inv[e])        # (2I, D)
+                dn = dequantize_weight_fp8_blocks(w_down[e], down_scale_inv[e])              # (D, I)
+            h = gu @ x[n].float()                                                            # (2I,)
+            act = torch.nn.functional.silu(h[:I]) * h[I:]                                    # (I,)
+            out[n] += float(top_w[n, j]) * (dn @ act)
+    return out

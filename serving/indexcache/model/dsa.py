@@ -51,9 +51,11 @@ def rope_frequencies(dim: int, args: ModelArgs) -> torch.Tensor:
     return torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x: (B, T, H, D); angles: (B, T, D/2). Interleaved pairs (DeepSeek) or rotate-half (Llama/HF)."""
-    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]  # (B, T, 1, D/2)
+def apply_rope(x: torch.Tensor, angles, interleaved: bool) -> torch.Tensor:
+    """x: (B, T, H, D); angles: (B, T, D/2) fp32 radians, or their (cos, sin), which a forward computes
+    once and shares with every layer. Interleaved pairs (DeepSeek) or rotate-half (Llama/HF)."""
+    cos, sin = angles if isinstance(angles, tuple) else (angles.cos(), angles.sin())
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]                     # (B, T, 1, D/2)
     xf = x.float()
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
@@ -207,8 +209,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in fp32 (one fused kernel), then the weight in x's dtype
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
 class Indexer(nn.Module):
@@ -257,9 +259,17 @@ def select_indices(attn: nn.Module, x: torch.Tensor, q_src: torch.Tensor, ctx: F
         q, k, weights, k_scale = kernels.quantize_indexer_fp8(q, k, weights)     # k (B, T, D), k_scale (B, T)
         write_cache(ctx.cache.indexer_k[layer], k, ctx)
         write_cache(ctx.cache.indexer_k_scale[layer], k_scale, ctx)
+        if ctx.in_place:   # every slot's first kv_bound keys, a view: each query row reads its own slot
+            return kernels.indexer_topk(q, ctx.cache.indexer_k[layer][:, : ctx.kv_bound], weights, topk,
+                                        ctx.start_pos, ctx.kv_len,
+                                        k_scale=ctx.cache.indexer_k_scale[layer][:, : ctx.kv_bound], k_slots=ctx.slots)
         k_all = read_cache(ctx.cache.indexer_k[layer], ctx)                      # (B, S, D) e4m3
         k_scale_all = read_cache(ctx.cache.indexer_k_scale[layer], ctx)          # (B, S) fp32
         return kernels.indexer_topk(q, k_all, weights, topk, ctx.start_pos, ctx.kv_len, k_scale=k_scale_all)
+    if ctx.in_place:
+        write_cache(ctx.cache.indexer_k[layer], k, ctx)
+        return kernels.indexer_topk(q, ctx.cache.indexer_k[layer][:, : ctx.kv_bound], weights, topk,
+                                    ctx.start_pos, ctx.kv_len, k_slots=ctx.slots)
     k_all = write_and_read(ctx.cache.indexer_k[layer] if ctx.cache is not None else None, k, ctx)  # (B, S, D)
     return kernels.indexer_topk(q, k_all, weights, topk, ctx.start_pos, ctx.kv_len)  # (B, T, topk) int32
 
@@ -530,7 +540,10 @@ class DSAForCausalLM(nn.Module):
                     slot_range = (slots[0], slots[0] + B - 1)
                 slots = torch.tensor(slots, device=device)
             in_place = kernels.backend(device) == "triton"
-        angles = {d: self.rope_angles(d, positions) for d in self.rope_dims}
+        angles = {}
+        for d in self.rope_dims:    # cos and sin once per forward, shared by every layer's RoPE
+            radians = self.rope_angles(d, positions)                                # (B, T, d/2) fp32
+            angles[d] = (radians.cos(), radians.sin())
         ctx = ForwardContext(positions=positions, start_pos=start, kv_len=start + T, angles=angles,
                              attention=attention, cache=cache, slots=slots, capture=capture,
                              kv_bound=kv_bound, slot_range=slot_range, in_place=in_place)

@@ -1,0 +1,91 @@
+"""The replica's server in-process (no Ray): the typed stream the ingress reads (protocol.py) against the
+reference generate loop, refusals that name the field, and the health check Ray Serve uses to restart a
+replica whose engine died."""
+import asyncio
+import time
+
+import pytest
+
+from indexcache.engine import Engine, SamplingParams
+from indexcache.engine.generate import generate
+from indexcache.serving.protocol import (ChatCompletionRequest, CompletionRequest, GenerateRequest, RequestRefused,
+                                         StreamHead, TextDelta)
+from indexcache.serving.server import IndexCacheServer
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = IndexCacheServer(model="tiny", max_model_len=64, max_batch_size=2)
+    yield s
+    s.engine.stop()
+
+
+def collect(server, request):
+    async def run():
+        return [m async for m in server.generate(request)]
+    return asyncio.run(run())
+
+
+def test_the_stream_is_a_head_then_deltas_matching_the_reference_generate(server, model, tokenizer):
+    prompt = "sparse layers share"
+    messages = collect(server, CompletionRequest(prompt=prompt, max_tokens=12, temperature=0).to_generate_request())
+    head, deltas = messages[0], messages[1:]
+    assert head == StreamHead(prompt_tokens=len(tokenizer.encode(prompt)), pattern=server.engine.pattern,
+                              pattern_version=server.engine.pattern_version)
+    assert all(isinstance(d, TextDelta) for d in deltas)
+    assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1)
+    assert deltas[-1].finish_reason in ("stop", "length") and deltas[-1].error is None
+    ids = generate(model, [tokenizer.encode(prompt)], SamplingParams(max_new_tokens=12,
+                   stop_token_ids=tuple(tokenizer.stop_token_ids)))[0]
+    assert "".join(d.text for d in deltas) == tokenizer.decode(ids)
+    assert deltas[-1].completion_tokens == len(ids)
+
+
+def test_a_stop_string_cuts_the_text_and_finishes_with_stop(server, model, tokenizer):
+    prompt = "the index cache"
+    full = tokenizer.decode(generate(model, [tokenizer.encode(prompt)], SamplingParams(max_new_tokens=20))[0])
+    stop = full[5:7]
+    deltas = collect(server, CompletionRequest(prompt=prompt, max_tokens=20, temperature=0,
+                                               stop=stop).to_generate_request())[1:]
+    assert "".join(d.text for d in deltas) == full[:full.index(stop)]
+    assert deltas[-1].finish_reason == "stop"
+
+
+def test_bad_input_is_refused_before_any_text_naming_the_field(server):
+    too_long = collect(server, GenerateRequest(max_tokens=4, prompt="x" * 64))
+    assert len(too_long) == 1 and isinstance(too_long[0], RequestRefused)
+    assert (too_long[0].status, too_long[0].param, too_long[0].code) == (400, "prompt", "context_length_exceeded")
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "caf\u00e9"}]).to_generate_request(64)
+    refused = collect(server, chat)
+    assert len(refused) == 1 and refused[0].param == "messages" and "ASCII" in refused[0].message
+
+
+def test_a_chat_request_without_a_limit_may_run_to_the_end_of_the_context():
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+    assert chat.to_generate_request(max_model_len=300).max_tokens == 300
+    assert ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=9,
+                                 max_completion_tokens=5).to_generate_request(300).max_tokens == 5
+    with pytest.raises(ValueError, match="exactly one of prompt or messages"):
+        GenerateRequest(max_tokens=1)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the crash is the point
+def test_health_check_fails_once_the_engine_thread_has_died():
+    class DyingEngine(Engine):
+        def _loop(self):
+            raise RuntimeError("the scheduler thread crashed")
+
+    healthy = IndexCacheServer(model="tiny", max_model_len=64, max_batch_size=1)
+    try:
+        healthy.check_health()
+    finally:
+        healthy.engine.stop()
+    with pytest.raises(RuntimeError, match="engine thread is not running"):
+        healthy.check_health()   # a stopped engine is as dead as a crashed one
+
+    dying = IndexCacheServer(model="tiny", max_model_len=64, max_batch_size=1, engine_class=DyingEngine)
+    deadline = time.monotonic() + 10
+    while dying.engine.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match="engine thread is not running"):
+        dying.check_health()
