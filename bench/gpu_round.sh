@@ -7,8 +7,8 @@ export PYTHONPATH=serving PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_round}; mkdir -p "$OUT"
 git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || true
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
-timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/serving/test_engine_cuda_graphs.py \
-    2>&1 | tail -40 > "$OUT/gpu_tests.log"
+timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE tests/kernels \
+    tests/serving/test_engine_cuda_graphs.py > "$OUT/gpu_tests.log" 2>&1
 tail -5 "$OUT/gpu_tests.log"
 timeout $(( ${BENCH_BUDGET:-360} + 120 )) python3 bench/bench_model.py --out "$OUT/model.json" \
     --time-budget "${BENCH_BUDGET:-360}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -30
