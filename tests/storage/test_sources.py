@@ -7,7 +7,7 @@ import json
 import pytest
 
 from indexcache.model.storage import MANIFEST, FetchError, check_manifest, resolve
-from model_sources import FakeHub, FileServer, MotoS3, sha256, tarball, tiny_checkpoint_files
+from model_sources import FakeHub, FileServer, sha256, tarball, tiny_checkpoint_files
 
 FILES = tiny_checkpoint_files()
 
@@ -92,12 +92,6 @@ def test_hub_moved_branch_is_a_new_entry_and_the_old_one_stays(tmp_path, monkeyp
 
 
 # ---- S3 ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3():
-    with MotoS3("models", "tiny-dsa", FILES) as server:
-        yield server
-
-
 def test_s3_with_credentials_from_the_environment(tmp_path, monkeypatch, s3, offline_off):
     for k, v in s3.env().items():
         monkeypatch.setenv(k, v)

@@ -725,7 +725,13 @@ def _bundled(name: str, cache_dir: str | Path | None) -> ResolvedModel:
     model.tiny's random model (seed 0) and its character tokenizer as a checkpoint."""
     if name == "smollm2":
         from ..offline.smollm2 import bundled_checkpoint
-        path = bundled_checkpoint(cache_dir)
+        root = cache_dir or os.environ.get("INDEXCACHE_MODEL_CACHE")   # None: bundled_checkpoint's own home
+        if root is None:
+            path = bundled_checkpoint(None)
+        else:   # a shared cache: one pod converts (~20 s), the others wait for its result
+            Path(root).mkdir(parents=True, exist_ok=True)
+            with cache_lock(Path(root) / "smollm2.lock", name):
+                path = bundled_checkpoint(root)
         return ResolvedModel(name, path, path.name.rsplit("-", 1)[-1], "smollm2-dsa")
     from .tiny import TINY_CONFIG, TINY_MODEL_NAME, save_char_tokenizer, tiny_model
     from .checkpoint import save_checkpoint
