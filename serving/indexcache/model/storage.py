@@ -153,7 +153,14 @@ class DirProgress:
 def cache_lock(path: Path, label: str, poll: float = 0.5, report_every: float = 30.0):
     """Exclusive POSIX lock on `path` (created if missing). POSIX locks work across pods on NFS-backed
     volumes and are dropped by the kernel when the holder dies, so a killed fetch never wedges the next."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        # a cache mounted read-only (the replicas' and Jobs' view of it) has nobody to exclude
+        yield
+        return
     try:
         waited, last_report = 0.0, 0.0
         while True:
