@@ -110,7 +110,9 @@ class LoopbackServer:
         """200 or, for `Range: bytes=N-`, 206 with the rest; written in chunks, before_chunk(offset) first."""
         start, status = 0, 200
         m = re.fullmatch(r"bytes=(\d+)-", handler.headers.get("Range") or "")
-        if m and int(m.group(1)) < len(data):
+        if m and int(m.group(1)) >= len(data):
+            return self.send_error(handler, 416, {"Content-Range": f"bytes */{len(data)}"})
+        if m:
             start, status = int(m.group(1)), 206
         handler.send_response(status)
         for k, v in (headers or {}).items():

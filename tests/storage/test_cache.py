@@ -2,6 +2,7 @@
 a fetch killed mid-download is resumed by the next one and ends with a complete, verified model; two
 initialisers started together download once; a damaged entry is never loaded; offline serves the cache."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -74,6 +75,41 @@ def test_killed_fetch_is_resumed_and_ends_complete_and_verified(tmp_path):
     assert model_files(out["path"]) == FILES
     assert check_manifest(Path(out["path"]), verify_hashes=True) is None
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_fetch_killed_after_the_whole_archive_arrived_finishes_without_downloading_again(tmp_path):
+    """The server answers 416 to a range past the end; the archive is then checked and unpacked."""
+    from indexcache.model.storage import HttpSource, entry_dir
+
+    with FileServer({URL_PATH: DATA}) as server:
+        uri = f"{server.url}{URL_PATH}#sha256={sha256(DATA)}"
+        work = entry_dir(tmp_path, HttpSource(f"{server.url}{URL_PATH}", None), sha256(DATA))
+        work = work.with_name(work.name + ".partial")
+        work.mkdir(parents=True)
+        (work / "archive").write_bytes(DATA)
+        model = resolve(uri, tmp_path)
+        assert server.gets(URL_PATH) == [f"bytes={len(DATA)}-"]
+    assert model_files(model.path) == FILES and check_manifest(model.path, verify_hashes=True) is None
+
+
+def test_a_read_only_cache_is_read_without_a_lock(tmp_path, monkeypatch):
+    """Replicas and Jobs mount the cache read-only: the bundled models resolve there without a lock file."""
+    import errno as errno_module
+
+    from indexcache.model import storage
+
+    real_open = os.open
+
+    def read_only_open(path, flags, *args):
+        if str(path).endswith(".lock"):
+            raise OSError(errno_module.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    built = resolve("tiny", tmp_path).path
+    monkeypatch.setattr(storage.os, "open", read_only_open)
+    with storage.cache_lock(tmp_path / "x.lock", "tiny"):
+        pass
+    assert resolve("tiny", tmp_path).path == built
 
 
 def test_two_initialisers_started_together_download_once(tmp_path):

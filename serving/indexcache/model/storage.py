@@ -536,18 +536,25 @@ class HttpSource:
         archive = work / "archive"
         have = archive.stat().st_size if archive.exists() else 0
         request = urllib.request.Request(self.url, headers={"Range": f"bytes={have}-"} if have else {})
-        with _http_errors(self.url), urllib.request.urlopen(request, timeout=60) as response:
-            resumed = response.status == 206
-            length = int(response.headers.get("Content-Length") or 0)
-            total = (have if resumed else 0) + length
-            if length:
-                ensure_space(work, 2 * length, self.url)   # the archive and its unpacked copy
-            if have and not resumed:
-                log.info("fetch %s: the server ignored the range request; starting over", self.url)
-                archive.unlink()
-            with DirProgress(work, self.url, total or None), open(archive, "ab" if resumed else "wb") as f:
-                while chunk := response.read1(CHUNK):   # what has arrived, not a full MiB
-                    f.write(chunk)
+        with _http_errors(self.url), contextlib.ExitStack() as stack:
+            try:
+                response = stack.enter_context(urllib.request.urlopen(request, timeout=60))
+            except urllib.error.HTTPError as exc:
+                if exc.code != 416 or not have:
+                    raise
+                response = None   # nothing after byte `have`: a killed fetch had the whole archive already
+            if response is not None:
+                resumed = response.status == 206
+                length = int(response.headers.get("Content-Length") or 0)
+                total = (have if resumed else 0) + length
+                if length:
+                    ensure_space(work, 2 * length, self.url)   # the archive and its unpacked copy
+                if have and not resumed:
+                    log.info("fetch %s: the server ignored the range request; starting over", self.url)
+                    archive.unlink()
+                with DirProgress(work, self.url, total or None), open(archive, "ab" if resumed else "wb") as f:
+                    while chunk := response.read1(CHUNK):   # what has arrived, not a full MiB
+                        f.write(chunk)
         got = _file_sha256(archive)
         if got != revision:
             archive.unlink()
