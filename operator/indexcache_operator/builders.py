@@ -22,6 +22,8 @@ INGRESS_DEPLOYMENT = "OpenAIIngress"
 SERVE_PORT = 8000
 SAMPLES_DIR = "/samples"
 RESULTS_DIR = "/results"
+MODEL_CACHE_DIR = "/model-cache"
+PVC_ROOT = "/mnt/pvc"   # pvc://claim/path is read at PVC_ROOT/claim/path (indexcache.model.storage)
 WORKER_GROUP = "gpu"
 ROLE_LABEL = f"{DEPLOYMENT_LABEL.split('/')[0]}/role"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -161,6 +163,7 @@ def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | No
                 "deployment": owner.name,
                 "max_ongoing_requests": spec.max_ongoing_requests,
                 "samples_dir": SAMPLES_DIR,
+                "model_cache": MODEL_CACHE_DIR,
             },
             "deployments": [
                 server,
@@ -178,6 +181,51 @@ def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | No
 def _samples_volume(owner: Owner, read_only: bool) -> dict:
     return {"name": "samples", "persistentVolumeClaim": {"claimName": samples_claim_name(owner),
                                                          "readOnly": read_only}}
+
+
+# ---- model delivery: an init container fetches spec.model.uri into the cache volume -------------
+
+def _source_claim(spec: IndexCacheDeploymentSpec) -> str | None:
+    uri = spec.model.uri
+    return uri[len("pvc://"):].split("/", 1)[0] if uri.startswith("pvc://") else None
+
+
+def model_volumes(spec: IndexCacheDeploymentSpec) -> list[dict]:
+    cache = spec.model.cache_volume
+    volumes = [{"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.claim_name}} if cache
+               else {"name": "model-cache", "emptyDir": {}}]
+    if claim := _source_claim(spec):
+        volumes.append({"name": "model-source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+    return volumes
+
+
+def model_mounts(spec: IndexCacheDeploymentSpec, read_only: bool) -> list[dict]:
+    mounts = [{"name": "model-cache", "mountPath": MODEL_CACHE_DIR, "readOnly": read_only}]
+    if claim := _source_claim(spec):
+        mounts.append({"name": "model-source", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
+    return mounts
+
+
+# What reads the model: the cache only (the init container has verified it), never the network.
+MODEL_READER_ENV = [{"name": "INDEXCACHE_MODEL_CACHE", "value": MODEL_CACHE_DIR},
+                    {"name": "INDEXCACHE_OFFLINE", "value": "1"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+
+
+def fetch_model_container(spec: IndexCacheDeploymentSpec, image: str) -> dict:
+    """`indexcache fetch` into the cache volume: the pod's other containers start only once the model is
+    complete and verified. Its last log line (the error and its reason) becomes the termination message."""
+    container = {
+        "name": "fetch-model",
+        "image": image,
+        "command": ["indexcache"],
+        "args": ["fetch", spec.model.uri, "--cache", MODEL_CACHE_DIR],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "volumeMounts": model_mounts(spec, read_only=False),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.model.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": spec.model.credentials_secret}}]
+    return container
 
 
 def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig,
@@ -224,9 +272,12 @@ def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorCon
                                GPU_RESOURCE: spec.gpus_per_replica},
                 },
                 # The traffic sampler in each replica appends to the shared samples volume.
-                "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}],
+                "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}] + model_mounts(spec, read_only=True),
+                "env": MODEL_READER_ENV,
             }],
-                "volumes": [_samples_volume(owner, read_only=False)]},
+                # The replicas load the model (the head never does: it holds no GPU replica).
+                "initContainers": [fetch_model_container(spec, image)],
+                "volumes": [_samples_volume(owner, read_only=False)] + model_volumes(spec)},
         },
     }
     return {
@@ -323,12 +374,15 @@ def job_spec(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfi
                         {"name": "JOB_NAME", "valueFrom": {"fieldRef": {
                             "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
                         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                    ],
+                    ] + MODEL_READER_ENV,
                     "resources": {"limits": {GPU_RESOURCE: spec.gpus_per_replica}},
                     "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR, "readOnly": True},
-                                     {"name": "results", "mountPath": RESULTS_DIR}],
+                                     {"name": "results", "mountPath": RESULTS_DIR}]
+                    + model_mounts(spec, read_only=True),
                 }],
-                "volumes": [_samples_volume(owner, read_only=True), {"name": "results", "emptyDir": {}}],
+                "initContainers": [fetch_model_container(spec, spec.image or config.serving_image)],
+                "volumes": [_samples_volume(owner, read_only=True), {"name": "results", "emptyDir": {}}]
+                + model_volumes(spec),
             },
         },
     }

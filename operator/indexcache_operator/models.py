@@ -15,7 +15,13 @@ from pydantic.alias_generators import to_camel
 PATTERN_REGEX = r"^F[FS]*$"
 # Five cron fields or one of the @-macros Kubernetes CronJobs accept; croniter checks the rest.
 CRON_REGEX = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|\S+( +\S+){4})$"
-MODEL_URI_REGEX = r"^(smollm2|/.+|(s3|gs|hf|pvc|https?)://.+)$"
+# The schema checks the shape; the CEL rule on ModelSource names the schemes `indexcache fetch` supports
+# (indexcache.model.storage), so that gs:// or a typo gets a message instead of a bare regex.
+MODEL_URI_REGEX = r"^(smollm2|tiny|/.+|[A-Za-z][A-Za-z0-9+.-]*://.+)$"
+SUPPORTED_MODEL_URI = r"^(smollm2|tiny|/.+|(s3|hf|pvc|https?)://.+)$"
+SUPPORTED_MODEL_URIS = ("hf://org/name[@revision], s3://bucket/prefix, https://host/model.tar.gz[#sha256=<hex>], "
+                        "pvc://claim/path, an absolute path inside the image, smollm2 or tiny")
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 MAX_PATTERN_LENGTH = 1024  # also bounds the CEL cost of rules reading the pattern
 # Child names are "<name>-recal-<8 hex>" (Job, 63 max) and CronJob "<name>-recal" + 11 (52 max).
 MAX_NAME_LENGTH = 40
@@ -32,11 +38,32 @@ class Wire(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
+class CacheVolume(Wire):
+    claim_name: str = Field(
+        min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN,
+        description="An existing PersistentVolumeClaim for the model cache (ReadWriteMany when replicas run "
+                    "on several nodes): the first pod downloads, the others and the recalibration Jobs reuse it.")
+
+
 class ModelSource(Wire):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel(f"self.uri.matches('{SUPPORTED_MODEL_URI}')",
+            f"model.uri: unsupported scheme (gs:// included: serve GCS through its S3 endpoint, "
+            f"storage.googleapis.com with HMAC keys, as s3://); use {SUPPORTED_MODEL_URIS}", ".uri"),
+    ]})
+
     uri: str = Field(
         min_length=1, max_length=2048, pattern=MODEL_URI_REGEX,
-        description="Checkpoint to serve: an HF-format directory (absolute path inside the image, "
-                    "or s3://, gs://, hf://, pvc://, http(s):// URI) or `smollm2` for the bundled model.")
+        description="Checkpoint to serve, fetched by an init container into the model cache: hf://org/name"
+                    "[@revision], s3://bucket/prefix, https://.../model.tar.gz#sha256=<hex>, pvc://claim/path, "
+                    "an absolute HF-format directory inside the image, or `smollm2`/`tiny` (bundled).")
+    cache_volume: Optional[CacheVolume] = Field(
+        default=None,
+        description="Where downloaded models are kept; default an emptyDir per pod (each pod downloads).")
+    credentials_secret: Optional[str] = Field(
+        default=None, min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN,
+        description="Secret whose keys become the download's environment: HF_TOKEN for the Hub; "
+                    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3 for S3 and MinIO.")
     num_layers: Optional[int] = Field(
         default=None, ge=1, le=1024,
         description="Layers in the model. Needed with indexCache.freq; lets the operator refuse a "

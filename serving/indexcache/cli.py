@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Commands whose --model goes through the model resolver (serve resolves its own, before starting Ray).
+MODEL_COMMANDS = ("generate", "calibrate", "distill", "eval", "train-indexer")
+MODEL_HELP = "checkpoint directory, model URI (hf://, s3://, http(s)://, pvc://) or bundled name (smollm2, tiny)"
+
 
 def add_pattern_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("IndexCache pattern (default: the checkpoint's own)")
@@ -52,7 +56,8 @@ def load_samples_for(args: argparse.Namespace, model):
         from .model.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(args.model)
     loaded = load_samples(args.samples, tokenizer=tokenizer,
-                          tokenizer_name=args.tokenizer_name or Path(args.model).resolve().name,
+                          tokenizer_name=args.tokenizer_name or getattr(args, "model_name", None)
+                          or Path(args.model).resolve().name,
                           max_tokens=model.args.max_seq_len, vocab_size=model.args.vocab_size,
                           on_error=args.on_error)
     print(f"# samples: {loaded.summary}", file=sys.stderr)
@@ -105,7 +110,7 @@ def add_calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="choose the F layers by greedy search on sampled traffic",
                        description="Greedy IndexCache calibration: start all-F, flip the layer whose flip "
                        "costs the least LM loss on the samples, until --target-full of the layers stay F.")
-    p.add_argument("--model", required=True, help="HF-format checkpoint directory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--samples", required=True, nargs="+", metavar="PATH",
                    help="JSONL sample files or directories of *.jsonl shards (docs/contracts.md format)")
     p.add_argument("--target-full", type=float, default=0.25,
@@ -119,8 +124,8 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward batch")
     p.add_argument("--on-error", choices=("skip", "stop"), default="skip",
                    help="bad sample lines: skip and count them (default), or stop at the first")
-    p.add_argument("--tokenizer-name", help="name token_ids samples must carry (default: the model "
-                   "directory's name)")
+    p.add_argument("--tokenizer-name", help="name token_ids samples must carry (default: the model's name: "
+                   "its directory, repository or prefix)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -164,7 +169,7 @@ def add_distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="train the F layers' indexers for the S layers that reuse them",
                        description="Training-aware IndexCache: each F layer's indexer learns the centroid of "
                        "the attention of the layers it serves (multi-layer KL); the LM stays frozen.")
-    p.add_argument("--model", required=True, help="HF-format checkpoint directory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--pattern", required=True, help="the F/S pattern to train for, e.g. from calibrate")
     p.add_argument("--samples", required=True, nargs="+", metavar="PATH", help="JSONL sample files or shard dirs")
     p.add_argument("--out", required=True, help="output checkpoint directory (pattern written into config.json)")
@@ -175,7 +180,7 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="samples kept out for the before/after report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-error", choices=("skip", "stop"), default="skip")
-    p.add_argument("--tokenizer-name", help="name token_ids samples must carry (default: the model directory's name)")
+    p.add_argument("--tokenizer-name", help="name token_ids samples must carry (default: the model's name)")
     p.add_argument("--drop-shared-indexers", action="store_true",
                    help="write no indexer weights for the S layers (smaller checkpoint; fixes the pattern)")
     p.add_argument("--threads", type=int)
@@ -191,23 +196,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.pattern and (args.freq or args.offset):
         raise SystemExit("give either --pattern or --freq/--offset, not both")
-    model = "tiny" if args.tiny else (args.model or "smollm2")
-    if model == "smollm2":
-        from .model.loading import bundled_model_dir
-        bundled_model_dir()   # fail here, with the fix, rather than inside a Ray replica
+    uri = "tiny" if args.tiny else (args.model or "smollm2")
+    model, served_model_name = uri, None
+    if uri != "tiny":
+        # download or convert here, with progress on this terminal and the fix on failure, not in a replica
+        from .model.storage import resolve
+        log_to_stderr()
+        resolved = resolve(uri)
+        model, served_model_name = str(resolved.path), resolved.name
     pattern = args.pattern
     if pattern is None and (args.freq or args.offset):
         from .model.config import ModelArgs
-        from .model.loading import bundled_model_dir
         from .model.tiny import TINY_CONFIG
-        n_layers = TINY_CONFIG["n_layers"] if model == "tiny" else ModelArgs.from_dir(
-            bundled_model_dir() if model == "smollm2" else model).n_layers
+        n_layers = TINY_CONFIG["n_layers"] if model == "tiny" else ModelArgs.from_dir(model).n_layers
         pattern = resolve_pattern(n_layers, freq=args.freq or 1, offset=args.offset or 2)
     from .serving.app import start_local
-    app_args = dict(model=model, max_ongoing_requests=args.max_ongoing_requests, max_batch_size=args.max_batch_size,
-                    max_model_len=args.max_model_len, samples_dir=args.samples_dir, sample_rate=args.sample_rate,
-                    gpu_hourly_usd=args.gpu_hourly_usd, api_key=args.api_key, pattern=pattern)
-    print(f"starting Ray Serve on {args.host}:{args.port} with model {model} ...", file=sys.stderr, flush=True)
+    app_args = dict(model=model, served_model_name=served_model_name, max_ongoing_requests=args.max_ongoing_requests,
+                    max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, samples_dir=args.samples_dir,
+                    sample_rate=args.sample_rate, gpu_hourly_usd=args.gpu_hourly_usd, api_key=args.api_key,
+                    pattern=pattern)
+    print(f"starting Ray Serve on {args.host}:{args.port} with model {uri} ...", file=sys.stderr, flush=True)
     url = start_local(app_args, host=args.host, port=args.port, num_cpus=args.num_cpus)
     print(f"IndexCache OpenAI-compatible API listening on {url}/v1  (metrics: {url}/metrics; Ctrl-C stops)",
           flush=True)
@@ -223,12 +231,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_model_arg(args: argparse.Namespace) -> None:
+    """--model URI -> the local checkpoint directory (fetched into INDEXCACHE_MODEL_CACHE first if remote);
+    the URI stays in args.model_uri, its short name (default tokenizer name of samples) in args.model_name."""
+    from .model.storage import resolve
+
+    log_to_stderr()
+    resolved = resolve(args.model)
+    args.model_uri, args.model, args.model_name = args.model, str(resolved.path), resolved.name
+
+
+def log_to_stderr() -> None:
+    """Fetch progress (byte counters) goes to stderr, where an init container's log shows it."""
+    import logging
+    logger = logging.getLogger("indexcache.model.storage")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    import json
+
+    from .model.storage import resolve
+
+    log_to_stderr()
+    resolved = resolve(args.uri, args.cache, offline=True if args.offline else None,
+                       verify_hashes=args.verify_hashes)
+    print(json.dumps(resolved.to_json()), flush=True)
+    return 0
+
+
+def add_fetch_parser(sub) -> None:
+    from .model.storage import SUPPORTED
+    p = sub.add_parser("fetch", help="download a model into the model cache once (what the init container runs)",
+                       description="Resolve a model URI into a verified checkpoint directory in the cache and print "
+                       f"{{uri, path, revision, name, downloaded_bytes}} as JSON. URIs: {SUPPORTED}.")
+    p.add_argument("uri", help="model URI, directory or bundled name")
+    p.add_argument("--cache", help="model cache directory (default: INDEXCACHE_MODEL_CACHE or "
+                   "~/.cache/indexcache/models)")
+    p.add_argument("--offline", action="store_true", help="use the cache only (also INDEXCACHE_OFFLINE=1 or "
+                   "HF_HUB_OFFLINE=1)")
+    p.add_argument("--verify-hashes", action="store_true", help="re-hash a cached model's files against its "
+                   "manifest (default: file list and sizes)")
+    p.set_defaults(func=cmd_fetch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint directory")
-    p.add_argument("--model", required=True, help="HF-format checkpoint directory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs the tokenizer in the checkpoint directory)")
     src.add_argument("--prompt-ids", help="comma-separated token ids (checkpoints without a tokenizer)")
@@ -258,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_calibrate_parser(sub)
     add_distill_parser(sub)
+    add_fetch_parser(sub)
     p = sub.add_parser("serve", help="serve the OpenAI-compatible API locally (Ray Serve on this machine)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="checkpoint directory (default: the bundled SmolLM2 DSA model)")
+    src.add_argument("--model", help=MODEL_HELP + " (default: the bundled SmolLM2 DSA model)")
     src.add_argument("--tiny", action="store_true", help="a tiny random model (tests and demos; gibberish text)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -278,9 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .model.storage import FetchError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fetch"]:   # every init container runs it: parse it without the modules that import torch
+        parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
+        add_fetch_parser(parser.add_subparsers(dest="command", required=True))
+    else:
+        parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.command in MODEL_COMMANDS:
+            resolve_model_arg(args)
         return args.func(args)
+    except FetchError as exc:   # the last line of an init container's log says why (FallbackToLogsOnError)
+        print(f"indexcache {args.command}: error ({exc.reason}): {exc}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         print(f"indexcache {args.command}: error: {exc}", file=sys.stderr)
         return 2

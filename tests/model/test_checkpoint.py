@@ -26,6 +26,17 @@ def test_roundtrip(tmp_path, family, make_model, naming):
     same_logits(model, loaded)
 
 
+def test_tied_embeddings_roundtrip(tmp_path, make_model):
+    """SmolLM2 ties lm_head to the embeddings: the checkpoint holds one tensor, the loaded model uses it twice."""
+    model = make_model("gqa", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    save_checkpoint(model, tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors").keys()
+    loaded, _ = load_checkpoint(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    same_logits(model, loaded)
+
+
 def test_sharded_checkpoint_with_index(tmp_path, make_model):
     model = make_model("mla")
     save_checkpoint(model, tmp_path, max_shard_bytes=40_000)

@@ -40,6 +40,9 @@ def _kuberay_schema(path: Path) -> dict:
     {"replicas": 0, "autoscaling": {"minReplicas": 0, "maxReplicas": 2}},   # Serve scales from zero
     {"autoscaling": {"minReplicas": 1, "maxReplicas": 6, "targetOngoingRequests": 3}, "replicas": 2},
     {"indexCache": {}, "model": {"uri": "smollm2"}},
+    {"model": {"uri": "s3://models/glm5", "numLayers": 8, "cacheVolume": {"claimName": "model-cache"},
+               "credentialsSecret": "s3-credentials"}},
+    {"model": {"uri": "pvc://weights/glm5", "numLayers": 8}},
 ])
 def test_rayservice_is_valid_for_kuberay_and_carries_the_serve_contract(kit, variant):
     s = spec(**variant)
@@ -127,6 +130,9 @@ def test_a_new_pattern_changes_only_user_config():
     lambda: b.role_binding(OWNER),
     lambda: b.ondemand_job(OWNER, spec(), CONFIG, "2026-11-28T10:00"),
     lambda: b.recalibration_cronjob(OWNER, spec(recalibration={"schedule": "0 3 * * 0"}), CONFIG),
+    lambda: b.ondemand_job(OWNER, spec(model={"uri": "hf://acme/glm5@v1", "credentialsSecret": "hf-token",
+                                              "cacheVolume": {"claimName": "models"}}), CONFIG, "t"),
+    lambda: b.ondemand_job(OWNER, spec(model={"uri": "pvc://weights/glm5"}), CONFIG, "t"),
 ])
 def test_builtin_manifests_pass_kubernetes_validation(build):
     obj = build()
@@ -142,12 +148,74 @@ def test_recalibration_job_runs_the_calibrate_contract():
     assert container["command"] + container["args"] == [
         "indexcache", "calibrate", "--model", "/models/glm5", "--samples", "/samples", "--target-full", "0.25",
         "--out", "/results/result.json", "--report-configmap", "$(POD_NAMESPACE)/$(JOB_NAME)-result"]
-    assert {e["name"] for e in container["env"]} == {"JOB_NAME", "POD_NAMESPACE"}
+    assert {e["name"] for e in container["env"]} == {"JOB_NAME", "POD_NAMESPACE", "INDEXCACHE_MODEL_CACHE",
+                                                     "INDEXCACHE_OFFLINE", "HF_HUB_OFFLINE"}
     assert job["spec"]["activeDeadlineSeconds"] == 900
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "chat-recalibration"
     # Deterministic: the same token names the same Job (a retry is "already exists").
     assert b.ondemand_job_name(OWNER, "tok") == job["metadata"]["name"] != b.ondemand_job_name(OWNER, "tok2")
     assert len(b.ondemand_job_name(b.Owner("a" * 40, "ns", "u"), "t")) <= 63
+
+
+def _pod_templates(obj: dict) -> dict[str, dict]:
+    if obj["kind"] == "RayService":
+        cluster = obj["spec"]["rayClusterConfig"]
+        return {"head": cluster["headGroupSpec"]["template"], "worker": cluster["workerGroupSpecs"][0]["template"]}
+    return {"job": obj["spec"]["template"]}
+
+
+@pytest.mark.parametrize("model,cache_volume", [
+    ({"uri": "hf://acme/glm5@main", "credentialsSecret": "hf-token"}, {"emptyDir": {}}),
+    ({"uri": "s3://models/glm5", "cacheVolume": {"claimName": "shared-models"}},
+     {"persistentVolumeClaim": {"claimName": "shared-models"}}),
+    ({"uri": "smollm2"}, {"emptyDir": {}}),
+])
+def test_replicas_and_jobs_fetch_the_model_into_the_cache_first(model, cache_volume):
+    """Every pod that loads the model starts with `indexcache fetch URI --cache /model-cache` (credentials from
+    the Secret, failure reason as termination message); its main container reads that cache read-only and
+    offline, so it never starts on a half model nor downloads one itself. The head holds no model replica."""
+    s = spec(model={**model, "numLayers": 8})
+    rs = b.rayservice(OWNER, s, CONFIG, None, 0)
+    job = b.ondemand_job(OWNER, s, CONFIG, "t")
+    templates = {**_pod_templates(rs), **_pod_templates(job)}
+    assert "initContainers" not in templates.pop("head")["spec"]
+    for role, template in templates.items():
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role},
+                                      "template": template}, "1.37.0", strict=True)
+        pod = template["spec"]
+        [init] = pod["initContainers"]
+        assert init["command"] + init["args"] == ["indexcache", "fetch", model["uri"], "--cache", "/model-cache"]
+        assert init["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        assert init.get("envFrom") == ([{"secretRef": {"name": model["credentialsSecret"]}}]
+                                       if "credentialsSecret" in model else None)
+        assert {"name": "model-cache", **cache_volume} in pod["volumes"]
+        assert {"name": "model-cache", "mountPath": "/model-cache", "readOnly": False} in init["volumeMounts"]
+        main = pod["containers"][0]
+        assert {"name": "model-cache", "mountPath": "/model-cache", "readOnly": True} in main["volumeMounts"]
+        env = {e["name"]: e.get("value") for e in main["env"]}
+        assert env["INDEXCACHE_MODEL_CACHE"] == "/model-cache" and env["INDEXCACHE_OFFLINE"] == "1"
+        assert "envFrom" not in main      # the credentials stay with the download
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    assert app["args"]["model"] == model["uri"] and app["args"]["model_cache"] == "/model-cache"
+    from indexcache.serving.app import AppArgs
+    AppArgs(**app["args"])   # the serve app accepts the args the operator writes
+
+
+def test_a_pvc_model_is_mounted_where_the_resolver_reads_it():
+    from indexcache.model.storage import DEFAULT_PVC_ROOT, parse_uri
+    s = spec(model={"uri": "pvc://weights/glm5/v2"})
+    for template in {**_pod_templates(b.rayservice(OWNER, s, CONFIG, None, 0)),
+                     **_pod_templates(b.ondemand_job(OWNER, s, CONFIG, "t"))}.values():
+        pod = template["spec"]
+        if "initContainers" not in pod:
+            continue
+        assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} \
+            in pod["volumes"]
+        for container in pod["initContainers"] + pod["containers"]:
+            mount = next(m for m in container["volumeMounts"] if m["name"] == "model-source")
+            assert mount["readOnly"] is True
+            assert str(parse_uri(s.model.uri).path).startswith(mount["mountPath"] + "/")
+    assert b.PVC_ROOT == DEFAULT_PVC_ROOT
 
 
 def test_cronjob_follows_schedule_and_suspend():

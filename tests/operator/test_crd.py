@@ -91,6 +91,11 @@ INVALID = [
     (_with("model", _DELETE), "model"),
     (_with("model.uri", ""), "model.uri"),
     (_with("model.uri", "ftp://host/model"), "model.uri"),
+    (_with("model.uri", "gs://bucket/model"), "model.uri"),
+    (_with("model.uri", "hf:/acme/model"), "model.uri"),
+    (_with("model.cacheVolume", {}), "claimName"),
+    (_with("model.cacheVolume", {"claimName": "Models_PVC"}), "model.cacheVolume.claimName"),
+    (_with("model.credentialsSecret", "HF Token"), "model.credentialsSecret"),
     (_with("model.numLayers", 0), "model.numLayers"),
     (_with("replicas", -1), "replicas"),
     (_with("replicas", "two"), "replicas"),
@@ -128,6 +133,21 @@ def test_invalid_specs_are_refused_naming_the_field(validate, obj, field):
     errors = validate(obj)
     assert errors, f"accepted an invalid spec: {obj['spec']}"
     assert any(field in e for e in errors), f"no message names {field!r}: {errors}"
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/glm5", "ftp://host/glm5"])
+def test_an_unsupported_model_scheme_is_refused_with_what_is_supported(validate, uri):
+    errors = validate(_with("model.uri", uri))
+    assert errors and all(form in errors[0] for form in ("gs://", "hf://org/name", "s3://bucket/prefix",
+                                                         "pvc://claim/path", "smollm2")), errors
+
+
+@pytest.mark.parametrize("uri", ["hf://acme/glm5@main", "s3://models/glm5", "https://host/m.tar.gz#sha256=" + "a" * 64,
+                                 "http://10.0.0.1/m.tar.gz", "pvc://weights/glm5", "/models/glm5", "smollm2", "tiny"])
+def test_every_scheme_the_resolver_supports_is_accepted(validate, uri):
+    from indexcache.model.storage import parse_uri
+    parse_uri(uri)   # the serving side accepts it too
+    assert validate(_with("model.uri", uri)) == []
 
 
 def test_there_are_at_least_twenty_refusals():
@@ -172,4 +192,5 @@ def test_valid_spec_with_every_field_is_accepted(validate):
         "autoscaling": {"minReplicas": 1, "maxReplicas": 6, "targetOngoingRequests": 4},
         "cost": {"gpuHourlyUSD": 3.5},
     })
+    obj["spec"]["model"].update({"cacheVolume": {"claimName": "shared-models"}, "credentialsSecret": "hf-token"})
     assert validate(obj) == []

@@ -82,3 +82,53 @@ def test_indexcache_serve_tiny_answers_and_stops_on_ctrl_c(tmp_path, tokenizer):
     samples = read_samples(tmp_path / "samples", tokenizer=tokenizer, on_error="stop").samples
     assert [list(s.sample.messages) for s in samples] == [[{"role": "user", "content": "hello, I am <email>"}]]
     print(f"stopped in {stopped_in:.1f} s")
+
+
+def test_indexcache_serve_a_model_from_s3(tmp_path):
+    """`indexcache serve --model s3://...`: the CLI fetches the checkpoint (byte counters on stderr) from an S3
+    server that wants credentials, and the API answers with the model that was in the bucket (the tiny
+    model's own greedy text) under the prefix's name."""
+    from indexcache.engine.generate import generate
+    from indexcache.engine.sampling import SamplingParams
+    from indexcache.model.tiny import CharTokenizer, tiny_model
+    from model_sources import MotoS3, clean_env, tiny_checkpoint_files
+
+    chars = CharTokenizer()
+    expected = chars.decode(generate(tiny_model(seed=0), [chars.encode("sparse attention")],
+                                     SamplingParams(max_new_tokens=6, temperature=0.0))[0])
+    port = free_port()
+    with MotoS3("models", "tiny-dsa", tiny_checkpoint_files()) as s3:
+        env = clean_env(PYTHONPATH=SERVING_DIR, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+                        INDEXCACHE_MODEL_CACHE=str(tmp_path / "cache"), **s3.env())
+        cmd = [sys.executable, "-m", "indexcache.cli", "serve", "--model", "s3://models/tiny-dsa", "--port", str(port),
+               "--num-cpus", "1", "--max-model-len", "256"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        out, err = queue.Queue(), []
+        threading.Thread(target=lines_of, args=(proc.stdout, out), daemon=True).start()
+        threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+        try:
+            deadline, url = time.monotonic() + STARTUP_S, None
+            while url is None and time.monotonic() < deadline:
+                try:
+                    line = out.get(timeout=1)
+                except queue.Empty:
+                    continue
+                assert line is not None, f"indexcache serve exited early:\n{''.join(err)[-3000:]}"
+                if m := re.search(r"listening on (http://\S+/v1)", line):
+                    url = m.group(1)
+            assert url, f"no URL printed:\n{''.join(err)[-3000:]}"
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+            assert [m.id for m in client.models.list().data] == ["tiny-dsa"]
+            r = client.completions.create(model="tiny-dsa", prompt="sparse attention", max_tokens=6, temperature=0)
+            assert r.choices[0].text == expected
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=STOP_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    stderr = "".join(err)
+    assert rc == 0, stderr[-3000:]
+    assert re.search(r"fetch s3://models/tiny-dsa \(s3-\w+\): 1\.\d MB in 4 files", stderr), stderr[-3000:]
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "refs"]) == 1

@@ -1,4 +1,7 @@
 """The bundled model `indexcache serve` starts with: packaged GGUF + bundled trained indexer, cached."""
+import json
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -6,8 +9,15 @@ from indexcache.model.checkpoint import load_checkpoint
 from indexcache.offline.smollm2 import bundled_checkpoint, bundled_indexer
 
 
-def test_bundled_checkpoint_is_built_once_with_the_trained_indexer(tmp_path):
-    path = bundled_checkpoint(tmp_path)
+@pytest.fixture(scope="module")
+def bundled_cache(tmp_path_factory):
+    """A cache directory and the bundled checkpoint converted into it (~20 s, once for this file)."""
+    root = tmp_path_factory.mktemp("bundled")
+    return root, bundled_checkpoint(root)
+
+
+def test_bundled_checkpoint_is_built_once_with_the_trained_indexer(bundled_cache):
+    tmp_path, path = bundled_cache
     weights = path / "model.safetensors"
     built_at = weights.stat().st_mtime_ns
     assert [p.name for p in tmp_path.iterdir()] == [path.name]          # no half-written temp dirs left
@@ -19,3 +29,25 @@ def test_bundled_checkpoint_is_built_once_with_the_trained_indexer(tmp_path):
         torch.testing.assert_close(got[name], trained[name].float(), atol=0, rtol=0)
     assert bundled_checkpoint(tmp_path) == path and weights.stat().st_mtime_ns == built_at   # cached
     assert (path / "tokenizer.json").is_file()
+
+
+def test_calibrate_the_bundled_model_by_name(bundled_cache, tmp_path, monkeypatch, capsys):
+    """`indexcache calibrate --model smollm2`, what the chart's example recalibration Job runs: the bundled
+    name resolves to the converted checkpoint in the model cache (not converted again), text samples are
+    tokenised with its tokenizer, and the greedy search flips one layer."""
+    from indexcache.cli import main
+
+    root, path = bundled_cache
+    monkeypatch.setenv("INDEXCACHE_MODEL_CACHE", str(root))
+    built_at = (path / "model.safetensors").stat().st_mtime_ns
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"messages": [{"role": "user", "content": text}]}) + "\n" for text in (
+        "What does a sparse attention indexer keep?", "Name three plays by Shakespeare.")))
+    rc = main(["calibrate", "--model", "smollm2", "--samples", str(samples), "--target-full", "0.97",
+               "--out", str(tmp_path / "result.json"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert len(result["pattern"]) == 30 and result["pattern"].count("F") == 29 and result["pattern"][0] == "F"
+    assert "2 usable samples" in err
+    assert (path / "model.safetensors").stat().st_mtime_ns == built_at

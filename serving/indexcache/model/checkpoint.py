@@ -210,6 +210,8 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     params = model.state_dict(keep_vars=True)
+    if args.tie_word_embeddings:   # filled through embed_tokens, the same tensor
+        params.pop("lm_head.weight", None)
     filled: dict[str, int] = {}
     with torch.no_grad():
         def put(name: str, tensor: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
-"""Which model a replica serves: 'tiny' (random demo), 'smollm2' (the bundled DSA checkpoint) or a
-checkpoint directory, loaded with its tokenizer and default IndexCache pattern."""
+"""Which model a replica serves: 'tiny' (random demo), 'smollm2' (the bundled DSA checkpoint), a
+checkpoint directory or a model URI (hf://, s3://, http(s)://, pvc://; see storage.py), loaded with its
+tokenizer and default IndexCache pattern."""
 
 from pathlib import Path
 
@@ -10,8 +11,10 @@ def bundled_model_dir() -> Path:
     return bundled_checkpoint()
 
 
-def load_model(model: str, dtype: str = "float32"):
-    """'tiny' | 'smollm2' | a checkpoint directory -> (model, default pattern, tokenizer, name)."""
+def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None):
+    """'tiny' | 'smollm2' | a checkpoint directory | a model URI -> (model, default pattern, tokenizer, name).
+    cache_dir: the model cache (default INDEXCACHE_MODEL_CACHE); on Kubernetes the init container has
+    filled it and INDEXCACHE_OFFLINE=1 keeps the replica from downloading anything itself."""
     import torch
 
     if model == "tiny":
@@ -19,8 +22,9 @@ def load_model(model: str, dtype: str = "float32"):
         m = tiny_model(seed=0)
         return m, m.default_pattern, CharTokenizer(), TINY_MODEL_NAME
     from .checkpoint import load_checkpoint
+    from .storage import resolve
     from .tokenizer import load_tokenizer
-    path = bundled_model_dir() if model == "smollm2" else Path(model)
+    resolved = resolve(model, cache_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    m, pattern = load_checkpoint(path, dtype=getattr(torch, dtype), device=device)
-    return m, pattern, load_tokenizer(path), ("smollm2-dsa" if model == "smollm2" else path.name)
+    m, pattern = load_checkpoint(resolved.path, dtype=getattr(torch, dtype), device=device)
+    return m, pattern, load_tokenizer(resolved.path), resolved.name

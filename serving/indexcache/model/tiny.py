@@ -68,3 +68,29 @@ class CharTokenizer:
                 raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return self.encode(text + ("assistant: " if add_generation_prompt else ""))
+
+
+# The same template as CharTokenizer.apply_chat_template, in the Jinja form checkpoints carry.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def save_char_tokenizer(path) -> None:
+    """CharTokenizer as tokenizer.json + tokenizer_config.json, so that a tiny model written as a
+    checkpoint (the bundled name `tiny` in `indexcache fetch/calibrate/...`) loads with load_tokenizer and
+    encodes text exactly as the in-memory CharTokenizer does."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {s: i for i, s in enumerate(SPECIALS)} | {c: i + len(SPECIALS) for i, c in enumerate(CHARS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")   # every character
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(list(SPECIALS))
+    path = Path(path)
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": SPECIALS[0], "eos_token": SPECIALS[1],
+        "chat_template": CHAT_TEMPLATE}, indent=1))

@@ -24,7 +24,8 @@ from .server import IndexCacheServer
 class AppArgs(BaseModel):
     """Structural settings (a change redeploys); runtime knobs go in IndexCacheServer's user_config."""
     model_config = ConfigDict(extra="forbid")
-    model: str = "smollm2"                 # checkpoint dir, "smollm2" (bundled) or "tiny" (random demo)
+    model: str = "smollm2"                 # checkpoint dir, model URI, "smollm2" (bundled) or "tiny" (random demo)
+    model_cache: str | None = None         # where `indexcache fetch` put remote models (the operator's cache volume)
     served_model_name: str | None = None
     deployment: str = "local"              # the IndexCacheDeployment name (metric label)
     max_ongoing_requests: int = Field(32, ge=1)   # per server replica (Ray Serve's cap on each)
@@ -70,7 +71,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         server.bind(model=a.model, served_model_name=a.served_model_name, deployment=a.deployment,
                     max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, chunk_size=a.chunk_size,
                     samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
-                    metrics_port=a.metrics_port, dtype=a.dtype),
+                    metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache),
         max_ongoing_requests=app_limit, api_key=a.api_key)
 
 

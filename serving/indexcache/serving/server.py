@@ -41,13 +41,14 @@ class IndexCacheServer:
     def __init__(self, model: str = "smollm2", served_model_name: str | None = None, deployment: str = "local",
                  max_batch_size: int = 8, max_model_len: int | None = 2048, chunk_size: int = 256,
                  samples_dir: str | None = None, sample_rate: float = 0.0, gpu_hourly_usd: float = 0.0,
-                 metrics_port: int | None = None, dtype: str = "float32", engine_class: type | None = None):
+                 metrics_port: int | None = None, dtype: str = "float32", engine_class: type | None = None,
+                 model_cache: str | None = None):
         """engine_class: an Engine subclass (tests inject faults through it); default Engine."""
         from ..engine import Engine
         from .metrics import ServingMetrics
         from .sampler import SamplerConfig, TrafficSampler
 
-        self.model, pattern, self.tokenizer, name = load_model(model, dtype)
+        self.model, pattern, self.tokenizer, name = load_model(model, dtype, cache_dir=model_cache)
         self.served_model_name = served_model_name or name
         self.metrics = ServingMetrics(self.served_model_name, deployment, self.model.args.n_layers, gpu_hourly_usd)
         engine_class = engine_class or Engine
