@@ -1,0 +1,80 @@
+"""The real kopf operator against kmock with faults injected: restarts (also mid-reconcile), API errors
+(403, 404, 409, 500), an unreachable API server, and two operators at once. One test (or more) per defect
+of issue 19, numbered as there; each failed on the code before its fix."""
+from __future__ import annotations
+
+import yaml
+
+NAME = "chat"
+
+
+def _status(api, kit, name: str = NAME) -> dict:
+    return (api.get(kit.ICDS, name) or {}).get("status") or {}
+
+
+def _user_config(rs: dict) -> dict:
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    return next(d for d in app["deployments"] if d["name"] == "IndexCacheServer")["user_config"]
+
+
+def _deploy_ready(api, kit, name: str = NAME, **spec) -> None:
+    api.kube.create(kit.ICDS, kit.NS, kit.icd(name, **spec))
+    kit.wait_for(lambda: api.get(kit.k.RAYSERVICES, name), what="RayService")
+    kit.kuberay_reports_healthy(api, name, ready=2)
+    kit.wait_for(lambda: kit.condition(api.get(kit.ICDS, name), "Ready").get("status") == "True", what="Ready")
+
+
+def _annotate(api, kit, token: str, name: str = NAME) -> None:
+    api.kube.patch(kit.ICDS, kit.NS, name, {"metadata": {"annotations": {"indexcache.io/recalibrate": token}}})
+
+
+def _job_for(api, kit, token: str) -> str:
+    """The Job the operator started for `token` (waits for it)."""
+    def find():
+        for job in api.kube.list(kit.k.JOBS, kit.NS):
+            if (job["metadata"].get("annotations") or {}).get("indexcache.io/token") == token:
+                return job["metadata"]["name"]
+        return None
+    return kit.wait_for(find, what=f"the Job for token {token!r}")
+
+
+def _rs_patterns_written(api, since: int) -> list[str]:
+    """Patterns in the RayService user_config of every create/patch after call number `since`."""
+    out = []
+    for (group, plural, verb, _, _, _), body in api.calls[since:]:
+        if plural == "rayservices" and verb in ("create", "patch") and isinstance(body, dict):
+            text = (body.get("spec") or {}).get("serveConfigV2")
+            if text:
+                app = yaml.safe_load(text)["applications"][0]
+                server = next(d for d in app["deployments"] if d["name"] == "IndexCacheServer")
+                out.append(server["user_config"].get("pattern"))
+    return out
+
+
+# ---- 1. a restart never re-applies an older calibration ----------------------------------------------
+
+def test_1_restarts_never_reapply_an_older_calibration(api, operator, kit):
+    """Two applied Jobs (both kept, as the 7-day TTL keeps them), then three operator restarts: the newest
+    calibration stays applied, the pattern version does not move and the RayService never flips back."""
+    k = kit.k
+    _deploy_ready(api, kit)
+    for token, pattern in (("one", "FSSSSSSS"), ("two", "FFSSSSSS")):
+        operator.wait_idle()
+        _annotate(api, kit, token)
+        job = _job_for(api, kit, token)
+        kit.job_finishes(api, job, kit.calibration_result(pattern, loss_delta=0.0))
+        kit.wait_for(lambda: (_status(api, kit).get("recalibration") or {}).get("last", {}).get("job") == job,
+                     what=f"{job} recorded")
+    kit.wait_for(lambda: _status(api, kit).get("pattern") == "FFSSSSSS", what="the newest pattern applied")
+    operator.wait_idle()
+    version = _status(api, kit)["patternVersion"]
+    assert version == 3  # spec pattern (1), then one per applied Job
+    since = len(api.calls)
+    for _ in range(3):
+        operator.stop()
+        operator.start()
+        operator.wait_idle()
+    status = _status(api, kit)
+    assert (status["pattern"], status["patternVersion"]) == ("FFSSSSSS", version)
+    assert _user_config(api.get(k.RAYSERVICES, NAME))["pattern"] == "FFSSSSSS"
+    assert "FSSSSSSS" not in _rs_patterns_written(api, since), "the older Job's pattern was rolled out again"
