@@ -207,7 +207,10 @@ def start_requested_recalibration(ctx: Context, body: dict, owner: b.Owner, spec
 def reconcile(ctx: Context, namespace: str, name: str) -> dict | None:
     """Bring the world in line with the resource; returns the status written (None if gone)."""
     with ctx.lock(namespace, name):
-        body = ctx.kube.get(ICDS, namespace, name)
+        try:
+            body = ctx.kube.get(ICDS, namespace, name)
+        except k.KubeError as e:
+            raise ReconcileError(str(e), e.status) from e
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         return _reconcile_locked(ctx, body)
@@ -257,12 +260,17 @@ def _reconcile_locked(ctx: Context, body: dict) -> dict:
         result, error_reason = "error", f"Api{e.status}"
         if e.status == 404 and "ray.io" in str(e):
             error_reason = "RayServiceAPIMissing"
+        elif e.status == 0:
+            error_reason = "ApiUnreachable"
         set_condition(status, "Reconciled", False, error_reason, str(e)[:1000], generation)
         ctx.events(body, "Warning", "ReconcileFailed", str(e)[:1000])
-        _write_status(ctx, ns, name, before, status)
+        try:  # say so in status if the API server lets us; the error itself is what the caller needs
+            _write_status(ctx, ns, name, before, status)
+        except k.KubeError as write_error:
+            log.warning("could not write the status of %s/%s after an error: %s", ns, name, write_error)
         ctx.metrics.errors.labels(ns, name, error_reason).inc()
         ctx.metrics.reconciles.labels(ns, name, result).inc()
-        raise ReconcileError(str(e)) from e
+        raise ReconcileError(str(e), e.status) from e
     finally:
         ctx.metrics.duration.labels(ns, name).observe(time.monotonic() - started)
     if error_reason:

@@ -3,6 +3,8 @@
 of issue 19, numbered as there; each failed on the code before its fix."""
 from __future__ import annotations
 
+import time
+
 import yaml
 
 NAME = "chat"
@@ -78,3 +80,63 @@ def test_1_restarts_never_reapply_an_older_calibration(api, operator, kit):
     assert (status["pattern"], status["patternVersion"]) == ("FFSSSSSS", version)
     assert _user_config(api.get(k.RAYSERVICES, NAME))["pattern"] == "FFSSSSSS"
     assert "FSSSSSSS" not in _rs_patterns_written(api, since), "the older Job's pattern was rolled out again"
+
+
+# ---- 2. the resync is supervised and stays in kopf's namespaces --------------------------------------
+
+FAST_RESYNC = {"INDEXCACHE_OPERATOR_RESYNC_SECONDS": "1", "INDEXCACHE_OPERATOR_HEALTH_GRACE_SECONDS": "3"}
+
+
+def _resync_restores_a_hand_edit(api, kit) -> None:
+    """Only the resync can undo this edit: the reconcile its watch event starts fails (500 once), and a
+    child event is not retried by kopf."""
+    k = kit.k
+    api.inject("patch", "rayservices", 500, name=NAME, times=1)
+    api.kube.patch(k.RAYSERVICES, kit.NS, NAME, {"spec": {"serveConfigV2": "applications: []\n"}})
+    kit.wait_for(lambda: "IndexCacheServer" in api.get(k.RAYSERVICES, NAME)["spec"]["serveConfigV2"],
+                 timeout=10, what="the resync restored the RayService")
+
+
+def test_2_resync_survives_an_unreachable_api_server_and_says_so_in_healthz(api, make_operator, kit):
+    operator = make_operator(**FAST_RESYNC)
+    operator.start()
+    _deploy_ready(api, kit)
+    assert operator.healthy() is True
+    api.refuse_connections()  # connection refused for the operator (MaxRetryError in the client)
+    try:
+        kit.wait_for(lambda: operator.healthy() is False, timeout=15, what="/healthz unhealthy")
+        assert operator.metric('indexcache_operator_errors_total{reason="ApiUnreachable",source="resync"}') >= 1
+    finally:
+        api.accept_connections()
+    kit.wait_for(lambda: operator.healthy() is True, timeout=15, what="/healthz healthy again")
+    _resync_restores_a_hand_edit(api, kit)
+
+
+def test_2_a_404_on_the_status_patch_does_not_end_the_resync(api, make_operator, kit):
+    operator = make_operator(**FAST_RESYNC)
+    operator.start()
+    _deploy_ready(api, kit)
+    operator.wait_idle()
+    api.inject("patch", kit.PLURAL, 404, name=NAME, subresource="status")
+    kit.kuberay_reports_healthy(api, NAME, ready=1)  # a status to write: readyReplicas 2 -> 1
+    kit.wait_for(lambda: operator.metric('indexcache_operator_errors_total{reason="Api404",source="resync"}'),
+                 timeout=10, what="a resync pass answered 404 on its status PATCH")
+    api.clear_faults()
+    _resync_restores_a_hand_edit(api, kit)
+    kit.wait_for(lambda: operator.healthy() is True, timeout=5, what="/healthz healthy")
+
+
+def test_2_resync_stays_in_the_namespaces_kopf_watches(api, make_operator, kit):
+    operator = make_operator(kopf_args=("-n", kit.NS, "--standalone"), **FAST_RESYNC)
+    operator.start()
+    other = kit.icd("other")
+    other["metadata"]["namespace"] = "elsewhere"
+    api.kube.create(kit.ICDS, "elsewhere", other)
+    api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME))
+    kit.wait_for(lambda: api.get(kit.k.RAYSERVICES, NAME), what="RayService in the watched namespace")
+    before, t0 = operator.reconciles(), time.monotonic()
+    # Absence needs time to show: three resync intervals (1 s) and three more reconciles of "chat".
+    kit.wait_for(lambda: operator.reconciles() >= before + 3 and time.monotonic() - t0 > 3.5,
+                 what="three resync passes")
+    assert api.kube.get(kit.k.RAYSERVICES, "elsewhere", "other") is None
+    assert not [c for c, _ in api.calls if c[3] == "elsewhere" and c[2] != "watch" and c[1] != kit.PLURAL]
