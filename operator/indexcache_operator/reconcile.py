@@ -16,6 +16,7 @@ import pydantic
 from indexcache_operator import DEPLOYMENT_LABEL, GROUP, PLURAL, RECALIBRATE_ANNOTATION, VERSION
 from indexcache_operator import builders as b
 from indexcache_operator import kube as k
+from indexcache_operator import mergepatch
 from indexcache_operator import recalibration as recal
 from indexcache_operator.context import Context, EventSink, ReconcileError, now  # noqa: F401  (re-exported)
 from indexcache_operator.models import (Condition, Decision, IndexCacheDeploymentSpec, IndexCacheDeploymentStatus,
@@ -342,11 +343,11 @@ def _set_calibrated(status: IndexCacheDeploymentStatus, generation: int | None) 
 
 
 def _write_status(ctx: Context, ns: str, name: str, before: dict, status: IndexCacheDeploymentStatus) -> dict:
+    """Write `status` as a whole: a merge patch that also removes every key it no longer has, at any depth
+    (a failed run must not keep the previous run's pattern, an applied one no stale recommendation)."""
     after = status.model_dump(by_alias=True, exclude_none=True, mode="json")
     if after != before:
-        # Keys we no longer set must be removed explicitly in a merge patch.
-        patch = {**{key: None for key in before if key not in after}, **after}
-        ctx.kube.patch(ICDS, ns, name, {"status": patch}, subresource="status")
+        ctx.kube.patch(ICDS, ns, name, {"status": mergepatch.diff(before, after)}, subresource="status")
     return after
 
 

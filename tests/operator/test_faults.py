@@ -140,3 +140,28 @@ def test_2_resync_stays_in_the_namespaces_kopf_watches(api, make_operator, kit):
                  what="three resync passes")
     assert api.kube.get(kit.k.RAYSERVICES, "elsewhere", "other") is None
     assert not [c for c, _ in api.calls if c[3] == "elsewhere" and c[2] != "watch" and c[1] != kit.PLURAL]
+
+
+# ---- 5. status sections are written whole: nothing stale survives from an earlier run -----------------
+
+def test_5_rejected_then_applied_then_failed_leaves_no_stale_status(api, operator, kit):
+    _deploy_ready(api, kit)
+    runs = [("rejected", kit.calibration_result("FFFSSSSS", loss_delta=0.3)),
+            ("applied", kit.calibration_result("FSSSSSSS", loss_delta=0.01)),
+            ("failed", None)]
+    seen = {}
+    for token, result in runs:
+        operator.wait_idle()
+        _annotate(api, kit, token)
+        job = _job_for(api, kit, token)
+        kit.job_finishes(api, job, result, failure_reason="DeadlineExceeded")
+        seen[token] = kit.wait_for(lambda: (s := _status(api, kit))["recalibration"].get("last", {}).get("job") == job
+                                   and s, what=f"{token} recorded")["recalibration"]
+    assert seen["rejected"]["recommendedPattern"] == "FFFSSSSS"
+    assert "recommendedPattern" not in seen["applied"]
+    assert seen["failed"]["last"]["job"] == _job_for(api, kit, "failed")
+    assert seen["failed"]["last"]["result"] == "Failed" and seen["failed"]["last"]["decision"] == "None"
+    # The failed run carries no pattern or loss delta of the run before it.
+    assert not {"pattern", "lossDelta", "fullLayers"} & set(seen["failed"]["last"]), seen["failed"]["last"]
+    assert "recommendedPattern" not in seen["failed"]
+    assert _status(api, kit)["pattern"] == "FSSSSSSS"
