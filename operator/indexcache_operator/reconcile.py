@@ -12,6 +12,7 @@ import logging
 import time
 
 import pydantic
+from kubernetes.utils import parse_quantity
 
 from indexcache_operator import DEPLOYMENT_LABEL, GROUP, PLURAL, RECALIBRATE_ANNOTATION, VERSION
 from indexcache_operator import builders as b
@@ -120,10 +121,27 @@ def condition(status: IndexCacheDeploymentStatus, ctype: str) -> Condition | Non
     return next((c for c in status.conditions if c.type == ctype), None)
 
 
-def is_subset(desired, actual) -> bool:
+# Maps of Kubernetes resource quantities: compared by value ("1" == 1, "1000m" == "1", "1Gi" == "1024Mi"),
+# because the API server stores them in its canonical string form, whatever the client sent.
+QUANTITY_MAPS = {"requests", "limits", "capacity"}
+
+
+def quantities_equal(desired, actual) -> bool:
+    try:
+        return parse_quantity(desired) == parse_quantity(actual)
+    except (ValueError, TypeError):
+        return desired == actual
+
+
+def is_subset(desired, actual, key: str | None = None) -> bool:
+    """Every field of `desired` is in `actual` with the same value (the server may add fields).
+    `key` is the name of the map `desired` sits under (quantities under requests/limits)."""
     if isinstance(desired, dict):
-        return isinstance(actual, dict) and all(key in actual and is_subset(v, actual[key])
-                                                for key, v in desired.items())
+        if not isinstance(actual, dict):
+            return False
+        if key in QUANTITY_MAPS:
+            return all(name in actual and quantities_equal(v, actual[name]) for name, v in desired.items())
+        return all(name in actual and is_subset(v, actual[name], name) for name, v in desired.items())
     if isinstance(desired, list):
         return (isinstance(actual, list) and len(desired) == len(actual)
                 and all(is_subset(d, a) for d, a in zip(desired, actual)))

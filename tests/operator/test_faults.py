@@ -165,3 +165,21 @@ def test_5_rejected_then_applied_then_failed_leaves_no_stale_status(api, operato
     assert not {"pattern", "lossDelta", "fullLayers"} & set(seen["failed"]["last"]), seen["failed"]["last"]
     assert "recommendedPattern" not in seen["failed"]
     assert _status(api, kit)["pattern"] == "FSSSSSSS"
+
+
+# ---- 4. quantities compare by value: the API server's canonical strings are no drift -----------------
+
+def test_4_children_are_not_patched_again_when_nothing_changed(api, operator, kit):
+    """The API server returns resource quantities as strings ("1", "500m"); a reconcile that compares
+    them with the ints it wrote patches the CronJob (and posts "Updated") every time."""
+    api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME, recalibration={"schedule": "0 3 * * *"}))
+    kit.wait_for(lambda: api.get(kit.k.CRONJOBS, "chat-recal"), what="CronJob")
+    operator.wait_idle()
+    since = len(api.calls)
+    for i in range(3):  # three reconciles with nothing to change
+        api.kube.patch(kit.ICDS, kit.NS, NAME, {"metadata": {"labels": {"touch": str(i)}}})
+        operator.wait_idle()
+    writes = [c for c, _ in api.calls[since:] if c[2] in ("create", "patch", "update", "delete")
+              and c[1] not in (kit.PLURAL, "events")]
+    assert writes == [], f"children written with nothing to change: {writes}"
+    assert not [e for e in api.events() if e["reason"] == "Updated"]
