@@ -252,15 +252,33 @@ def log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+def write_termination_message(text: str) -> None:
+    """INDEXCACHE_TERMINATION_LOG (the operator sets /dev/termination-log): what `kubectl describe pod`
+    and the pod's status show for the init container, on success as on failure."""
+    import os
+    path = os.environ.get("INDEXCACHE_TERMINATION_LOG")
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(text[:4000])   # the kubelet keeps at most 4096 bytes
+        except OSError as exc:
+            print(f"indexcache fetch: cannot write the termination message to {path}: {exc}", file=sys.stderr)
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     import json
 
-    from .model.storage import resolve
+    from .model.storage import FetchError, resolve
 
     log_to_stderr()
-    resolved = resolve(args.uri, args.cache, offline=True if args.offline else None,
-                       verify_hashes=args.verify_hashes)
+    try:
+        resolved = resolve(args.uri, args.cache, offline=True if args.offline else None,
+                           verify_hashes=args.verify_hashes)
+    except FetchError as exc:
+        write_termination_message(f"error ({exc.reason}): {exc}")
+        raise
     print(json.dumps(resolved.to_json()), flush=True)
+    write_termination_message(json.dumps(resolved.to_json()))
     return 0
 
 
