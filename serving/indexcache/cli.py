@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 # Commands whose --model goes through the model resolver (serve resolves its own, before starting Ray).
@@ -241,12 +242,17 @@ def resolve_model_arg(args: argparse.Namespace) -> None:
     args.model_uri, args.model, args.model_name = args.model, str(resolved.path), resolved.name
 
 
+class CurrentStderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was when main() first ran (a second main()
+    in one process, e.g. under a test's capture, must not write to a stale stream)."""
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
 def log_to_stderr() -> None:
     """Fetch progress (byte counters) goes to stderr, where an init container's log shows it."""
-    import logging
     logger = logging.getLogger("indexcache.model.storage")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, CurrentStderr) for h in logger.handlers):
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
