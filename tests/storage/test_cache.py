@@ -152,7 +152,7 @@ def test_a_damaged_entry_is_fetched_again_never_loaded(tmp_path):
         assert "model.safetensors" in check_manifest(model.path)
         with pytest.raises(FetchError) as offline:           # offline: refused, not loaded
             resolve(uri, tmp_path, offline=True)
-        assert offline.value.reason == "NotCached"
+        assert offline.value.reason == "NotCached" and "damaged" in str(offline.value)
         again = resolve(uri, tmp_path)                        # online: fetched again
         assert again.path == model.path and again.downloaded_bytes > 0
         assert len(server.gets(URL_PATH)) == 2
