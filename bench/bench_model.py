@@ -214,6 +214,9 @@ def serving_load(model, pattern, n_requests, prompt_len, gen_len, chunk, enforce
 
 
 def commit() -> str:
+    """BENCH_COMMIT if set (the GPU machine's copy of the tree may carry another HEAD), else git's."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(__file__)).stdout.strip()

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU round on the H200: the GPU tests, then the served-model benchmark, everything under $OUT.
-#   bash bench/gpu_round.sh [bench_model.py args...]     (BENCH_BUDGET seconds for the benchmark, default 360)
+#   BENCH_COMMIT=<sha> bash bench/gpu_round.sh [bench_model.py args...]   (BENCH_BUDGET seconds, default 360)
+# (pass the commit: the device machine's copy of the tree may carry another git HEAD)
 set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=serving PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_round}; mkdir -p "$OUT"
-git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || true
+echo "${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" > "$OUT/commit.txt"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short -rfE tests/kernels \
     tests/serving/test_engine_cuda_graphs.py > "$OUT/gpu_tests.log" 2>&1

@@ -93,6 +93,15 @@ ALERTS = (
         description=("The operator has failed to reconcile IndexCacheDeployment {{ $labels.namespace }}/{{ $labels.name }} "
                      "in every 5-minute window for 15 minutes; changes to the resource are not reaching the cluster."),
     ),
+    Alert(
+        name="IndexCacheOperatorErrors",
+        expr="sum by (source, reason) (rate(indexcache_operator_errors_total[5m])) > 0",
+        for_="15m", severity="warning",
+        summary="The IndexCache operator keeps failing in {{ $labels.source }} ({{ $labels.reason }})",
+        description=("The operator's {{ $labels.source }} has failed with {{ $labels.reason }} in every 5-minute window "
+                     "for 15 minutes: the periodic resync, deletion cleanup or event handling is not getting through "
+                     "to the API server, so drift and missed events are not repaired."),
+    ),
 )
 
 

@@ -203,6 +203,14 @@ OPERATOR_DASHBOARD = Dashboard(
             Panel("Reconcile duration", _quantiles("indexcache_operator_reconcile_duration_seconds", by="name",
                                                    selector=OPERATOR), unit="s", width=8),
         ]),
+        Row("Operator process", [
+            Panel("Operator errors per second", [Query(
+                f"sum by (source, reason) (rate(indexcache_operator_errors_total[{RATE}]))", "{{source}} {{reason}}")],
+                unit="ops", width=24,
+                description="Errors outside one resource's reconcile: the periodic resync (ApiUnreachable: the API "
+                            "server could not be reached), deletion cleanup, event handlers. /healthz fails when "
+                            "the resync has not succeeded for a while."),
+        ]),
         Row("Resources", [
             Panel("Replicas desired and ready", [
                 Query(f"max by (name) (indexcache_operator_replicas{OPERATOR})", "{{name}} desired"),

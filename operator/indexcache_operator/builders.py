@@ -270,9 +270,9 @@ def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorCon
                 "image": image,
                 "resources": {
                     "requests": {"cpu": config.worker_cpu, "memory": config.worker_memory,
-                                 GPU_RESOURCE: spec.gpus_per_replica},
+                                 GPU_RESOURCE: str(spec.gpus_per_replica)},
                     "limits": {"cpu": config.worker_cpu, "memory": config.worker_memory,
-                               GPU_RESOURCE: spec.gpus_per_replica},
+                               GPU_RESOURCE: str(spec.gpus_per_replica)},
                 },
                 # The traffic sampler in each replica appends to the shared samples volume.
                 "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}] + model_mounts(spec, read_only=True),
@@ -378,7 +378,7 @@ def job_spec(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfi
                             "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
                         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                     ] + MODEL_READER_ENV,
-                    "resources": {"limits": {GPU_RESOURCE: spec.gpus_per_replica}},
+                    "resources": {"limits": {GPU_RESOURCE: str(spec.gpus_per_replica)}},
                     "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR, "readOnly": True},
                                      {"name": "results", "mountPath": RESULTS_DIR}]
                     + model_mounts(spec, read_only=True),

@@ -28,12 +28,18 @@ class OperatorConfig:
     ray_version: str = "2.60.0"
     metrics_port: int = 9090  # /metrics and /healthz; 0 = do not serve
     resync_seconds: int = 60  # periodic reconcile, catches anything a watch missed
+    # /healthz fails when no resync pass succeeded for this long (0: 3 resync intervals + 30 s).
+    health_grace_seconds: int = 0
     job_backoff_limit: int = 1
     job_ttl_seconds: int = 7 * 86400  # finished recalibration Jobs are kept a week for inspection
     head_cpu: str = "2"
     head_memory: str = "8Gi"
     worker_cpu: str = "8"
     worker_memory: str = "64Gi"
+
+    @property
+    def health_grace(self) -> int:
+        return self.health_grace_seconds or 3 * self.resync_seconds + 30
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "OperatorConfig":
@@ -44,6 +50,7 @@ class OperatorConfig:
             ray_version=env.get("INDEXCACHE_RAY_VERSION") or d.ray_version,
             metrics_port=_int(env, "INDEXCACHE_OPERATOR_METRICS_PORT", d.metrics_port),
             resync_seconds=_int(env, "INDEXCACHE_OPERATOR_RESYNC_SECONDS", d.resync_seconds, minimum=1),
+            health_grace_seconds=_int(env, "INDEXCACHE_OPERATOR_HEALTH_GRACE_SECONDS", d.health_grace_seconds),
             job_backoff_limit=_int(env, "INDEXCACHE_JOB_BACKOFF_LIMIT", d.job_backoff_limit),
             job_ttl_seconds=_int(env, "INDEXCACHE_JOB_TTL_SECONDS", d.job_ttl_seconds),
             head_cpu=env.get("INDEXCACHE_HEAD_CPU") or d.head_cpu,

@@ -15,8 +15,9 @@ from indexcache_operator import (COMPONENT_LABEL, DEPLOYMENT_LABEL, GROUP, MANAG
 from indexcache_operator import builders as b
 from indexcache_operator import kube as k
 from indexcache_operator import metrics as m
+from indexcache_operator import resync
 from indexcache_operator.config import OperatorConfig
-from indexcache_operator.reconcile import ICDS, Context, ReconcileError, reconcile, record_job
+from indexcache_operator.reconcile import Context, ReconcileError, reconcile, record_job
 
 log = logging.getLogger(__name__)
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
@@ -48,10 +49,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     settings.posting.level = logging.WARNING  # our own events say what changed; skip kopf's chatter
     memo.ctx = Context(kube=k.Kube.from_environment(), config=config, metrics=m.OperatorMetrics(),
                        events=_post_event)
+    memo.known = resync.KnownDeployments()
+    memo.health = resync.ResyncHealth(config.health_grace)
     memo.metrics_runner = None
     if config.metrics_port:
-        memo.metrics_runner = await m.serve(memo.ctx.metrics, config.metrics_port)
-    memo.resync_task = asyncio.create_task(_resync_loop(memo.ctx))
+        memo.metrics_runner = await m.serve(memo.ctx.metrics, config.metrics_port, problem=memo.health.problem)
+    memo.resync_task = memo.health.task = asyncio.create_task(
+        resync.run(memo.ctx, memo.known, memo.health, reconcile), name="indexcache resync")
     log.info("indexcache-operator started: %s", config)
 
 
@@ -71,25 +75,6 @@ def reconcile_deployment(name: str, namespace: str, memo: kopf.Memo, **_) -> Non
         reconcile(memo.ctx, namespace, name)
     except ReconcileError as e:
         raise kopf.TemporaryError(str(e), delay=RETRY_DELAY_S) from e
-
-
-async def _resync_loop(ctx: Context) -> None:
-    """Periodic reconcile of every resource: catches whatever a watch missed (and KubeRay status
-    it did not emit). One task for the operator rather than a daemon per resource: daemons make
-    kopf put a finalizer on every resource, and a stuck finalizer blocks `kubectl delete`."""
-    while True:
-        await asyncio.sleep(ctx.config.resync_seconds)
-        try:
-            items = await asyncio.to_thread(ctx.kube.list_all, ICDS)
-        except k.KubeError as e:
-            log.warning("resync listing failed: %s", e)
-            continue
-        for item in items:
-            meta = item["metadata"]
-            try:
-                await asyncio.to_thread(reconcile, ctx, meta["namespace"], meta["name"])
-            except ReconcileError as e:
-                log.warning("resync of %s/%s failed: %s", meta["namespace"], meta["name"], e)
 
 
 def recalibration_pending(body: kopf.Body) -> bool:
@@ -117,13 +102,17 @@ def recalibration_requested(event: dict, name: str, namespace: str, body: kopf.B
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def deployment_gone(event: dict, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
-    """On deletion, delete the children now. Their owner references let the garbage collector do
-    it too (also when the operator is down); this makes it immediate and also removes the result
-    ConfigMaps the Jobs wrote (they carry no owner reference). No finalizer: nothing can block
-    `kubectl delete` of an IndexCacheDeployment."""
-    if event.get("type") != "DELETED" or getattr(memo, "ctx", None) is None:
+def deployment_event(event: dict, name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    """Keep the resync's list of resources (exactly those kopf watches); on deletion, delete the children
+    now. Their owner references let the garbage collector do it too (also when the operator is down);
+    this makes it immediate and also removes the result ConfigMaps the Jobs wrote (they carry no owner
+    reference). No finalizer: nothing can block `kubectl delete` of an IndexCacheDeployment."""
+    if getattr(memo, "ctx", None) is None:
         return
+    if event.get("type") != "DELETED":
+        memo.known.add(namespace, name)
+        return
+    memo.known.discard(namespace, name)
     ctx: Context = memo.ctx
     with ctx.lock(namespace, name):
         for res in CHILDREN:

@@ -11,6 +11,7 @@ import os
 from typing import Any, NamedTuple
 
 import kubernetes
+import urllib3
 
 
 class Resource(NamedTuple):
@@ -48,6 +49,13 @@ class KubeError(Exception):
         self.message = message
 
 
+class KubeUnavailable(KubeError):
+    """The API server could not be reached at all (connection refused, reset, timed out); status 0."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, "Unreachable", message)
+
+
 class Kube:
     def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
         self.api = api_client
@@ -68,9 +76,12 @@ class Kube:
         _, url, headers, body, _ = self.api.param_serialize(
             method, path, query_params=query or [], header_params=headers, body=body,
             auth_settings=["BearerToken"])
-        response = self.api.call_api(method, url, header_params=headers, body=body,
-                                     _request_timeout=30)
-        raw = response.read()
+        try:
+            response = self.api.call_api(method, url, header_params=headers, body=body,
+                                         _request_timeout=30)
+            raw = response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as e:  # MaxRetryError, ProtocolError, timeouts
+            raise KubeUnavailable(f"{method} {path}: {e}") from e
         data = json.loads(raw) if raw else None
         if not 200 <= response.status < 300:
             data = data if isinstance(data, dict) else {}
@@ -94,12 +105,6 @@ class Kube:
         # act on objects that are not ours.
         return [o for o in items
                 if all(o.get("metadata", {}).get("labels", {}).get(k) == v for k, v in (labels or {}).items())]
-
-    def list_all(self, res: Resource) -> list[dict]:
-        """Every object of a kind, in all namespaces."""
-        root = f"/api/{res.version}" if not res.group else f"/apis/{res.group}/{res.version}"
-        data = self._call("GET", f"{root}/{res.plural}")
-        return data.get("items", []) if data else []
 
     def create(self, res: Resource, namespace: str, body: dict) -> dict:
         return self._call("POST", res.path(namespace), body=body)

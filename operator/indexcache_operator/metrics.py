@@ -5,6 +5,7 @@ The endpoint runs on the operator's own event loop, so /healthz answering at all
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -17,6 +18,10 @@ _KEY = ("namespace", "name")
 # deployment would otherwise show as 0 in the dashboards' "(time range)" panels.
 RECALIBRATION_RESULTS = ("succeeded", "failed")
 GATE_DECISIONS = ("applied", "rejected", "recommended")
+# indexcache_operator_errors_total's label values (docs/contracts.md), all exported at 0 from the start for
+# the same reason: the first error must show in rate()/increase(), and the dashboard panel has data.
+ERROR_SOURCES = ("resync", "cleanup", "event")
+ERROR_REASONS = ("ApiUnreachable", "Api403", "Api404", "Api409", "Api5xx", "Unexpected")
 
 
 class OperatorMetrics:
@@ -43,6 +48,13 @@ class OperatorMetrics:
                                       "Quality gate decisions.", _KEY + ("decision",), registry=r)
         self.loss_delta = Gauge("indexcache_operator_recalibration_loss_delta",
                                 "Loss delta (nats/token) of the last recalibration vs all-F.", _KEY, registry=r)
+        # Errors of the operator itself, outside one resource's reconcile (the resync loop, deletion
+        # cleanup, event handlers): bounded labels, never a resource name.
+        self.operator_errors = Counter("indexcache_operator_errors_total",
+                                       "Operator errors by source and reason.", ("source", "reason"), registry=r)
+        for source in ERROR_SOURCES:
+            for reason in ERROR_REASONS:
+                self.operator_errors.labels(source, reason)
 
     def observe_status(self, namespace: str, name: str, spec_replicas: int, status: dict) -> None:
         for result in RECALIBRATION_RESULTS:
@@ -72,12 +84,18 @@ class OperatorMetrics:
         return generate_latest(self.registry)
 
 
-async def serve(metrics: OperatorMetrics, port: int, host: str = "0.0.0.0") -> web.AppRunner:
+async def serve(metrics: OperatorMetrics, port: int, host: str = "0.0.0.0",
+                problem: Callable[[], str | None] | None = None) -> web.AppRunner:
+    """`problem()` says why the operator cannot work (e.g. the resync has failed for too long): /healthz
+    then answers 503 with that reason, and the liveness probe restarts the pod."""
     async def handle_metrics(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def handle_health(_: web.Request) -> web.Response:
         await asyncio.sleep(0)
+        why = problem() if problem is not None else None
+        if why:
+            return web.json_response({"status": "unhealthy", "reason": why}, status=503)
         return web.json_response({"status": "ok"})
 
     app = web.Application()

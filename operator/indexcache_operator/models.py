@@ -207,6 +207,8 @@ class Decision(str, Enum):
 
 class RecalibrationRun(Wire):
     job: str
+    run_id: Optional[int] = Field(default=None, ge=1, description="The Job's run id (indexcache.io/run-id): "
+                                  "results are applied in increasing run id order, never an older one.")
     finished_at: Optional[str] = Field(default=None, description="When the Job finished (RFC 3339).")
     result: str = Field(description="Succeeded or Failed.")
     reason: str = Field(default="", description="Why it failed or what the gate decided.")
@@ -217,6 +219,7 @@ class RecalibrationRun(Wire):
 
 
 class RecalibrationStatus(Wire):
+    last_run_id: int = Field(default=0, ge=0, description="The highest run id given to a recalibration Job.")
     request_token: Optional[str] = Field(default=None, description="Last handled recalibrate annotation value.")
     active_job: Optional[str] = Field(default=None, description="Last Job started on demand.")
     last: Optional[RecalibrationRun] = Field(default=None, description="The last finished recalibration.")
@@ -226,6 +229,7 @@ class RecalibrationStatus(Wire):
 class AppliedCalibration(Wire):
     pattern: str
     job: str
+    run_id: Optional[int] = Field(default=None, ge=1, description="Run id of the Job whose result this is.")
     basis: str = Field(description="Hash of the model and indexCache spec it was calibrated for; "
                                    "a spec change makes the spec's pattern win again.")
 

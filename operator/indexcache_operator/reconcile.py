@@ -6,54 +6,28 @@ order, any number of times. Errors the user must fix become a Degraded condition
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pydantic
+from kubernetes.utils import parse_quantity
 
 from indexcache_operator import DEPLOYMENT_LABEL, GROUP, PLURAL, RECALIBRATE_ANNOTATION, VERSION
 from indexcache_operator import builders as b
 from indexcache_operator import kube as k
-from indexcache_operator.config import OperatorConfig
-from indexcache_operator.metrics import OperatorMetrics
-from indexcache_operator.models import (AppliedCalibration, AutoApply, Condition, Decision,
-                                        IndexCacheDeploymentSpec, IndexCacheDeploymentStatus, Phase,
-                                        RecalibrationRun)
+from indexcache_operator import mergepatch
+from indexcache_operator import recalibration as recal
+from indexcache_operator.context import Context, EventSink, ReconcileError, now  # noqa: F401  (re-exported)
+from indexcache_operator.models import (Condition, Decision, IndexCacheDeploymentSpec, IndexCacheDeploymentStatus,
+                                        Phase)
 from indexcache_operator.patterns import full_layers, pattern_from_freq, pattern_problem
+from indexcache_operator.recalibration import gate, job_outcome  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 ICDS = k.Resource(GROUP, VERSION, PLURAL)
-# Post a Kubernetes Event on the IndexCacheDeployment: (body, type, reason, message).
-EventSink = Callable[[dict, str, str, str], None]
-
-
-@dataclass
-class Context:
-    kube: k.Kube
-    config: OperatorConfig
-    metrics: OperatorMetrics
-    events: EventSink
-    _locks: dict = field(default_factory=dict)
-    _guard: threading.Lock = field(default_factory=threading.Lock)
-
-    def lock(self, namespace: str, name: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault((namespace, name), threading.Lock())
-
-
-class ReconcileError(Exception):
-    """A transient failure (API error); the caller retries later."""
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---- pure helpers -----------------------------------------------------------------------------
@@ -93,19 +67,6 @@ def operator_checks(spec: IndexCacheDeploymentSpec) -> list[tuple[str, str]]:
             problems.append(("InvalidSchedule", f"spec.recalibration.schedule "
                              f"{spec.recalibration.schedule!r} is not a valid cron expression: {e}"))
     return problems
-
-
-def gate(spec: IndexCacheDeploymentSpec, loss_delta: float) -> tuple[Decision, str]:
-    policy = spec.recalibration.auto_apply
-    if policy == AutoApply.never:
-        return Decision.recommended, "autoApply is Never: kept as a recommendation"
-    if policy == AutoApply.always:
-        return Decision.applied, f"autoApply is Always: applied (loss delta {loss_delta:+.4f})"
-    limit = spec.recalibration.max_loss_delta
-    if loss_delta <= limit:
-        return Decision.applied, f"loss delta {loss_delta:+.4f} <= maxLossDelta {limit}: applied"
-    return Decision.rejected, (f"loss delta {loss_delta:+.4f} > maxLossDelta {limit}: "
-                               f"kept as a recommendation, current pattern unchanged")
 
 
 def rayservice_health(rs: dict | None) -> tuple[bool, str, str, int, int]:
@@ -160,10 +121,27 @@ def condition(status: IndexCacheDeploymentStatus, ctype: str) -> Condition | Non
     return next((c for c in status.conditions if c.type == ctype), None)
 
 
-def is_subset(desired, actual) -> bool:
+# Maps of Kubernetes resource quantities: compared by value ("1" == 1, "1000m" == "1", "1Gi" == "1024Mi"),
+# because the API server stores them in its canonical string form, whatever the client sent.
+QUANTITY_MAPS = {"requests", "limits", "capacity"}
+
+
+def quantities_equal(desired, actual) -> bool:
+    try:
+        return parse_quantity(desired) == parse_quantity(actual)
+    except (ValueError, TypeError):
+        return desired == actual
+
+
+def is_subset(desired, actual, key: str | None = None) -> bool:
+    """Every field of `desired` is in `actual` with the same value (the server may add fields).
+    `key` is the name of the map `desired` sits under (quantities under requests/limits)."""
     if isinstance(desired, dict):
-        return isinstance(actual, dict) and all(key in actual and is_subset(v, actual[key])
-                                                for key, v in desired.items())
+        if not isinstance(actual, dict):
+            return False
+        if key in QUANTITY_MAPS:
+            return all(name in actual and quantities_equal(v, actual[name]) for name, v in desired.items())
+        return all(name in actual and is_subset(v, actual[name], name) for name, v in desired.items())
     if isinstance(desired, list):
         return (isinstance(actual, list) and len(desired) == len(actual)
                 and all(is_subset(d, a) for d, a in zip(desired, actual)))
@@ -229,8 +207,11 @@ def start_requested_recalibration(ctx: Context, body: dict, owner: b.Owner, spec
     if not token or token == status.recalibration.request_token:
         return
     job = b.ondemand_job(owner, spec, ctx.config, token)
+    run = status.recalibration.last_run_id + 1
+    job["metadata"]["annotations"][recal.RUN_ID_ANNOTATION] = str(run)
     try:
         ctx.kube.create(k.JOBS, owner.namespace, job)
+        status.recalibration.last_run_id = run
         ctx.events(body, "Normal", "RecalibrationStarted",
                    f"started Job {job['metadata']['name']} for {RECALIBRATE_ANNOTATION}={token}")
     except k.KubeError as e:
@@ -245,7 +226,10 @@ def start_requested_recalibration(ctx: Context, body: dict, owner: b.Owner, spec
 def reconcile(ctx: Context, namespace: str, name: str) -> dict | None:
     """Bring the world in line with the resource; returns the status written (None if gone)."""
     with ctx.lock(namespace, name):
-        body = ctx.kube.get(ICDS, namespace, name)
+        try:
+            body = ctx.kube.get(ICDS, namespace, name)
+        except k.KubeError as e:
+            raise ReconcileError(str(e), e.status) from e
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         return _reconcile_locked(ctx, body)
@@ -259,15 +243,13 @@ def _validation_message(err: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _reconcile_locked(ctx: Context, body: dict, status: IndexCacheDeploymentStatus | None = None) -> dict:
-    """`body` is the resource as the server holds it; `status`, if given, is an edited status to
-    start from (a Job result folded in)."""
+def _reconcile_locked(ctx: Context, body: dict) -> dict:
+    """`body` is the resource as the server holds it."""
     started = time.monotonic()
     meta = body["metadata"]
     ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     before = body.get("status") or {}
-    if status is None:
-        status = IndexCacheDeploymentStatus.model_validate(before)
+    status = IndexCacheDeploymentStatus.model_validate(before)
     status.observed_generation = generation
     owner = b.Owner.from_body(body)
     result, error_reason = "success", None
@@ -297,12 +279,17 @@ def _reconcile_locked(ctx: Context, body: dict, status: IndexCacheDeploymentStat
         result, error_reason = "error", f"Api{e.status}"
         if e.status == 404 and "ray.io" in str(e):
             error_reason = "RayServiceAPIMissing"
+        elif e.status == 0:
+            error_reason = "ApiUnreachable"
         set_condition(status, "Reconciled", False, error_reason, str(e)[:1000], generation)
         ctx.events(body, "Warning", "ReconcileFailed", str(e)[:1000])
-        _write_status(ctx, ns, name, before, status)
+        try:  # say so in status if the API server lets us; the error itself is what the caller needs
+            _write_status(ctx, ns, name, before, status)
+        except k.KubeError as write_error:
+            log.warning("could not write the status of %s/%s after an error: %s", ns, name, write_error)
         ctx.metrics.errors.labels(ns, name, error_reason).inc()
         ctx.metrics.reconciles.labels(ns, name, result).inc()
-        raise ReconcileError(str(e)) from e
+        raise ReconcileError(str(e), e.status) from e
     finally:
         ctx.metrics.duration.labels(ns, name).observe(time.monotonic() - started)
     if error_reason:
@@ -316,6 +303,9 @@ def _reconcile_locked(ctx: Context, body: dict, status: IndexCacheDeploymentStat
 def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
                      status: IndexCacheDeploymentStatus, generation: int | None) -> None:
     basis = calibration_basis(spec)
+    jobs = recal.list_runs(ctx, owner)
+    recal.assign_run_ids(ctx, status, jobs)
+    recal.fold_finished_runs(ctx, body, spec, status, jobs, basis)
     applied = status.applied_calibration
     if applied is not None and applied.basis != basis:
         ctx.events(body, "Normal", "CalibrationSuperseded",
@@ -371,100 +361,21 @@ def _set_calibrated(status: IndexCacheDeploymentStatus, generation: int | None) 
 
 
 def _write_status(ctx: Context, ns: str, name: str, before: dict, status: IndexCacheDeploymentStatus) -> dict:
+    """Write `status` as a whole: a merge patch that also removes every key it no longer has, at any depth
+    (a failed run must not keep the previous run's pattern, an applied one no stale recommendation)."""
     after = status.model_dump(by_alias=True, exclude_none=True, mode="json")
     if after != before:
-        # Keys we no longer set must be removed explicitly in a merge patch.
-        patch = {**{key: None for key in before if key not in after}, **after}
-        ctx.kube.patch(ICDS, ns, name, {"status": patch}, subresource="status")
+        ctx.kube.patch(ICDS, ns, name, {"status": mergepatch.diff(before, after)}, subresource="status")
     return after
 
 
 # ---- recalibration results -------------------------------------------------------------------
 
-def job_outcome(job: dict) -> tuple[str, str] | None:
-    """("Succeeded"|"Failed", reason) once a Job has finished, else None."""
-    st = job.get("status") or {}
-    for cond in st.get("conditions") or []:
-        if cond.get("status") != "True":
-            continue
-        if cond.get("type") == "Complete":
-            return "Succeeded", "Completed"
-        if cond.get("type") == "Failed":
-            return "Failed", cond.get("reason") or "Failed"
-    return None
-
-
 def record_job(ctx: Context, job: dict) -> dict | None:
-    """Fold a finished recalibration Job into its owner's status and roll out per the gate."""
+    """A recalibration Job finished: reconcile its owner, which folds every finished Job newer than the
+    last one folded in (recalibration.fold_finished_runs). Replays and duplicates change nothing."""
     labels = job["metadata"].get("labels") or {}
-    name, ns, job_name = labels.get(DEPLOYMENT_LABEL), job["metadata"]["namespace"], job["metadata"]["name"]
-    outcome = job_outcome(job)
-    if not name or outcome is None:
+    name, ns = labels.get(DEPLOYMENT_LABEL), job["metadata"]["namespace"]
+    if not name or recal.job_outcome(job) is None:
         return None
-    with ctx.lock(ns, name):
-        body = ctx.kube.get(ICDS, ns, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return None
-        status = IndexCacheDeploymentStatus.model_validate(body.get("status") or {})
-        last = status.recalibration.last
-        if last is not None and last.job == job_name:
-            return None  # already folded in (restart, duplicate event)
-        try:
-            spec = IndexCacheDeploymentSpec.model_validate(body.get("spec") or {})
-        except pydantic.ValidationError:
-            return None  # the reconcile reports the invalid spec
-        finished_at = _finished_at(job)
-        result, reason = outcome
-        run = RecalibrationRun(job=job_name, finished_at=finished_at, result=result, reason=reason)
-        if result == "Succeeded":
-            run = _read_result(ctx, ns, job_name, spec, run)
-        if run.result == "Succeeded":
-            decision, why = gate(spec, run.loss_delta)
-            run.decision, run.reason = decision, why
-            ctx.metrics.gate_decisions.labels(ns, name, decision.value.lower()).inc()
-            ctx.metrics.loss_delta.labels(ns, name).set(run.loss_delta)
-            if decision == Decision.applied:
-                status.applied_calibration = AppliedCalibration(pattern=run.pattern, job=job_name,
-                                                                basis=calibration_basis(spec))
-                status.recalibration.recommended_pattern = None
-                ctx.events(body, "Normal", "RecalibrationApplied", f"Job {job_name}: {why}")
-            else:
-                status.recalibration.recommended_pattern = run.pattern
-                ctx.events(body, "Normal", "RecalibrationNotApplied", f"Job {job_name}: {why}")
-            ctx.metrics.recalibrations.labels(ns, name, "succeeded").inc()
-        else:
-            ctx.metrics.recalibrations.labels(ns, name, "failed").inc()
-            ctx.events(body, "Warning", "RecalibrationFailed",
-                       f"Job {job_name} failed ({run.reason}); keeping pattern {status.pattern}")
-        status.recalibration.last = run
-        return _reconcile_locked(ctx, body, status)
-
-
-def _finished_at(job: dict) -> str:
-    st = job.get("status") or {}
-    if st.get("completionTime"):
-        return st["completionTime"]
-    for cond in st.get("conditions") or []:
-        if cond.get("status") == "True" and cond.get("lastTransitionTime"):
-            return cond["lastTransitionTime"]
-    return now()
-
-
-def _read_result(ctx: Context, ns: str, job_name: str, spec: IndexCacheDeploymentSpec,
-                 run: RecalibrationRun) -> RecalibrationRun:
-    cm_name = b.result_configmap_name(job_name)
-    cm = ctx.kube.get(k.CONFIGMAPS, ns, cm_name)
-    raw = ((cm or {}).get("data") or {}).get("result.json")
-    if raw is None:
-        return run.model_copy(update={"result": "Failed",
-                                      "reason": f"ResultMissing: ConfigMap {cm_name} has no result.json"})
-    try:
-        data = json.loads(raw)
-        pattern, loss_delta = str(data["pattern"]), float(data["loss_delta"])
-    except (ValueError, KeyError, TypeError) as e:
-        return run.model_copy(update={"result": "Failed", "reason": f"ResultInvalid: {e!r}"[:500]})
-    why = pattern_problem(pattern, spec.model.num_layers or data.get("num_layers"))
-    if why:
-        return run.model_copy(update={"result": "Failed", "reason": f"ResultInvalid: {why}"})
-    return run.model_copy(update={"pattern": pattern, "full_layers": full_layers(pattern),
-                                  "loss_delta": loss_delta})
+    return reconcile(ctx, ns, name)

@@ -215,7 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app_args = dict(model=model, served_model_name=served_model_name, max_ongoing_requests=args.max_ongoing_requests,
                     max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, samples_dir=args.samples_dir,
                     sample_rate=args.sample_rate, gpu_hourly_usd=args.gpu_hourly_usd, api_key=args.api_key,
-                    pattern=pattern)
+                    pattern=pattern, enforce_eager=args.enforce_eager)
     print(f"starting Ray Serve on {args.host}:{args.port} with model {uri} ...", file=sys.stderr, flush=True)
     url = start_local(app_args, host=args.host, port=args.port, num_cpus=args.num_cpus)
     print(f"IndexCache OpenAI-compatible API listening on {url}/v1  (metrics: {url}/metrics; Ctrl-C stops)",
@@ -256,6 +256,9 @@ def log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    for handler in logger.handlers:   # the stderr of this call: an earlier call's may be closed by now
+        if isinstance(handler, logging.StreamHandler):
+            handler.stream = sys.stderr     # not setStream: it flushes the old stream, which may be closed
 
 
 def write_termination_message(text: str) -> None:
@@ -353,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-hourly-usd", type=float, default=0.0, help="price of the replica's hardware per hour")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env INDEXCACHE_API_KEY or none)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
+    p.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs (debugging; GPUs only)")
     add_pattern_args(p)
     p.set_defaults(func=cmd_serve)
     return parser

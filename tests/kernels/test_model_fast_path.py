@@ -4,7 +4,7 @@
 indices shifted to its slot's rows, instead of the reference's gathered copy of every prefix. The same
 model, cache contents and tokens must give the same logits. Marked gpu: on an H200 it runs natively,
 in CI under Triton's interpreter (tests/kernels/test_triton_interpreted.py) at these tiny sizes.
-Tolerance: fp32 on the CPU (2e-4 relative: the kernels accumulate in another order); bf16 on CUDA (2e-2).
+Tolerance: 2e-4 relative on the CPU (the kernels accumulate in another order); 1e-2 on CUDA (TF32 dots).
 """
 import pytest
 import torch
@@ -15,8 +15,11 @@ from tiny_models import random_model
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-TOL = 2e-2 if DEVICE == "cuda" else 2e-4
+# fp32 everywhere: in bf16 the Triton indexer's and the reference's rounding differ enough to flip top-k
+# choices at the boundary, and one flipped key changes a tiny model's logits by ~10 % (seen on the H200);
+# on CUDA the kernels' fp32 dots run as TF32 (10-bit mantissa), hence the wider CUDA tolerance.
+DTYPE = torch.float32
+TOL = 1e-2 if DEVICE == "cuda" else 2e-4
 
 
 def _run(model, use_triton: bool, indexer_fp8: bool, prompts, slots, pattern):

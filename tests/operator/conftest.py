@@ -34,11 +34,26 @@ def operator(api, monkeypatch):
 
 
 @pytest.fixture()
+def make_operator(api, monkeypatch):
+    """Operators with their own kopf arguments and environment (started by the test, stopped here)."""
+    started = []
+
+    def make(kopf_args=("-A", "--standalone"), **env) -> OperatorProcess:
+        proc = OperatorProcess(api, monkeypatch, kopf_args=kopf_args, env=env)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture()
 def kit():
     """The helpers above, for test modules (importlib mode: tests cannot import conftest)."""
     import types
     return types.SimpleNamespace(
-        NS=NS, ICDS=ICDS, EVENTS=EVENTS, KUBERAY_CRD=KUBERAY_CRD, k=k, icd=icd, wait_for=wait_for,
+        NS=NS, ICDS=ICDS, PLURAL=ICDS.plural, EVENTS=EVENTS, KUBERAY_CRD=KUBERAY_CRD, k=k, icd=icd, wait_for=wait_for,
         condition=condition, kuberay_reports_healthy=kuberay_reports_healthy,
         calibration_result=calibration_result, job_finishes=job_finishes, free_port=free_port)
 

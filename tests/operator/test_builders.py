@@ -9,6 +9,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from kubernetes.utils import parse_quantity
 
 from indexcache_operator import builders as b
 from indexcache_operator.config import ConfigError, OperatorConfig
@@ -62,7 +63,7 @@ def test_rayservice_is_valid_for_kuberay_and_carries_the_serve_contract(kit, var
         expected_user_config["pattern"] = b_pattern
     assert server["user_config"] == expected_user_config
     worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-    assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert parse_quantity(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 4
     if s.autoscaling:
         a = s.autoscaling
         assert server["autoscaling_config"] == {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
@@ -308,3 +309,17 @@ def test_operator_image_installs_no_torch_or_ray():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["operator"]
     assert not [d for d in extras if d.split("[")[0].split("=")[0].split(">")[0].strip() in ("torch", "ray")]
     assert "indexcache-operator" in dockerfile
+
+
+@pytest.mark.parametrize("desired,actual,equal", [
+    ({"nvidia.com/gpu": 1}, {"nvidia.com/gpu": "1"}, True),
+    ({"cpu": "0.5"}, {"cpu": "500m"}, True),
+    ({"memory": "1Gi"}, {"memory": "1024Mi"}, True),
+    ({"memory": "8Gi"}, {"memory": "8G"}, False),
+    ({"nvidia.com/gpu": 2}, {"nvidia.com/gpu": "1"}, False),
+])
+def test_resource_quantities_compare_by_value(desired, actual, equal):
+    from indexcache_operator.reconcile import is_subset
+    assert is_subset({"resources": {"limits": desired}}, {"resources": {"limits": actual, "extra": 1}}) is equal
+    # Outside requests/limits a string is not a number.
+    assert is_subset({"replicas": 1}, {"replicas": "1"}) is False

@@ -99,12 +99,14 @@ class Engine:
         self.cuda_graphs = on_cuda and not enforce_eager
         # the FP8 lightning indexer (e4m3 keys, half the bytes) on CUDA by default; bf16 on request
         self.indexer_fp8 = on_cuda and kernels.backend(self.device) == "triton" if indexer_fp8 is None else indexer_fp8
-        # one extra slot when graphs pad a batch up to its bucket: padding rows write there
-        n_slots = max_batch_size + (1 if self.cuda_graphs else 0)
+        # one extra slot when graphs pad a batch up to its bucket: padding rows write there (a one-request
+        # engine never pads: its only bucket is 1)
+        padded = self.cuda_graphs and max_batch_size > 1
+        n_slots = max_batch_size + (1 if padded else 0)
         self.cache = KVCache(self.args, n_slots, self.max_model_len, self.pattern,
                              dtype=model.lm_head.weight.dtype, device=self.device, indexer_fp8=self.indexer_fp8)
-        self.graphs = (DecodeGraphs(model, self.cache, max_batch_size, self.max_model_len, pad_slot=max_batch_size)
-                       if self.cuda_graphs else None)
+        self.graphs = (DecodeGraphs(model, self.cache, max_batch_size, self.max_model_len,
+                                    pad_slot=max_batch_size if padded else 0) if self.cuda_graphs else None)
         self.flops = FlopModel.of(self.args)
         self.metrics = metrics
         if metrics is not None:

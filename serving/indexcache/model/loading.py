@@ -11,7 +11,7 @@ def bundled_model_dir() -> Path:
     return bundled_checkpoint()
 
 
-def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None):
+def load_model(model: str, dtype: str = "auto", cache_dir: str | None = None):
     """'tiny' | 'smollm2' | a checkpoint directory | a model URI -> (model, default pattern, tokenizer, name).
     cache_dir: the model cache (default INDEXCACHE_MODEL_CACHE); on Kubernetes the init container has
     filled it and INDEXCACHE_OFFLINE=1 keeps the replica from downloading anything itself."""
@@ -26,5 +26,6 @@ def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None)
     from .tokenizer import load_tokenizer
     resolved = resolve(model, cache_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    m, pattern = load_checkpoint(resolved.path, dtype=getattr(torch, dtype), device=device)
+    # "auto": bf16 weights on CUDA, fp32 on the CPU (load_checkpoint's default)
+    m, pattern = load_checkpoint(resolved.path, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device)
     return m, pattern, load_tokenizer(resolved.path), resolved.name

@@ -43,7 +43,8 @@ class AppArgs(BaseModel):
     num_replicas: int = Field(1, ge=1)
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, ge=0)
-    dtype: str = "float32"
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16)$")   # auto: bf16 on CUDA, fp32 on the CPU
+    enforce_eager: bool = False            # decode without CUDA graphs (debugging), like vLLM's --enforce-eager
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -71,7 +72,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         server.bind(model=a.model, served_model_name=a.served_model_name, deployment=a.deployment,
                     max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, chunk_size=a.chunk_size,
                     samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
-                    metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache),
+                    metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache,
+                    enforce_eager=a.enforce_eager),
         max_ongoing_requests=app_limit, api_key=a.api_key)
 
 

@@ -41,8 +41,8 @@ class IndexCacheServer:
     def __init__(self, model: str = "smollm2", served_model_name: str | None = None, deployment: str = "local",
                  max_batch_size: int = 8, max_model_len: int | None = 2048, chunk_size: int = 256,
                  samples_dir: str | None = None, sample_rate: float = 0.0, gpu_hourly_usd: float = 0.0,
-                 metrics_port: int | None = None, dtype: str = "float32", engine_class: type | None = None,
-                 model_cache: str | None = None):
+                 metrics_port: int | None = None, dtype: str = "auto", engine_class: type | None = None,
+                 model_cache: str | None = None, enforce_eager: bool = False):
         """engine_class: an Engine subclass (tests inject faults through it); default Engine."""
         from ..engine import Engine
         from .metrics import ServingMetrics
@@ -54,7 +54,7 @@ class IndexCacheServer:
         engine_class = engine_class or Engine
         self.engine: ServingEngine = engine_class(self.model, pattern=pattern, max_batch_size=max_batch_size,
                                                   max_model_len=max_model_len, chunk_size=chunk_size,
-                                                  metrics=self.metrics).start()
+                                                  metrics=self.metrics, enforce_eager=enforce_eager).start()
         if sample_rate and not samples_dir:
             raise ValueError("sample_rate > 0 needs samples_dir (where the sample shards go)")
         self.sampler = TrafficSampler(SamplerConfig(samples_dir, rate=sample_rate)).start() if samples_dir else None

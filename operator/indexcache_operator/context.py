@@ -1,0 +1,42 @@
+"""What every reconcile step shares: the API client, configuration, metrics, the event sink and the
+per-resource locks; and the error a caller retries on."""
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from indexcache_operator import kube as k
+from indexcache_operator.config import OperatorConfig
+from indexcache_operator.metrics import OperatorMetrics
+
+# Post a Kubernetes Event on the IndexCacheDeployment: (body, type, reason, message).
+EventSink = Callable[[dict, str, str, str], None]
+
+
+@dataclass
+class Context:
+    kube: k.Kube
+    config: OperatorConfig
+    metrics: OperatorMetrics
+    events: EventSink
+    _locks: dict = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+
+class ReconcileError(Exception):
+    """A transient failure (API error); the caller retries later. `status` is the HTTP status of the
+    API error behind it (0: the API server could not be reached)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,185 @@
+"""The real kopf operator against kmock with faults injected: restarts (also mid-reconcile), API errors
+(403, 404, 409, 500), an unreachable API server, and two operators at once. One test (or more) per defect
+of issue 19, numbered as there; each failed on the code before its fix."""
+from __future__ import annotations
+
+import time
+
+import yaml
+
+NAME = "chat"
+
+
+def _status(api, kit, name: str = NAME) -> dict:
+    return (api.get(kit.ICDS, name) or {}).get("status") or {}
+
+
+def _user_config(rs: dict) -> dict:
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    return next(d for d in app["deployments"] if d["name"] == "IndexCacheServer")["user_config"]
+
+
+def _deploy_ready(api, kit, name: str = NAME, **spec) -> None:
+    api.kube.create(kit.ICDS, kit.NS, kit.icd(name, **spec))
+    kit.wait_for(lambda: api.get(kit.k.RAYSERVICES, name), what="RayService")
+    kit.kuberay_reports_healthy(api, name, ready=2)
+    kit.wait_for(lambda: kit.condition(api.get(kit.ICDS, name), "Ready").get("status") == "True", what="Ready")
+
+
+def _annotate(api, kit, token: str, name: str = NAME) -> None:
+    api.kube.patch(kit.ICDS, kit.NS, name, {"metadata": {"annotations": {"indexcache.io/recalibrate": token}}})
+
+
+def _job_for(api, kit, token: str) -> str:
+    """The Job the operator started for `token` (waits for it)."""
+    def find():
+        for job in api.kube.list(kit.k.JOBS, kit.NS):
+            if (job["metadata"].get("annotations") or {}).get("indexcache.io/token") == token:
+                return job["metadata"]["name"]
+        return None
+    return kit.wait_for(find, what=f"the Job for token {token!r}")
+
+
+def _rs_patterns_written(api, since: int) -> list[str]:
+    """Patterns in the RayService user_config of every create/patch after call number `since`."""
+    out = []
+    for (group, plural, verb, _, _, _), body in api.calls[since:]:
+        if plural == "rayservices" and verb in ("create", "patch") and isinstance(body, dict):
+            text = (body.get("spec") or {}).get("serveConfigV2")
+            if text:
+                app = yaml.safe_load(text)["applications"][0]
+                server = next(d for d in app["deployments"] if d["name"] == "IndexCacheServer")
+                out.append(server["user_config"].get("pattern"))
+    return out
+
+
+# ---- 1. a restart never re-applies an older calibration ----------------------------------------------
+
+def test_1_restarts_never_reapply_an_older_calibration(api, operator, kit):
+    """Two applied Jobs (both kept, as the 7-day TTL keeps them), then three operator restarts: the newest
+    calibration stays applied, the pattern version does not move and the RayService never flips back."""
+    k = kit.k
+    _deploy_ready(api, kit)
+    for token, pattern in (("one", "FSSSSSSS"), ("two", "FFSSSSSS")):
+        operator.wait_idle()
+        _annotate(api, kit, token)
+        job = _job_for(api, kit, token)
+        kit.job_finishes(api, job, kit.calibration_result(pattern, loss_delta=0.0))
+        kit.wait_for(lambda: (_status(api, kit).get("recalibration") or {}).get("last", {}).get("job") == job,
+                     what=f"{job} recorded")
+    kit.wait_for(lambda: _status(api, kit).get("pattern") == "FFSSSSSS", what="the newest pattern applied")
+    operator.wait_idle()
+    version = _status(api, kit)["patternVersion"]
+    assert version == 3  # spec pattern (1), then one per applied Job
+    since = len(api.calls)
+    for _ in range(3):
+        operator.stop()
+        operator.start()
+        operator.wait_idle()
+    status = _status(api, kit)
+    assert (status["pattern"], status["patternVersion"]) == ("FFSSSSSS", version)
+    assert _user_config(api.get(k.RAYSERVICES, NAME))["pattern"] == "FFSSSSSS"
+    assert "FSSSSSSS" not in _rs_patterns_written(api, since), "the older Job's pattern was rolled out again"
+
+
+# ---- 2. the resync is supervised and stays in kopf's namespaces --------------------------------------
+
+FAST_RESYNC = {"INDEXCACHE_OPERATOR_RESYNC_SECONDS": "1", "INDEXCACHE_OPERATOR_HEALTH_GRACE_SECONDS": "3"}
+
+
+def _resync_restores_a_hand_edit(api, kit) -> None:
+    """Only the resync can undo this edit: the reconcile its watch event starts fails (500 once), and a
+    child event is not retried by kopf."""
+    k = kit.k
+    api.inject("patch", "rayservices", 500, name=NAME, times=1)
+    api.kube.patch(k.RAYSERVICES, kit.NS, NAME, {"spec": {"serveConfigV2": "applications: []\n"}})
+    kit.wait_for(lambda: "IndexCacheServer" in api.get(k.RAYSERVICES, NAME)["spec"]["serveConfigV2"],
+                 timeout=10, what="the resync restored the RayService")
+
+
+def test_2_resync_survives_an_unreachable_api_server_and_says_so_in_healthz(api, make_operator, kit):
+    operator = make_operator(**FAST_RESYNC)
+    operator.start()
+    _deploy_ready(api, kit)
+    assert operator.healthy() is True
+    api.refuse_connections()  # connection refused for the operator (MaxRetryError in the client)
+    try:
+        kit.wait_for(lambda: operator.healthy() is False, timeout=15, what="/healthz unhealthy")
+        assert operator.metric('indexcache_operator_errors_total{reason="ApiUnreachable",source="resync"}') >= 1
+    finally:
+        api.accept_connections()
+    kit.wait_for(lambda: operator.healthy() is True, timeout=15, what="/healthz healthy again")
+    _resync_restores_a_hand_edit(api, kit)
+
+
+def test_2_a_404_on_the_status_patch_does_not_end_the_resync(api, make_operator, kit):
+    operator = make_operator(**FAST_RESYNC)
+    operator.start()
+    _deploy_ready(api, kit)
+    operator.wait_idle()
+    api.inject("patch", kit.PLURAL, 404, name=NAME, subresource="status")
+    kit.kuberay_reports_healthy(api, NAME, ready=1)  # a status to write: readyReplicas 2 -> 1
+    kit.wait_for(lambda: operator.metric('indexcache_operator_errors_total{reason="Api404",source="resync"}'),
+                 timeout=10, what="a resync pass answered 404 on its status PATCH")
+    api.clear_faults()
+    _resync_restores_a_hand_edit(api, kit)
+    kit.wait_for(lambda: operator.healthy() is True, timeout=5, what="/healthz healthy")
+
+
+def test_2_resync_stays_in_the_namespaces_kopf_watches(api, make_operator, kit):
+    operator = make_operator(kopf_args=("-n", kit.NS, "--standalone"), **FAST_RESYNC)
+    operator.start()
+    other = kit.icd("other")
+    other["metadata"]["namespace"] = "elsewhere"
+    api.kube.create(kit.ICDS, "elsewhere", other)
+    api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME))
+    kit.wait_for(lambda: api.get(kit.k.RAYSERVICES, NAME), what="RayService in the watched namespace")
+    before, t0 = operator.reconciles(), time.monotonic()
+    # Absence needs time to show: three resync intervals (1 s) and three more reconciles of "chat".
+    kit.wait_for(lambda: operator.reconciles() >= before + 3 and time.monotonic() - t0 > 3.5,
+                 what="three resync passes")
+    assert api.kube.get(kit.k.RAYSERVICES, "elsewhere", "other") is None
+    assert not [c for c, _ in api.calls if c[3] == "elsewhere" and c[2] != "watch" and c[1] != kit.PLURAL]
+
+
+# ---- 5. status sections are written whole: nothing stale survives from an earlier run -----------------
+
+def test_5_rejected_then_applied_then_failed_leaves_no_stale_status(api, operator, kit):
+    _deploy_ready(api, kit)
+    runs = [("rejected", kit.calibration_result("FFFSSSSS", loss_delta=0.3)),
+            ("applied", kit.calibration_result("FSSSSSSS", loss_delta=0.01)),
+            ("failed", None)]
+    seen = {}
+    for token, result in runs:
+        operator.wait_idle()
+        _annotate(api, kit, token)
+        job = _job_for(api, kit, token)
+        kit.job_finishes(api, job, result, failure_reason="DeadlineExceeded")
+        seen[token] = kit.wait_for(lambda: (s := _status(api, kit))["recalibration"].get("last", {}).get("job") == job
+                                   and s, what=f"{token} recorded")["recalibration"]
+    assert seen["rejected"]["recommendedPattern"] == "FFFSSSSS"
+    assert "recommendedPattern" not in seen["applied"]
+    assert seen["failed"]["last"]["job"] == _job_for(api, kit, "failed")
+    assert seen["failed"]["last"]["result"] == "Failed" and seen["failed"]["last"]["decision"] == "None"
+    # The failed run carries no pattern or loss delta of the run before it.
+    assert not {"pattern", "lossDelta", "fullLayers"} & set(seen["failed"]["last"]), seen["failed"]["last"]
+    assert "recommendedPattern" not in seen["failed"]
+    assert _status(api, kit)["pattern"] == "FSSSSSSS"
+
+
+# ---- 4. quantities compare by value: the API server's canonical strings are no drift -----------------
+
+def test_4_children_are_not_patched_again_when_nothing_changed(api, operator, kit):
+    """The API server returns resource quantities as strings ("1", "500m"); a reconcile that compares
+    them with the ints it wrote patches the CronJob (and posts "Updated") every time."""
+    api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME, recalibration={"schedule": "0 3 * * *"}))
+    kit.wait_for(lambda: api.get(kit.k.CRONJOBS, "chat-recal"), what="CronJob")
+    operator.wait_idle()
+    since = len(api.calls)
+    for i in range(3):  # three reconciles with nothing to change
+        api.kube.patch(kit.ICDS, kit.NS, NAME, {"metadata": {"labels": {"touch": str(i)}}})
+        operator.wait_idle()
+    writes = [c for c, _ in api.calls[since:] if c[2] in ("create", "patch", "update", "delete")
+              and c[1] not in (kit.PLURAL, "events")]
+    assert writes == [], f"children written with nothing to change: {writes}"
+    assert not [e for e in api.events() if e["reason"] == "Updated"]
