@@ -256,9 +256,6 @@ def log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    for handler in logger.handlers:   # the stderr of this call: an earlier call's may be closed by now
-        if isinstance(handler, logging.StreamHandler):
-            handler.stream = sys.stderr     # not setStream: it flushes the old stream, which may be closed
 
 
 def write_termination_message(text: str) -> None:
