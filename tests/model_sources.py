@@ -296,12 +296,8 @@ class MotoS3:
         return {"AWS_ENDPOINT_URL_S3": self.url, "AWS_DEFAULT_REGION": "us-east-1", **self.credentials, **overrides}
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.kill()   # a throwaway test server: nothing to flush (SIGTERM took moto ~6 s)
+        self.proc.wait()
 
 
 def clean_env(**extra) -> dict[str, str]:

@@ -213,13 +213,16 @@ MODEL_READER_ENV = [{"name": "INDEXCACHE_MODEL_CACHE", "value": MODEL_CACHE_DIR}
 
 def fetch_model_container(spec: IndexCacheDeploymentSpec, image: str) -> dict:
     """`indexcache fetch` into the cache volume: the pod's other containers start only once the model is
-    complete and verified. Its last log line (the error and its reason) becomes the termination message."""
+    complete and verified. Its termination message is the result ({"path", "revision", ...}) or the error
+    with its reason (and, should it crash, its last log lines)."""
     container = {
         "name": "fetch-model",
         "image": image,
         "command": ["indexcache"],
         "args": ["fetch", spec.model.uri, "--cache", MODEL_CACHE_DIR],
-        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        # the JSON result (path, revision) or the error and its reason, in the pod's status
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"},
+                {"name": "INDEXCACHE_TERMINATION_LOG", "value": "/dev/termination-log"}],
         "volumeMounts": model_mounts(spec, read_only=False),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }

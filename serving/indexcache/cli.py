@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 # Commands whose --model goes through the model resolver (serve resolves its own, before starting Ray).
@@ -241,29 +242,49 @@ def resolve_model_arg(args: argparse.Namespace) -> None:
     args.model_uri, args.model, args.model_name = args.model, str(resolved.path), resolved.name
 
 
+class CurrentStderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was when main() first ran (a second main()
+    in one process, e.g. under a test's capture, must not write to a stale stream)."""
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
 def log_to_stderr() -> None:
     """Fetch progress (byte counters) goes to stderr, where an init container's log shows it."""
-    import logging
     logger = logging.getLogger("indexcache.model.storage")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, CurrentStderr) for h in logger.handlers):
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    for handler in logger.handlers:   # the stderr of this call: an earlier call's may be closed by now
-        if isinstance(handler, logging.StreamHandler):
-            handler.stream = sys.stderr     # not setStream: it flushes the old stream, which may be closed
+
+
+def write_termination_message(text: str) -> None:
+    """INDEXCACHE_TERMINATION_LOG (the operator sets /dev/termination-log): what `kubectl describe pod`
+    and the pod's status show for the init container, on success as on failure."""
+    import os
+    path = os.environ.get("INDEXCACHE_TERMINATION_LOG")
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(text[:4000])   # the kubelet keeps at most 4096 bytes
+        except OSError as exc:
+            print(f"indexcache fetch: cannot write the termination message to {path}: {exc}", file=sys.stderr)
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     import json
 
-    from .model.storage import resolve
+    from .model.storage import FetchError, resolve
 
     log_to_stderr()
-    resolved = resolve(args.uri, args.cache, offline=True if args.offline else None,
-                       verify_hashes=args.verify_hashes)
+    try:
+        resolved = resolve(args.uri, args.cache, offline=True if args.offline else None,
+                           verify_hashes=args.verify_hashes)
+    except FetchError as exc:
+        write_termination_message(f"error ({exc.reason}): {exc}")
+        raise
     print(json.dumps(resolved.to_json()), flush=True)
+    write_termination_message(json.dumps(resolved.to_json()))
     return 0
 
 

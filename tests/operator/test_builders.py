@@ -187,6 +187,7 @@ def test_replicas_and_jobs_fetch_the_model_into_the_cache_first(model, cache_vol
         [init] = pod["initContainers"]
         assert init["command"] + init["args"] == ["indexcache", "fetch", model["uri"], "--cache", "/model-cache"]
         assert init["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        assert {"name": "INDEXCACHE_TERMINATION_LOG", "value": "/dev/termination-log"} in init["env"]
         assert init.get("envFrom") == ([{"secretRef": {"name": model["credentialsSecret"]}}]
                                        if "credentialsSecret" in model else None)
         assert {"name": "model-cache", **cache_volume} in pod["volumes"]

@@ -152,7 +152,7 @@ def test_a_damaged_entry_is_fetched_again_never_loaded(tmp_path):
         assert "model.safetensors" in check_manifest(model.path)
         with pytest.raises(FetchError) as offline:           # offline: refused, not loaded
             resolve(uri, tmp_path, offline=True)
-        assert offline.value.reason == "NotCached"
+        assert offline.value.reason == "NotCached" and "damaged" in str(offline.value)
         again = resolve(uri, tmp_path)                        # online: fetched again
         assert again.path == model.path and again.downloaded_bytes > 0
         assert len(server.gets(URL_PATH)) == 2
@@ -181,18 +181,22 @@ def test_no_space_is_a_disk_full_error_before_downloading(tmp_path, monkeypatch)
 
 
 def test_fetch_prints_path_and_revision_as_json_and_refuses_unsupported_schemes(tmp_path):
-    done = subprocess.run(fetch_cmd("tiny", tmp_path), env=clean_env(PYTHONPATH=SERVING_DIR),
-                          capture_output=True, text=True, timeout=120)
+    """stdout and the termination message (what `kubectl describe pod` shows) carry the result or the error."""
+    message = tmp_path / "termination-log"
+    env = clean_env(PYTHONPATH=SERVING_DIR, INDEXCACHE_TERMINATION_LOG=str(message))
+    done = subprocess.run(fetch_cmd("tiny", tmp_path / "cache"), env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert set(out) == {"uri", "path", "revision", "name", "downloaded_bytes"}
-    assert Path(out["path"]).parent == tmp_path and (Path(out["path"]) / "tokenizer.json").is_file()
+    assert Path(out["path"]).parent == tmp_path / "cache" and (Path(out["path"]) / "tokenizer.json").is_file()
+    assert json.loads(message.read_text()) == out
 
-    gs = subprocess.run(fetch_cmd("gs://bucket/model", tmp_path), env=clean_env(PYTHONPATH=SERVING_DIR),
-                        capture_output=True, text=True, timeout=120)
+    gs = subprocess.run(fetch_cmd("gs://bucket/model", tmp_path / "cache"), env=env, capture_output=True, text=True,
+                        timeout=120)
     assert gs.returncode == 2 and gs.stdout == ""
-    last = gs.stderr.strip().splitlines()[-1]   # what the pod's termination message shows
+    last = gs.stderr.strip().splitlines()[-1]   # the pod's log, and its termination message should it crash
     assert "error (Unsupported)" in last and "s3://bucket/prefix" in last and "hf://org/name" in last
+    assert message.read_text().startswith("error (Unsupported): gs://bucket/model")
 
 
 def test_fetch_starts_without_torch(tmp_path):

@@ -688,12 +688,16 @@ def resolve(uri: str, cache_dir: str | Path | None = None, *, offline: bool | No
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     offline = offline_mode() if offline is None else offline
     revision = source.pinned_revision or (_read_ref(cache, uri) if offline else None)
+    state = f"not in the model cache {cache}"
     if revision is not None:
         final = entry_dir(cache, source, revision)
-        if check_manifest(final, verify_hashes) is None:
+        damage = check_manifest(final, verify_hashes)
+        if damage is None:
             return ResolvedModel(uri, final, revision, source.name)
+        if final.exists():
+            state = f"damaged in the model cache {cache} ({damage}; not loaded)"
     if offline:
-        raise FetchError("NotCached", f"{uri} is not in the model cache {cache} and offline mode is on "
+        raise FetchError("NotCached", f"{uri} is {state} and offline mode is on "
                          f"({'/'.join(OFFLINE_ENV)}): run `indexcache fetch {uri} --cache {cache}` where the "
                          "source is reachable, or turn offline mode off")
     if revision is None:
