@@ -341,14 +341,16 @@ def ondemand_job(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorC
             "spec": job_spec(owner, spec, config)}
 
 
-def recalibration_cronjob(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig) -> dict:
+def recalibration_cronjob(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig,
+                          hold: bool = False) -> dict:
+    """`hold`: suspended while an on-demand recalibration runs (one at a time per deployment)."""
     assert spec.recalibration.schedule, "no schedule: no CronJob"
     return {
         "apiVersion": "batch/v1", "kind": "CronJob",
         "metadata": metadata(owner, cronjob_name(owner), "recalibration"),
         "spec": {
             "schedule": spec.recalibration.schedule,
-            "suspend": spec.recalibration.suspend,
+            "suspend": spec.recalibration.suspend or hold,
             "concurrencyPolicy": "Forbid",  # one search at a time over the same samples
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 3,

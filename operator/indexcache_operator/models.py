@@ -194,7 +194,11 @@ class RecalibrationRun(Wire):
 class RecalibrationStatus(Wire):
     last_run_id: int = Field(default=0, ge=0, description="The highest run id given to a recalibration Job.")
     request_token: Optional[str] = Field(default=None, description="Last handled recalibrate annotation value.")
-    active_job: Optional[str] = Field(default=None, description="Last Job started on demand.")
+    queued_token: Optional[str] = Field(default=None, description="A recalibrate annotation value waiting for "
+                                        "the running Job to finish (one recalibration at a time).")
+    active_job: Optional[str] = Field(default=None, description="The recalibration Job running now, if any.")
+    recent_jobs: list[str] = Field(default_factory=list, description="On-demand Jobs started lately (newest "
+                                   "last): a token whose Job is here never starts a second one.")
     last: Optional[RecalibrationRun] = Field(default=None, description="The last finished recalibration.")
     recommended_pattern: Optional[str] = Field(default=None, description="A result kept but not applied.")
 

@@ -180,7 +180,9 @@ def remove(ctx: Context, body: dict, res: k.Resource, namespace: str, name: str,
 
 
 def ensure_children(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
-                    pattern: str | None, version: int) -> dict:
+                    pattern: str | None, version: int, hold_schedule: bool = False) -> dict:
+    """`hold_schedule`: an on-demand recalibration runs, so the CronJob is suspended until it finishes
+    (one recalibration at a time; the CronJob's own Forbid policy only sees its own Jobs)."""
     ensure(ctx, body, k.SERVICEACCOUNTS, b.service_account(owner))
     ensure(ctx, body, k.ROLES, b.role(owner))
     ensure(ctx, body, k.ROLEBINDINGS, b.role_binding(owner))
@@ -195,30 +197,10 @@ def ensure_children(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDe
     else:
         rs = ensure(ctx, body, k.RAYSERVICES, b.rayservice(owner, spec, ctx.config, pattern, version))
     if spec.recalibration.schedule:
-        ensure(ctx, body, k.CRONJOBS, b.recalibration_cronjob(owner, spec, ctx.config))
+        ensure(ctx, body, k.CRONJOBS, b.recalibration_cronjob(owner, spec, ctx.config, hold=hold_schedule))
     else:
         remove(ctx, body, k.CRONJOBS, owner.namespace, b.cronjob_name(owner), "CronJob")
     return rs
-
-
-def start_requested_recalibration(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
-                                  status: IndexCacheDeploymentStatus) -> None:
-    token = (body["metadata"].get("annotations") or {}).get(RECALIBRATE_ANNOTATION)
-    if not token or token == status.recalibration.request_token:
-        return
-    job = b.ondemand_job(owner, spec, ctx.config, token)
-    run = status.recalibration.last_run_id + 1
-    job["metadata"]["annotations"][recal.RUN_ID_ANNOTATION] = str(run)
-    try:
-        ctx.kube.create(k.JOBS, owner.namespace, job)
-        status.recalibration.last_run_id = run
-        ctx.events(body, "Normal", "RecalibrationStarted",
-                   f"started Job {job['metadata']['name']} for {RECALIBRATE_ANNOTATION}={token}")
-    except k.KubeError as e:
-        if e.status != 409:  # already exists: a restart or a second call; the same Job serves it
-            raise
-    status.recalibration.request_token = token
-    status.recalibration.active_job = job["metadata"]["name"]
 
 
 # ---- the reconcile --------------------------------------------------------------------------
@@ -321,8 +303,10 @@ def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheD
         status.pattern = pattern
     status.full_layers = full_layers(pattern) if pattern else None
 
-    rs = ensure_children(ctx, body, owner, spec, pattern, status.pattern_version)
-    start_requested_recalibration(ctx, body, owner, spec, status)
+    token = (body["metadata"].get("annotations") or {}).get(RECALIBRATE_ANNOTATION)
+    recal.handle_request(ctx, body, owner, spec, status, jobs, token)
+    rs = ensure_children(ctx, body, owner, spec, pattern, status.pattern_version,
+                         hold_schedule=recal.ondemand_running(jobs))
 
     status.ray_service = b.rayservice_name(owner)
     status.selector = b.replica_selector(owner)

@@ -167,6 +167,77 @@ def test_5_rejected_then_applied_then_failed_leaves_no_stale_status(api, operato
     assert _status(api, kit)["pattern"] == "FSSSSSSS"
 
 
+# ---- 7. one recalibration at a time; a reused token starts nothing and says so ------------------------
+
+def _jobs(api, kit) -> set[str]:
+    return api.names(kit.k.JOBS)
+
+
+def test_7_a_second_token_waits_for_the_running_job(api, operator, kit):
+    _deploy_ready(api, kit, recalibration={"schedule": "0 3 * * *"})
+    operator.wait_idle()
+    _annotate(api, kit, "first")
+    first = _job_for(api, kit, "first")
+    operator.wait_idle()
+    _annotate(api, kit, "second")
+    status = kit.wait_for(lambda: (s := _status(api, kit))["recalibration"].get("queuedToken") == "second" and s,
+                          what="the second token queued in status")
+    assert status["recalibration"]["activeJob"] == first
+    operator.wait_idle()
+    assert _jobs(api, kit) == {first}, "a second GPU Job started while the first ran"
+    # The CronJob holds its schedule while an on-demand run has the GPUs (its own Forbid sees only its Jobs).
+    assert api.get(kit.k.CRONJOBS, "chat-recal")["spec"]["suspend"] is True
+    kit.wait_for(lambda: any(e["reason"] == "RecalibrationQueued" for e in api.events()), what="a Queued event")
+
+    kit.job_finishes(api, first, kit.calibration_result("FSSSSSSS", loss_delta=0.0))
+    second = _job_for(api, kit, "second")
+    status = kit.wait_for(lambda: (s := _status(api, kit))["recalibration"].get("activeJob") == second and s,
+                          what="the queued token's Job running")
+    assert "queuedToken" not in status["recalibration"] and status["recalibration"]["requestToken"] == "second"
+    assert api.get(kit.k.CRONJOBS, "chat-recal")["spec"]["suspend"] is True
+    kit.job_finishes(api, second, None)
+    kit.wait_for(lambda: api.get(kit.k.CRONJOBS, "chat-recal")["spec"]["suspend"] is False,
+                 what="the schedule resumed")
+    kit.wait_for(lambda: "activeJob" not in _status(api, kit)["recalibration"], what="no Job active")
+
+
+def test_7_a_reused_token_starts_nothing_and_status_says_so(api, operator, kit):
+    _deploy_ready(api, kit)
+    for token in ("one", "two"):
+        operator.wait_idle()
+        _annotate(api, kit, token)
+        job = _job_for(api, kit, token)
+        kit.job_finishes(api, job, kit.calibration_result("FSSSSSSS", loss_delta=0.0))
+        kit.wait_for(lambda: _status(api, kit)["recalibration"].get("last", {}).get("job") == job)
+    jobs = _jobs(api, kit)
+    operator.wait_idle()
+    _annotate(api, kit, "one")  # the first token again
+    kit.wait_for(lambda: _status(api, kit)["recalibration"]["requestToken"] == "one", what="the token handled")
+    operator.wait_idle()
+    assert _jobs(api, kit) == jobs
+    rec = _status(api, kit)["recalibration"]
+    assert "activeJob" not in rec, f"status claims Job {rec.get('activeJob')} started for a reused token"
+    warning = kit.wait_for(lambda: [e for e in api.events() if e["reason"] == "RecalibrationTokenReused"],
+                           what="a warning event")[0]
+    assert warning["type"] == "Warning" and "new value" in warning["message"]
+
+
+def test_7_restart_mid_reconcile_after_the_job_was_created_starts_no_second_job(api, make_operator, kit):
+    operator = make_operator()
+    operator.start()
+    _deploy_ready(api, kit)
+    operator.wait_idle()
+    api.inject("patch", kit.PLURAL, 500, name=NAME, subresource="status")  # the Job exists, status never says so
+    _annotate(api, kit, "across")
+    job = _job_for(api, kit, "across")
+    operator.stop()
+    api.clear_faults()
+    operator.start()
+    kit.wait_for(lambda: _status(api, kit)["recalibration"].get("activeJob") == job, what="the Job adopted")
+    operator.wait_idle()
+    assert _jobs(api, kit) == {job}
+    assert len(api.writes("jobs", "create")) == 1
+
 # ---- 4. quantities compare by value: the API server's canonical strings are no drift -----------------
 
 def test_4_children_are_not_patched_again_when_nothing_changed(api, operator, kit):
