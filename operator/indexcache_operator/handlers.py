@@ -12,12 +12,12 @@ import kopf
 
 from indexcache_operator import (COMPONENT_LABEL, DEPLOYMENT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL,
                                  PLURAL, RECALIBRATE_ANNOTATION, VERSION)
-from indexcache_operator import builders as b
 from indexcache_operator import kube as k
 from indexcache_operator import metrics as m
 from indexcache_operator import resync
 from indexcache_operator.config import OperatorConfig
-from indexcache_operator.reconcile import Context, ReconcileError, reconcile, record_job
+from indexcache_operator.context import count_error
+from indexcache_operator.reconcile import Context, ReconcileError, delete_children, reconcile, record_job
 
 log = logging.getLogger(__name__)
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
@@ -98,7 +98,8 @@ def recalibration_requested(event: dict, name: str, namespace: str, body: kopf.B
     try:
         reconcile(memo.ctx, namespace, name)
     except ReconcileError as e:  # the next event or the resync retries
-        log.warning("starting the recalibration of %s/%s failed: %s", namespace, name, e)
+        log.warning("starting the recalibration of %s/%s failed (%s): %s", namespace, name,
+                    count_error(memo.ctx, "event", e), e)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -113,16 +114,7 @@ def deployment_event(event: dict, name: str, namespace: str, body: kopf.Body, me
         memo.known.add(namespace, name)
         return
     memo.known.discard(namespace, name)
-    ctx: Context = memo.ctx
-    with ctx.lock(namespace, name):
-        for res in CHILDREN:
-            for obj in ctx.kube.list(res, namespace, {DEPLOYMENT_LABEL: name, **OURS}):
-                ctx.kube.delete(res, namespace, obj["metadata"]["name"])
-        for job in ctx.kube.list(k.JOBS, namespace, {DEPLOYMENT_LABEL: name, **OURS}):
-            ctx.kube.delete(k.JOBS, namespace, job["metadata"]["name"])
-            ctx.kube.delete(k.CONFIGMAPS, namespace, b.result_configmap_name(job["metadata"]["name"]))
-    ctx.metrics.forget(namespace, name)
-    log.info("deleted the children of %s/%s", namespace, name)
+    delete_children(memo.ctx, namespace, name)
 
 
 def _owner_of(labels: dict) -> str | None:
@@ -136,8 +128,9 @@ def _on_child_event(event: dict, namespace: str, labels: dict, memo: kopf.Memo, 
     if owner and getattr(memo, "ctx", None) is not None:
         try:
             reconcile(memo.ctx, namespace, owner)
-        except ReconcileError as e:
-            log.warning("reconcile of %s/%s after a child event failed: %s", namespace, owner, e)
+        except ReconcileError as e:  # the resync retries
+            log.warning("reconcile of %s/%s after a child event failed (%s): %s", namespace, owner,
+                        count_error(memo.ctx, "event", e), e)
 
 
 for _res in CHILDREN:
@@ -151,5 +144,6 @@ def recalibration_job_event(event: dict, body: kopf.Body, memo: kopf.Memo, **_) 
         return
     try:
         record_job(memo.ctx, dict(body))
-    except ReconcileError as e:
-        log.warning("recording Job %s failed: %s", body.get("metadata", {}).get("name"), e)
+    except ReconcileError as e:  # the resync retries (results are folded level-triggered)
+        log.warning("recording Job %s failed (%s): %s", body.get("metadata", {}).get("name"),
+                    count_error(memo.ctx, "event", e), e)

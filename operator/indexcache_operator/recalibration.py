@@ -226,9 +226,7 @@ def handle_request(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDep
         except k.KubeError as e:
             if e.status != 409:
                 raise
-            existing = ctx.kube.get(k.JOBS, owner.namespace, job_name)  # created meanwhile: that one serves
-            if existing is None:
-                raise
+            existing = job  # created since the listing: that Job serves the token (the next reconcile reads it)
         jobs.append(existing)
     rec.request_token, rec.queued_token = token, None
     rec.recent_jobs = [j for j in rec.recent_jobs if j != job_name][-(RECENT_JOBS - 1):] + [job_name]

@@ -14,12 +14,13 @@ import time
 import pydantic
 from kubernetes.utils import parse_quantity
 
-from indexcache_operator import DEPLOYMENT_LABEL, GROUP, PLURAL, RECALIBRATE_ANNOTATION, VERSION
+from indexcache_operator import (DEPLOYMENT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL, PLURAL, RECALIBRATE_ANNOTATION,
+                                 VERSION)
 from indexcache_operator import builders as b
 from indexcache_operator import kube as k
 from indexcache_operator import mergepatch
 from indexcache_operator import recalibration as recal
-from indexcache_operator.context import Context, EventSink, ReconcileError, now  # noqa: F401  (re-exported)
+from indexcache_operator.context import Context, EventSink, ReconcileError, count_error, now  # noqa: F401
 from indexcache_operator.models import (Condition, Decision, IndexCacheDeploymentSpec, IndexCacheDeploymentStatus,
                                         Phase)
 from indexcache_operator.patterns import full_layers, pattern_from_freq, pattern_problem
@@ -351,6 +352,44 @@ def _write_status(ctx: Context, ns: str, name: str, before: dict, status: IndexC
     if after != before:
         ctx.kube.patch(ICDS, ns, name, {"status": mergepatch.diff(before, after)}, subresource="status")
     return after
+
+
+# ---- deletion -----------------------------------------------------------------------------------
+
+# Every kind the operator creates for a deployment, deleted when it goes (Jobs' result ConfigMaps too).
+CHILD_KINDS = (k.RAYSERVICES, k.PVCS, k.CRONJOBS, k.JOBS, k.SERVICEACCOUNTS, k.ROLES, k.ROLEBINDINGS)
+
+
+def delete_children(ctx: Context, namespace: str, name: str) -> int:
+    """Delete what the operator created for a deleted IndexCacheDeployment, best effort: a refused or
+    failed call (counted in indexcache_operator_errors_total{source="cleanup"}) does not stop the others,
+    and the resource's metric series go whatever happens. Returns the number of failed calls."""
+    failures = 0
+    ours = {DEPLOYMENT_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY}
+    try:
+        with ctx.lock(namespace, name):
+            for res in CHILD_KINDS:
+                try:
+                    objs = ctx.kube.list(res, namespace, ours)
+                except k.KubeError as e:
+                    failures += 1
+                    log.warning("cleanup of %s/%s: listing %s failed (%s): %s", namespace, name, res.plural,
+                                count_error(ctx, "cleanup", e), e)
+                    continue
+                doomed = [(res, o["metadata"]["name"]) for o in objs]
+                if res == k.JOBS:  # the result ConfigMap each Job wrote carries no owner reference
+                    doomed += [(k.CONFIGMAPS, b.result_configmap_name(o["metadata"]["name"])) for o in objs]
+                for kind, child in doomed:
+                    try:
+                        ctx.kube.delete(kind, namespace, child)
+                    except k.KubeError as e:
+                        failures += 1
+                        log.warning("cleanup of %s/%s: deleting %s %s failed (%s): %s", namespace, name,
+                                    kind.plural, child, count_error(ctx, "cleanup", e), e)
+    finally:
+        ctx.metrics.forget(namespace, name)
+    log.info("deleted the children of %s/%s (%d calls failed)", namespace, name, failures)
+    return failures
 
 
 # ---- recalibration results -------------------------------------------------------------------

@@ -142,6 +142,28 @@ def test_2_resync_stays_in_the_namespaces_kopf_watches(api, make_operator, kit):
     assert not [c for c, _ in api.calls if c[3] == "elsewhere" and c[2] != "watch" and c[1] != kit.PLURAL]
 
 
+# ---- 3. deletion cleanup goes on past a refused call, and the metrics go with the resource --------------
+
+def test_3_cleanup_goes_on_past_a_403_and_forgets_the_metrics(api, operator, kit):
+    """RBAC without `delete` on a kind (403) must not leak the result ConfigMaps or leave the deleted
+    resource's metric series (an alert could fire for a resource that no longer exists)."""
+    k = kit.k
+    _deploy_ready(api, kit)
+    operator.wait_idle()
+    _annotate(api, kit, "before-delete")
+    job = _job_for(api, kit, "before-delete")
+    kit.job_finishes(api, job, kit.calibration_result("FSSSSSSS", loss_delta=0.0))
+    kit.wait_for(lambda: _status(api, kit)["recalibration"].get("last", {}).get("job") == job)
+    assert operator.metric('indexcache_operator_condition{condition="Ready",name="chat"') is not None
+    api.inject("delete", "persistentvolumeclaims", 403)
+    api.kube.delete(kit.ICDS, kit.NS, NAME)
+    kit.wait_for(lambda: api.get(k.CONFIGMAPS, f"{job}-result") is None, what="the result ConfigMap deleted")
+    kit.wait_for(lambda: not api.names(k.JOBS) and not api.names(k.RAYSERVICES), what="Job and RayService deleted")
+    kit.wait_for(lambda: operator.metric('indexcache_operator_condition{condition="Ready",name="chat"') is None,
+                 what="the deleted resource's series gone")
+    assert operator.metric('indexcache_operator_errors_total{reason="Api403",source="cleanup"}') == 1
+
+
 # ---- 5. status sections are written whole: nothing stale survives from an earlier run -----------------
 
 def test_5_rejected_then_applied_then_failed_leaves_no_stale_status(api, operator, kit):
