@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from indexcache_operator import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
-from indexcache_operator.models import (MAX_NAME_LENGTH, IndexCacheDeploymentSpec,
+from indexcache_operator.models import (MAX_NAME_LENGTH, NAME_REGEX, IndexCacheDeploymentSpec,
                                         IndexCacheDeploymentStatus, cel)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -132,6 +132,9 @@ def build_crd(chart: bool = False) -> dict:
             cel(f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                 f"metadata.name must be at most {MAX_NAME_LENGTH} characters: the names of the "
                 "recalibration Jobs and CronJob derive from it"),
+            cel(f"self.metadata.name.matches('{NAME_REGEX}')",
+                "metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting with a "
+                "letter, e.g. chat-v2 rather than chat.v2 or 7b-chat): KubeRay refuses other RayService names"),
         ],
     }
     metadata = {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/name": "indexcache-operator"}}

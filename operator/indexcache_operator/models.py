@@ -19,6 +19,9 @@ MODEL_URI_REGEX = r"^(smollm2|/.+|(s3|gs|hf|pvc|https?)://.+)$"
 MAX_PATTERN_LENGTH = 1024  # also bounds the CEL cost of rules reading the pattern
 # Child names are "<name>-recal-<8 hex>" (Job, 63 max) and CronJob "<name>-recal" + 11 (52 max).
 MAX_NAME_LENGTH = 40
+# KubeRay validates RayService names as DNS-1035 labels (a Service is named after them): lower-case
+# letters, digits and '-', starting with a letter. The RayService is named after the resource.
+NAME_REGEX = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict:

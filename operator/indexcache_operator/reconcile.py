@@ -70,6 +70,9 @@ def operator_checks(spec: IndexCacheDeploymentSpec) -> list[tuple[str, str]]:
     return problems
 
 
+KUBERAY_VALIDATION_FAILED = "ValidationFailed"  # rayv1.RayServiceValidationFailed
+
+
 def rayservice_health(rs: dict | None) -> tuple[bool, str, str, int, int]:
     """(serving, reason, message, replicas, ready replicas) from what KubeRay reports."""
     if rs is None:
@@ -81,6 +84,13 @@ def rayservice_health(rs: dict | None) -> tuple[bool, str, str, int, int]:
     ready = int(cluster.get("readyWorkerReplicas") or 0)
     generation = rs.get("metadata", {}).get("generation")
     observed = st.get("observedGeneration")
+    # KubeRay refuses an invalid RayService with Ready=False reason ValidationFailed and writes no
+    # observedGeneration: without this check the resource would show RayServiceUpdating forever.
+    for cond in st.get("conditions") or []:
+        if (cond.get("type") == "Ready" and cond.get("reason") == KUBERAY_VALIDATION_FAILED
+                and cond.get("observedGeneration") in (None, generation)):
+            return (False, "RayServiceInvalid", f"KubeRay refused the RayService: {cond.get('message', '')}".strip(),
+                    replicas, ready)
     if observed is None or (generation is not None and observed != generation):
         return (False, "RayServiceUpdating",
                 f"KubeRay has not yet observed RayService generation {generation} (observed {observed})",
@@ -320,6 +330,10 @@ def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheD
         set_condition(status, "Ready", False, "ScaledToZero",
                       "spec.replicas is 0: no RayService runs; set replicas >= 1 to serve again", generation)
         status.phase = Phase.scaled_to_zero
+    elif reason == "RayServiceInvalid":  # nothing will come of waiting: say what to fix
+        set_condition(status, "Ready", False, reason, message, generation)
+        set_condition(status, "Degraded", True, reason, message, generation)
+        status.phase = Phase.degraded
     else:
         set_condition(status, "Ready", serving, reason, message, generation)
         status.phase = Phase.ready if serving else Phase.deploying

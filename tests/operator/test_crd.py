@@ -120,6 +120,9 @@ INVALID = [
     (_with("autoscaling", {"maxReplicas": 4}), "minReplicas"),
     (_with("autoscaling", {"minReplicas": 2, "maxReplicas": 4}), "replicas"),  # default 1 < min 2
     ({**VALID, "metadata": {"name": "a" * 41, "namespace": "serving"}}, "metadata.name"),
+    # KubeRay wants DNS-1035 RayService names (issue 19 item 6): these hung in RayServiceUpdating.
+    ({**VALID, "metadata": {"name": "chat.v2", "namespace": "serving"}}, "DNS-1035"),
+    ({**VALID, "metadata": {"name": "7b-chat", "namespace": "serving"}}, "DNS-1035"),
 ]
 
 

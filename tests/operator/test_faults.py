@@ -276,3 +276,21 @@ def test_4_children_are_not_patched_again_when_nothing_changed(api, operator, ki
               and c[1] not in (kit.PLURAL, "events")]
     assert writes == [], f"children written with nothing to change: {writes}"
     assert not [e for e in api.events() if e["reason"] == "Updated"]
+
+
+# ---- 6. names KubeRay refuses are refused up front, and KubeRay's refusal is surfaced ------------------
+
+def test_6_kuberay_validation_failure_is_surfaced_not_waited_on(api, operator, kit):
+    """KubeRay marks an invalid RayService Ready=False reason ValidationFailed without observedGeneration
+    (the CRD now refuses the names it refused; other validation errors still reach KubeRay)."""
+    api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME))
+    kit.wait_for(lambda: api.get(kit.k.RAYSERVICES, NAME), what="RayService")
+    api.kube.patch(kit.k.RAYSERVICES, kit.NS, NAME, {"status": {"conditions": [{
+        "type": "Ready", "status": "False", "reason": "ValidationFailed", "lastTransitionTime": "2026-11-29T00:00:00Z",
+        "message": "RayService name should be no more than 63 characters and a DNS-1035 label"}]}},
+        subresource="status")
+    body = kit.wait_for(lambda: (b := api.get(kit.ICDS, NAME))["status"].get("phase") == "Degraded" and b,
+                        what="Degraded")
+    ready, degraded = kit.condition(body, "Ready"), kit.condition(body, "Degraded")
+    assert (ready["status"], ready["reason"]) == ("False", "RayServiceInvalid")
+    assert degraded["status"] == "True" and "DNS-1035" in degraded["message"]
