@@ -98,14 +98,28 @@ def metadata(owner: Owner, name: str, component: str) -> dict:
 def user_config(spec: IndexCacheDeploymentSpec, pattern: str | None, pattern_version: int) -> dict:
     """Runtime knobs of IndexCacheServer, applied by reconfigure() without restarting replicas.
 
-    No pattern key means "the checkpoint's own index_topk_* config". gpu_hourly_usd is the price
-    of one replica's GPUs (docs/contracts.md): the per-GPU price times gpusPerReplica."""
+    `pattern` is what the operator resolved (a calibrated pattern, or the spec's, expanded from freq when
+    model.numLayers is given). Without one, spec.indexCache.freq/offset travel as they are and the replica
+    resolves them with its model's layer count; with neither, no key: the checkpoint's own index_topk_*
+    config. gpu_hourly_usd is the price of one replica's GPUs (docs/contracts.md): the per-GPU price
+    times gpusPerReplica."""
     config: dict = {"pattern_version": pattern_version,
                     "sample_rate": spec.traffic.sample_rate,
                     "gpu_hourly_usd": spec.cost.gpu_hourly_usd * spec.gpus_per_replica}
+    rule = pattern_rule(spec)
     if pattern:
         config = {"pattern": pattern, **config}
+    elif rule is not None:
+        config = {"freq": rule[0], "offset": rule[1], **config}
     return config
+
+
+def pattern_rule(spec: IndexCacheDeploymentSpec) -> tuple[int, int] | None:
+    """(freq, offset) the replica resolves itself: spec.indexCache.freq without model.numLayers."""
+    ic = spec.index_cache
+    if ic.pattern or ic.freq is None or spec.model.num_layers is not None:
+        return None
+    return ic.freq, ic.offset if ic.offset is not None else 2
 
 
 # Ray Serve's cap on the ingress replica sits this far above the app-wide limit, so that the ingress

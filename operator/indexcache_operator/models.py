@@ -42,8 +42,8 @@ class ModelSource(Wire):
                     "or s3://, gs://, hf://, pvc://, http(s):// URI) or `smollm2` for the bundled model.")
     num_layers: Optional[int] = Field(
         default=None, ge=1, le=1024,
-        description="Layers in the model. Needed with indexCache.freq; lets the operator refuse a "
-                    "pattern of the wrong length.")
+        description="Layers in the model (optional): lets the operator refuse a pattern of the wrong length "
+                    "and show indexCache.freq expanded in status; without it the replica resolves freq/offset.")
     served_model_name: Optional[str] = Field(
         default=None, min_length=1, max_length=253,
         description="Model name in the OpenAI API; defaults to the resource name.")
@@ -128,9 +128,6 @@ class Cost(Wire):
 
 class IndexCacheDeploymentSpec(Wire):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        cel("!has(self.indexCache) || !has(self.indexCache.freq) || has(self.model.numLayers)",
-            "indexCache.freq needs model.numLayers to expand into a per-layer pattern: set model.numLayers",
-            ".indexCache.freq"),
         cel("!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas"
             " && self.replicas <= self.autoscaling.maxReplicas)",
             "replicas must lie within autoscaling.minReplicas..autoscaling.maxReplicas",
@@ -221,6 +218,8 @@ class IndexCacheDeploymentStatus(Wire):
     phase: Optional[Phase] = None
     conditions: list[Condition] = Field(default_factory=list)
     pattern: Optional[str] = Field(default=None, description="The pattern the replicas run.")
+    pattern_rule: Optional[str] = Field(default=None, description="freq=F,offset=O when the replicas resolve "
+                                        "indexCache.freq themselves (model.numLayers not given).")
     pattern_version: int = Field(default=0, description="Bumped on every pattern change (user_config).")
     full_layers: Optional[int] = Field(default=None, description="F layers in the active pattern.")
     replicas: int = 0

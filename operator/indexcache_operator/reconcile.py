@@ -306,12 +306,15 @@ def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheD
                    f"pattern from Job {applied.job}")
         status.applied_calibration = applied = None
     pattern = applied.pattern if applied is not None else spec_pattern(spec)
-    if pattern != status.pattern:
+    rule = b.pattern_rule(spec) if pattern is None else None
+    rule_text = f"freq={rule[0]},offset={rule[1]}" if rule else None
+    if (pattern, rule_text) != (status.pattern, status.pattern_rule):
         status.pattern_version += 1
+        was = status.pattern or status.pattern_rule or "(checkpoint default)"
         ctx.events(body, "Normal", "PatternChanged",
-                   f"pattern {status.pattern or '(checkpoint default)'} -> {pattern or '(checkpoint default)'} "
+                   f"pattern {was} -> {pattern or rule_text or '(checkpoint default)'} "
                    f"(version {status.pattern_version})")
-        status.pattern = pattern
+        status.pattern, status.pattern_rule = pattern, rule_text
     status.full_layers = full_layers(pattern) if pattern else None
 
     token = (body["metadata"].get("annotations") or {}).get(RECALIBRATE_ANNOTATION)

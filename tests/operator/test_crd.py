@@ -102,7 +102,6 @@ INVALID = [
     (_with("indexCache", {"freq": 4, "offset": 0}), "indexCache.offset"),
     (_with("indexCache", {"pattern": "FFSS", "freq": 4}), "indexCache.pattern and indexCache.freq"),
     (_with("indexCache", {"offset": 2}), "indexCache.offset"),
-    ({**VALID, "spec": {"model": {"uri": "/m"}, "indexCache": {"freq": 4}}}, "indexCache.freq"),
     (_with("traffic.sampleRate", 1.5), "traffic.sampleRate"),
     (_with("traffic.sampleRate", -0.1), "traffic.sampleRate"),
     (_with("traffic.storageSize", "lots"), "traffic.storageSize"),
@@ -162,6 +161,13 @@ def test_documented_examples_are_accepted_and_parse_in_the_operator(validate):
         example.setdefault("metadata", {}).setdefault("namespace", "default")
         assert validate(example) == [], example["metadata"]["name"]
         IndexCacheDeploymentSpec.model_validate(example["spec"])  # the operator reads it too
+
+
+def test_freq_without_num_layers_is_accepted(validate):
+    """Users write `freq: 4` as in SGLang/vLLM; the replica knows the layer count (issue 19 item 12)."""
+    obj = copy.deepcopy(VALID)
+    obj["spec"] = {"model": {"uri": "/models/glm5"}, "indexCache": {"freq": 4, "offset": 3}}
+    assert validate(obj) == []
 
 
 def test_valid_spec_with_every_field_is_accepted(validate):
