@@ -310,10 +310,20 @@ def role_binding(owner: Owner) -> dict:
 
 def calibrate_args(spec: IndexCacheDeploymentSpec) -> list[str]:
     # $(VAR) is expanded by the kubelet from the container's env (below).
+    # --device cuda: the Job holds gpusPerReplica GPUs; the CLI's default is the CPU.
     return ["calibrate", "--model", spec.model.uri, "--samples", SAMPLES_DIR,
             "--target-full", str(spec.recalibration.target_full_fraction),
+            "--device", "cuda",
             "--out", f"{RESULTS_DIR}/result.json",
             "--report-configmap", "$(POD_NAMESPACE)/$(JOB_NAME)-result"]
+
+
+def job_resources(spec: IndexCacheDeploymentSpec, config: OperatorConfig) -> dict:
+    """The calibration Job loads the whole model on its GPUs, like a replica: a replica's CPU and memory
+    (requests, so the scheduler places it; memory also as the limit) and its GPUs."""
+    gpus = str(spec.gpus_per_replica)
+    return {"requests": {"cpu": config.worker_cpu, "memory": config.worker_memory, GPU_RESOURCE: gpus},
+            "limits": {"memory": config.worker_memory, GPU_RESOURCE: gpus}}
 
 
 def job_spec(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig) -> dict:
@@ -338,7 +348,7 @@ def job_spec(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfi
                             "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
                         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                     ],
-                    "resources": {"limits": {GPU_RESOURCE: str(spec.gpus_per_replica)}},
+                    "resources": job_resources(spec, config),
                     "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR, "readOnly": True},
                                      {"name": "results", "mountPath": RESULTS_DIR}],
                 }],

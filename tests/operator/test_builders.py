@@ -142,13 +142,29 @@ def test_recalibration_job_runs_the_calibrate_contract():
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] + container["args"] == [
         "indexcache", "calibrate", "--model", "/models/glm5", "--samples", "/samples", "--target-full", "0.25",
-        "--out", "/results/result.json", "--report-configmap", "$(POD_NAMESPACE)/$(JOB_NAME)-result"]
+        "--device", "cuda", "--out", "/results/result.json", "--report-configmap", "$(POD_NAMESPACE)/$(JOB_NAME)-result"]
     assert {e["name"] for e in container["env"]} == {"JOB_NAME", "POD_NAMESPACE"}
     assert job["spec"]["activeDeadlineSeconds"] == 900
     assert job["spec"]["template"]["spec"]["serviceAccountName"] == "chat-recalibration"
     # Deterministic: the same token names the same Job (a retry is "already exists").
     assert b.ondemand_job_name(OWNER, "tok") == job["metadata"]["name"] != b.ondemand_job_name(OWNER, "tok2")
     assert len(b.ondemand_job_name(b.Owner("a" * 40, "ns", "u"), "t")) <= 63
+
+
+def test_recalibration_job_runs_on_the_gpus_it_holds():
+    """Issue 19 item 8: the Job held GPUs but calibrated on the CPU (the CLI's default device) and asked
+    for no CPU or memory, so a node without room for the model could take it."""
+    job = b.ondemand_job(OWNER, spec(gpusPerReplica=4), CONFIG, "tok")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--device") + 1] == "cuda"
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    assert parse_quantity(requests["nvidia.com/gpu"]) == parse_quantity(limits["nvidia.com/gpu"]) == 4
+    assert parse_quantity(requests["cpu"]) == parse_quantity(CONFIG.worker_cpu)
+    assert parse_quantity(requests["memory"]) == parse_quantity(limits["memory"]) == parse_quantity(CONFIG.worker_memory)
+    # The scheduled runs are the same Job.
+    cron = b.recalibration_cronjob(OWNER, spec(gpusPerReplica=4, recalibration={"schedule": "@daily"}), CONFIG)
+    assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0] == container
 
 
 def test_cronjob_follows_schedule_and_suspend():

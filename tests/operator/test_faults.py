@@ -294,3 +294,16 @@ def test_6_kuberay_validation_failure_is_surfaced_not_waited_on(api, operator, k
     ready, degraded = kit.condition(body, "Ready"), kit.condition(body, "Degraded")
     assert (ready["status"], ready["reason"]) == ("False", "RayServiceInvalid")
     assert degraded["status"] == "True" and "DNS-1035" in degraded["message"]
+
+
+# ---- 8. the recalibration Job computes on the GPUs it holds ---------------------------------------------
+
+def test_8_the_job_created_on_kmock_calibrates_on_cuda_with_cpu_and_memory_requested(api, operator, kit):
+    _deploy_ready(api, kit, gpusPerReplica=2)
+    operator.wait_idle()
+    _annotate(api, kit, "gpu")
+    job = api.get(kit.k.JOBS, _job_for(api, kit, "gpu"))
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][container["args"].index("--device") + 1] == "cuda"
+    assert {"cpu", "memory", "nvidia.com/gpu"} <= set(container["resources"]["requests"])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"  # as the API server stores it
