@@ -20,6 +20,11 @@ SERVE_IMPORT_PATH = "indexcache.serve_app:build_app"  # docs/contracts.md
 SERVER_DEPLOYMENT = "IndexCacheServer"
 INGRESS_DEPLOYMENT = "OpenAIIngress"
 SERVE_PORT = 8000
+# Each IndexCacheServer replica serves its own /metrics on this port in its worker pod (app arg metrics_port):
+# the head's /metrics route answers for one replica picked at random. Outside Ray's ports (6379, 8265,
+# 10001, its metrics agent's 8080, workers 10002-19999).
+REPLICA_METRICS_PORT = 9095
+METRICS_PORT_NAME = "metrics"
 SAMPLES_DIR = "/samples"
 RESULTS_DIR = "/results"
 WORKER_GROUP = "gpu"
@@ -175,6 +180,7 @@ def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | No
                 "deployment": owner.name,
                 "max_ongoing_requests": spec.max_ongoing_requests,
                 "samples_dir": SAMPLES_DIR,
+                "metrics_port": REPLICA_METRICS_PORT,
             },
             "deployments": [
                 server,
@@ -231,6 +237,8 @@ def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorCon
             "spec": {"containers": [{
                 "name": "ray-worker",
                 "image": image,
+                # Scraped by the chart's serving PodMonitor: one target per replica.
+                "ports": [{"containerPort": REPLICA_METRICS_PORT, "name": METRICS_PORT_NAME}],
                 "resources": {
                     "requests": {"cpu": config.worker_cpu, "memory": config.worker_memory,
                                  GPU_RESOURCE: str(spec.gpus_per_replica)},

@@ -117,14 +117,29 @@ def test_service_and_servicemonitor_reach_the_operator_metrics_port(all_on_objec
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
-def test_serving_podmonitor_scrapes_ray_serve_pods_in_every_namespace(all_on_objects):
+def test_serving_podmonitor_scrapes_every_replica_in_every_namespace(all_on_objects):
+    """One target per serving replica (issue 19 item 9): the PodMonitor selects the replica pods the operator
+    builds, not the head (whose /metrics route answers for one random replica), on the port where each
+    replica serves its own metrics."""
+    from indexcache_operator import builders as b
+    from indexcache_operator.config import OperatorConfig
+    from indexcache_operator.models import IndexCacheDeploymentSpec
+
     pm = one(all_on_objects, "PodMonitor")
     assert pm["spec"]["namespaceSelector"] == {"any": True}
-    # The labels the operator puts on the serving pods of every IndexCacheDeployment (and nothing else's).
-    assert pm["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "indexcache-operator",
-                                                      "app.kubernetes.io/component": "serving"}}
     (endpoint,) = pm["spec"]["podMetricsEndpoints"]
-    assert endpoint == {"port": "serve", "path": "/metrics", "interval": "15s"}
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    spec = IndexCacheDeploymentSpec.model_validate({"model": {"uri": "smollm2"}, "replicas": 3})
+    rs = b.rayservice(b.Owner("chat", "serving", "u"), spec, OperatorConfig(), None, 1)
+    cluster = rs["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]
+    (workers,) = cluster["workerGroupSpecs"]
+    selector = pm["spec"]["selector"]["matchLabels"]
+    assert _matches(selector, workers["template"]["metadata"]["labels"]), "the PodMonitor selects no replica pod"
+    assert not _matches(selector, head["metadata"]["labels"]), "the PodMonitor also scrapes the head"
+    ports = {p["name"]: p["containerPort"] for p in workers["template"]["spec"]["containers"][0]["ports"]}
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    assert ports[endpoint["port"]] == app["args"]["metrics_port"], "replicas serve metrics where it scrapes"
 
 
 def test_prometheusrule_carries_the_generated_alerts_verbatim(all_on_objects, tmp_path):
