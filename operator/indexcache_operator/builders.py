@@ -9,11 +9,12 @@ import hashlib
 from dataclasses import dataclass
 
 import yaml
+from kubernetes.utils import parse_quantity
 
 from indexcache_operator import (API_VERSION, COMPONENT_LABEL, DEPLOYMENT_LABEL, KIND, MANAGED_BY,
                                  MANAGED_BY_LABEL)
 from indexcache_operator.config import OperatorConfig
-from indexcache_operator.models import IndexCacheDeploymentSpec
+from indexcache_operator.models import IndexCacheDeploymentSpec, PodSettings
 
 SERVE_APP_NAME = "indexcache"
 SERVE_IMPORT_PATH = "indexcache.serve_app:build_app"  # docs/contracts.md
@@ -200,32 +201,101 @@ def _samples_volume(owner: Owner, read_only: bool) -> dict:
                                                          "readOnly": read_only}}
 
 
+# ---- pods: security, scheduling, environment -------------------------------------------------
+
+# PodSecurity "restricted" (namespaces may enforce it): non-root, no privilege escalation, no
+# capabilities, the runtime's seccomp profile. The serving image runs as this user (docker/serving.Dockerfile).
+SERVING_UID = 1000
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": SERVING_UID, "runAsGroup": SERVING_UID, "fsGroup": SERVING_UID,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _quantity(value) -> str:
+    return str(value)
+
+
+def merged_resources(defaults: dict, settings: PodSettings, gpus: int | None = None) -> dict:
+    """The user's requests/limits over the operator's defaults, per resource. A request the user raises
+    above a default limit (or a limit lowered below a default request) moves the other with it, so the
+    result is always valid; GPUs always come from gpusPerReplica."""
+    requests = dict(defaults.get("requests", {}))
+    limits = dict(defaults.get("limits", {}))
+    user = settings.resources
+    if user is not None:
+        for name, value in user.requests.items():
+            requests[name] = _quantity(value)
+            if name not in user.limits and name in limits and parse_quantity(limits[name]) < parse_quantity(value):
+                limits[name] = _quantity(value)
+        for name, value in user.limits.items():
+            limits[name] = _quantity(value)
+            if name not in user.requests and name in requests and parse_quantity(requests[name]) > parse_quantity(value):
+                requests[name] = _quantity(value)
+    if gpus is not None:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def pod_spec(spec: IndexCacheDeploymentSpec, settings: PodSettings, container: dict, volumes: list[dict],
+             **pod_fields) -> dict:
+    """A pod spec with one main container: restricted security context, the user's scheduling settings
+    (nodeSelector, tolerations), environment and the deployment's image pull secrets."""
+    container = {**container, "securityContext": dict(CONTAINER_SECURITY)}
+    if settings.env:
+        container["env"] = container.get("env", []) + [e.model_dump(by_alias=True, exclude_none=True)
+                                                       for e in settings.env]
+    pod: dict = {**pod_fields, "securityContext": dict(POD_SECURITY), "containers": [container], "volumes": volumes}
+    if settings.node_selector:
+        pod["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in settings.tolerations]
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": r.name} for r in spec.image_pull_secrets]
+    return pod
+
+
 def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig,
                pattern: str | None, pattern_version: int) -> dict:
     image = spec.image or config.serving_image
     pod_labels = labels(owner, "serving")
+    head_container = {
+        "name": "ray-head",
+        "image": image,
+        "ports": [{"containerPort": 6379, "name": "gcs"},
+                  {"containerPort": 8265, "name": "dashboard"},
+                  {"containerPort": 10001, "name": "client"},
+                  {"containerPort": SERVE_PORT, "name": "serve"}],
+        "resources": merged_resources({"requests": {"cpu": config.head_cpu, "memory": config.head_memory},
+                                       "limits": {"cpu": config.head_cpu, "memory": config.head_memory}}, spec.head),
+        "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}],
+    }
     head = {
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
         "template": {
             "metadata": {"labels": {**pod_labels, ROLE_LABEL: "head"}},
-            "spec": {"containers": [{
-                "name": "ray-head",
-                "image": image,
-                "ports": [{"containerPort": 6379, "name": "gcs"},
-                          {"containerPort": 8265, "name": "dashboard"},
-                          {"containerPort": 10001, "name": "client"},
-                          {"containerPort": SERVE_PORT, "name": "serve"}],
-                "resources": {"requests": {"cpu": config.head_cpu, "memory": config.head_memory},
-                              "limits": {"cpu": config.head_cpu, "memory": config.head_memory}},
-                "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}],
-            }],
-                "volumes": [_samples_volume(owner, read_only=False)]},
+            "spec": pod_spec(spec, spec.head, head_container, [_samples_volume(owner, read_only=False)]),
         },
     }
     if spec.autoscaling is None:
         min_workers = max_workers = spec.replicas
     else:
         min_workers, max_workers = spec.autoscaling.min_replicas, spec.autoscaling.max_replicas
+    worker_container = {
+        "name": "ray-worker",
+        "image": image,
+        # Scraped by the chart's serving PodMonitor: one target per replica.
+        "ports": [{"containerPort": REPLICA_METRICS_PORT, "name": METRICS_PORT_NAME}],
+        "resources": merged_resources({"requests": {"cpu": config.worker_cpu, "memory": config.worker_memory},
+                                       "limits": {"cpu": config.worker_cpu, "memory": config.worker_memory}},
+                                      spec.workers, gpus=spec.gpus_per_replica),
+        # The traffic sampler in each replica appends to the shared samples volume.
+        "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}],
+    }
     worker = {
         "groupName": WORKER_GROUP,
         "replicas": spec.replicas,
@@ -234,21 +304,7 @@ def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorCon
         "rayStartParams": {},
         "template": {
             "metadata": {"labels": {**pod_labels, ROLE_LABEL: "replica"}},
-            "spec": {"containers": [{
-                "name": "ray-worker",
-                "image": image,
-                # Scraped by the chart's serving PodMonitor: one target per replica.
-                "ports": [{"containerPort": REPLICA_METRICS_PORT, "name": METRICS_PORT_NAME}],
-                "resources": {
-                    "requests": {"cpu": config.worker_cpu, "memory": config.worker_memory,
-                                 GPU_RESOURCE: str(spec.gpus_per_replica)},
-                    "limits": {"cpu": config.worker_cpu, "memory": config.worker_memory,
-                               GPU_RESOURCE: str(spec.gpus_per_replica)},
-                },
-                # The traffic sampler in each replica appends to the shared samples volume.
-                "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}],
-            }],
-                "volumes": [_samples_volume(owner, read_only=False)]},
+            "spec": pod_spec(spec, spec.workers, worker_container, [_samples_volume(owner, read_only=False)]),
         },
     }
     return {
@@ -328,10 +384,11 @@ def calibrate_args(spec: IndexCacheDeploymentSpec) -> list[str]:
 
 def job_resources(spec: IndexCacheDeploymentSpec, config: OperatorConfig) -> dict:
     """The calibration Job loads the whole model on its GPUs, like a replica: a replica's CPU and memory
-    (requests, so the scheduler places it; memory also as the limit) and its GPUs."""
-    gpus = str(spec.gpus_per_replica)
-    return {"requests": {"cpu": config.worker_cpu, "memory": config.worker_memory, GPU_RESOURCE: gpus},
-            "limits": {"memory": config.worker_memory, GPU_RESOURCE: gpus}}
+    (requests, so the scheduler places it; memory also as the limit) and its GPUs; then
+    spec.recalibration.job.resources over that."""
+    return merged_resources({"requests": {"cpu": config.worker_cpu, "memory": config.worker_memory},
+                             "limits": {"memory": config.worker_memory}}, spec.recalibration.job,
+                            gpus=spec.gpus_per_replica)
 
 
 def job_spec(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig) -> dict:
@@ -343,25 +400,21 @@ def job_spec(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfi
         "ttlSecondsAfterFinished": config.job_ttl_seconds,
         "template": {
             "metadata": {"labels": labels(owner, "recalibration")},
-            "spec": {
-                "serviceAccountName": recalibration_account_name(owner),
-                "restartPolicy": "Never",
-                "containers": [{
-                    "name": "calibrate",
-                    "image": spec.image or config.serving_image,
-                    "command": ["indexcache"],
-                    "args": calibrate_args(spec),
-                    "env": [
-                        {"name": "JOB_NAME", "valueFrom": {"fieldRef": {
-                            "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
-                        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                    ],
-                    "resources": job_resources(spec, config),
-                    "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR, "readOnly": True},
-                                     {"name": "results", "mountPath": RESULTS_DIR}],
-                }],
-                "volumes": [_samples_volume(owner, read_only=True), {"name": "results", "emptyDir": {}}],
-            },
+            "spec": pod_spec(spec, spec.recalibration.job, {
+                "name": "calibrate",
+                "image": spec.image or config.serving_image,
+                "command": ["indexcache"],
+                "args": calibrate_args(spec),
+                "env": [
+                    {"name": "JOB_NAME", "valueFrom": {"fieldRef": {
+                        "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
+                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                ],
+                "resources": job_resources(spec, config),
+                "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR, "readOnly": True},
+                                 {"name": "results", "mountPath": RESULTS_DIR}],
+            }, [_samples_volume(owner, read_only=True), {"name": "results", "emptyDir": {}}],
+                serviceAccountName=recalibration_account_name(owner), restartPolicy="Never"),
         },
     }
 

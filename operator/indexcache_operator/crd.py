@@ -52,7 +52,9 @@ def _structural(node: Any, defs: dict) -> Any:
         return node
     node = dict(node)
     any_of = node.pop("anyOf", None)
-    if any_of is not None:  # Optional[X] -> X (absent means unset; Kubernetes has no null here)
+    if any_of is not None and node.get("x-kubernetes-int-or-string"):
+        node["anyOf"] = any_of  # the one anyOf a structural schema allows: [integer, string]
+    elif any_of is not None:  # Optional[X] -> X (absent means unset; Kubernetes has no null here)
         non_null = [s for s in any_of if s.get("type") != "null"]
         if len(non_null) != 1:
             raise ValueError(f"cannot express anyOf {any_of} in a structural schema")
@@ -74,7 +76,11 @@ def _structural(node: Any, defs: dict) -> Any:
         node["type"] = "string"
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in _DROP or key == "$defs" or key == "additionalProperties":
+        if key in _DROP or key == "$defs":
+            continue
+        if key == "additionalProperties":  # a map's value schema stays; true/false (closed models) go
+            if isinstance(value, dict):
+                out[key] = _structural(value, defs)
             continue
         if key == "properties":
             out[key] = {name: _structural(sub, defs) for name, sub in value.items()}

@@ -21,8 +21,8 @@ from indexcache_operator import kube as k
 from indexcache_operator import mergepatch
 from indexcache_operator import recalibration as recal
 from indexcache_operator.context import Context, EventSink, ReconcileError, count_error, now  # noqa: F401
-from indexcache_operator.models import (Condition, Decision, IndexCacheDeploymentSpec, IndexCacheDeploymentStatus,
-                                        Phase)
+from indexcache_operator.models import (RESERVED_ENV, Condition, Decision, IndexCacheDeploymentSpec,
+                                        IndexCacheDeploymentStatus, Phase, PodSettings)
 from indexcache_operator.patterns import full_layers, pattern_from_freq, pattern_problem
 from indexcache_operator.recalibration import gate, job_outcome  # noqa: F401  (re-exported)
 
@@ -51,6 +51,26 @@ def calibration_basis(spec: IndexCacheDeploymentSpec) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def pod_settings_problems(where: str, settings: PodSettings, reserved_env: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Quantities that are not quantities, GPUs asked for outside gpusPerReplica, env the operator sets."""
+    problems = []
+    for part in ("requests", "limits"):
+        for name, value in (getattr(settings.resources, part) if settings.resources else {}).items():
+            field = f"{where}.resources.{part}.{name}"
+            if name == b.GPU_RESOURCE:
+                problems.append(("InvalidResources", f"{field}: GPUs come from spec.gpusPerReplica; remove it"))
+                continue
+            try:
+                parse_quantity(str(value))
+            except ValueError:
+                problems.append(("InvalidResources", f"{field}: {value!r} is not a Kubernetes quantity "
+                                 "(e.g. 8, 500m, 64Gi)"))
+    for var in settings.env:
+        if var.name in reserved_env:
+            problems.append(("InvalidEnv", f"{where}.env: {var.name} is set by the operator; use another name"))
+    return problems
+
+
 def operator_checks(spec: IndexCacheDeploymentSpec) -> list[tuple[str, str]]:
     """What the CRD schema cannot check: (reason, message) for each problem."""
     problems = []
@@ -58,6 +78,8 @@ def operator_checks(spec: IndexCacheDeploymentSpec) -> list[tuple[str, str]]:
         why = pattern_problem(spec.index_cache.pattern, spec.model.num_layers)
         if why:
             problems.append(("PatternLengthMismatch", f"spec.indexCache.{why}"))
+    for where, settings in (("head", spec.head), ("workers", spec.workers), ("recalibration.job", spec.recalibration.job)):
+        problems += pod_settings_problems(f"spec.{where}", settings, reserved_env=RESERVED_ENV if where == "recalibration.job" else ())
     if spec.recalibration.schedule:
         try:
             from croniter import croniter

@@ -12,7 +12,8 @@ from chart_helpers import ALL_ON_VALUES, CHART, ROOT, by_kind, one, render, run_
 
 from dashboards import alerts
 
-K8S_VERSION = "1.33.0"
+# The oldest Kubernetes the chart supports and the newest kubernetes-validate ships.
+K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
@@ -48,14 +49,15 @@ def test_all_on_renders_every_optional_part(all_on_objects):
     assert PROMETHEUS_OPERATOR_KINDS <= kinds
 
 
+@pytest.mark.parametrize("k8s", K8S_VERSIONS)
 @pytest.mark.parametrize("fixture", ["default_objects", "all_on_objects"])
-def test_rendered_builtin_objects_are_valid_kubernetes(fixture, request):
+def test_rendered_builtin_objects_are_valid_kubernetes(fixture, k8s, request):
     objects = request.getfixturevalue(fixture)
     builtins = [o for o in objects if o["kind"] not in PROMETHEUS_OPERATOR_KINDS]
     assert builtins
     for obj in builtins:
         try:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(obj, k8s, strict=True)
         except kubernetes_validate.ValidationError as err:
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {err.message} at {list(err.path)}")
 

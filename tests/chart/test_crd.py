@@ -56,8 +56,9 @@ def test_helm_uninstall_keeps_the_crd_and_so_the_users_deployments(chart_crd):
     assert chart_crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
 
 
-def test_chart_crd_is_a_valid_customresourcedefinition(chart_crd):
-    kubernetes_validate.validate(chart_crd, "1.33.0", strict=True)
+@pytest.mark.parametrize("k8s", ["1.28.0", kubernetes_validate.latest_version()])
+def test_chart_crd_is_a_valid_customresourcedefinition(chart_crd, k8s):
+    kubernetes_validate.validate(chart_crd, k8s, strict=True)
     (version,) = chart_crd["spec"]["versions"]
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert chart_crd["spec"]["names"]["shortNames"] == ["icd"]

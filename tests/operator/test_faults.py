@@ -3,9 +3,13 @@
 of issue 19, numbered as there; each failed on the code before its fix."""
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # pod_security
 
 NAME = "chat"
 
@@ -307,3 +311,29 @@ def test_8_the_job_created_on_kmock_calibrates_on_cuda_with_cpu_and_memory_reque
     assert container["args"][container["args"].index("--device") + 1] == "cuda"
     assert {"cpu", "memory", "nvidia.com/gpu"} <= set(container["resources"]["requests"])
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"  # as the API server stores it
+
+
+# ---- 11. generated pods pass PodSecurity "restricted"; scheduling settings reach them ------------------
+
+def test_11_pods_on_kmock_are_restricted_and_scheduled_as_the_spec_says(api, operator, kit):
+    from pod_security import restricted_violations
+    spec = {"imagePullSecrets": [{"name": "regcred"}],
+            "workers": {"nodeSelector": {"pool": "h200"}, "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+            "recalibration": {"job": {"nodeSelector": {"pool": "h200"}, "env": [{"name": "X", "value": "1"}]}}}
+    _deploy_ready(api, kit, **spec)
+    operator.wait_idle()
+    _annotate(api, kit, "pods")
+    job = api.get(kit.k.JOBS, _job_for(api, kit, "pods"))["spec"]["template"]["spec"]
+    cluster = api.get(kit.k.RAYSERVICES, NAME)["spec"]["rayClusterConfig"]
+    head, worker = cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]
+    for pod in (head, worker, job):
+        assert restricted_violations(pod) == []
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert worker["nodeSelector"] == job["nodeSelector"] == {"pool": "h200"} and "nodeSelector" not in head
+    assert worker["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert {"name": "X", "value": "1"} in job["containers"][0]["env"]
+    # A bad setting degrades the resource, naming the field, and leaves the children alone.
+    api.kube.patch(kit.ICDS, kit.NS, NAME, {"spec": {"workers": {"resources": {"limits": {"memory": "lots"}}}}})
+    degraded = kit.wait_for(lambda: (c := kit.condition(api.get(kit.ICDS, NAME), "Degraded")).get("status") == "True"
+                            and c, what="Degraded")
+    assert "spec.workers.resources.limits.memory" in degraded["message"]
