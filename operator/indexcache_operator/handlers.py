@@ -14,7 +14,7 @@ from indexcache_operator import (COMPONENT_LABEL, DEPLOYMENT_LABEL, GROUP, MANAG
                                  PLURAL, RECALIBRATE_ANNOTATION, VERSION)
 from indexcache_operator import kube as k
 from indexcache_operator import metrics as m
-from indexcache_operator import resync
+from indexcache_operator import peering, resync
 from indexcache_operator.config import OperatorConfig
 from indexcache_operator.context import count_error
 from indexcache_operator.reconcile import Context, ReconcileError, delete_children, reconcile, record_job
@@ -51,12 +51,35 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
                        events=_post_event)
     memo.known = resync.KnownDeployments()
     memo.health = resync.ResyncHealth(config.health_grace)
+    memo.peering = None
+    if settings.peering.mandatory and not settings.peering.standalone:  # kopf run --peering NAME
+        settings.peering.priority = settings.peering.priority or peering.random_priority()
+        settings.peering.lifetime = config.peering_lifetime_seconds
+        settings.peering.stealth = True  # no log line per keep-alive
+        memo.peering = peering.Peering(settings.peering.name, settings.peering.priority,
+                                       clusterwide=settings.peering.clusterwide, namespaces=config.namespaces)
+        await asyncio.to_thread(memo.peering.ensure_objects, memo.ctx.kube)
+        memo.ctx.metrics.active.set(0)  # kopf starts a peer paused; the resync checks who is active
     memo.metrics_runner = None
     if config.metrics_port:
         memo.metrics_runner = await m.serve(memo.ctx.metrics, config.metrics_port, problem=memo.health.problem)
     memo.resync_task = memo.health.task = asyncio.create_task(
-        resync.run(memo.ctx, memo.known, memo.health, reconcile), name="indexcache resync")
-    log.info("indexcache-operator started: %s", config)
+        resync.run(memo.ctx, memo.known, memo.health, reconcile, active=_active_check(memo)), name="indexcache resync")
+    log.info("indexcache-operator started: %s; peering: %s", config,
+             f"{settings.peering.name} (priority {settings.peering.priority})" if memo.peering else "standalone")
+
+
+def _active_check(memo: kopf.Memo):
+    """For the resync: whether this replica is the active one (kopf pauses a standby's watches, not our
+    tasks). Standalone: always. Asking the API server fails like any call: the pass fails and retries."""
+    if memo.peering is None:
+        return None
+
+    async def active() -> bool:
+        is_active = await asyncio.to_thread(memo.peering.active, memo.ctx.kube)
+        memo.ctx.metrics.active.set(1 if is_active else 0)
+        return is_active
+    return active
 
 
 @kopf.on.cleanup()

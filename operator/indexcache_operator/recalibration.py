@@ -137,8 +137,9 @@ def fold_finished_runs(ctx: Context, body: dict, spec: IndexCacheDeploymentSpec,
         if run.result == "Succeeded":
             decision, why = gate(spec, run.loss_delta)
             run.decision, run.reason = decision, why
-            ctx.metrics.gate_decisions.labels(ns, name, decision.value.lower()).inc()
-            ctx.metrics.loss_delta.labels(ns, name).set(run.loss_delta)
+            delta = run.loss_delta
+            ctx.defer(lambda d=decision.value.lower(): ctx.metrics.gate_decisions.labels(ns, name, d).inc())
+            ctx.defer(lambda: ctx.metrics.loss_delta.labels(ns, name).set(delta))
             if decision == Decision.applied:
                 status.applied_calibration = AppliedCalibration(pattern=run.pattern, job=job_name,
                                                                 run_id=run.run_id, basis=basis)
@@ -147,9 +148,9 @@ def fold_finished_runs(ctx: Context, body: dict, spec: IndexCacheDeploymentSpec,
             else:
                 rec.recommended_pattern = run.pattern
                 ctx.events(body, "Normal", "RecalibrationNotApplied", f"Job {job_name}: {why}")
-            ctx.metrics.recalibrations.labels(ns, name, "succeeded").inc()
+            ctx.defer(lambda: ctx.metrics.recalibrations.labels(ns, name, "succeeded").inc())
         else:
-            ctx.metrics.recalibrations.labels(ns, name, "failed").inc()
+            ctx.defer(lambda: ctx.metrics.recalibrations.labels(ns, name, "failed").inc())
             ctx.events(body, "Warning", "RecalibrationFailed",
                        f"Job {job_name} failed ({run.reason}); keeping pattern {status.pattern}")
         rec.last = run

@@ -20,7 +20,8 @@ from indexcache_operator import builders as b
 from indexcache_operator import kube as k
 from indexcache_operator import mergepatch
 from indexcache_operator import recalibration as recal
-from indexcache_operator.context import Context, EventSink, ReconcileError, count_error, now  # noqa: F401
+from indexcache_operator.context import (Context, EventSink, ReconcileError, StatusConflict,  # noqa: F401
+                                         count_error, now)
 from indexcache_operator.models import (RESERVED_ENV, Condition, Decision, IndexCacheDeploymentSpec,
                                         IndexCacheDeploymentStatus, Phase, PodSettings)
 from indexcache_operator.patterns import full_layers, pattern_from_freq, pattern_problem
@@ -238,16 +239,32 @@ def ensure_children(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDe
 
 # ---- the reconcile --------------------------------------------------------------------------
 
+# Status writes carry the resourceVersion read (optimistic concurrency, as controller-runtime's Update): a
+# conflicting writer (a second operator during a hand-over, a user's edit) makes us redo the reconcile.
+STATUS_ATTEMPTS = 4
+
+
 def reconcile(ctx: Context, namespace: str, name: str) -> dict | None:
     """Bring the world in line with the resource; returns the status written (None if gone)."""
     with ctx.lock(namespace, name):
-        try:
-            body = ctx.kube.get(ICDS, namespace, name)
-        except k.KubeError as e:
-            raise ReconcileError(str(e), e.status) from e
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return None
-        return _reconcile_locked(ctx, body)
+        for _ in range(STATUS_ATTEMPTS):
+            try:
+                body = ctx.kube.get(ICDS, namespace, name)
+            except k.KubeError as e:
+                raise ReconcileError(str(e), e.status) from e
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            attempt = ctx.attempt()
+            try:
+                written = _reconcile_locked(attempt, body)
+            except StatusConflict:
+                continue  # another writer got in between: drop this attempt's events, redo on fresh data
+            except ReconcileError:
+                attempt.commit()  # what was done before the failure happened: say so
+                raise
+            attempt.commit()
+            return written
+        raise ReconcileError(f"the status of {namespace}/{name} kept changing under {STATUS_ATTEMPTS} attempts", 409)
 
 
 def _validation_message(err: pydantic.ValidationError) -> str:
@@ -299,18 +316,23 @@ def _reconcile_locked(ctx: Context, body: dict) -> dict:
         set_condition(status, "Reconciled", False, error_reason, str(e)[:1000], generation)
         ctx.events(body, "Warning", "ReconcileFailed", str(e)[:1000])
         try:  # say so in status if the API server lets us; the error itself is what the caller needs
-            _write_status(ctx, ns, name, before, status)
-        except k.KubeError as write_error:
+            _write_status(ctx, body, status)
+        except (k.KubeError, StatusConflict) as write_error:
             log.warning("could not write the status of %s/%s after an error: %s", ns, name, write_error)
         ctx.metrics.errors.labels(ns, name, error_reason).inc()
         ctx.metrics.reconciles.labels(ns, name, result).inc()
         raise ReconcileError(str(e), e.status) from e
     finally:
         ctx.metrics.duration.labels(ns, name).observe(time.monotonic() - started)
+    try:
+        written = _write_status(ctx, body, status)
+    except k.KubeError as e:
+        ctx.metrics.errors.labels(ns, name, f"Api{e.status}").inc()
+        ctx.metrics.reconciles.labels(ns, name, "error").inc()
+        raise ReconcileError(str(e), e.status) from e
     if error_reason:
         ctx.metrics.errors.labels(ns, name, error_reason).inc()
     ctx.metrics.reconciles.labels(ns, name, result).inc()
-    written = _write_status(ctx, ns, name, before, status)
     ctx.metrics.observe_status(ns, name, spec_replicas, written)
     return written
 
@@ -384,12 +406,22 @@ def _set_calibrated(status: IndexCacheDeploymentStatus, generation: int | None) 
     set_condition(status, "Calibrated", applied is not None, reason, message, generation)
 
 
-def _write_status(ctx: Context, ns: str, name: str, before: dict, status: IndexCacheDeploymentStatus) -> dict:
+def _write_status(ctx: Context, body: dict, status: IndexCacheDeploymentStatus) -> dict:
     """Write `status` as a whole: a merge patch that also removes every key it no longer has, at any depth
-    (a failed run must not keep the previous run's pattern, an applied one no stale recommendation)."""
+    (a failed run must not keep the previous run's pattern, an applied one no stale recommendation), on
+    the condition that the resource is still the version `body` was read at (StatusConflict if not)."""
+    meta = body["metadata"]
+    before = body.get("status") or {}
     after = status.model_dump(by_alias=True, exclude_none=True, mode="json")
     if after != before:
-        ctx.kube.patch(ICDS, ns, name, {"status": mergepatch.diff(before, after)}, subresource="status")
+        patch = {"metadata": {"resourceVersion": meta.get("resourceVersion")},
+                 "status": mergepatch.diff(before, after)}
+        try:
+            ctx.kube.patch(ICDS, meta["namespace"], meta["name"], patch, subresource="status")
+        except k.KubeError as e:
+            if e.status == 409:
+                raise StatusConflict(str(e)) from e
+            raise
     return after
 
 

@@ -38,8 +38,8 @@ def test_typo_or_bad_value_fails_lint_naming_the_key(helm, setting, named):
 
 def test_default_install_renders_operator_rbac_and_dashboards_only(default_objects):
     kinds = sorted(o["kind"] for o in default_objects if o["kind"] != "CustomResourceDefinition")
-    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"]
-                           + ["ConfigMap"] * 4)
+    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment",
+                            "PodDisruptionBudget"] + ["ConfigMap"] * 4)
     # The monitoring.coreos.com objects would fail to install on a cluster without the Prometheus Operator.
     assert not PROMETHEUS_OPERATOR_KINDS & {o["kind"] for o in default_objects}
 
@@ -62,11 +62,20 @@ def test_rendered_builtin_objects_are_valid_kubernetes(fixture, k8s, request):
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {err.message} at {list(err.path)}")
 
 
-def test_operator_deployment_is_single_hardened_and_probed(all_on_objects):
+def test_operator_deployment_is_highly_available_hardened_and_probed(all_on_objects):
+    """Two replicas by default (issue 19 item 10): kopf peering keeps one active, a rolling upgrade adds a
+    peer before removing one, and a PodDisruptionBudget keeps one through node drains."""
     dep = one(all_on_objects, "Deployment")
     spec = dep["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}  # never two operators during an upgrade
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pdb = one(all_on_objects, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert _matches(pdb["spec"]["selector"]["matchLabels"], spec["template"]["metadata"]["labels"])
+    peering_env = {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}
+    assert peering_env["INDEXCACHE_OPERATOR_PEERING"] == "indexcache-operator"
+    crds = {c["metadata"]["name"] for c in by_kind(all_on_objects, "CustomResourceDefinition")}
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
@@ -91,6 +100,35 @@ def test_operator_deployment_is_single_hardened_and_probed(all_on_objects):
     assert pod["serviceAccountName"] == one(all_on_objects, "ServiceAccount")["metadata"]["name"]
     assert pod["imagePullSecrets"] == [{"name": "ghcr-pull"}]
     assert pod["tolerations"][0]["key"] == "dedicated"
+
+
+def test_one_replica_is_standalone_without_peering_or_pdb(helm):
+    objs = render(helm, "--set", "replicas=1")
+    spec = one(objs, "Deployment")["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}  # never two during an upgrade
+    env = {e["name"] for e in spec["template"]["spec"]["containers"][0]["env"]}
+    assert "INDEXCACHE_OPERATOR_PEERING" not in env
+    assert not by_kind(objs, "PodDisruptionBudget")
+    assert [c["metadata"]["name"] for c in by_kind(objs, "CustomResourceDefinition")] == [
+        "indexcachedeployments.indexcache.io"]
+    assert not [r for r in one(objs, "ClusterRole")["rules"] if "kopf.dev" in r["apiGroups"]]
+
+
+def test_operator_args_and_log_format_take_effect(all_on_objects, capfd):
+    """operator.args and INDEXCACHE_LOG_FORMAT reach the operator's CLI (they were silently ignored)."""
+    from indexcache_operator.__main__ import configure_logging, parse
+    (container,) = one(all_on_objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    options = parse(container["args"], env)
+    assert (options.log_level, options.log_format, options.peering) == ("DEBUG", "json", "indexcache-operator")
+    configure_logging(options)
+    try:
+        import logging
+        logging.getLogger("indexcache_operator.test").info("hello from the chart's settings")
+        line = capfd.readouterr().err.strip().splitlines()[-1]
+        assert json.loads(line)["message"] == "hello from the chart's settings"
+    finally:
+        configure_logging(parse([], {}))
 
 
 def test_default_image_tag_is_the_app_version(default_objects, helm):

@@ -78,11 +78,20 @@ def _scenario(api: kh.ApiServer, operator: kh.OperatorProcess) -> None:
     operator.wait_idle()
 
 
+def _kopf_args(deployment: dict) -> tuple[str, ...]:
+    """How the chart's Deployment runs the operator, as kopf arguments: peering when it sets
+    INDEXCACHE_OPERATOR_PEERING (replicas > 1), else standalone; all namespaces."""
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    peering = env.get("INDEXCACHE_OPERATOR_PEERING")
+    return ("-A", "--peering", peering) if peering else ("-A", "--standalone")
+
+
 @pytest.fixture(scope="module")
-def operator_calls(tmp_path_factory) -> set[tuple[str, str, str]]:
+def operator_calls(tmp_path_factory, default_objects) -> set[tuple[str, str, str]]:
     api = kh.ApiServer(tmp_path_factory.mktemp("rbac"))
     env = pytest.MonkeyPatch()
-    operator = kh.OperatorProcess(api, env)
+    operator = kh.OperatorProcess(api, env, kopf_args=_kopf_args(one(default_objects, "Deployment")))
     try:
         operator.start()
         _scenario(api, operator)
@@ -110,6 +119,8 @@ def test_the_scenario_reached_every_kind_and_verb_it_must(operator_calls):
     assert ("rbac.authorization.k8s.io", "roles", "delete") in operator_calls
     assert ("rbac.authorization.k8s.io", "rolebindings", "delete") in operator_calls
     assert ("batch", "jobs", "patch") in operator_calls
+    # The chart runs two replicas with peering: kopf's keep-alives and the operator creating the object.
+    assert {("kopf.dev", "clusterkopfpeerings", v) for v in ("create", "patch", "watch")} <= operator_calls
 
 
 def test_clusterrole_grants_nothing_beyond_operator_calls(default_objects, operator_calls):

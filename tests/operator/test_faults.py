@@ -337,3 +337,48 @@ def test_11_pods_on_kmock_are_restricted_and_scheduled_as_the_spec_says(api, ope
     degraded = kit.wait_for(lambda: (c := kit.condition(api.get(kit.ICDS, NAME), "Degraded")).get("status") == "True"
                             and c, what="Degraded")
     assert "spec.workers.resources.limits.memory" in degraded["message"]
+
+
+# ---- 10. two operators at once: one works, the other stands by and takes over; status writes are
+# conditional on the resourceVersion read ------------------------------------------------------------------
+
+def test_10_status_writes_carry_the_resource_version_and_a_conflict_is_redone(api, operator, kit):
+    _deploy_ready(api, kit)
+    operator.wait_idle()
+    conflict = api.inject("patch", kit.PLURAL, 409, name=NAME, subresource="status", times=1)
+    api.kube.patch(kit.ICDS, kit.NS, NAME, {"spec": {"indexCache": {"pattern": "FSSSFSSS"}}})
+    kit.wait_for(lambda: _status(api, kit).get("pattern") == "FSSSFSSS", timeout=5, what="the redone write")
+    assert conflict.hits == 1
+    status_patches = [body for (c, body) in api.writes(kit.PLURAL, "patch") if c[5] == "status"]
+    assert status_patches and all(body["metadata"]["resourceVersion"] for body in status_patches)
+    assert _status(api, kit)["patternVersion"] == 2  # the lost attempt's bump was not kept twice
+
+
+PEERS = {"INDEXCACHE_OPERATOR_RESYNC_SECONDS": "1", "INDEXCACHE_OPERATOR_PEERING_LIFETIME": "4"}
+
+
+def test_10_two_operators_one_active_the_other_takes_over(api, make_operator, kit):
+    k = kit.k
+    peering = ("-A", "--peering", "indexcache-operator")
+    first, second = make_operator(peering, **PEERS), make_operator(peering, **PEERS)
+    first.start()
+    second.start()
+    # The peers find each other within a resync period (the gauge is set by each replica's check).
+    kit.wait_for(lambda: sorted([first.metric("indexcache_operator_active"), second.metric("indexcache_operator_active")])
+                 == [0.0, 1.0], what="one active replica, one standing by")
+    api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME))
+    kit.wait_for(lambda: api.get(k.RAYSERVICES, NAME), what="RayService")
+    t0 = time.monotonic()
+    # Both stay up for several resync periods; exactly one of them ever reconciles.
+    kit.wait_for(lambda: time.monotonic() - t0 > 4 and max(first.reconciles(), second.reconciles()) >= 4,
+                 what="resync passes")
+    counts = sorted([first.reconciles(), second.reconciles()])
+    assert counts[0] == 0, f"both operators reconciled: {counts}"
+    active, standby = (first, second) if first.reconciles() else (second, first)
+    assert (active.metric("indexcache_operator_active"), standby.metric("indexcache_operator_active")) == (1.0, 0.0)
+    assert active.healthy() is True and standby.healthy() is True
+    active.stop()
+    api.kube.patch(kit.ICDS, kit.NS, NAME, {"spec": {"replicas": 3}})
+    kit.wait_for(lambda: api.get(k.RAYSERVICES, NAME)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 3,
+                 timeout=15, what="the standby took over")
+    assert standby.reconciles() > 0
