@@ -381,4 +381,5 @@ def test_10_two_operators_one_active_the_other_takes_over(api, make_operator, ki
     api.kube.patch(kit.ICDS, kit.NS, NAME, {"spec": {"replicas": 3}})
     kit.wait_for(lambda: api.get(k.RAYSERVICES, NAME)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 3,
                  timeout=15, what="the standby took over")
-    assert standby.reconciles() > 0
+    kit.wait_for(lambda: standby.reconciles() > 0 and standby.metric("indexcache_operator_active") == 1.0,
+                 what="the standby counted its reconcile and says it is active")
