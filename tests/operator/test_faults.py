@@ -1,6 +1,8 @@
 """The real kopf operator against kmock with faults injected: restarts (also mid-reconcile), API errors
 (403, 404, 409, 500), an unreachable API server, and two operators at once. One test (or more) per defect
-of issue 19, numbered as there; each failed on the code before its fix."""
+of issue 19, numbered as there; each failed on the code before its fix. Item 9 (per-replica metrics) is
+checked in tests/chart/test_chart.py, item 12 (freq without numLayers) in test_pattern_rule.py, and
+the chaos sequences of all of them together in test_chaos.py."""
 from __future__ import annotations
 
 import sys
@@ -168,6 +170,24 @@ def test_3_cleanup_goes_on_past_a_403_and_forgets_the_metrics(api, operator, kit
     assert operator.metric('indexcache_operator_errors_total{reason="Api403",source="cleanup"}') == 1
 
 
+# ---- 4. quantities compare by value: the API server's canonical strings are no drift -----------------
+
+def test_4_children_are_not_patched_again_when_nothing_changed(api, operator, kit):
+    """The API server returns resource quantities as strings ("1", "500m"); a reconcile that compares
+    them with the ints it wrote patches the CronJob (and posts "Updated") every time."""
+    api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME, recalibration={"schedule": "0 3 * * *"}))
+    kit.wait_for(lambda: api.get(kit.k.CRONJOBS, "chat-recal"), what="CronJob")
+    operator.wait_idle()
+    since = len(api.calls)
+    for i in range(3):  # three reconciles with nothing to change
+        api.kube.patch(kit.ICDS, kit.NS, NAME, {"metadata": {"labels": {"touch": str(i)}}})
+        operator.wait_idle()
+    writes = [c for c, _ in api.calls[since:] if c[2] in ("create", "patch", "update", "delete")
+              and c[1] not in (kit.PLURAL, "events")]
+    assert writes == [], f"children written with nothing to change: {writes}"
+    assert not [e for e in api.events() if e["reason"] == "Updated"]
+
+
 # ---- 5. status sections are written whole: nothing stale survives from an earlier run -----------------
 
 def test_5_rejected_then_applied_then_failed_leaves_no_stale_status(api, operator, kit):
@@ -191,6 +211,24 @@ def test_5_rejected_then_applied_then_failed_leaves_no_stale_status(api, operato
     assert not {"pattern", "lossDelta", "fullLayers"} & set(seen["failed"]["last"]), seen["failed"]["last"]
     assert "recommendedPattern" not in seen["failed"]
     assert _status(api, kit)["pattern"] == "FSSSSSSS"
+
+
+# ---- 6. names KubeRay refuses are refused up front, and KubeRay's refusal is surfaced ------------------
+
+def test_6_kuberay_validation_failure_is_surfaced_not_waited_on(api, operator, kit):
+    """KubeRay marks an invalid RayService Ready=False reason ValidationFailed without observedGeneration
+    (the CRD now refuses the names it refused; other validation errors still reach KubeRay)."""
+    api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME))
+    kit.wait_for(lambda: api.get(kit.k.RAYSERVICES, NAME), what="RayService")
+    api.kube.patch(kit.k.RAYSERVICES, kit.NS, NAME, {"status": {"conditions": [{
+        "type": "Ready", "status": "False", "reason": "ValidationFailed", "lastTransitionTime": "2026-11-29T00:00:00Z",
+        "message": "RayService name should be no more than 63 characters and a DNS-1035 label"}]}},
+        subresource="status")
+    body = kit.wait_for(lambda: (b := api.get(kit.ICDS, NAME))["status"].get("phase") == "Degraded" and b,
+                        what="Degraded")
+    ready, degraded = kit.condition(body, "Ready"), kit.condition(body, "Degraded")
+    assert (ready["status"], ready["reason"]) == ("False", "RayServiceInvalid")
+    assert degraded["status"] == "True" and "DNS-1035" in degraded["message"]
 
 
 # ---- 7. one recalibration at a time; a reused token starts nothing and says so ------------------------
@@ -264,41 +302,6 @@ def test_7_restart_mid_reconcile_after_the_job_was_created_starts_no_second_job(
     assert _jobs(api, kit) == {job}
     assert len(api.writes("jobs", "create")) == 1
 
-# ---- 4. quantities compare by value: the API server's canonical strings are no drift -----------------
-
-def test_4_children_are_not_patched_again_when_nothing_changed(api, operator, kit):
-    """The API server returns resource quantities as strings ("1", "500m"); a reconcile that compares
-    them with the ints it wrote patches the CronJob (and posts "Updated") every time."""
-    api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME, recalibration={"schedule": "0 3 * * *"}))
-    kit.wait_for(lambda: api.get(kit.k.CRONJOBS, "chat-recal"), what="CronJob")
-    operator.wait_idle()
-    since = len(api.calls)
-    for i in range(3):  # three reconciles with nothing to change
-        api.kube.patch(kit.ICDS, kit.NS, NAME, {"metadata": {"labels": {"touch": str(i)}}})
-        operator.wait_idle()
-    writes = [c for c, _ in api.calls[since:] if c[2] in ("create", "patch", "update", "delete")
-              and c[1] not in (kit.PLURAL, "events")]
-    assert writes == [], f"children written with nothing to change: {writes}"
-    assert not [e for e in api.events() if e["reason"] == "Updated"]
-
-
-# ---- 6. names KubeRay refuses are refused up front, and KubeRay's refusal is surfaced ------------------
-
-def test_6_kuberay_validation_failure_is_surfaced_not_waited_on(api, operator, kit):
-    """KubeRay marks an invalid RayService Ready=False reason ValidationFailed without observedGeneration
-    (the CRD now refuses the names it refused; other validation errors still reach KubeRay)."""
-    api.kube.create(kit.ICDS, kit.NS, kit.icd(NAME))
-    kit.wait_for(lambda: api.get(kit.k.RAYSERVICES, NAME), what="RayService")
-    api.kube.patch(kit.k.RAYSERVICES, kit.NS, NAME, {"status": {"conditions": [{
-        "type": "Ready", "status": "False", "reason": "ValidationFailed", "lastTransitionTime": "2026-11-29T00:00:00Z",
-        "message": "RayService name should be no more than 63 characters and a DNS-1035 label"}]}},
-        subresource="status")
-    body = kit.wait_for(lambda: (b := api.get(kit.ICDS, NAME))["status"].get("phase") == "Degraded" and b,
-                        what="Degraded")
-    ready, degraded = kit.condition(body, "Ready"), kit.condition(body, "Degraded")
-    assert (ready["status"], ready["reason"]) == ("False", "RayServiceInvalid")
-    assert degraded["status"] == "True" and "DNS-1035" in degraded["message"]
-
 
 # ---- 8. the recalibration Job computes on the GPUs it holds ---------------------------------------------
 
@@ -311,32 +314,6 @@ def test_8_the_job_created_on_kmock_calibrates_on_cuda_with_cpu_and_memory_reque
     assert container["args"][container["args"].index("--device") + 1] == "cuda"
     assert {"cpu", "memory", "nvidia.com/gpu"} <= set(container["resources"]["requests"])
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"  # as the API server stores it
-
-
-# ---- 11. generated pods pass PodSecurity "restricted"; scheduling settings reach them ------------------
-
-def test_11_pods_on_kmock_are_restricted_and_scheduled_as_the_spec_says(api, operator, kit):
-    from pod_security import restricted_violations
-    spec = {"imagePullSecrets": [{"name": "regcred"}],
-            "workers": {"nodeSelector": {"pool": "h200"}, "tolerations": [{"key": "gpu", "operator": "Exists"}]},
-            "recalibration": {"job": {"nodeSelector": {"pool": "h200"}, "env": [{"name": "X", "value": "1"}]}}}
-    _deploy_ready(api, kit, **spec)
-    operator.wait_idle()
-    _annotate(api, kit, "pods")
-    job = api.get(kit.k.JOBS, _job_for(api, kit, "pods"))["spec"]["template"]["spec"]
-    cluster = api.get(kit.k.RAYSERVICES, NAME)["spec"]["rayClusterConfig"]
-    head, worker = cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]
-    for pod in (head, worker, job):
-        assert restricted_violations(pod) == []
-        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
-    assert worker["nodeSelector"] == job["nodeSelector"] == {"pool": "h200"} and "nodeSelector" not in head
-    assert worker["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
-    assert {"name": "X", "value": "1"} in job["containers"][0]["env"]
-    # A bad setting degrades the resource, naming the field, and leaves the children alone.
-    api.kube.patch(kit.ICDS, kit.NS, NAME, {"spec": {"workers": {"resources": {"limits": {"memory": "lots"}}}}})
-    degraded = kit.wait_for(lambda: (c := kit.condition(api.get(kit.ICDS, NAME), "Degraded")).get("status") == "True"
-                            and c, what="Degraded")
-    assert "spec.workers.resources.limits.memory" in degraded["message"]
 
 
 # ---- 10. two operators at once: one works, the other stands by and takes over; status writes are
@@ -383,3 +360,29 @@ def test_10_two_operators_one_active_the_other_takes_over(api, make_operator, ki
                  timeout=15, what="the standby took over")
     kit.wait_for(lambda: standby.reconciles() > 0 and standby.metric("indexcache_operator_active") == 1.0,
                  what="the standby counted its reconcile and says it is active")
+
+
+# ---- 11. generated pods pass PodSecurity "restricted"; scheduling settings reach them ------------------
+
+def test_11_pods_on_kmock_are_restricted_and_scheduled_as_the_spec_says(api, operator, kit):
+    from pod_security import restricted_violations
+    spec = {"imagePullSecrets": [{"name": "regcred"}],
+            "workers": {"nodeSelector": {"pool": "h200"}, "tolerations": [{"key": "gpu", "operator": "Exists"}]},
+            "recalibration": {"job": {"nodeSelector": {"pool": "h200"}, "env": [{"name": "X", "value": "1"}]}}}
+    _deploy_ready(api, kit, **spec)
+    operator.wait_idle()
+    _annotate(api, kit, "pods")
+    job = api.get(kit.k.JOBS, _job_for(api, kit, "pods"))["spec"]["template"]["spec"]
+    cluster = api.get(kit.k.RAYSERVICES, NAME)["spec"]["rayClusterConfig"]
+    head, worker = cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]
+    for pod in (head, worker, job):
+        assert restricted_violations(pod) == []
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert worker["nodeSelector"] == job["nodeSelector"] == {"pool": "h200"} and "nodeSelector" not in head
+    assert worker["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert {"name": "X", "value": "1"} in job["containers"][0]["env"]
+    # A bad setting degrades the resource, naming the field, and leaves the children alone.
+    api.kube.patch(kit.ICDS, kit.NS, NAME, {"spec": {"workers": {"resources": {"limits": {"memory": "lots"}}}}})
+    degraded = kit.wait_for(lambda: (c := kit.condition(api.get(kit.ICDS, NAME), "Degraded")).get("status") == "True"
+                            and c, what="Degraded")
+    assert "spec.workers.resources.limits.memory" in degraded["message"]
