@@ -130,7 +130,9 @@ def build_crd(chart: bool = False) -> dict:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # The one metadata field a CRD may constrain: the bound also keeps the name rule's CEL cost
+            # estimate small (an API server otherwise costs it as an unbounded string).
+            "metadata": {"type": "object", "properties": {"name": {"type": "string", "maxLength": MAX_NAME_LENGTH}}},
             "spec": spec_schema,
             "status": status_schema,
         },
