@@ -204,9 +204,13 @@ OPERATOR_DASHBOARD = Dashboard(
                                                    selector=OPERATOR), unit="s", width=8),
         ]),
         Row("Operator process", [
+            Panel("Active operator replicas", [Query("sum(indexcache_operator_active)", "active")],
+                  unit="short", kind="stat", width=6, height=8,
+                  description="Replicas doing the work: 1 expected. With several replicas (kopf peering) the "
+                              "others stand by at 0 and one takes over when the active one goes."),
             Panel("Operator errors per second", [Query(
                 f"sum by (source, reason) (rate(indexcache_operator_errors_total[{RATE}]))", "{{source}} {{reason}}")],
-                unit="ops", width=24,
+                unit="ops", width=18,
                 description="Errors outside one resource's reconcile: the periodic resync (ApiUnreachable: the API "
                             "server could not be reached), deletion cleanup, event handlers. /healthz fails when "
                             "the resync has not succeeded for a while."),

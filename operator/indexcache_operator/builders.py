@@ -9,17 +9,23 @@ import hashlib
 from dataclasses import dataclass
 
 import yaml
+from kubernetes.utils import parse_quantity
 
 from indexcache_operator import (API_VERSION, COMPONENT_LABEL, DEPLOYMENT_LABEL, KIND, MANAGED_BY,
                                  MANAGED_BY_LABEL)
 from indexcache_operator.config import OperatorConfig
-from indexcache_operator.models import IndexCacheDeploymentSpec
+from indexcache_operator.models import IndexCacheDeploymentSpec, PodSettings
 
 SERVE_APP_NAME = "indexcache"
 SERVE_IMPORT_PATH = "indexcache.serving.app:build_app"  # docs/contracts.md
 SERVER_DEPLOYMENT = "IndexCacheServer"
 INGRESS_DEPLOYMENT = "OpenAIIngress"
 SERVE_PORT = 8000
+# Each IndexCacheServer replica serves its own /metrics on this port in its worker pod (app arg metrics_port):
+# the head's /metrics route answers for one replica picked at random. Outside Ray's ports (6379, 8265,
+# 10001, its metrics agent's 8080, workers 10002-19999).
+REPLICA_METRICS_PORT = 9095
+METRICS_PORT_NAME = "metrics"
 SAMPLES_DIR = "/samples"
 RESULTS_DIR = "/results"
 MODEL_CACHE_DIR = "/model-cache"
@@ -100,14 +106,28 @@ def metadata(owner: Owner, name: str, component: str) -> dict:
 def user_config(spec: IndexCacheDeploymentSpec, pattern: str | None, pattern_version: int) -> dict:
     """Runtime knobs of IndexCacheServer, applied by reconfigure() without restarting replicas.
 
-    No pattern key means "the checkpoint's own index_topk_* config". gpu_hourly_usd is the price
-    of one replica's GPUs (docs/contracts.md): the per-GPU price times gpusPerReplica."""
+    `pattern` is what the operator resolved (a calibrated pattern, or the spec's, expanded from freq when
+    model.numLayers is given). Without one, spec.indexCache.freq/offset travel as they are and the replica
+    resolves them with its model's layer count; with neither, no key: the checkpoint's own index_topk_*
+    config. gpu_hourly_usd is the price of one replica's GPUs (docs/contracts.md): the per-GPU price
+    times gpusPerReplica."""
     config: dict = {"pattern_version": pattern_version,
                     "sample_rate": spec.traffic.sample_rate,
                     "gpu_hourly_usd": spec.cost.gpu_hourly_usd * spec.gpus_per_replica}
+    rule = pattern_rule(spec)
     if pattern:
         config = {"pattern": pattern, **config}
+    elif rule is not None:
+        config = {"freq": rule[0], "offset": rule[1], **config}
     return config
+
+
+def pattern_rule(spec: IndexCacheDeploymentSpec) -> tuple[int, int] | None:
+    """(freq, offset) the replica resolves itself: spec.indexCache.freq without model.numLayers."""
+    ic = spec.index_cache
+    if ic.pattern or ic.freq is None or spec.model.num_layers is not None:
+        return None
+    return ic.freq, ic.offset if ic.offset is not None else 2
 
 
 # Ray Serve's cap on the ingress replica sits this far above the app-wide limit, so that the ingress
@@ -164,6 +184,7 @@ def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | No
                 "max_ongoing_requests": spec.max_ongoing_requests,
                 "samples_dir": SAMPLES_DIR,
                 "model_cache": MODEL_CACHE_DIR,
+                "metrics_port": REPLICA_METRICS_PORT,
             },
             "deployments": [
                 server,
@@ -225,38 +246,109 @@ def fetch_model_container(spec: IndexCacheDeploymentSpec, image: str) -> dict:
                 {"name": "INDEXCACHE_TERMINATION_LOG", "value": "/dev/termination-log"}],
         "volumeMounts": model_mounts(spec, read_only=False),
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": dict(CONTAINER_SECURITY),
     }
     if spec.model.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": spec.model.credentials_secret}}]
     return container
 
 
+# ---- pods: security, scheduling, environment -------------------------------------------------
+
+# PodSecurity "restricted" (namespaces may enforce it): non-root, no privilege escalation, no
+# capabilities, the runtime's seccomp profile. The serving image runs as this user (docker/serving.Dockerfile).
+SERVING_UID = 1000
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": SERVING_UID, "runAsGroup": SERVING_UID, "fsGroup": SERVING_UID,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _quantity(value) -> str:
+    return str(value)
+
+
+def merged_resources(defaults: dict, settings: PodSettings, gpus: int | None = None) -> dict:
+    """The user's requests/limits over the operator's defaults, per resource. A request the user raises
+    above a default limit (or a limit lowered below a default request) moves the other with it, so the
+    result is always valid; GPUs always come from gpusPerReplica."""
+    requests = dict(defaults.get("requests", {}))
+    limits = dict(defaults.get("limits", {}))
+    user = settings.resources
+    if user is not None:
+        for name, value in user.requests.items():
+            requests[name] = _quantity(value)
+            if name not in user.limits and name in limits and parse_quantity(limits[name]) < parse_quantity(value):
+                limits[name] = _quantity(value)
+        for name, value in user.limits.items():
+            limits[name] = _quantity(value)
+            if name not in user.requests and name in requests and parse_quantity(requests[name]) > parse_quantity(value):
+                requests[name] = _quantity(value)
+    if gpus is not None:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def pod_spec(spec: IndexCacheDeploymentSpec, settings: PodSettings, container: dict, volumes: list[dict],
+             **pod_fields) -> dict:
+    """A pod spec with one main container: restricted security context, the user's scheduling settings
+    (nodeSelector, tolerations), environment and the deployment's image pull secrets."""
+    container = {**container, "securityContext": dict(CONTAINER_SECURITY)}
+    if settings.env:
+        container["env"] = container.get("env", []) + [e.model_dump(by_alias=True, exclude_none=True)
+                                                       for e in settings.env]
+    pod: dict = {**pod_fields, "securityContext": dict(POD_SECURITY), "containers": [container], "volumes": volumes}
+    if settings.node_selector:
+        pod["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in settings.tolerations]
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": r.name} for r in spec.image_pull_secrets]
+    return pod
+
+
 def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig,
                pattern: str | None, pattern_version: int) -> dict:
     image = spec.image or config.serving_image
     pod_labels = labels(owner, "serving")
+    head_container = {
+        "name": "ray-head",
+        "image": image,
+        "ports": [{"containerPort": 6379, "name": "gcs"},
+                  {"containerPort": 8265, "name": "dashboard"},
+                  {"containerPort": 10001, "name": "client"},
+                  {"containerPort": SERVE_PORT, "name": "serve"}],
+        "resources": merged_resources({"requests": {"cpu": config.head_cpu, "memory": config.head_memory},
+                                       "limits": {"cpu": config.head_cpu, "memory": config.head_memory}}, spec.head),
+        "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}],
+    }
     head = {
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
         "template": {
             "metadata": {"labels": {**pod_labels, ROLE_LABEL: "head"}},
-            "spec": {"containers": [{
-                "name": "ray-head",
-                "image": image,
-                "ports": [{"containerPort": 6379, "name": "gcs"},
-                          {"containerPort": 8265, "name": "dashboard"},
-                          {"containerPort": 10001, "name": "client"},
-                          {"containerPort": SERVE_PORT, "name": "serve"}],
-                "resources": {"requests": {"cpu": config.head_cpu, "memory": config.head_memory},
-                              "limits": {"cpu": config.head_cpu, "memory": config.head_memory}},
-                "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}],
-            }],
-                "volumes": [_samples_volume(owner, read_only=False)]},
+            "spec": pod_spec(spec, spec.head, head_container, [_samples_volume(owner, read_only=False)]),
         },
     }
     if spec.autoscaling is None:
         min_workers = max_workers = spec.replicas
     else:
         min_workers, max_workers = spec.autoscaling.min_replicas, spec.autoscaling.max_replicas
+    worker_container = {
+        "name": "ray-worker",
+        "image": image,
+        # Scraped by the chart's serving PodMonitor: one target per replica.
+        "ports": [{"containerPort": REPLICA_METRICS_PORT, "name": METRICS_PORT_NAME}],
+        "resources": merged_resources({"requests": {"cpu": config.worker_cpu, "memory": config.worker_memory},
+                                       "limits": {"cpu": config.worker_cpu, "memory": config.worker_memory}},
+                                      spec.workers, gpus=spec.gpus_per_replica),
+        # The traffic sampler in each replica appends to the shared samples volume.
+        "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}] + model_mounts(spec, read_only=True),
+        "env": list(MODEL_READER_ENV),
+    }
     worker = {
         "groupName": WORKER_GROUP,
         "replicas": spec.replicas,
@@ -265,22 +357,10 @@ def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorCon
         "rayStartParams": {},
         "template": {
             "metadata": {"labels": {**pod_labels, ROLE_LABEL: "replica"}},
-            "spec": {"containers": [{
-                "name": "ray-worker",
-                "image": image,
-                "resources": {
-                    "requests": {"cpu": config.worker_cpu, "memory": config.worker_memory,
-                                 GPU_RESOURCE: str(spec.gpus_per_replica)},
-                    "limits": {"cpu": config.worker_cpu, "memory": config.worker_memory,
-                               GPU_RESOURCE: str(spec.gpus_per_replica)},
-                },
-                # The traffic sampler in each replica appends to the shared samples volume.
-                "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR}] + model_mounts(spec, read_only=True),
-                "env": MODEL_READER_ENV,
-            }],
-                # The replicas load the model (the head never does: it holds no GPU replica).
-                "initContainers": [fetch_model_container(spec, image)],
-                "volumes": [_samples_volume(owner, read_only=False)] + model_volumes(spec)},
+            "spec": pod_spec(spec, spec.workers, worker_container,
+                             [_samples_volume(owner, read_only=False)] + model_volumes(spec),
+                             # The replicas load the model (the head never does: it holds no GPU replica).
+                             initContainers=[fetch_model_container(spec, image)]),
         },
     }
     return {
@@ -350,10 +430,21 @@ def role_binding(owner: Owner) -> dict:
 
 def calibrate_args(spec: IndexCacheDeploymentSpec) -> list[str]:
     # $(VAR) is expanded by the kubelet from the container's env (below).
+    # --device cuda: the Job holds gpusPerReplica GPUs; the CLI's default is the CPU.
     return ["calibrate", "--model", spec.model.uri, "--samples", SAMPLES_DIR,
             "--target-full", str(spec.recalibration.target_full_fraction),
+            "--device", "cuda",
             "--out", f"{RESULTS_DIR}/result.json",
             "--report-configmap", "$(POD_NAMESPACE)/$(JOB_NAME)-result"]
+
+
+def job_resources(spec: IndexCacheDeploymentSpec, config: OperatorConfig) -> dict:
+    """The calibration Job loads the whole model on its GPUs, like a replica: a replica's CPU and memory
+    (requests, so the scheduler places it; memory also as the limit) and its GPUs; then
+    spec.recalibration.job.resources over that."""
+    return merged_resources({"requests": {"cpu": config.worker_cpu, "memory": config.worker_memory},
+                             "limits": {"memory": config.worker_memory}}, spec.recalibration.job,
+                            gpus=spec.gpus_per_replica)
 
 
 def job_spec(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig) -> dict:
@@ -365,28 +456,22 @@ def job_spec(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfi
         "ttlSecondsAfterFinished": config.job_ttl_seconds,
         "template": {
             "metadata": {"labels": labels(owner, "recalibration")},
-            "spec": {
-                "serviceAccountName": recalibration_account_name(owner),
-                "restartPolicy": "Never",
-                "containers": [{
-                    "name": "calibrate",
-                    "image": spec.image or config.serving_image,
-                    "command": ["indexcache"],
-                    "args": calibrate_args(spec),
-                    "env": [
-                        {"name": "JOB_NAME", "valueFrom": {"fieldRef": {
-                            "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
-                        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                    ] + MODEL_READER_ENV,
-                    "resources": {"limits": {GPU_RESOURCE: str(spec.gpus_per_replica)}},
-                    "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR, "readOnly": True},
-                                     {"name": "results", "mountPath": RESULTS_DIR}]
-                    + model_mounts(spec, read_only=True),
-                }],
-                "initContainers": [fetch_model_container(spec, spec.image or config.serving_image)],
-                "volumes": [_samples_volume(owner, read_only=True), {"name": "results", "emptyDir": {}}]
-                + model_volumes(spec),
-            },
+            "spec": pod_spec(spec, spec.recalibration.job, {
+                "name": "calibrate",
+                "image": spec.image or config.serving_image,
+                "command": ["indexcache"],
+                "args": calibrate_args(spec),
+                "env": [
+                    {"name": "JOB_NAME", "valueFrom": {"fieldRef": {
+                        "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
+                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                ] + MODEL_READER_ENV,
+                "resources": job_resources(spec, config),
+                "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR, "readOnly": True},
+                                 {"name": "results", "mountPath": RESULTS_DIR}] + model_mounts(spec, read_only=True),
+            }, [_samples_volume(owner, read_only=True), {"name": "results", "emptyDir": {}}] + model_volumes(spec),
+                serviceAccountName=recalibration_account_name(owner), restartPolicy="Never",
+                initContainers=[fetch_model_container(spec, spec.image or config.serving_image)]),
         },
     }
 
@@ -398,14 +483,16 @@ def ondemand_job(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorC
             "spec": job_spec(owner, spec, config)}
 
 
-def recalibration_cronjob(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig) -> dict:
+def recalibration_cronjob(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfig,
+                          hold: bool = False) -> dict:
+    """`hold`: suspended while an on-demand recalibration runs (one at a time per deployment)."""
     assert spec.recalibration.schedule, "no schedule: no CronJob"
     return {
         "apiVersion": "batch/v1", "kind": "CronJob",
         "metadata": metadata(owner, cronjob_name(owner), "recalibration"),
         "spec": {
             "schedule": spec.recalibration.schedule,
-            "suspend": spec.recalibration.suspend,
+            "suspend": spec.recalibration.suspend or hold,
             "concurrencyPolicy": "Forbid",  # one search at a time over the same samples
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 3,

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from indexcache_operator import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
-from indexcache_operator.models import (MAX_NAME_LENGTH, IndexCacheDeploymentSpec,
+from indexcache_operator.models import (MAX_NAME_LENGTH, NAME_REGEX, IndexCacheDeploymentSpec,
                                         IndexCacheDeploymentStatus, cel)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,9 @@ def _structural(node: Any, defs: dict) -> Any:
         return node
     node = dict(node)
     any_of = node.pop("anyOf", None)
-    if any_of is not None:  # Optional[X] -> X (absent means unset; Kubernetes has no null here)
+    if any_of is not None and node.get("x-kubernetes-int-or-string"):
+        node["anyOf"] = any_of  # the one anyOf a structural schema allows: [integer, string]
+    elif any_of is not None:  # Optional[X] -> X (absent means unset; Kubernetes has no null here)
         non_null = [s for s in any_of if s.get("type") != "null"]
         if len(non_null) != 1:
             raise ValueError(f"cannot express anyOf {any_of} in a structural schema")
@@ -74,7 +76,11 @@ def _structural(node: Any, defs: dict) -> Any:
         node["type"] = "string"
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in _DROP or key == "$defs" or key == "additionalProperties":
+        if key in _DROP or key == "$defs":
+            continue
+        if key == "additionalProperties":  # a map's value schema stays; true/false (closed models) go
+            if isinstance(value, dict):
+                out[key] = _structural(value, defs)
             continue
         if key == "properties":
             out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
@@ -124,7 +130,9 @@ def build_crd(chart: bool = False) -> dict:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # The one metadata field a CRD may constrain: the bound also keeps the name rule's CEL cost
+            # estimate small (an API server otherwise costs it as an unbounded string).
+            "metadata": {"type": "object", "properties": {"name": {"type": "string", "maxLength": MAX_NAME_LENGTH}}},
             "spec": spec_schema,
             "status": status_schema,
         },
@@ -132,6 +140,9 @@ def build_crd(chart: bool = False) -> dict:
             cel(f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                 f"metadata.name must be at most {MAX_NAME_LENGTH} characters: the names of the "
                 "recalibration Jobs and CronJob derive from it"),
+            cel(f"self.metadata.name.matches('{NAME_REGEX}')",
+                "metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting with a "
+                "letter, e.g. chat-v2 rather than chat.v2 or 7b-chat): KubeRay refuses other RayService names"),
         ],
     }
     metadata = {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/name": "indexcache-operator"}}

@@ -12,12 +12,12 @@ import kopf
 
 from indexcache_operator import (COMPONENT_LABEL, DEPLOYMENT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL,
                                  PLURAL, RECALIBRATE_ANNOTATION, VERSION)
-from indexcache_operator import builders as b
 from indexcache_operator import kube as k
 from indexcache_operator import metrics as m
-from indexcache_operator import resync
+from indexcache_operator import peering, resync
 from indexcache_operator.config import OperatorConfig
-from indexcache_operator.reconcile import Context, ReconcileError, reconcile, record_job
+from indexcache_operator.context import count_error
+from indexcache_operator.reconcile import Context, ReconcileError, delete_children, reconcile, record_job
 
 log = logging.getLogger(__name__)
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
@@ -51,12 +51,35 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
                        events=_post_event)
     memo.known = resync.KnownDeployments()
     memo.health = resync.ResyncHealth(config.health_grace)
+    memo.peering = None
+    if settings.peering.mandatory and not settings.peering.standalone:  # kopf run --peering NAME
+        settings.peering.priority = settings.peering.priority or peering.random_priority()
+        settings.peering.lifetime = config.peering_lifetime_seconds
+        settings.peering.stealth = True  # no log line per keep-alive
+        memo.peering = peering.Peering(settings.peering.name, settings.peering.priority,
+                                       clusterwide=settings.peering.clusterwide, namespaces=config.namespaces)
+        await asyncio.to_thread(memo.peering.ensure_objects, memo.ctx.kube)
+        memo.ctx.metrics.active.set(0)  # kopf starts a peer paused; the resync checks who is active
     memo.metrics_runner = None
     if config.metrics_port:
         memo.metrics_runner = await m.serve(memo.ctx.metrics, config.metrics_port, problem=memo.health.problem)
     memo.resync_task = memo.health.task = asyncio.create_task(
-        resync.run(memo.ctx, memo.known, memo.health, reconcile), name="indexcache resync")
-    log.info("indexcache-operator started: %s", config)
+        resync.run(memo.ctx, memo.known, memo.health, reconcile, active=_active_check(memo)), name="indexcache resync")
+    log.info("indexcache-operator started: %s; peering: %s", config,
+             f"{settings.peering.name} (priority {settings.peering.priority})" if memo.peering else "standalone")
+
+
+def _active_check(memo: kopf.Memo):
+    """For the resync: whether this replica is the active one (kopf pauses a standby's watches, not our
+    tasks). Standalone: always. Asking the API server fails like any call: the pass fails and retries."""
+    if memo.peering is None:
+        return None
+
+    async def active() -> bool:
+        is_active = await asyncio.to_thread(memo.peering.active, memo.ctx.kube)
+        memo.ctx.metrics.active.set(1 if is_active else 0)
+        return is_active
+    return active
 
 
 @kopf.on.cleanup()
@@ -98,7 +121,8 @@ def recalibration_requested(event: dict, name: str, namespace: str, body: kopf.B
     try:
         reconcile(memo.ctx, namespace, name)
     except ReconcileError as e:  # the next event or the resync retries
-        log.warning("starting the recalibration of %s/%s failed: %s", namespace, name, e)
+        log.warning("starting the recalibration of %s/%s failed (%s): %s", namespace, name,
+                    count_error(memo.ctx, "event", e), e)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -113,16 +137,7 @@ def deployment_event(event: dict, name: str, namespace: str, body: kopf.Body, me
         memo.known.add(namespace, name)
         return
     memo.known.discard(namespace, name)
-    ctx: Context = memo.ctx
-    with ctx.lock(namespace, name):
-        for res in CHILDREN:
-            for obj in ctx.kube.list(res, namespace, {DEPLOYMENT_LABEL: name, **OURS}):
-                ctx.kube.delete(res, namespace, obj["metadata"]["name"])
-        for job in ctx.kube.list(k.JOBS, namespace, {DEPLOYMENT_LABEL: name, **OURS}):
-            ctx.kube.delete(k.JOBS, namespace, job["metadata"]["name"])
-            ctx.kube.delete(k.CONFIGMAPS, namespace, b.result_configmap_name(job["metadata"]["name"]))
-    ctx.metrics.forget(namespace, name)
-    log.info("deleted the children of %s/%s", namespace, name)
+    delete_children(memo.ctx, namespace, name)
 
 
 def _owner_of(labels: dict) -> str | None:
@@ -136,8 +151,9 @@ def _on_child_event(event: dict, namespace: str, labels: dict, memo: kopf.Memo, 
     if owner and getattr(memo, "ctx", None) is not None:
         try:
             reconcile(memo.ctx, namespace, owner)
-        except ReconcileError as e:
-            log.warning("reconcile of %s/%s after a child event failed: %s", namespace, owner, e)
+        except ReconcileError as e:  # the resync retries
+            log.warning("reconcile of %s/%s after a child event failed (%s): %s", namespace, owner,
+                        count_error(memo.ctx, "event", e), e)
 
 
 for _res in CHILDREN:
@@ -151,5 +167,6 @@ def recalibration_job_event(event: dict, body: kopf.Body, memo: kopf.Memo, **_) 
         return
     try:
         record_job(memo.ctx, dict(body))
-    except ReconcileError as e:
-        log.warning("recording Job %s failed: %s", body.get("metadata", {}).get("name"), e)
+    except ReconcileError as e:  # the resync retries (results are folded level-triggered)
+        log.warning("recording Job %s failed (%s): %s", body.get("metadata", {}).get("name"),
+                    count_error(memo.ctx, "event", e), e)

@@ -19,9 +19,10 @@ class Resource(NamedTuple):
     version: str
     plural: str
 
-    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+        """namespace None: a cluster-scoped kind."""
         root = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
-        path = f"{root}/namespaces/{namespace}/{self.plural}"
+        path = f"{root}/{self.plural}" if namespace is None else f"{root}/namespaces/{namespace}/{self.plural}"
         if name:
             path += f"/{name}"
         if subresource:

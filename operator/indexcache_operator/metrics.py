@@ -52,6 +52,9 @@ class OperatorMetrics:
         # cleanup, event handlers): bounded labels, never a resource name.
         self.operator_errors = Counter("indexcache_operator_errors_total",
                                        "Operator errors by source and reason.", ("source", "reason"), registry=r)
+        self.active = Gauge("indexcache_operator_active",
+                            "1 while this replica is the active one (HA: the others stand by), else 0.", registry=r)
+        self.active.set(1)
         for source in ERROR_SOURCES:
             for reason in ERROR_REASONS:
                 self.operator_errors.labels(source, reason)

@@ -7,9 +7,9 @@ attached to the model that owns the fields, each with a message naming the field
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional
+from typing import Annotated, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 PATTERN_REGEX = r"^F[FS]*$"
@@ -25,6 +25,9 @@ DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 MAX_PATTERN_LENGTH = 1024  # also bounds the CEL cost of rules reading the pattern
 # Child names are "<name>-recal-<8 hex>" (Job, 63 max) and CronJob "<name>-recal" + 11 (52 max).
 MAX_NAME_LENGTH = 40
+# KubeRay validates RayService names as DNS-1035 labels (a Service is named after them): lower-case
+# letters, digits and '-', starting with a letter. The RayService is named after the resource.
+NAME_REGEX = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict:
@@ -66,8 +69,8 @@ class ModelSource(Wire):
                     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3 for S3 and MinIO.")
     num_layers: Optional[int] = Field(
         default=None, ge=1, le=1024,
-        description="Layers in the model. Needed with indexCache.freq; lets the operator refuse a "
-                    "pattern of the wrong length.")
+        description="Layers in the model (optional): lets the operator refuse a pattern of the wrong length "
+                    "and show indexCache.freq expanded in status; without it the replica resolves freq/offset.")
     served_model_name: Optional[str] = Field(
         default=None, min_length=1, max_length=253,
         description="Model name in the OpenAI API; defaults to the resource name.")
@@ -91,6 +94,78 @@ class IndexCacheSettings(Wire):
     offset: Optional[int] = Field(
         default=None, ge=1, le=1024,
         description="With freq: the first offset layers are F (upstream default 2).")
+
+
+# ---- scheduling and environment of the generated pods ---------------------------------------------
+
+# A resource quantity as Kubernetes takes it: 4, "500m", "64Gi" (int-or-string in the CRD).
+Quantity = Annotated[Union[int, str], WithJsonSchema(
+    {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]})]
+LABEL_KEY_REGEX = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+ENV_NAME_REGEX = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# Names the operator sets in the pods it builds; a user env var of the same name would shadow them.
+RESERVED_ENV = ("JOB_NAME", "POD_NAMESPACE")
+
+
+class Resources(Wire):
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Requests per resource, "
+                                          "e.g. {cpu: 8, memory: 64Gi}; merged over the operator's defaults.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Limits per resource; merged over "
+                                        "the operator's defaults. GPUs always come from gpusPerReplica.")
+
+
+class Toleration(Wire):
+    key: Optional[str] = Field(default=None, max_length=317, description="Taint key; empty with Exists: all taints.")
+    operator: Optional[str] = Field(default=None, pattern=r"^(Exists|Equal)$", description="Exists or Equal (default).")
+    value: Optional[str] = Field(default=None, max_length=63, description="Taint value (with Equal).")
+    effect: Optional[str] = Field(default=None, pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$",
+                                  description="Taint effect to match; empty: all effects.")
+    toleration_seconds: Optional[int] = Field(default=None, description="With NoExecute: how long the pod stays.")
+
+
+class KeyRef(Wire):
+    name: str = Field(min_length=1, max_length=253, description="Secret or ConfigMap name.")
+    key: str = Field(min_length=1, max_length=253, description="Key in it.")
+    optional: Optional[bool] = Field(default=None, description="Start the pod even if it is missing.")
+
+
+class FieldRef(Wire):
+    field_path: str = Field(min_length=1, description="e.g. metadata.name, spec.nodeName.")
+
+
+class EnvSource(Wire):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0) + (has(self.fieldRef) ? 1 : 0) == 1",
+            "env[].valueFrom: set exactly one of secretKeyRef, configMapKeyRef, fieldRef"),
+    ]})
+
+    secret_key_ref: Optional[KeyRef] = Field(default=None, description="A key of a Secret.")
+    config_map_key_ref: Optional[KeyRef] = Field(default=None, description="A key of a ConfigMap.")
+    field_ref: Optional[FieldRef] = Field(default=None, description="A field of the pod.")
+
+
+class EnvVar(Wire):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("!(has(self.value) && has(self.valueFrom))", "env[]: set value or valueFrom, not both"),
+    ]})
+
+    name: str = Field(min_length=1, max_length=253, pattern=ENV_NAME_REGEX, description="Variable name.")
+    value: Optional[str] = Field(default=None, description="Its value.")
+    value_from: Optional[EnvSource] = Field(default=None, description="Or where to read it from.")
+
+
+class PodSettings(Wire):
+    """Scheduling and environment of one kind of pod the operator builds, over its defaults."""
+    resources: Optional[Resources] = Field(default=None, description="CPU, memory (and other) requests and "
+                                           "limits, merged over the operator's defaults.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Taints the pods tolerate.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=256,
+                              description="Extra environment variables of the main container.")
+
+
+class LocalObjectReference(Wire):
+    name: str = Field(min_length=1, max_length=253, description="Name of a Secret in the same namespace.")
 
 
 class Traffic(Wire):
@@ -129,6 +204,8 @@ class Recalibration(Wire):
     timeout_seconds: int = Field(
         default=3600, ge=60, le=7 * 86400,
         description="A recalibration Job running longer fails (DeadlineExceeded); the pattern is kept.")
+    job: PodSettings = Field(default_factory=PodSettings, description="The recalibration Job's pod: resources, "
+                             "nodeSelector, tolerations, env.")
 
 
 class Autoscaling(Wire):
@@ -152,9 +229,6 @@ class Cost(Wire):
 
 class IndexCacheDeploymentSpec(Wire):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        cel("!has(self.indexCache) || !has(self.indexCache.freq) || has(self.model.numLayers)",
-            "indexCache.freq needs model.numLayers to expand into a per-layer pattern: set model.numLayers",
-            ".indexCache.freq"),
         cel("!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas"
             " && self.replicas <= self.autoscaling.maxReplicas)",
             "replicas must lie within autoscaling.minReplicas..autoscaling.maxReplicas",
@@ -174,6 +248,12 @@ class IndexCacheDeploymentSpec(Wire):
     recalibration: Recalibration = Field(default_factory=Recalibration, description="Recalibration and rollout.")
     autoscaling: Optional[Autoscaling] = Field(default=None, description="Ray Serve autoscaling; none = fixed replicas.")
     cost: Cost = Field(default_factory=Cost, description="Prices for cost metrics.")
+    head: PodSettings = Field(default_factory=PodSettings, description="The Ray head pod: resources, "
+                              "nodeSelector, tolerations, env.")
+    workers: PodSettings = Field(default_factory=PodSettings, description="The replica (GPU worker) pods: "
+                                 "resources, nodeSelector, tolerations, env.")
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description="Secrets to pull the serving image with (every pod).")
 
 
 # ---- status -------------------------------------------------------------------------------
@@ -221,7 +301,11 @@ class RecalibrationRun(Wire):
 class RecalibrationStatus(Wire):
     last_run_id: int = Field(default=0, ge=0, description="The highest run id given to a recalibration Job.")
     request_token: Optional[str] = Field(default=None, description="Last handled recalibrate annotation value.")
-    active_job: Optional[str] = Field(default=None, description="Last Job started on demand.")
+    queued_token: Optional[str] = Field(default=None, description="A recalibrate annotation value waiting for "
+                                        "the running Job to finish (one recalibration at a time).")
+    active_job: Optional[str] = Field(default=None, description="The recalibration Job running now, if any.")
+    recent_jobs: list[str] = Field(default_factory=list, description="On-demand Jobs started lately (newest "
+                                   "last): a token whose Job is here never starts a second one.")
     last: Optional[RecalibrationRun] = Field(default=None, description="The last finished recalibration.")
     recommended_pattern: Optional[str] = Field(default=None, description="A result kept but not applied.")
 
@@ -241,6 +325,8 @@ class IndexCacheDeploymentStatus(Wire):
     phase: Optional[Phase] = None
     conditions: list[Condition] = Field(default_factory=list)
     pattern: Optional[str] = Field(default=None, description="The pattern the replicas run.")
+    pattern_rule: Optional[str] = Field(default=None, description="freq=F,offset=O when the replicas resolve "
+                                        "indexCache.freq themselves (model.numLayers not given).")
     pattern_version: int = Field(default=0, description="Bumped on every pattern change (user_config).")
     full_layers: Optional[int] = Field(default=None, description="F layers in the active pattern.")
     replicas: int = 0

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 
-from indexcache_operator import COMPONENT_LABEL, DEPLOYMENT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL
+from indexcache_operator import (COMPONENT_LABEL, DEPLOYMENT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL,
+                                 RECALIBRATE_ANNOTATION)
 from indexcache_operator import builders as b
 from indexcache_operator import kube as k
 from indexcache_operator.context import Context, now
@@ -136,8 +137,9 @@ def fold_finished_runs(ctx: Context, body: dict, spec: IndexCacheDeploymentSpec,
         if run.result == "Succeeded":
             decision, why = gate(spec, run.loss_delta)
             run.decision, run.reason = decision, why
-            ctx.metrics.gate_decisions.labels(ns, name, decision.value.lower()).inc()
-            ctx.metrics.loss_delta.labels(ns, name).set(run.loss_delta)
+            delta = run.loss_delta
+            ctx.defer(lambda d=decision.value.lower(): ctx.metrics.gate_decisions.labels(ns, name, d).inc())
+            ctx.defer(lambda: ctx.metrics.loss_delta.labels(ns, name).set(delta))
             if decision == Decision.applied:
                 status.applied_calibration = AppliedCalibration(pattern=run.pattern, job=job_name,
                                                                 run_id=run.run_id, basis=basis)
@@ -146,9 +148,9 @@ def fold_finished_runs(ctx: Context, body: dict, spec: IndexCacheDeploymentSpec,
             else:
                 rec.recommended_pattern = run.pattern
                 ctx.events(body, "Normal", "RecalibrationNotApplied", f"Job {job_name}: {why}")
-            ctx.metrics.recalibrations.labels(ns, name, "succeeded").inc()
+            ctx.defer(lambda: ctx.metrics.recalibrations.labels(ns, name, "succeeded").inc())
         else:
-            ctx.metrics.recalibrations.labels(ns, name, "failed").inc()
+            ctx.defer(lambda: ctx.metrics.recalibrations.labels(ns, name, "failed").inc())
             ctx.events(body, "Warning", "RecalibrationFailed",
                        f"Job {job_name} failed ({run.reason}); keeping pattern {status.pattern}")
         rec.last = run
@@ -172,3 +174,62 @@ def _read_result(ctx: Context, ns: str, job_name: str, spec: IndexCacheDeploymen
         return run.model_copy(update={"result": "Failed", "reason": f"ResultInvalid: {why}"})
     return run.model_copy(update={"pattern": pattern, "full_layers": full_layers(pattern),
                                   "loss_delta": loss_delta})
+
+
+# ---- on-demand requests (the recalibrate annotation) ---------------------------------------------
+
+RECENT_JOBS = 20  # how many on-demand Jobs status remembers against token reuse
+
+
+def ondemand_running(jobs: list[dict]) -> bool:
+    return any(job_outcome(j) is None and (j["metadata"].get("annotations") or {}).get(TOKEN_ANNOTATION) is not None
+               for j in jobs)
+
+
+def handle_request(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
+                   status: IndexCacheDeploymentStatus, jobs: list[dict], token: str | None) -> None:
+    """One recalibration at a time, one Job per token, level-triggered from the annotation and the Jobs:
+
+    - a token already handled (`requestToken`) or whose Job ran lately (`recentJobs`) starts nothing;
+      a reused one says so (event) instead of claiming a Job started;
+    - while any recalibration Job runs, a new token waits in `queuedToken`;
+    - the token's Job already exists (created just before a crash or a failed status write): adopt it;
+    - else create it, with the next run id.
+    `jobs` is updated with a Job created here."""
+    rec = status.recalibration
+    running = sorted((j for j in jobs if job_outcome(j) is None), key=lambda j: run_id(j) or 0)
+    rec.active_job = running[-1]["metadata"]["name"] if running else None
+    if not token or token == rec.request_token:
+        rec.queued_token = None
+        return
+    job_name = b.ondemand_job_name(owner, token)
+    existing = next((j for j in jobs if j["metadata"]["name"] == job_name), None)
+    if job_name in rec.recent_jobs:
+        rec.request_token, rec.queued_token = token, None
+        ctx.events(body, "Warning", "RecalibrationTokenReused",
+                   f"{RECALIBRATE_ANNOTATION}: {token[:64]!r} already started Job {job_name}; nothing started. "
+                   "Set a new value, e.g. $(date +%s), to recalibrate again")
+        return
+    if existing is None and running:
+        if rec.queued_token != token:
+            ctx.events(body, "Normal", "RecalibrationQueued",
+                       f"{token[:64]!r} waits for Job {rec.active_job} to finish (one recalibration at a time)")
+        rec.queued_token = token
+        return
+    if existing is None:
+        job = b.ondemand_job(owner, spec, ctx.config, token)
+        job["metadata"]["annotations"][RUN_ID_ANNOTATION] = str(rec.last_run_id + 1)
+        try:
+            existing = ctx.kube.create(k.JOBS, owner.namespace, job)
+            rec.last_run_id += 1
+            ctx.events(body, "Normal", "RecalibrationStarted",
+                       f"started Job {job_name} for {RECALIBRATE_ANNOTATION}={token[:64]}")
+        except k.KubeError as e:
+            if e.status != 409:
+                raise
+            existing = job  # created since the listing: that Job serves the token (the next reconcile reads it)
+        jobs.append(existing)
+    rec.request_token, rec.queued_token = token, None
+    rec.recent_jobs = [j for j in rec.recent_jobs if j != job_name][-(RECENT_JOBS - 1):] + [job_name]
+    if job_outcome(existing) is None:
+        rec.active_job = job_name

@@ -14,14 +14,16 @@ import time
 import pydantic
 from kubernetes.utils import parse_quantity
 
-from indexcache_operator import DEPLOYMENT_LABEL, GROUP, PLURAL, RECALIBRATE_ANNOTATION, VERSION
+from indexcache_operator import (DEPLOYMENT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL, PLURAL, RECALIBRATE_ANNOTATION,
+                                 VERSION)
 from indexcache_operator import builders as b
 from indexcache_operator import kube as k
 from indexcache_operator import mergepatch
 from indexcache_operator import recalibration as recal
-from indexcache_operator.context import Context, EventSink, ReconcileError, now  # noqa: F401  (re-exported)
-from indexcache_operator.models import (Condition, Decision, IndexCacheDeploymentSpec, IndexCacheDeploymentStatus,
-                                        Phase)
+from indexcache_operator.context import (Context, EventSink, ReconcileError, StatusConflict,  # noqa: F401
+                                         count_error, now)
+from indexcache_operator.models import (RESERVED_ENV, Condition, Decision, IndexCacheDeploymentSpec,
+                                        IndexCacheDeploymentStatus, Phase, PodSettings)
 from indexcache_operator.patterns import full_layers, pattern_from_freq, pattern_problem
 from indexcache_operator.recalibration import gate, job_outcome  # noqa: F401  (re-exported)
 
@@ -50,6 +52,26 @@ def calibration_basis(spec: IndexCacheDeploymentSpec) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def pod_settings_problems(where: str, settings: PodSettings, reserved_env: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Quantities that are not quantities, GPUs asked for outside gpusPerReplica, env the operator sets."""
+    problems = []
+    for part in ("requests", "limits"):
+        for name, value in (getattr(settings.resources, part) if settings.resources else {}).items():
+            field = f"{where}.resources.{part}.{name}"
+            if name == b.GPU_RESOURCE:
+                problems.append(("InvalidResources", f"{field}: GPUs come from spec.gpusPerReplica; remove it"))
+                continue
+            try:
+                parse_quantity(str(value))
+            except ValueError:
+                problems.append(("InvalidResources", f"{field}: {value!r} is not a Kubernetes quantity "
+                                 "(e.g. 8, 500m, 64Gi)"))
+    for var in settings.env:
+        if var.name in reserved_env:
+            problems.append(("InvalidEnv", f"{where}.env: {var.name} is set by the operator; use another name"))
+    return problems
+
+
 def operator_checks(spec: IndexCacheDeploymentSpec) -> list[tuple[str, str]]:
     """What the CRD schema cannot check: (reason, message) for each problem."""
     problems = []
@@ -57,6 +79,8 @@ def operator_checks(spec: IndexCacheDeploymentSpec) -> list[tuple[str, str]]:
         why = pattern_problem(spec.index_cache.pattern, spec.model.num_layers)
         if why:
             problems.append(("PatternLengthMismatch", f"spec.indexCache.{why}"))
+    for where, settings in (("head", spec.head), ("workers", spec.workers), ("recalibration.job", spec.recalibration.job)):
+        problems += pod_settings_problems(f"spec.{where}", settings, reserved_env=RESERVED_ENV if where == "recalibration.job" else ())
     if spec.recalibration.schedule:
         try:
             from croniter import croniter
@@ -67,6 +91,9 @@ def operator_checks(spec: IndexCacheDeploymentSpec) -> list[tuple[str, str]]:
             problems.append(("InvalidSchedule", f"spec.recalibration.schedule "
                              f"{spec.recalibration.schedule!r} is not a valid cron expression: {e}"))
     return problems
+
+
+KUBERAY_VALIDATION_FAILED = "ValidationFailed"  # rayv1.RayServiceValidationFailed
 
 
 def rayservice_health(rs: dict | None) -> tuple[bool, str, str, int, int]:
@@ -80,6 +107,13 @@ def rayservice_health(rs: dict | None) -> tuple[bool, str, str, int, int]:
     ready = int(cluster.get("readyWorkerReplicas") or 0)
     generation = rs.get("metadata", {}).get("generation")
     observed = st.get("observedGeneration")
+    # KubeRay refuses an invalid RayService with Ready=False reason ValidationFailed and writes no
+    # observedGeneration: without this check the resource would show RayServiceUpdating forever.
+    for cond in st.get("conditions") or []:
+        if (cond.get("type") == "Ready" and cond.get("reason") == KUBERAY_VALIDATION_FAILED
+                and cond.get("observedGeneration") in (None, generation)):
+            return (False, "RayServiceInvalid", f"KubeRay refused the RayService: {cond.get('message', '')}".strip(),
+                    replicas, ready)
     if observed is None or (generation is not None and observed != generation):
         return (False, "RayServiceUpdating",
                 f"KubeRay has not yet observed RayService generation {generation} (observed {observed})",
@@ -180,7 +214,9 @@ def remove(ctx: Context, body: dict, res: k.Resource, namespace: str, name: str,
 
 
 def ensure_children(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
-                    pattern: str | None, version: int) -> dict:
+                    pattern: str | None, version: int, hold_schedule: bool = False) -> dict:
+    """`hold_schedule`: an on-demand recalibration runs, so the CronJob is suspended until it finishes
+    (one recalibration at a time; the CronJob's own Forbid policy only sees its own Jobs)."""
     ensure(ctx, body, k.SERVICEACCOUNTS, b.service_account(owner))
     ensure(ctx, body, k.ROLES, b.role(owner))
     ensure(ctx, body, k.ROLEBINDINGS, b.role_binding(owner))
@@ -195,44 +231,40 @@ def ensure_children(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDe
     else:
         rs = ensure(ctx, body, k.RAYSERVICES, b.rayservice(owner, spec, ctx.config, pattern, version))
     if spec.recalibration.schedule:
-        ensure(ctx, body, k.CRONJOBS, b.recalibration_cronjob(owner, spec, ctx.config))
+        ensure(ctx, body, k.CRONJOBS, b.recalibration_cronjob(owner, spec, ctx.config, hold=hold_schedule))
     else:
         remove(ctx, body, k.CRONJOBS, owner.namespace, b.cronjob_name(owner), "CronJob")
     return rs
 
 
-def start_requested_recalibration(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
-                                  status: IndexCacheDeploymentStatus) -> None:
-    token = (body["metadata"].get("annotations") or {}).get(RECALIBRATE_ANNOTATION)
-    if not token or token == status.recalibration.request_token:
-        return
-    job = b.ondemand_job(owner, spec, ctx.config, token)
-    run = status.recalibration.last_run_id + 1
-    job["metadata"]["annotations"][recal.RUN_ID_ANNOTATION] = str(run)
-    try:
-        ctx.kube.create(k.JOBS, owner.namespace, job)
-        status.recalibration.last_run_id = run
-        ctx.events(body, "Normal", "RecalibrationStarted",
-                   f"started Job {job['metadata']['name']} for {RECALIBRATE_ANNOTATION}={token}")
-    except k.KubeError as e:
-        if e.status != 409:  # already exists: a restart or a second call; the same Job serves it
-            raise
-    status.recalibration.request_token = token
-    status.recalibration.active_job = job["metadata"]["name"]
-
-
 # ---- the reconcile --------------------------------------------------------------------------
+
+# Status writes carry the resourceVersion read (optimistic concurrency, as controller-runtime's Update): a
+# conflicting writer (a second operator during a hand-over, a user's edit) makes us redo the reconcile.
+STATUS_ATTEMPTS = 4
+
 
 def reconcile(ctx: Context, namespace: str, name: str) -> dict | None:
     """Bring the world in line with the resource; returns the status written (None if gone)."""
     with ctx.lock(namespace, name):
-        try:
-            body = ctx.kube.get(ICDS, namespace, name)
-        except k.KubeError as e:
-            raise ReconcileError(str(e), e.status) from e
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return None
-        return _reconcile_locked(ctx, body)
+        for _ in range(STATUS_ATTEMPTS):
+            try:
+                body = ctx.kube.get(ICDS, namespace, name)
+            except k.KubeError as e:
+                raise ReconcileError(str(e), e.status) from e
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            attempt = ctx.attempt()
+            try:
+                written = _reconcile_locked(attempt, body)
+            except StatusConflict:
+                continue  # another writer got in between: drop this attempt's events, redo on fresh data
+            except ReconcileError:
+                attempt.commit()  # what was done before the failure happened: say so
+                raise
+            attempt.commit()
+            return written
+        raise ReconcileError(f"the status of {namespace}/{name} kept changing under {STATUS_ATTEMPTS} attempts", 409)
 
 
 def _validation_message(err: pydantic.ValidationError) -> str:
@@ -284,18 +316,23 @@ def _reconcile_locked(ctx: Context, body: dict) -> dict:
         set_condition(status, "Reconciled", False, error_reason, str(e)[:1000], generation)
         ctx.events(body, "Warning", "ReconcileFailed", str(e)[:1000])
         try:  # say so in status if the API server lets us; the error itself is what the caller needs
-            _write_status(ctx, ns, name, before, status)
-        except k.KubeError as write_error:
+            _write_status(ctx, body, status)
+        except (k.KubeError, StatusConflict) as write_error:
             log.warning("could not write the status of %s/%s after an error: %s", ns, name, write_error)
         ctx.metrics.errors.labels(ns, name, error_reason).inc()
         ctx.metrics.reconciles.labels(ns, name, result).inc()
         raise ReconcileError(str(e), e.status) from e
     finally:
         ctx.metrics.duration.labels(ns, name).observe(time.monotonic() - started)
+    try:
+        written = _write_status(ctx, body, status)
+    except k.KubeError as e:
+        ctx.metrics.errors.labels(ns, name, f"Api{e.status}").inc()
+        ctx.metrics.reconciles.labels(ns, name, "error").inc()
+        raise ReconcileError(str(e), e.status) from e
     if error_reason:
         ctx.metrics.errors.labels(ns, name, error_reason).inc()
     ctx.metrics.reconciles.labels(ns, name, result).inc()
-    written = _write_status(ctx, ns, name, before, status)
     ctx.metrics.observe_status(ns, name, spec_replicas, written)
     return written
 
@@ -313,16 +350,21 @@ def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheD
                    f"pattern from Job {applied.job}")
         status.applied_calibration = applied = None
     pattern = applied.pattern if applied is not None else spec_pattern(spec)
-    if pattern != status.pattern:
+    rule = b.pattern_rule(spec) if pattern is None else None
+    rule_text = f"freq={rule[0]},offset={rule[1]}" if rule else None
+    if (pattern, rule_text) != (status.pattern, status.pattern_rule):
         status.pattern_version += 1
+        was = status.pattern or status.pattern_rule or "(checkpoint default)"
         ctx.events(body, "Normal", "PatternChanged",
-                   f"pattern {status.pattern or '(checkpoint default)'} -> {pattern or '(checkpoint default)'} "
+                   f"pattern {was} -> {pattern or rule_text or '(checkpoint default)'} "
                    f"(version {status.pattern_version})")
-        status.pattern = pattern
+        status.pattern, status.pattern_rule = pattern, rule_text
     status.full_layers = full_layers(pattern) if pattern else None
 
-    rs = ensure_children(ctx, body, owner, spec, pattern, status.pattern_version)
-    start_requested_recalibration(ctx, body, owner, spec, status)
+    token = (body["metadata"].get("annotations") or {}).get(RECALIBRATE_ANNOTATION)
+    recal.handle_request(ctx, body, owner, spec, status, jobs, token)
+    rs = ensure_children(ctx, body, owner, spec, pattern, status.pattern_version,
+                         hold_schedule=recal.ondemand_running(jobs))
 
     status.ray_service = b.rayservice_name(owner)
     status.selector = b.replica_selector(owner)
@@ -335,6 +377,10 @@ def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheD
         set_condition(status, "Ready", False, "ScaledToZero",
                       "spec.replicas is 0: no RayService runs; set replicas >= 1 to serve again", generation)
         status.phase = Phase.scaled_to_zero
+    elif reason == "RayServiceInvalid":  # nothing will come of waiting: say what to fix
+        set_condition(status, "Ready", False, reason, message, generation)
+        set_condition(status, "Degraded", True, reason, message, generation)
+        status.phase = Phase.degraded
     else:
         set_condition(status, "Ready", serving, reason, message, generation)
         status.phase = Phase.ready if serving else Phase.deploying
@@ -360,13 +406,61 @@ def _set_calibrated(status: IndexCacheDeploymentStatus, generation: int | None) 
     set_condition(status, "Calibrated", applied is not None, reason, message, generation)
 
 
-def _write_status(ctx: Context, ns: str, name: str, before: dict, status: IndexCacheDeploymentStatus) -> dict:
+def _write_status(ctx: Context, body: dict, status: IndexCacheDeploymentStatus) -> dict:
     """Write `status` as a whole: a merge patch that also removes every key it no longer has, at any depth
-    (a failed run must not keep the previous run's pattern, an applied one no stale recommendation)."""
+    (a failed run must not keep the previous run's pattern, an applied one no stale recommendation), on
+    the condition that the resource is still the version `body` was read at (StatusConflict if not)."""
+    meta = body["metadata"]
+    before = body.get("status") or {}
     after = status.model_dump(by_alias=True, exclude_none=True, mode="json")
     if after != before:
-        ctx.kube.patch(ICDS, ns, name, {"status": mergepatch.diff(before, after)}, subresource="status")
+        patch = {"metadata": {"resourceVersion": meta.get("resourceVersion")},
+                 "status": mergepatch.diff(before, after)}
+        try:
+            ctx.kube.patch(ICDS, meta["namespace"], meta["name"], patch, subresource="status")
+        except k.KubeError as e:
+            if e.status == 409:
+                raise StatusConflict(str(e)) from e
+            raise
     return after
+
+
+# ---- deletion -----------------------------------------------------------------------------------
+
+# Every kind the operator creates for a deployment, deleted when it goes (Jobs' result ConfigMaps too).
+CHILD_KINDS = (k.RAYSERVICES, k.PVCS, k.CRONJOBS, k.JOBS, k.SERVICEACCOUNTS, k.ROLES, k.ROLEBINDINGS)
+
+
+def delete_children(ctx: Context, namespace: str, name: str) -> int:
+    """Delete what the operator created for a deleted IndexCacheDeployment, best effort: a refused or
+    failed call (counted in indexcache_operator_errors_total{source="cleanup"}) does not stop the others,
+    and the resource's metric series go whatever happens. Returns the number of failed calls."""
+    failures = 0
+    ours = {DEPLOYMENT_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY}
+    try:
+        with ctx.lock(namespace, name):
+            for res in CHILD_KINDS:
+                try:
+                    objs = ctx.kube.list(res, namespace, ours)
+                except k.KubeError as e:
+                    failures += 1
+                    log.warning("cleanup of %s/%s: listing %s failed (%s): %s", namespace, name, res.plural,
+                                count_error(ctx, "cleanup", e), e)
+                    continue
+                doomed = [(res, o["metadata"]["name"]) for o in objs]
+                if res == k.JOBS:  # the result ConfigMap each Job wrote carries no owner reference
+                    doomed += [(k.CONFIGMAPS, b.result_configmap_name(o["metadata"]["name"])) for o in objs]
+                for kind, child in doomed:
+                    try:
+                        ctx.kube.delete(kind, namespace, child)
+                    except k.KubeError as e:
+                        failures += 1
+                        log.warning("cleanup of %s/%s: deleting %s %s failed (%s): %s", namespace, name,
+                                    kind.plural, child, count_error(ctx, "cleanup", e), e)
+    finally:
+        ctx.metrics.forget(namespace, name)
+    log.info("deleted the children of %s/%s (%d calls failed)", namespace, name, failures)
+    return failures
 
 
 # ---- recalibration results -------------------------------------------------------------------

@@ -17,29 +17,9 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from indexcache_operator import kube as k
-from indexcache_operator.context import Context, ReconcileError
+from indexcache_operator.context import Context, ReconcileError, count_error
 
 log = logging.getLogger(__name__)
-
-
-def error_reason(err: BaseException) -> str:
-    """A bounded label value for an error (metrics.ERROR_REASONS): ApiUnreachable, Api403, Api404,
-    Api409, Api5xx, Unexpected (anything else, other 4xx included)."""
-    status = err.status if isinstance(err, (k.KubeError, ReconcileError)) else None
-    if status == 0:
-        return "ApiUnreachable"
-    if status is not None and status >= 500:
-        return "Api5xx"
-    if status in (403, 404, 409):
-        return f"Api{status}"
-    return "Unexpected"
-
-
-def count_error(ctx: Context, source: str, err: BaseException) -> str:
-    reason = error_reason(err)
-    ctx.metrics.operator_errors.labels(source, reason).inc()
-    return reason
 
 
 class KnownDeployments:

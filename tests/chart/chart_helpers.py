@@ -16,35 +16,6 @@ ALL_ON_VALUES = Path(__file__).resolve().parent / "values-all-on.yaml"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for `import dashboards`
 
-# What the operator calls on the Kubernetes API, as (apiGroup, resource, verb). The chart's ClusterRole must
-# grant exactly these (test_rbac.py). Kept here, next to the test, because the operator package is owned
-# elsewhere; update both when the operator starts calling something new.
-OPERATOR_API_CALLS = {
-    # kopf: list+watch the resource, patch finalizers/annotations (its progress storage) and status.
-    *(("indexcache.io", "indexcachedeployments", v) for v in ("get", "list", "watch", "patch")),
-    ("indexcache.io", "indexcachedeployments/status", "get"),
-    ("indexcache.io", "indexcachedeployments/status", "patch"),
-    # Children get ownerReferences with blockOwnerDeletion: the API server then wants update on this.
-    ("indexcache.io", "indexcachedeployments/finalizers", "update"),
-    # kopf observes CRDs at runtime.
-    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
-    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
-    # kopf's and the operator's events.
-    ("", "events", "create"),
-    # Children: created, read back (status, drift), restored by patch; deleted when the spec drops them.
-    *(("ray.io", "rayservices", v) for v in ("get", "list", "watch", "create", "patch", "delete")),
-    *(("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")),
-    *(("batch", "cronjobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")),
-    *(("", "persistentvolumeclaims", v) for v in ("get", "list", "watch", "create", "patch")),
-    *(("", "serviceaccounts", v) for v in ("get", "list", "watch", "create", "patch")),
-    *(("rbac.authorization.k8s.io", "roles", v) for v in ("get", "list", "watch", "create", "patch")),
-    *(("rbac.authorization.k8s.io", "rolebindings", v) for v in ("get", "list", "watch", "create", "patch")),
-    # Result ConfigMaps: read by the operator; and the Job's Role grants create/update/patch on them, which
-    # Kubernetes only lets the operator create if the operator holds those verbs itself.
-    *(("", "configmaps", v) for v in ("get", "list", "watch", "create", "update", "patch", "delete")),
-}
-
-
 def find_helm() -> str:
     candidates = [os.environ.get("HELM"), ROOT / ".tools/bin/helm",
                   Path(sys.executable).resolve().parents[2] / ".tools/bin/helm",  # the venv's checkout

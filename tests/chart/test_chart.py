@@ -12,7 +12,8 @@ from chart_helpers import ALL_ON_VALUES, CHART, ROOT, by_kind, one, render, run_
 
 from dashboards import alerts
 
-K8S_VERSION = "1.33.0"
+# The oldest Kubernetes the chart supports and the newest kubernetes-validate ships.
+K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
@@ -37,8 +38,8 @@ def test_typo_or_bad_value_fails_lint_naming_the_key(helm, setting, named):
 
 def test_default_install_renders_operator_rbac_and_dashboards_only(default_objects):
     kinds = sorted(o["kind"] for o in default_objects if o["kind"] != "CustomResourceDefinition")
-    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"]
-                           + ["ConfigMap"] * 4)
+    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment",
+                            "PodDisruptionBudget"] + ["ConfigMap"] * 4)
     # The monitoring.coreos.com objects would fail to install on a cluster without the Prometheus Operator.
     assert not PROMETHEUS_OPERATOR_KINDS & {o["kind"] for o in default_objects}
 
@@ -48,23 +49,33 @@ def test_all_on_renders_every_optional_part(all_on_objects):
     assert PROMETHEUS_OPERATOR_KINDS <= kinds
 
 
+@pytest.mark.parametrize("k8s", K8S_VERSIONS)
 @pytest.mark.parametrize("fixture", ["default_objects", "all_on_objects"])
-def test_rendered_builtin_objects_are_valid_kubernetes(fixture, request):
+def test_rendered_builtin_objects_are_valid_kubernetes(fixture, k8s, request):
     objects = request.getfixturevalue(fixture)
     builtins = [o for o in objects if o["kind"] not in PROMETHEUS_OPERATOR_KINDS]
     assert builtins
     for obj in builtins:
         try:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(obj, k8s, strict=True)
         except kubernetes_validate.ValidationError as err:
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {err.message} at {list(err.path)}")
 
 
-def test_operator_deployment_is_single_hardened_and_probed(all_on_objects):
+def test_operator_deployment_is_highly_available_hardened_and_probed(all_on_objects):
+    """Two replicas by default (issue 19 item 10): kopf peering keeps one active, a rolling upgrade adds a
+    peer before removing one, and a PodDisruptionBudget keeps one through node drains."""
     dep = one(all_on_objects, "Deployment")
     spec = dep["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}  # never two operators during an upgrade
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pdb = one(all_on_objects, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert _matches(pdb["spec"]["selector"]["matchLabels"], spec["template"]["metadata"]["labels"])
+    peering_env = {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}
+    assert peering_env["INDEXCACHE_OPERATOR_PEERING"] == "indexcache-operator"
+    crds = {c["metadata"]["name"] for c in by_kind(all_on_objects, "CustomResourceDefinition")}
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
@@ -89,6 +100,35 @@ def test_operator_deployment_is_single_hardened_and_probed(all_on_objects):
     assert pod["serviceAccountName"] == one(all_on_objects, "ServiceAccount")["metadata"]["name"]
     assert pod["imagePullSecrets"] == [{"name": "ghcr-pull"}]
     assert pod["tolerations"][0]["key"] == "dedicated"
+
+
+def test_one_replica_is_standalone_without_peering_or_pdb(helm):
+    objs = render(helm, "--set", "replicas=1")
+    spec = one(objs, "Deployment")["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}  # never two during an upgrade
+    env = {e["name"] for e in spec["template"]["spec"]["containers"][0]["env"]}
+    assert "INDEXCACHE_OPERATOR_PEERING" not in env
+    assert not by_kind(objs, "PodDisruptionBudget")
+    assert [c["metadata"]["name"] for c in by_kind(objs, "CustomResourceDefinition")] == [
+        "indexcachedeployments.indexcache.io"]
+    assert not [r for r in one(objs, "ClusterRole")["rules"] if "kopf.dev" in r["apiGroups"]]
+
+
+def test_operator_args_and_log_format_take_effect(all_on_objects, capfd):
+    """operator.args and INDEXCACHE_LOG_FORMAT reach the operator's CLI (they were silently ignored)."""
+    from indexcache_operator.__main__ import configure_logging, parse
+    (container,) = one(all_on_objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    options = parse(container["args"], env)
+    assert (options.log_level, options.log_format, options.peering) == ("DEBUG", "json", "indexcache-operator")
+    configure_logging(options)
+    try:
+        import logging
+        logging.getLogger("indexcache_operator.test").info("hello from the chart's settings")
+        line = capfd.readouterr().err.strip().splitlines()[-1]
+        assert json.loads(line)["message"] == "hello from the chart's settings"
+    finally:
+        configure_logging(parse([], {}))
 
 
 def test_default_image_tag_is_the_app_version(default_objects, helm):
@@ -117,14 +157,29 @@ def test_service_and_servicemonitor_reach_the_operator_metrics_port(all_on_objec
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
-def test_serving_podmonitor_scrapes_ray_serve_pods_in_every_namespace(all_on_objects):
+def test_serving_podmonitor_scrapes_every_replica_in_every_namespace(all_on_objects):
+    """One target per serving replica (issue 19 item 9): the PodMonitor selects the replica pods the operator
+    builds, not the head (whose /metrics route answers for one random replica), on the port where each
+    replica serves its own metrics."""
+    from indexcache_operator import builders as b
+    from indexcache_operator.config import OperatorConfig
+    from indexcache_operator.models import IndexCacheDeploymentSpec
+
     pm = one(all_on_objects, "PodMonitor")
     assert pm["spec"]["namespaceSelector"] == {"any": True}
-    # The labels the operator puts on the serving pods of every IndexCacheDeployment (and nothing else's).
-    assert pm["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "indexcache-operator",
-                                                      "app.kubernetes.io/component": "serving"}}
     (endpoint,) = pm["spec"]["podMetricsEndpoints"]
-    assert endpoint == {"port": "serve", "path": "/metrics", "interval": "15s"}
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    spec = IndexCacheDeploymentSpec.model_validate({"model": {"uri": "smollm2"}, "replicas": 3})
+    rs = b.rayservice(b.Owner("chat", "serving", "u"), spec, OperatorConfig(), None, 1)
+    cluster = rs["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]
+    (workers,) = cluster["workerGroupSpecs"]
+    selector = pm["spec"]["selector"]["matchLabels"]
+    assert _matches(selector, workers["template"]["metadata"]["labels"]), "the PodMonitor selects no replica pod"
+    assert not _matches(selector, head["metadata"]["labels"]), "the PodMonitor also scrapes the head"
+    ports = {p["name"]: p["containerPort"] for p in workers["template"]["spec"]["containers"][0]["ports"]}
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    assert ports[endpoint["port"]] == app["args"]["metrics_port"], "replicas serve metrics where it scrapes"
 
 
 def test_prometheusrule_carries_the_generated_alerts_verbatim(all_on_objects, tmp_path):

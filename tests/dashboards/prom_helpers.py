@@ -61,6 +61,9 @@ class ContractExporter:
             name = m.name.removesuffix("_total") if m.type == "counter" else m.name
             cls = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}[m.type]
             metric = cls(name, m.name, list(m.labels), registry=self.registry)
+            if not m.labels:  # a label-less metric (the operator process's own) is its only child
+                self.children.append((m.type, metric))
+                continue
             for combo in itertools.product(*(m.label_values[k] for k in extra)):
                 labels = {**{k: base_labels[k] for k in m.labels if k in base_labels}, **dict(zip(extra, combo))}
                 self.children.append((m.type, metric.labels(**labels)))

@@ -18,6 +18,8 @@ from indexcache_operator.patterns import full_layers, pattern_from_freq, pattern
 from indexcache_operator.reconcile import Decision, gate, rayservice_health
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pod_security import restricted_violations  # noqa: E402
 OWNER = b.Owner(name="chat", namespace="serving", uid="1234")
 CONFIG = OperatorConfig()
 
@@ -28,6 +30,20 @@ def spec(**over) -> IndexCacheDeploymentSpec:
             "traffic": {"sampleRate": 0.1}}
     base.update(over)
     return IndexCacheDeploymentSpec.model_validate(base)
+
+
+SCHEDULED = {
+    "imagePullSecrets": [{"name": "regcred"}],
+    "head": {"resources": {"requests": {"cpu": 4}}, "nodeSelector": {"pool": "cpu"},
+             "env": [{"name": "RAY_LOG", "value": "debug"}]},
+    "workers": {"resources": {"requests": {"memory": "200Gi"}, "limits": {"memory": "200Gi"}},
+                "nodeSelector": {"pool": "h200"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]},
+    "recalibration": {"job": {"resources": {"requests": {"cpu": "16"}}, "nodeSelector": {"pool": "h200"},
+                              "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                              "env": [{"name": "CALIB_THREADS", "value": "8"}]}},
+}
 
 
 @functools.cache
@@ -124,22 +140,44 @@ def test_a_new_pattern_changes_only_user_config():
     assert b.read_user_config(after)["pattern"] == "FSSSFSSS"
 
 
+# The oldest Kubernetes the chart supports and the newest kubernetes-validate ships.
+K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
+
+
+@pytest.mark.parametrize("k8s", K8S_VERSIONS)
 @pytest.mark.parametrize("build", [
     lambda: b.samples_claim(OWNER, spec(traffic={"storageClassName": "nfs"})),
     lambda: b.service_account(OWNER),
     lambda: b.role(OWNER),
     lambda: b.role_binding(OWNER),
     lambda: b.ondemand_job(OWNER, spec(), CONFIG, "2026-11-28T10:00"),
+    lambda: b.ondemand_job(OWNER, spec(**SCHEDULED), CONFIG, "2026-11-28T10:00"),
     lambda: b.recalibration_cronjob(OWNER, spec(recalibration={"schedule": "0 3 * * 0"}), CONFIG),
+    lambda: b.recalibration_cronjob(OWNER, spec(**{**SCHEDULED, "recalibration": {
+        **SCHEDULED["recalibration"], "schedule": "0 3 * * 0"}}), CONFIG, hold=True),
     lambda: b.ondemand_job(OWNER, spec(model={"uri": "hf://acme/glm5@v1", "credentialsSecret": "hf-token",
                                               "cacheVolume": {"claimName": "models"}}), CONFIG, "t"),
     lambda: b.ondemand_job(OWNER, spec(model={"uri": "pvc://weights/glm5"}), CONFIG, "t"),
-])
-def test_builtin_manifests_pass_kubernetes_validation(build):
+], ids=["pvc", "serviceaccount", "role", "rolebinding", "job", "job-scheduled", "cronjob", "cronjob-scheduled",
+        "job-hf-model-cache", "job-pvc-model"])
+def test_builtin_manifests_pass_kubernetes_validation(build, k8s):
     obj = build()
-    kubernetes_validate.validate(obj, "1.37.0", strict=True)
+    kubernetes_validate.validate(obj, k8s, strict=True)
     assert obj["metadata"]["ownerReferences"][0]["uid"] == "1234"
     assert obj["metadata"]["labels"]["indexcache.io/deployment"] == "chat"
+
+
+@pytest.mark.parametrize("k8s", K8S_VERSIONS)
+def test_the_pods_inside_the_rayservice_pass_kubernetes_validation(kit, k8s):
+    """KubeRay's CRD keeps pod templates loosely typed; its controller hands them to the API server as
+    Pods, so they are checked against the Pod schema too (head and workers, with every setting)."""
+    rs = b.rayservice(OWNER, spec(**SCHEDULED), CONFIG, "FFSSFSSS", 1)
+    jsonschema.Draft7Validator(_kuberay_schema(kit.KUBERAY_CRD)).validate(rs)
+    cluster = rs["spec"]["rayClusterConfig"]
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **template["metadata"]},
+               "spec": template["spec"]}
+        kubernetes_validate.validate(pod, k8s, strict=True)
 
 
 def test_recalibration_job_runs_the_calibrate_contract():
@@ -148,7 +186,7 @@ def test_recalibration_job_runs_the_calibrate_contract():
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] + container["args"] == [
         "indexcache", "calibrate", "--model", "/models/glm5", "--samples", "/samples", "--target-full", "0.25",
-        "--out", "/results/result.json", "--report-configmap", "$(POD_NAMESPACE)/$(JOB_NAME)-result"]
+        "--device", "cuda", "--out", "/results/result.json", "--report-configmap", "$(POD_NAMESPACE)/$(JOB_NAME)-result"]
     assert {e["name"] for e in container["env"]} == {"JOB_NAME", "POD_NAMESPACE", "INDEXCACHE_MODEL_CACHE",
                                                      "INDEXCACHE_OFFLINE", "HF_HUB_OFFLINE"}
     assert job["spec"]["activeDeadlineSeconds"] == 900
@@ -218,6 +256,22 @@ def test_a_pvc_model_is_mounted_where_the_resolver_reads_it():
             assert mount["readOnly"] is True
             assert str(parse_uri(s.model.uri).path).startswith(mount["mountPath"] + "/")
     assert b.PVC_ROOT == DEFAULT_PVC_ROOT
+
+
+def test_recalibration_job_runs_on_the_gpus_it_holds():
+    """Issue 19 item 8: the Job held GPUs but calibrated on the CPU (the CLI's default device) and asked
+    for no CPU or memory, so a node without room for the model could take it."""
+    job = b.ondemand_job(OWNER, spec(gpusPerReplica=4), CONFIG, "tok")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--device") + 1] == "cuda"
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    assert parse_quantity(requests["nvidia.com/gpu"]) == parse_quantity(limits["nvidia.com/gpu"]) == 4
+    assert parse_quantity(requests["cpu"]) == parse_quantity(CONFIG.worker_cpu)
+    assert parse_quantity(requests["memory"]) == parse_quantity(limits["memory"]) == parse_quantity(CONFIG.worker_memory)
+    # The scheduled runs are the same Job.
+    cron = b.recalibration_cronjob(OWNER, spec(gpusPerReplica=4, recalibration={"schedule": "@daily"}), CONFIG)
+    assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0] == container
 
 
 def test_cronjob_follows_schedule_and_suspend():
@@ -323,3 +377,62 @@ def test_resource_quantities_compare_by_value(desired, actual, equal):
     assert is_subset({"resources": {"limits": desired}}, {"resources": {"limits": actual, "extra": 1}}) is equal
     # Outside requests/limits a string is not a number.
     assert is_subset({"replicas": 1}, {"replicas": "1"}) is False
+
+
+# ---- pods: PodSecurity "restricted", scheduling and environment (issue 19 item 11) ----------------------
+
+def _all_pods(s: IndexCacheDeploymentSpec) -> dict[str, dict]:
+    rs = b.rayservice(OWNER, s, CONFIG, "FFSSFSSS", 1)["spec"]["rayClusterConfig"]
+    cron = b.recalibration_cronjob(OWNER, s.model_copy(update={"recalibration": s.recalibration.model_copy(
+        update={"schedule": "@daily"})}), CONFIG)
+    return {"head": rs["headGroupSpec"]["template"]["spec"],
+            "worker": rs["workerGroupSpecs"][0]["template"]["spec"],
+            "job": b.ondemand_job(OWNER, s, CONFIG, "t")["spec"]["template"]["spec"],
+            "cronjob": cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]}
+
+
+def test_every_generated_pod_passes_podsecurity_restricted():
+    for name, pod in _all_pods(spec()).items():
+        assert restricted_violations(pod) == [], name
+
+
+def test_the_restricted_check_has_teeth():
+    pod = _all_pods(spec())["worker"]
+    pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+    pod["volumes"].append({"name": "h", "hostPath": {"path": "/"}})
+    assert len(restricted_violations(pod)) == 2
+
+
+def test_scheduling_and_env_settings_reach_their_pods():
+    pods = _all_pods(spec(**SCHEDULED))
+    for name, pod in pods.items():
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}], name
+        assert restricted_violations(pod) == [], name
+    head, worker, job = pods["head"], pods["worker"], pods["job"]
+    assert head["nodeSelector"] == {"pool": "cpu"} and "tolerations" not in head
+    assert worker["nodeSelector"] == {"pool": "h200"} and worker["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert job["nodeSelector"] == {"pool": "h200"} and pods["cronjob"]["tolerations"] == job["tolerations"]
+    assert {"name": "RAY_LOG", "value": "debug"} in head["containers"][0]["env"]
+    # the user's env follows the operator's own (the model cache, read offline: b.MODEL_READER_ENV)
+    assert worker["containers"][0]["env"] == b.MODEL_READER_ENV + [
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]
+    assert [e["name"] for e in job["containers"][0]["env"]] == (
+        ["JOB_NAME", "POD_NAMESPACE"] + [e["name"] for e in b.MODEL_READER_ENV] + ["CALIB_THREADS"])
+    # Resources: the user's over the defaults; a request above a default limit lifts the limit.
+    head_res = head["containers"][0]["resources"]
+    assert (head_res["requests"]["cpu"], head_res["limits"]["cpu"]) == ("4", "4")
+    assert head_res["requests"]["memory"] == CONFIG.head_memory
+    worker_res = worker["containers"][0]["resources"]
+    assert worker_res["requests"]["memory"] == worker_res["limits"]["memory"] == "200Gi"
+    assert worker_res["limits"]["nvidia.com/gpu"] == "4"  # gpusPerReplica, whatever the user wrote
+    assert job["containers"][0]["resources"]["requests"]["cpu"] == "16"
+
+
+def test_bad_pod_settings_degrade_with_the_field_named():
+    from indexcache_operator.reconcile import operator_checks
+    problems = operator_checks(spec(workers={"resources": {"limits": {"memory": "lots", "nvidia.com/gpu": 2}}},
+                                    recalibration={"job": {"env": [{"name": "JOB_NAME", "value": "x"}]}}))
+    messages = " ".join(m for _, m in problems)
+    assert "spec.workers.resources.limits.memory: 'lots' is not a Kubernetes quantity" in messages
+    assert "spec.workers.resources.limits.nvidia.com/gpu: GPUs come from spec.gpusPerReplica" in messages
+    assert "spec.recalibration.job.env: JOB_NAME is set by the operator" in messages

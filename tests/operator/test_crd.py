@@ -47,7 +47,20 @@ def test_drift_check_notices_a_chart_crd_without_the_keep_policy(tmp_path, monke
 def test_crd_is_structural_and_has_the_contract_names():
     crd = crd_module.build_crd()
     dumped = yaml.safe_dump(crd)
-    assert "$ref" not in dumped and "anyOf" not in dumped and "title:" not in dumped
+    assert "$ref" not in dumped and "title:" not in dumped
+    # The one anyOf a structural schema allows: int-or-string quantities; no anyOf-with-null anywhere.
+    def any_ofs(node):
+        if isinstance(node, dict):
+            if "anyOf" in node:
+                yield node
+            for v in node.values():
+                yield from any_ofs(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from any_ofs(v)
+    found = list(any_ofs(crd))
+    assert found and all(n == {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
+                         for n in found), found
     names = crd["spec"]["names"]
     assert (names["kind"], names["plural"], names["shortNames"]) == ("IndexCacheDeployment",
                                                                      "indexcachedeployments", ["icd"])
@@ -107,7 +120,6 @@ INVALID = [
     (_with("indexCache", {"freq": 4, "offset": 0}), "indexCache.offset"),
     (_with("indexCache", {"pattern": "FFSS", "freq": 4}), "indexCache.pattern and indexCache.freq"),
     (_with("indexCache", {"offset": 2}), "indexCache.offset"),
-    ({**VALID, "spec": {"model": {"uri": "/m"}, "indexCache": {"freq": 4}}}, "indexCache.freq"),
     (_with("traffic.sampleRate", 1.5), "traffic.sampleRate"),
     (_with("traffic.sampleRate", -0.1), "traffic.sampleRate"),
     (_with("traffic.storageSize", "lots"), "traffic.storageSize"),
@@ -125,6 +137,9 @@ INVALID = [
     (_with("autoscaling", {"maxReplicas": 4}), "minReplicas"),
     (_with("autoscaling", {"minReplicas": 2, "maxReplicas": 4}), "replicas"),  # default 1 < min 2
     ({**VALID, "metadata": {"name": "a" * 41, "namespace": "serving"}}, "metadata.name"),
+    # KubeRay wants DNS-1035 RayService names (issue 19 item 6): these hung in RayServiceUpdating.
+    ({**VALID, "metadata": {"name": "chat.v2", "namespace": "serving"}}, "DNS-1035"),
+    ({**VALID, "metadata": {"name": "7b-chat", "namespace": "serving"}}, "DNS-1035"),
 ]
 
 
@@ -179,6 +194,13 @@ def test_documented_examples_are_accepted_and_parse_in_the_operator(validate):
         example.setdefault("metadata", {}).setdefault("namespace", "default")
         assert validate(example) == [], example["metadata"]["name"]
         IndexCacheDeploymentSpec.model_validate(example["spec"])  # the operator reads it too
+
+
+def test_freq_without_num_layers_is_accepted(validate):
+    """Users write `freq: 4` as in SGLang/vLLM; the replica knows the layer count (issue 19 item 12)."""
+    obj = copy.deepcopy(VALID)
+    obj["spec"] = {"model": {"uri": "/models/glm5"}, "indexCache": {"freq": 4, "offset": 3}}
+    assert validate(obj) == []
 
 
 def test_valid_spec_with_every_field_is_accepted(validate):

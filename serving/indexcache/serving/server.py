@@ -18,7 +18,8 @@ from .protocol import GenerateRequest, RequestRefused, StreamHead, TextDelta
 
 log = logging.getLogger("indexcache.serve")
 
-USER_CONFIG_KEYS = ("pattern", "pattern_version", "sample_rate", "gpu_hourly_usd")
+# freq/offset: the upstream rule, resolved here (the replica knows its layer count; the operator need not)
+USER_CONFIG_KEYS = ("pattern", "pattern_version", "sample_rate", "gpu_hourly_usd", "freq", "offset")
 
 
 class ServingEngine(Protocol):
@@ -87,7 +88,15 @@ class IndexCacheServer:
         price = user_config.get("gpu_hourly_usd")
         if price is not None and (not isinstance(price, (int, float)) or price < 0):
             raise ValueError(f"user_config.gpu_hourly_usd must be a number >= 0, got {price!r}")
-        pattern = user_config.get("pattern") or self.engine.pattern
+        pattern = user_config.get("pattern")
+        if not pattern and user_config.get("freq") is not None:   # an explicit pattern wins over freq/offset
+            from ..model.pattern import resolve_pattern
+            try:
+                pattern = resolve_pattern(self.model.args.n_layers, freq=user_config["freq"],
+                                          offset=user_config.get("offset", 2))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"user_config.freq/offset: {exc}") from None
+        pattern = pattern or self.engine.pattern
         try:
             self.engine.set_pattern(pattern, version)
         except ValueError as exc:
