@@ -44,6 +44,7 @@ patch_for_numpy2()   # the CPU smoke test under TRITON_INTERPRET=1
 
 from indexcache.model import DSAForCausalLM  # noqa: E402
 from indexcache.model.config import ModelArgs  # noqa: E402
+from indexcache.model.pattern import resolve_pattern  # noqa: E402
 from indexcache.engine import Engine, SamplingParams  # noqa: E402
 
 DEV = os.environ.get("BENCH_DEVICE", "cuda")
@@ -60,8 +61,8 @@ SHAPE_TINY = dict(model_type="deepseek_v32", vocab_size=97, dim=64, n_layers=4, 
                   inter_dim=96, moe_inter_dim=32, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
                   first_k_dense=1, index_n_heads=4, index_head_dim=16, index_rope_head_dim=8, index_topk=8,
                   eos_token_id=-1)
-# The paper's 1/4 pattern for 47 layers (greedy-searched) and the uniform one; other layer counts get
-# the uniform rule (offset 2, every 4th layer F).
+# The paper's 1/4 pattern for 47 layers (greedy-searched); "uniform-1/4" and other layer counts get the
+# upstream rule with freq 4, offset 2.
 PATTERNS_47 = {"1/4": "FSFSFSSSSFSSSFSSFFSSFSSFSSSSFSSSFSSSSFSSSSSSSSS"}
 
 
@@ -71,7 +72,7 @@ def pattern_for(name: str, n_layers: int) -> str:
     if name in PATTERNS_47 and n_layers == 47:
         return PATTERNS_47[name]
     if name in ("1/4", "uniform-1/4"):
-        return "".join("F" if (l < 2 or (l - 1) % 4 == 0) else "S" for l in range(n_layers))
+        return resolve_pattern(n_layers, freq=4, offset=2)
     if set(name) <= {"F", "S"} and len(name) == n_layers:
         return name
     raise SystemExit(f"--patterns: unknown pattern {name!r} (all-F, 1/4, uniform-1/4 or an F/S string)")

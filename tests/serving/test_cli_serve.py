@@ -2,6 +2,7 @@
 real model): it starts Ray and the app, prints where it listens, answers the openai client, and Ctrl-C
 stops it cleanly and promptly, with the traffic it sampled written out. Its own Ray instance, so this file
 sorts before the ones that use the session's."""
+import contextlib
 import os
 import queue
 import re
@@ -35,13 +36,11 @@ def lines_of(stream, sink):
     sink.put(None)
 
 
-def test_indexcache_serve_tiny_answers_and_stops_on_ctrl_c(tmp_path, tokenizer):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": SERVING_DIR, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [sys.executable, "-m", "indexcache.cli", "serve", "--tiny", "--port", str(port), "--num-cpus", "1",
-           "--max-model-len", "256", "--samples-dir", str(tmp_path / "samples"), "--sample-rate", "1"]
-    # its own session, like a terminal's foreground job: Ctrl-C reaches the whole process group
+@contextlib.contextmanager
+def serving(cmd: list[str], env: dict):
+    """Run `indexcache serve` in its own session (like a terminal's foreground job: Ctrl-C reaches the whole
+    process group) until it prints where it listens. Yields (process, API URL, stderr lines so far); kills
+    the group on the way out if the test did not stop it."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     out, err = queue.Queue(), []
@@ -57,8 +56,22 @@ def test_indexcache_serve_tiny_answers_and_stops_on_ctrl_c(tmp_path, tokenizer):
             assert line is not None, f"indexcache serve exited early:\n{''.join(err)[-3000:]}"
             if m := re.search(r"listening on (http://\S+/v1)", line):
                 url = m.group(1)
-        assert url == f"http://127.0.0.1:{port}/v1", f"no URL printed:\n{''.join(err)[-3000:]}"
+        assert url, f"no URL printed:\n{''.join(err)[-3000:]}"
+        yield proc, url, err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
+
+def test_indexcache_serve_tiny_answers_and_stops_on_ctrl_c(tmp_path, tokenizer):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": SERVING_DIR, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "indexcache.cli", "serve", "--tiny", "--port", str(port), "--num-cpus", "1",
+           "--max-model-len", "256", "--samples-dir", str(tmp_path / "samples"), "--sample-rate", "1"]
+    with serving(cmd, env) as (proc, url, err):
+        assert url == f"http://127.0.0.1:{port}/v1"
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
         messages = [{"role": "user", "content": "hello, I am ann@example.com"}]
@@ -70,10 +83,6 @@ def test_indexcache_serve_tiny_answers_and_stops_on_ctrl_c(tmp_path, tokenizer):
         os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(timeout=STOP_S)
         stopped_in = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     stderr = "".join(err)
     assert rc == 0, f"exit status {rc}:\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -102,32 +111,13 @@ def test_indexcache_serve_a_model_from_s3(tmp_path):
                         INDEXCACHE_MODEL_CACHE=str(tmp_path / "cache"), **s3.env())
         cmd = [sys.executable, "-m", "indexcache.cli", "serve", "--model", "s3://models/tiny-dsa", "--port", str(port),
                "--num-cpus", "1", "--max-model-len", "256"]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        out, err = queue.Queue(), []
-        threading.Thread(target=lines_of, args=(proc.stdout, out), daemon=True).start()
-        threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True).start()
-        try:
-            deadline, url = time.monotonic() + STARTUP_S, None
-            while url is None and time.monotonic() < deadline:
-                try:
-                    line = out.get(timeout=1)
-                except queue.Empty:
-                    continue
-                assert line is not None, f"indexcache serve exited early:\n{''.join(err)[-3000:]}"
-                if m := re.search(r"listening on (http://\S+/v1)", line):
-                    url = m.group(1)
-            assert url, f"no URL printed:\n{''.join(err)[-3000:]}"
+        with serving(cmd, env) as (proc, url, err):
             client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
             assert [m.id for m in client.models.list().data] == ["tiny-dsa"]
             r = client.completions.create(model="tiny-dsa", prompt="sparse attention", max_tokens=6, temperature=0)
             assert r.choices[0].text == expected
             os.killpg(proc.pid, signal.SIGINT)
             rc = proc.wait(timeout=STOP_S)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
     stderr = "".join(err)
     assert rc == 0, stderr[-3000:]
     assert re.search(r"fetch s3://models/tiny-dsa \(s3-\w+\): 1\.\d MB in 4 files", stderr), stderr[-3000:]

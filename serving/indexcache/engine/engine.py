@@ -98,7 +98,9 @@ class Engine:
         # CUDA graphs for decode unless asked for eager (debugging), like vLLM's --enforce-eager
         self.cuda_graphs = on_cuda and not enforce_eager
         # the FP8 lightning indexer (e4m3 keys, half the bytes) on CUDA by default; bf16 on request
-        self.indexer_fp8 = on_cuda and kernels.backend(self.device) == "triton" if indexer_fp8 is None else indexer_fp8
+        if indexer_fp8 is None:
+            indexer_fp8 = on_cuda and kernels.backend(self.device) == "triton"
+        self.indexer_fp8 = indexer_fp8
         # one extra slot when graphs pad a batch up to its bucket: padding rows write there (a one-request
         # engine never pads: its only bucket is 1)
         padded = self.cuda_graphs and max_batch_size > 1

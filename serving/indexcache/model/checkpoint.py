@@ -189,11 +189,10 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
         torch.set_default_dtype(default)
     run_pattern = model.check_pattern(pattern or args.pattern)
     params = model.state_dict(keep_vars=True)
-    if args.tie_word_embeddings:
+    if args.tie_word_embeddings:   # lm_head is embed_tokens: a file's lm_head.weight is not read
         params.pop("lm_head.weight", None)
-        for name in ("lm_head.weight",):
-            entries.pop(name, None)
-            extra_state.pop(name, None)
+        entries.pop("lm_head.weight", None)
+        extra_state.pop("lm_head.weight", None)
     # every file tensor maps to one parameter (or one expert's rows of a stacked one): check names first
     targets = {}
     for name in set(entries) | set(extra_state):

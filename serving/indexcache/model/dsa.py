@@ -250,28 +250,29 @@ def select_indices(attn: nn.Module, x: torch.Tensor, q_src: torch.Tensor, ctx: F
     if attn.indexer is None:
         raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no indexer weights for it")
     q, k, weights = attn.indexer(x, q_src, ctx)
-    capture = ctx.capture
+    cache, capture = ctx.cache, ctx.capture
+    k_scale = k_slots = None
+    if cache is None:          # training, scoring a whole sequence: the new keys are all there is
+        k_all = k
+    else:
+        if cache.indexer_fp8:  # e4m3 q and k, their positive scales pulled out of the ReLU
+            q, k, weights, k_scale = kernels.quantize_indexer_fp8(q, k, weights)   # k (B, T, D), k_scale (B, T)
+            write_cache(cache.indexer_k_scale[layer], k_scale, ctx)
+        write_cache(cache.indexer_k[layer], k, ctx)
+        k_scale = cache.indexer_k_scale.get(layer)
+        if ctx.in_place:       # every slot's first kv_bound keys, a view: each query row reads its own slot
+            k_all, k_slots = cache.indexer_k[layer][:, : ctx.kv_bound], ctx.slots
+            k_scale = None if k_scale is None else k_scale[:, : ctx.kv_bound]
+        else:                  # the batch's prefixes, (B, S, D)
+            k_all = read_cache(cache.indexer_k[layer], ctx)
+            k_all = k_all if cache.indexer_fp8 else k_all.to(q.dtype)
+            k_scale = None if k_scale is None else read_cache(k_scale, ctx)
     if capture is not None and capture.index_scores and capture.wants(layer):
-        k_all = write_and_read(ctx.cache.indexer_k[layer] if ctx.cache is not None else None, k, ctx)
-        capture.scores[layer] = kernels.indexer_scores(q, k_all, weights, ctx.start_pos, ctx.kv_len)
-    if ctx.cache is not None and ctx.cache.indexer_fp8:
-        # FP8 indexer: e4m3 q and k with positive scales pulled out of the ReLU (kernels.quantize_indexer_fp8)
-        q, k, weights, k_scale = kernels.quantize_indexer_fp8(q, k, weights)     # k (B, T, D), k_scale (B, T)
-        write_cache(ctx.cache.indexer_k[layer], k, ctx)
-        write_cache(ctx.cache.indexer_k_scale[layer], k_scale, ctx)
-        if ctx.in_place:   # every slot's first kv_bound keys, a view: each query row reads its own slot
-            return kernels.indexer_topk(q, ctx.cache.indexer_k[layer][:, : ctx.kv_bound], weights, topk,
-                                        ctx.start_pos, ctx.kv_len,
-                                        k_scale=ctx.cache.indexer_k_scale[layer][:, : ctx.kv_bound], k_slots=ctx.slots)
-        k_all = read_cache(ctx.cache.indexer_k[layer], ctx)                      # (B, S, D) e4m3
-        k_scale_all = read_cache(ctx.cache.indexer_k_scale[layer], ctx)          # (B, S) fp32
-        return kernels.indexer_topk(q, k_all, weights, topk, ctx.start_pos, ctx.kv_len, k_scale=k_scale_all)
-    if ctx.in_place:
-        write_cache(ctx.cache.indexer_k[layer], k, ctx)
-        return kernels.indexer_topk(q, ctx.cache.indexer_k[layer][:, : ctx.kv_bound], weights, topk,
-                                    ctx.start_pos, ctx.kv_len, k_slots=ctx.slots)
-    k_all = write_and_read(ctx.cache.indexer_k[layer] if ctx.cache is not None else None, k, ctx)  # (B, S, D)
-    return kernels.indexer_topk(q, k_all, weights, topk, ctx.start_pos, ctx.kv_len)  # (B, T, topk) int32
+        gathered = k_all if k_slots is None else k_all[k_slots]
+        scale = k_scale if k_slots is None or k_scale is None else k_scale[k_slots]
+        capture.scores[layer] = kernels.indexer_scores(q, gathered, weights, ctx.start_pos, ctx.kv_len, k_scale=scale)
+    return kernels.indexer_topk(q, k_all, weights, topk, ctx.start_pos, ctx.kv_len, k_scale=k_scale,
+                                k_slots=k_slots)  # (B, T, topk) int32
 
 
 class GQAttention(nn.Module):
