@@ -1,6 +1,7 @@
 """Traffic sampling through the running app: sample_rate comes from IndexCacheServer's user_config (as the
 operator sets it); kept requests (completions and chat, streaming or not) land in samples_dir as JSONL shards
 in the calibration format, redacted, and `indexcache.serving.samples` reads them back; at rate 0 nothing lands."""
+import json
 from pathlib import Path
 
 from indexcache.serving.samples import list_shards, read_samples
@@ -36,7 +37,10 @@ def test_sampled_requests_land_as_redacted_calibration_shards(serve_app, tokeniz
     assert [list(s.messages) for s in kept if s.messages is not None] == [
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "card <number>?"}]]
     assert all(s.ts is not None and s.id for s in kept)
-    text = "".join(p.read_text() for p in new)
+    # nothing on disk keeps the secrets, in any field; the generated timestamp and id are left out of the
+    # search, since their digits can spell "555" or "4111" by chance (seen in CI)
+    lines = [json.loads(line) for p in new for line in p.read_text().splitlines()]
+    text = json.dumps([{k: v for k, v in line.items() if k not in ("ts", "id")} for line in lines])
     assert "jane" not in text and "4111" not in text and "555" not in text
     assert not list(samples_dir.glob(".*"))   # no temporary file left next to the shards
     serve_app.deploy({"pattern": "FFFFFF", "pattern_version": 44})
