@@ -9,6 +9,8 @@ import hashlib
 from dataclasses import dataclass
 
 import yaml
+from indexcache_contracts.serve_app import (INGRESS_DEPLOYMENT, INGRESS_HEADROOM, SERVE_IMPORT_PATH,
+                                            SERVER_DEPLOYMENT)
 
 from indexcache_operator import (API_VERSION, COMPONENT_LABEL, DEPLOYMENT_LABEL, KIND, MANAGED_BY,
                                  MANAGED_BY_LABEL)
@@ -16,9 +18,6 @@ from indexcache_operator.config import OperatorConfig
 from indexcache_operator.models import IndexCacheDeploymentSpec
 
 SERVE_APP_NAME = "indexcache"
-SERVE_IMPORT_PATH = "indexcache.serving.app:build_app"  # docs/contracts.md
-SERVER_DEPLOYMENT = "IndexCacheServer"
-INGRESS_DEPLOYMENT = "OpenAIIngress"
 SERVE_PORT = 8000
 SAMPLES_DIR = "/samples"
 RESULTS_DIR = "/results"
@@ -106,11 +105,6 @@ def user_config(spec: IndexCacheDeploymentSpec, pattern: str | None, pattern_ver
     if pattern:
         config = {"pattern": pattern, **config}
     return config
-
-
-# Ray Serve's cap on the ingress replica sits this far above the app-wide limit, so that the ingress
-# answers 429 itself (the serving app's INGRESS_HEADROOM; the operator image has no serving code).
-INGRESS_HEADROOM = 64
 
 
 def app_max_ongoing_requests(spec: IndexCacheDeploymentSpec) -> int:
