@@ -1,6 +1,6 @@
 """Training-free IndexCache calibration: greedy choice of the layers that keep their indexer (F).
 
-The search (IndexCache paper, DESIGN.md "Calibration"):
+The search (IndexCache paper; docs/calibration.md):
 
     objective(pattern) = mean LM loss (nats/token) of the calibration samples under the sparse DSA
                          forward with that pattern

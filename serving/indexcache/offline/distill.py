@@ -2,7 +2,7 @@
 
 Under a pattern, F layer l serves itself and the S layers l+1..l+m after it (pattern.source_layers). Its
 top-k should then cover the keys all of them attend to, not only its own. The multi-layer loss
-(IndexCache paper, DESIGN.md "Calibration"), per query row t:
+(IndexCache paper; docs/calibration.md), per query row t:
 
     L_t = 1/(m+1) * sum_{j=0..m} KL(p_t^(l+j) || softmax(I_t^(l)))
 

@@ -70,7 +70,7 @@ def periodic_stretch(window: list[int], rng: random.Random, min_unit: int = 8, m
     Long inputs are often periodic: logs, tables, templated records, boilerplate, filler. The LM's
     attention over hundreds of identical copies is unlike anything in natural prose, and indexers trained
     only on prose fit it badly: on a periodic 8K prompt, v8c's KL in layers 3-9 and 17-19 was 4-11 times its
-    KL on a held-out essay (bench/RESULTS.md, session 4). The passage comes from the training window itself;
+    KL on a held-out essay (docs/experiments/smollm2-indexer-sessions.md, session 4). The passage comes from the training window itself;
     nothing of the evaluation's prompts is used."""
     out = list(window)
     n = len(out)

@@ -1,6 +1,6 @@
 """Why does a passkey trial fail? Per layer, where the dense model looks and where the indexer ranks it.
 
-    python bench/passkey_probe.py --context 8192 --depth 0.9 [--indexer FILE] [--topk 512] [--out probe.json]
+    python tools/passkey_probe.py --context 8192 --depth 0.9 [--indexer FILE] [--topk 512] [--out probe.json]
     ... [--ablate N [--ablate-only L,...] [--oracle [--oracle-rows A:B[,C:D]]]] | [--shift L,...]
 
 Builds the same prompt as `indexcache eval --contexts 1024,2048,4096,8192` (the key depends on the eval's
