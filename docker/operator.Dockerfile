@@ -8,7 +8,7 @@ COPY operator/ operator/
 COPY serving/ serving/
 # The distribution holds both packages; only the operator extra's dependencies are installed.
 RUN pip install --no-deps . && pip install ".[operator]" \
-    && python -c "import indexcache_operator.handlers" \
+    && python -c "import indexcache_operator.handlers, indexcache_contracts" \
     && rm -rf /src
 WORKDIR /
 USER 65532:65532

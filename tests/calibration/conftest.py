@@ -24,11 +24,6 @@ def random_token_lists(n: int, lengths=(24, 64), vocab: int = 97, seed: int = 0)
     return [[rng.randrange(2, vocab) for _ in range(rng.randint(*lengths))] for _ in range(n)]
 
 
-@pytest.fixture(params=["gqa", "mla"])
-def family(request) -> str:
-    return request.param
-
-
 @pytest.fixture
 def make_model():
     """make_model(family="gqa", seed=0, indexer_layers=None, **config_overrides) -> tiny random model."""

@@ -237,8 +237,8 @@ def test_replicas_and_jobs_fetch_the_model_into_the_cache_first(model, cache_vol
         assert "envFrom" not in main      # the credentials stay with the download
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
     assert app["args"]["model"] == model["uri"] and app["args"]["model_cache"] == "/model-cache"
-    from indexcache.serving.app import AppArgs
-    AppArgs(**app["args"])   # the serve app accepts the args the operator writes
+    from indexcache_contracts.serve_app import parse_app_args
+    parse_app_args(app["args"])   # the serve app accepts the args the operator writes (build_app parses with it)
 
 
 def test_a_pvc_model_is_mounted_where_the_resolver_reads_it():

@@ -40,7 +40,7 @@ def test_the_replica_resolves_freq_and_offset_with_its_layer_count():
         server.reconfigure(cfg)
         assert server.engine.pattern == resolve_pattern(layers, freq=2, offset=1) != "F" * layers
         assert server.engine.pattern_version == 1
-        with pytest.raises(ValueError, match="user_config.freq/offset"):
+        with pytest.raises(ValueError, match=r"user_config\.freq must be an integer >= 1"):
             server.reconfigure({**cfg, "freq": 0})
     finally:
         server.engine.stop()

@@ -4,9 +4,8 @@ resolver, to the same application builder, or an old RayService stops deploying 
 from ray._common.utils import import_attr
 from ray.serve import Application
 
+from indexcache_contracts.serve_app import LEGACY_SERVE_IMPORT_PATH as OLD_IMPORT_PATH
 from indexcache_operator.builders import SERVE_IMPORT_PATH
-
-OLD_IMPORT_PATH = "indexcache.serve_app:build_app"
 
 
 def test_the_operator_deploys_the_new_path_and_the_old_one_resolves_to_the_same_builder():

@@ -185,7 +185,7 @@ def test_the_app_wide_limit_changes_in_place_through_the_ingress_user_config(ser
 
 
 def test_ingress_user_config_errors_name_the_field():
-    from indexcache.serving.ingress import check_ingress_config
+    from indexcache_contracts.serve_app import check_ingress_config
     assert check_ingress_config({"max_ongoing_requests": 40}) == 40 and check_ingress_config(None) is None
     for bad in (0, -1, 2.5, "8", True):
         with pytest.raises(ValueError, match="max_ongoing_requests"):

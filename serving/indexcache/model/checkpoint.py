@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import resource
 import time
@@ -253,14 +254,11 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
 def save_checkpoint(model: DSAForCausalLM, path: str | Path, *, naming: str = "hf",
                     max_shard_bytes: int | None = None, drop_indexers: set[int] = frozenset(),
                     config_overrides: dict | None = None) -> Path:
-    """Write config.json + safetensors (sharded with an index when over max_shard_bytes)."""
+    """Write the model as config.json + safetensors (sharded with an index when over max_shard_bytes)."""
     if naming not in ("hf", "deepseek"):
         raise ValueError("naming must be 'hf' or 'deepseek'")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = model.args.to_hf_config()
     config.update(config_overrides or {})
-    (path / "config.json").write_text(json.dumps(config, indent=2))
     tensors = {}
     for name, tensor in split_experts(model.state_dict()).items():
         m = _INDEXER_RE.match(name)
@@ -268,22 +266,52 @@ def save_checkpoint(model: DSAForCausalLM, path: str | Path, *, naming: str = "h
             continue
         out_name = _rename(name, _HF_TO_DEEPSEEK) if naming == "deepseek" else name
         tensors[out_name] = tensor.detach().contiguous().cpu()
+    return write_checkpoint(path, config, tensors, max_shard_bytes=max_shard_bytes)
+
+
+def write_checkpoint(path: str | Path, config: dict, tensors: dict[str, torch.Tensor], *,
+                     metadata: dict[str, str] | None = None, max_shard_bytes: int | None = None) -> Path:
+    """The one checkpoint writer (save_checkpoint for a built model; `convert smollm2` for tensors it
+    converted without building one): config.json + model.safetensors, or shards + an index when over
+    max_shard_bytes. Each file is written under a temporary name and renamed, so an interrupted run
+    never leaves a truncated checkpoint file."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", **(metadata or {})}
     if max_shard_bytes is None:
-        save_file(tensors, str(path / "model.safetensors"))
-        return path
-    shards, current, size = [], {}, 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / file))
-        weight_map.update({name: file for name in shard})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        _save_atomic(tensors, path / "model.safetensors", metadata)
+    else:
+        shards, current, size = [], {}, 0
+        for name, tensor in tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = tensor
+            size += nbytes
+        shards.append(current)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _save_atomic(shard, path / file, metadata)
+            weight_map.update({name: file for name in shard})
+        _write_text_atomic(path / "model.safetensors.index.json",
+                           json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    _write_text_atomic(path / "config.json", json.dumps(config, indent=2) + "\n")
     return path
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.chmod(0o644)
+        tmp.replace(file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text_atomic(file: Path, text: str) -> None:
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(file)

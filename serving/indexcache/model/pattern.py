@@ -1,4 +1,6 @@
 """The IndexCache layer pattern: which layers run their indexer (F) and which reuse indices (S).
+The rule itself (freq/offset, validity) is `indexcache_contracts.pattern`, shared with the operator;
+here are the model side's helpers around it.
 
 Semantics follow the upstream config keys (SGLang / vLLM / transformers), 0-based layer l:
 `index_topk_pattern` (a string of F/S, one per layer) wins; otherwise layer l is S iff
@@ -9,37 +11,25 @@ the top-k indices of the nearest preceding F layer.
 
 from __future__ import annotations
 
+from indexcache_contracts.pattern import DEFAULT_FREQ, DEFAULT_OFFSET, pattern_from_freq, pattern_problem
 
-def resolve_pattern(num_layers: int, *, freq: int = 1, offset: int = 2, pattern: str | None = None) -> str:
+
+def resolve_pattern(num_layers: int, *, freq: int = DEFAULT_FREQ, offset: int = DEFAULT_OFFSET,
+                    pattern: str | None = None) -> str:
     """Return the F/S string for `num_layers` layers (explicit `pattern` wins over freq/offset)."""
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
     if pattern is not None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
         validate_pattern(pattern, num_layers)
         return pattern
-    if not isinstance(freq, int) or freq < 1:
-        raise ValueError(f"index_topk_freq (freq) must be an integer >= 1 (1 = every layer F), got {freq!r}")
-    if not isinstance(offset, int) or offset < 1:
-        raise ValueError(
-            f"index_skip_topk_offset (offset) must be an integer >= 1 (2 keeps layers 0 and 1 F), got {offset!r}")
-    return "".join("S" if max(layer - offset + 1, 0) % freq != 0 else "F" for layer in range(num_layers))
+    return pattern_from_freq(num_layers, freq, offset)
 
 
 def validate_pattern(pattern: str, num_layers: int | None = None) -> None:
     """Raise ValueError naming what is wrong with an F/S pattern string."""
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"index_topk_pattern must be a non-empty string of F and S, got {pattern!r}")
-    bad = sorted({c for c in pattern if c not in "FS"})
-    if bad:
-        raise ValueError(
-            f"index_topk_pattern may contain only 'F' (full: run the indexer) and 'S' (shared), "
-            f"found {''.join(bad)!r} in {pattern!r}")
-    if num_layers is not None and len(pattern) != num_layers:
-        raise ValueError(
-            f"index_topk_pattern has {len(pattern)} entries but the model has {num_layers} layers: "
-            f"give one F/S per layer")
-    if pattern[0] != "F":
-        raise ValueError(f"index_topk_pattern must start with 'F': layer 0 has no earlier layer to share from ({pattern!r})")
+    why = pattern_problem(pattern, num_layers)
+    if why:
+        raise ValueError(why)
 
 
 def full_layers(pattern: str) -> list[int]:

@@ -1,6 +1,6 @@
 """Training-free IndexCache calibration: greedy choice of the layers that keep their indexer (F).
 
-The search (IndexCache paper, DESIGN.md "Calibration"):
+The search (IndexCache paper; docs/calibration.md):
 
     objective(pattern) = mean LM loss (nats/token) of the calibration samples under the sparse DSA
                          forward with that pattern
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..model.dsa import Capture, DSAForCausalLM
 from ..model.pattern import full_layers, source_layers, uniform_pattern, validate_pattern
+from .indexer_stats import index_overlap_counts
 
 CHECKPOINT_KIND = "indexcache-calibration-checkpoint"
 LOGITS_CHUNK = 1024  # tokens per LM-head chunk: (chunk, vocab) fp32 logits stay small at 4K+ contexts
@@ -460,19 +461,6 @@ def plain_greedy_search(model: DSAForCausalLM, calib: CalibrationSet, target: in
 # ---------------------------------------------------------------------------------------------------
 # overlap statistics
 # ---------------------------------------------------------------------------------------------------
-def topk_overlap_counts(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, n_keys: int) -> tuple[int, int]:
-    """Shared entries of two top-k index sets over the valid query rows. a, b: (B, T, K); valid (B, T)."""
-    a, b = a[valid].long(), b[valid].long()                                         # (n, K)
-    hits = 0
-    for r0 in range(0, a.shape[0], 1024):
-        ar, br = a[r0:r0 + 1024], b[r0:r0 + 1024]
-        member = torch.zeros(ar.shape[0], n_keys + 1, dtype=torch.bool, device=a.device)
-        member.scatter_(1, ar.clamp(min=-1) % (n_keys + 1), True)  # -1 pads land in the spare column
-        member[:, n_keys] = False
-        hits += int(member.gather(1, br % (n_keys + 1)).sum())
-    return hits, a.shape[0] * a.shape[1]
-
-
 @torch.no_grad()
 def overlap_statistics(model: DSAForCausalLM, calib: CalibrationSet, pattern: str) -> dict:
     """How much each S layer's own top-k (all-F forward) agrees with the indices it reuses under
@@ -492,10 +480,10 @@ def overlap_statistics(model: DSAForCausalLM, calib: CalibrationSet, pattern: st
             if l not in capture.indices or l - 1 not in capture.indices:
                 continue  # a layer without indexer weights has no own selection to compare
             if pattern[l] == "S":
-                h, t = topk_overlap_counts(capture.indices[l], capture.indices[sources[l]], valid, batch.tokens.shape[1])
+                h, t = index_overlap_counts(capture.indices[l], capture.indices[sources[l]], valid, batch.tokens.shape[1])
                 hits[l][0] += h
                 hits[l][1] += t
-            h, t = topk_overlap_counts(capture.indices[l], capture.indices[l - 1], valid, batch.tokens.shape[1])
+            h, t = index_overlap_counts(capture.indices[l], capture.indices[l - 1], valid, batch.tokens.shape[1])
             adjacent[l][0] += h
             adjacent[l][1] += t
     per_layer = [{"layer": l, "source": sources[l], "overlap": round(h / t, 4)}
@@ -611,39 +599,3 @@ def format_summary(result: dict) -> str:
                                           f"{ov['adjacent_mean']}" if "adjacent_mean" in ov else ov.get("note", "-")),
               f"model {result['model_id']}  indexcache {result['version']}"]
     return "\n".join(lines)
-
-
-def parse_configmap_target(target: str) -> tuple[str, str]:
-    namespace, sep, name = target.partition("/")
-    if not sep or not namespace or not name or "/" in name:
-        raise ValueError(f"--report-configmap must be NAMESPACE/NAME, got {target!r}")
-    return namespace, name
-
-
-def report_configmap(result: dict, target: str, api=None) -> None:
-    """Write the result to ConfigMap NAMESPACE/NAME, key result.json (create, or replace its data).
-
-    Uses in-cluster credentials (the Job's service account), else the local kubeconfig.
-    """
-    namespace, name = parse_configmap_target(target)
-    from kubernetes import client, config
-    from kubernetes.client.rest import ApiException
-
-    if api is None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            # kubernetes reads $KUBECONFIG once, when first imported: read it now instead
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-        api = client.CoreV1Api()
-    body = {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": name, "namespace": namespace,
-                         "labels": {"app.kubernetes.io/name": "indexcache",
-                                    "app.kubernetes.io/component": "calibration-result"}},
-            "data": {"result.json": json.dumps(result, indent=2)}}
-    try:
-        api.create_namespaced_config_map(namespace, body)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        api.patch_namespaced_config_map(name, namespace, {"data": body["data"]})

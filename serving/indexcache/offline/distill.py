@@ -2,7 +2,7 @@
 
 Under a pattern, F layer l serves itself and the S layers l+1..l+m after it (pattern.source_layers). Its
 top-k should then cover the keys all of them attend to, not only its own. The multi-layer loss
-(IndexCache paper, DESIGN.md "Calibration"), per query row t:
+(IndexCache paper; docs/calibration.md), per query row t:
 
     L_t = 1/(m+1) * sum_{j=0..m} KL(p_t^(l+j) || softmax(I_t^(l)))
 
@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels
 from ..model.dsa import Capture, DSAForCausalLM, ForwardContext
 from ..model.pattern import source_layers, validate_pattern
+from .indexer_stats import layer_index_scores
+# the loss: each F layer's scores against the attention of every layer it serves (its centroid, below)
+from .indexer_stats import multi_layer_kl as multi_layer_distill_loss
 
 
 def served_layers(pattern: str) -> dict[int, list[int]]:
@@ -39,26 +41,6 @@ def served_layers(pattern: str) -> dict[int, list[int]]:
     for layer, source in enumerate(source_layers(pattern)):
         served.setdefault(source, []).append(layer)
     return served
-
-
-def multi_layer_distill_loss(index_scores: torch.Tensor, attention: list[torch.Tensor],
-                             rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over query rows of (1/m) sum_j KL(p_j || softmax(index_scores)).
-
-    index_scores: (B, T, S) fp32, -inf at keys the query cannot see; attention: m tensors (B, T, S), each
-    row a distribution over the visible keys; rows: (B, T) bool, the query rows that count (not padding).
-    """
-    visible = torch.isfinite(index_scores)
-    log_q = torch.log_softmax(index_scores, dim=-1).masked_fill(~visible, 0.0)  # p is 0 there: no -inf * 0
-    kl = 0.0
-    for p in attention:
-        p = p.float()
-        log_p = torch.where(p > 0, p, torch.ones_like(p)).log()
-        kl = kl + (p * (log_p - log_q)).sum(-1)                                    # (B, T)
-    kl = kl / len(attention)
-    if rows is not None:
-        return kl[rows].mean()
-    return kl.mean()
 
 
 def centroid_distill_loss(index_scores: torch.Tensor, attention: list[torch.Tensor],
@@ -70,16 +52,6 @@ def centroid_distill_loss(index_scores: torch.Tensor, attention: list[torch.Tens
 # ---------------------------------------------------------------------------------------------------
 # targets and indexer scores from one dense forward
 # ---------------------------------------------------------------------------------------------------
-def layer_index_scores(model: DSAForCausalLM, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-    """Layer `layer`'s indexer scores (B, T, S) on x, the normalised hidden state entering its attention."""
-    attn = model.model.layers[layer].self_attn
-    if attn.indexer is None:
-        raise ValueError(f"layer {layer} is F in the pattern but has no indexer weights; mark it S")
-    q_src = x if model.args.attention == "gqa" else attn.q_a_layernorm(attn.q_a_proj(x))
-    q, k, weights = attn.indexer(x, q_src, ctx)
-    return kernels.indexer_scores(q, k, weights, ctx.start_pos, ctx.kv_len)
-
-
 @dataclass
 class DenseTargets:
     attention: dict[int, torch.Tensor]         # layer -> (B, T, S) head-summed attention, no graph

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from . import corpora
 from ..model.dsa import DSAForCausalLM, KVCache
-from .train_indexer import index_scores, indexer_kl, layer_inputs_and_attention
+from .indexer_stats import (indexer_kl, layer_index_scores, layer_inputs_and_attention, overlap_matrix, set_overlap,
+                            topk_sets)
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192)
 PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
@@ -114,21 +115,6 @@ def passkey_trials(contexts, seed: int = 0) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # indexer recall and cross-layer overlap
 # ---------------------------------------------------------------------------------------------------
-def topk_sets(values: torch.Tensor, k: int, first_query: int) -> torch.Tensor:
-    """(T', S) bool membership of each query's top-k keys, for queries first_query.. of batch row 0."""
-    v = values[0, first_query:].float()
-    return torch.zeros_like(v, dtype=torch.bool).scatter_(-1, v.topk(k, dim=-1).indices, True)
-
-
-def overlap_matrix(sets: list[torch.Tensor], k: int) -> list[list[float]]:
-    n = len(sets)
-    m = [[1.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i + 1, n):
-            m[i][j] = m[j][i] = ((sets[i] & sets[j]).sum(-1).float() / k).mean().item()
-    return m
-
-
 def overlap_summary(m: list[list[float]]) -> dict:
     n = len(m)
     adjacent = [m[i][i + 1] for i in range(n - 1)]
@@ -152,12 +138,12 @@ def indexer_analysis(model: DSAForCausalLM, tokens: list[int], k: int) -> dict:
         raise ValueError(f"top-k {k} is too large for a {T}-token window: need at least {2 * k + 1} tokens")
     dense_sets, index_sets, per_layer = [], [], []
     for layer, x, attn, ctx in layer_inputs_and_attention(model, ids):
-        scores = index_scores(model, layer, x.float(), ctx)
+        scores = layer_index_scores(model, layer, x.float(), ctx)
         d_set, i_set = topk_sets(attn, k, first), topk_sets(scores, k, first)
         a = attn[0, first:].float()
         dense_mass = (a * d_set).sum(-1).mean().item()
         index_mass = (a * i_set).sum(-1).mean().item()
-        recall = ((d_set & i_set).sum(-1).float() / k).mean().item()
+        recall = set_overlap(d_set, i_set, k)
         per_layer.append({"layer": layer, "recall": round(recall, 4), "dense_topk_mass": round(dense_mass, 4),
                           "indexer_topk_mass": round(index_mass, 4), "kl": round(indexer_kl(attn, scores).item(), 4)})
         dense_sets.append(d_set)

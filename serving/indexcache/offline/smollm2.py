@@ -277,7 +277,8 @@ def convert_smollm2(out_dir, index_n_heads: int = DEFAULT_INDEX_N_HEADS,
     indexer.safetensors whose tensors (and shape, and default top-k) are installed instead.
     """
     from gguf import GGUFReader
-    from safetensors.torch import save_file
+
+    from ..model.checkpoint import write_checkpoint
 
     _check_shape(index_n_heads, index_head_dim, index_topk)
     if dtype not in ("float32", "bfloat16"):
@@ -309,18 +310,7 @@ def convert_smollm2(out_dir, index_n_heads: int = DEFAULT_INDEX_N_HEADS,
     torch_dtype = getattr(torch, dtype)
     tensors = {k: v.to(torch_dtype).contiguous() for k, v in sorted(tensors.items())}
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary name first so an interrupted run never leaves a truncated checkpoint.
-    with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        save_file(tensors, str(tmp_path), metadata={"format": "pt", "source": gguf_file.name})
-        tmp_path.chmod(0o644)
-        tmp_path.replace(out_dir / "model.safetensors")
-    finally:
-        tmp_path.unlink(missing_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    out_dir = write_checkpoint(out_dir, config, tensors, metadata={"source": gguf_file.name})
     if tokenizer:
         write_tokenizer(out_dir, gguf_file, config["max_position_embeddings"])
     return out_dir

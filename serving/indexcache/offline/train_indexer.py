@@ -30,73 +30,14 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels
+from ..model.dsa import DSAForCausalLM
 from . import corpora
-from ..model.dsa import Capture, DSAForCausalLM
+from .indexer_stats import indexer_kl, layer_inputs_and_attention
+from .indexer_stats import layer_index_scores as index_scores   # the name tests/smollm2 use
 
 INDEXER_FILE = "indexer.safetensors"
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "train_state.pt"
-
-
-# ---------------------------------------------------------------------------------------------------
-# the loss
-# ---------------------------------------------------------------------------------------------------
-def indexer_kl(attn: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Mean over queries of KL(attn || softmax(scores)).
-
-    attn (B, T, S): head-summed dense attention, rows L1-normalised (0 on masked keys);
-    scores (B, T, S): index scores, -inf on masked keys. Masked keys contribute nothing (p = 0 there).
-    """
-    valid = torch.isfinite(scores)
-    log_q = torch.log_softmax(scores, dim=-1).masked_fill(~valid, 0.0)
-    p = attn.float()
-    log_p = torch.where(p > 0, p.clamp_min(1e-30).log(), torch.zeros_like(p))
-    kl = (p * (log_p - log_q)).sum(-1)                                        # (B, T)
-    return kl.mean()
-
-
-def topk_recall(attn: torch.Tensor, scores: torch.Tensor, k: int, first_query: int = 0) -> float:
-    """Fraction of the dense top-k keys (by head-summed attention) that the indexer's top-k also picks,
-    over queries first_query.. that see more than k keys (earlier ones trivially keep everything)."""
-    T = attn.shape[1]
-    start = max(first_query, k)
-    if start >= T:
-        return float("nan")
-    a, s = attn[:, start:].float(), scores[:, start:].float()
-    dense = a.topk(k, dim=-1).indices
-    picked = s.topk(k, dim=-1).indices
-    hit = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, picked, True).gather(-1, dense)
-    return hit.float().mean().item()
-
-
-# ---------------------------------------------------------------------------------------------------
-# teacher pass + per-layer indexer scores
-# ---------------------------------------------------------------------------------------------------
-def layer_inputs_and_attention(model: DSAForCausalLM, tokens: torch.Tensor, layers=None):
-    """Run the frozen LM densely; yield (layer, indexer input x (B, T, dim), head-summed attention (B, T, T),
-    ctx) layer by layer, so a caller can train layer l before layer l+1 runs."""
-    n = model.args.n_layers
-    wanted = set(range(n)) if layers is None else set(layers)
-    capture = Capture(attention=True, index_scores=False, layers=wanted)
-    pattern = "F" * n
-    with torch.no_grad():
-        ctx, pattern = model.context(tokens, pattern=pattern, attention="dense", capture=capture)
-        x = model.model.embed_tokens(tokens)
-    for layer in range(max(wanted) + 1):
-        block = model.model.layers[layer]
-        with torch.no_grad():
-            normed = block.input_layernorm(x)                                  # what the indexer reads
-            x, _ = model.run_layers(x, ctx, pattern, start=layer, stop=layer + 1)
-        if layer in wanted:
-            yield layer, normed, capture.attn.pop(layer), ctx
-
-
-def index_scores(model: DSAForCausalLM, layer: int, x: torch.Tensor, ctx) -> torch.Tensor:
-    """The layer's lightning-indexer scores (B, T, S) for hidden states x, with autograd (fp32)."""
-    indexer = model.model.layers[layer].self_attn.indexer
-    q, k, w = indexer(x, x, ctx)                                             # GQA: wq_b reads x
-    return kernels.indexer_scores(q, k, w, ctx.start_pos, ctx.kv_len)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,7 +70,7 @@ def periodic_stretch(window: list[int], rng: random.Random, min_unit: int = 8, m
     Long inputs are often periodic: logs, tables, templated records, boilerplate, filler. The LM's
     attention over hundreds of identical copies is unlike anything in natural prose, and indexers trained
     only on prose fit it badly: on a periodic 8K prompt, v8c's KL in layers 3-9 and 17-19 was 4-11 times its
-    KL on a held-out essay (bench/RESULTS.md, session 4). The passage comes from the training window itself;
+    KL on a held-out essay (docs/experiments/smollm2-indexer-sessions.md, session 4). The passage comes from the training window itself;
     nothing of the evaluation's prompts is used."""
     out = list(window)
     n = len(out)

@@ -11,52 +11,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from indexcache_contracts.serve_app import INGRESS_DEPLOYMENT, INGRESS_HEADROOM, SERVER_DEPLOYMENT, parse_app_args
 from ray import serve
 
-from .ingress import INGRESS_HEADROOM, OpenAIIngress
+from .ingress import OpenAIIngress
 from .server import IndexCacheServer
-
-
-# ---------------------------------------------------------------------------------------------------
-# the application builder
-# ---------------------------------------------------------------------------------------------------
-class AppArgs(BaseModel):
-    """Structural settings (a change redeploys); runtime knobs go in IndexCacheServer's user_config."""
-    model_config = ConfigDict(extra="forbid")
-    model: str = "smollm2"                 # checkpoint dir, model URI, "smollm2" (bundled) or "tiny" (random demo)
-    model_cache: str | None = None         # where `indexcache fetch` put remote models (the operator's cache volume)
-    served_model_name: str | None = None
-    deployment: str = "local"              # the IndexCacheDeployment name (metric label)
-    max_ongoing_requests: int = Field(32, ge=1)   # per server replica (Ray Serve's cap on each)
-    # the app-wide limit (429 beyond it); default max_ongoing_requests x num_replicas
-    ingress_max_ongoing_requests: int | None = Field(None, ge=1)
-    max_batch_size: int = Field(8, ge=1)   # KV cache slots: requests decoded together
-    max_model_len: int | None = Field(2048, ge=2)
-    chunk_size: int = Field(256, ge=1)     # prefill tokens per engine step
-    samples_dir: str | None = None
-    sample_rate: float = Field(0.0, ge=0, le=1)
-    gpu_hourly_usd: float = Field(0.0, ge=0)
-    metrics_port: int | None = Field(None, ge=1, le=65535)
-    api_key: str | None = None
-    pattern: str | None = None             # initial user_config pattern (default: the checkpoint's)
-    num_replicas: int = Field(1, ge=1)
-    num_gpus: float = Field(0, ge=0)
-    num_cpus: float = Field(1, ge=0)
-    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16)$")   # auto: bf16 on CUDA, fp32 on the CPU
-    enforce_eager: bool = False            # decode without CUDA graphs (debugging), like vLLM's --enforce-eager
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """`indexcache.serving.app:build_app`: the ingress bound to the server deployment."""
-    try:
-        a = AppArgs(**(args or {}))
-    except Exception as exc:   # pydantic names the field
-        raise ValueError(f"indexcache.serving.app:build_app args: {exc}") from None
+    a = parse_app_args(args)   # the schema the operator writes to (indexcache_contracts.serve_app)
     user_config: dict = {"sample_rate": a.sample_rate, "gpu_hourly_usd": a.gpu_hourly_usd}
     if a.pattern:
         user_config.update(pattern=a.pattern, pattern_version=0)
-    server = serve.deployment(IndexCacheServer, name="IndexCacheServer").options(
+    server = serve.deployment(IndexCacheServer, name=SERVER_DEPLOYMENT).options(
         num_replicas=a.num_replicas, user_config=user_config,
         # headroom over the ingress limit for /metrics and /healthz calls while saturated
         max_ongoing_requests=a.max_ongoing_requests + 8,
@@ -65,7 +33,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # One ingress replica counts every request in flight, whichever server replica runs it; its limit
     # is the app's: the per-replica limit times the replicas (user_config, so it changes in place).
     app_limit = a.ingress_max_ongoing_requests or a.max_ongoing_requests * a.num_replicas
-    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress").options(
+    ingress = serve.deployment(OpenAIIngress, name=INGRESS_DEPLOYMENT).options(
         max_ongoing_requests=app_limit + INGRESS_HEADROOM, user_config={"max_ongoing_requests": app_limit},
         ray_actor_options={"num_cpus": 0})
     return ingress.bind(

@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from indexcache_contracts.serve_app import check_ingress_config
+
 from .protocol import ChatCompletionRequest, CompletionRequest, RequestRefused, _Body
 
 log = logging.getLogger("indexcache.serve")
@@ -53,26 +55,6 @@ async def _bad_body(request: Request, exc: RequestValidationError):
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     field = ".".join(loc) or "body"
     return error(400, f"{field}: {first.get('msg')}", param=field)
-
-
-# Ray Serve's own cap on the ingress replica sits this far above the app-wide limit, so that the ingress
-# answers 429 itself (at Serve's cap, Ray would queue instead).
-INGRESS_HEADROOM = 64
-
-
-def check_ingress_config(config: dict | None) -> int | None:
-    """The ingress's user_config: {"max_ongoing_requests": n}, the app-wide limit on requests in flight
-    (429 beyond it). Returns n (None when the key is absent); a bad value raises naming the field."""
-    config = config or {}
-    unknown = set(config) - {"max_ongoing_requests"}
-    if unknown:
-        raise ValueError(f"OpenAIIngress user_config: unknown key(s) {sorted(unknown)}; "
-                         "the only key is max_ongoing_requests")
-    n = config.get("max_ongoing_requests")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"OpenAIIngress user_config max_ongoing_requests={n!r}: must be an integer >= 1 "
-                         "(the app-wide limit: per-replica limit x replicas)")
-    return n
 
 
 @serve.ingress(api)

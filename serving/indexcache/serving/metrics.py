@@ -22,11 +22,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from indexcache_contracts import metrics as contract
+
 from ..model.config import ModelArgs
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-FINISH_REASONS = ("stop", "length", "abort", "error")
+FINISH_REASONS = contract.FINISH_REASONS
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ class ServingMetrics:
                  registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.labels = {"model": model, "deployment": deployment}
-        names = ["model", "deployment"]
+        names = list(contract.SERVING_LABELS)
         r = self.registry
 
         def h(name, doc, buckets):
@@ -119,31 +121,31 @@ class ServingMetrics:
         def g(name, doc):
             return Gauge(name, doc, names, registry=r).labels(**self.labels)
 
-        self.ttft = h("indexcache_time_to_first_token_seconds", "Request arrival to first token.", LATENCY_BUCKETS)
-        self.tpot = h("indexcache_time_per_output_token_seconds",
+        self.ttft = h(contract.TTFT_SECONDS, "Request arrival to first token.", LATENCY_BUCKETS)
+        self.tpot = h(contract.TPOT_SECONDS,
                       "Mean inter-token time of a request, after its first token.", TPOT_BUCKETS)
-        self.e2e = h("indexcache_e2e_request_latency_seconds", "Request arrival to last token.", LATENCY_BUCKETS)
-        self.prompt_tokens = c("indexcache_prompt_tokens", "Prompt tokens processed.")
-        self.generation_tokens = c("indexcache_generation_tokens", "Tokens generated.")
-        self._requests = Counter("indexcache_requests",
+        self.e2e = h(contract.E2E_SECONDS, "Request arrival to last token.", LATENCY_BUCKETS)
+        self.prompt_tokens = c(contract.PROMPT_TOKENS, "Prompt tokens processed.")
+        self.generation_tokens = c(contract.GENERATION_TOKENS, "Tokens generated.")
+        self._requests = Counter(contract.REQUESTS,
                                  "Finished requests by finish_reason (stop, length, abort, error).",
                                  names + ["finish_reason"], registry=r)
         for reason in FINISH_REASONS:  # export zeros so rate() works before the first abort/error
             self._requests.labels(**self.labels, finish_reason=reason)
-        self.running = g("indexcache_requests_running", "Requests in the running batch.")
-        self.waiting = g("indexcache_requests_waiting", "Requests queued for a KV cache slot.")
-        self.kv_usage = g("indexcache_kv_cache_usage_ratio", "Used / allocated KV cache token slots (0..1).")
-        self.full_layers = g("indexcache_full_layers", "F (indexer-running) layers in the active pattern.")
-        self.layers = g("indexcache_layers", "Layers in the model.")
+        self.running = g(contract.REQUESTS_RUNNING, "Requests in the running batch.")
+        self.waiting = g(contract.REQUESTS_WAITING, "Requests queued for a KV cache slot.")
+        self.kv_usage = g(contract.KV_CACHE_USAGE, "Used / allocated KV cache token slots (0..1).")
+        self.full_layers = g(contract.FULL_LAYERS, "F (indexer-running) layers in the active pattern.")
+        self.layers = g(contract.LAYERS, "Layers in the model.")
         self.layers.set(n_layers)
-        self.pattern_version = g("indexcache_pattern_version", "Version of the active pattern (from user_config).")
-        self.indexer_flops = c("indexcache_indexer_flops",
+        self.pattern_version = g(contract.PATTERN_VERSION, "Version of the active pattern (from user_config).")
+        self.indexer_flops = c(contract.INDEXER_FLOPS,
                                "Lightning-indexer FLOPs computed by F layers (2*H*D per query-key pair).")
-        self.indexer_flops_skipped = c("indexcache_indexer_flops_skipped",
+        self.indexer_flops_skipped = c(contract.INDEXER_FLOPS_SKIPPED,
                                        "Lightning-indexer FLOPs skipped by S layers (2*H*D per query-key pair).")
-        self.gpu_hourly = g("indexcache_gpu_hourly_usd", "Configured price of this replica's GPUs per hour (USD).")
-        self.cost = c("indexcache_cost_usd", "Replica busy (forward) time x gpu_hourly_usd / 3600.")
-        self.cost_saved = c("indexcache_cost_saved_usd",
+        self.gpu_hourly = g(contract.GPU_HOURLY_USD, "Configured price of this replica's GPUs per hour (USD).")
+        self.cost = c(contract.COST_USD, "Replica busy (forward) time x gpu_hourly_usd / 3600.")
+        self.cost_saved = c(contract.COST_SAVED_USD,
                             "Money IndexCache saved: per forward, seconds x indexer FLOPs skipped / model FLOPs "
                             "computed x gpu_hourly_usd / 3600 (the skipped work priced at the measured speed).")
         self.set_price(gpu_hourly_usd)

@@ -12,15 +12,13 @@ import logging
 import os
 from typing import AsyncIterator, Callable, Protocol
 
+from indexcache_contracts.serve_app import check_user_config
+
 from ..model.loading import load_model
 from .detokenizer import TextStream
 from .protocol import GenerateRequest, RequestRefused, StreamHead, TextDelta
 
 log = logging.getLogger("indexcache.serve")
-
-# freq/offset: the upstream rule, resolved here (the replica knows its layer count; the operator need not)
-USER_CONFIG_KEYS = ("pattern", "pattern_version", "sample_rate", "gpu_hourly_usd", "freq", "offset")
-
 
 class ServingEngine(Protocol):
     """What the server needs from an engine (`indexcache.engine.Engine` is one)."""
@@ -71,23 +69,12 @@ class IndexCacheServer:
 
     # ------------------------------------------------------------------ runtime knobs
     def reconfigure(self, user_config: dict) -> None:
-        if not isinstance(user_config, dict):
-            raise ValueError(f"user_config must be a mapping with keys {USER_CONFIG_KEYS}, got {user_config!r}")
-        unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
-        if unknown:
-            raise ValueError(f"user_config has unknown key(s) {unknown}; allowed: {', '.join(USER_CONFIG_KEYS)}")
+        check_user_config(user_config)            # keys and kinds: the contract the operator writes to
         version = user_config.get("pattern_version", self.engine.pattern_version)
-        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise ValueError(f"user_config.pattern_version must be a non-negative integer, got {version!r}")
         rate = user_config.get("sample_rate")
-        if rate is not None:
-            if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
-                raise ValueError(f"user_config.sample_rate must be a number in [0, 1], got {rate!r}")
-            if rate > 0 and self.sampler is None:
-                raise ValueError("user_config.sample_rate > 0 but the app has no samples_dir; set samples_dir")
+        if rate is not None and rate > 0 and self.sampler is None:
+            raise ValueError("user_config.sample_rate > 0 but the app has no samples_dir; set samples_dir")
         price = user_config.get("gpu_hourly_usd")
-        if price is not None and (not isinstance(price, (int, float)) or price < 0):
-            raise ValueError(f"user_config.gpu_hourly_usd must be a number >= 0, got {price!r}")
         pattern = user_config.get("pattern")
         if not pattern and user_config.get("freq") is not None:   # an explicit pattern wins over freq/offset
             from ..model.pattern import resolve_pattern

@@ -1,6 +1,6 @@
 """Perplexity of the all-F DSA model with several trained indexers against the dense model (CPU, fp32).
 
-    python bench/compare_indexers.py --context 4096 --topk 256 512 \
+    python tools/compare_indexers.py --context 4096 --topk 256 512 \
         --indexer v1=/path/indexer.safetensors --indexer v2=/path/other.safetensors
 
 Windows: held-out essay segment 1 and Shakespeare play 0 of `indexcache.offline.corpora` (never trained on), the

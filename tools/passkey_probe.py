@@ -1,6 +1,6 @@
 """Why does a passkey trial fail? Per layer, where the dense model looks and where the indexer ranks it.
 
-    python bench/passkey_probe.py --context 8192 --depth 0.9 [--indexer FILE] [--topk 512] [--out probe.json]
+    python tools/passkey_probe.py --context 8192 --depth 0.9 [--indexer FILE] [--topk 512] [--out probe.json]
     ... [--ablate N [--ablate-only L,...] [--oracle [--oracle-rows A:B[,C:D]]]] | [--shift L,...]
 
 Builds the same prompt as `indexcache eval --contexts 1024,2048,4096,8192` (the key depends on the eval's
@@ -27,7 +27,8 @@ from indexcache.model.checkpoint import load_checkpoint  # noqa: E402
 from indexcache.model import Capture, select_indices  # noqa: E402
 from indexcache.offline.smollm2 import bundled_indexer, convert_smollm2  # noqa: E402
 from indexcache.model.tokenizer import load_tokenizer  # noqa: E402
-from indexcache.offline.train_indexer import index_scores, layer_inputs_and_attention  # noqa: E402
+from indexcache.offline.indexer_stats import layer_index_scores as index_scores  # noqa: E402
+from indexcache.offline.indexer_stats import layer_inputs_and_attention  # noqa: E402
 
 
 def key_positions(tokenizer, prompt: list[int], key: int) -> list[int]:
@@ -151,7 +152,7 @@ def distribution_shift(model, tokenizer, prompt: list[int], layers: list[int], t
     same on the first held-out essay window of the same length (natural text the indexer never saw).
     A layer that fits prose but not the prompt shows it here."""
     from indexcache.offline import corpora
-    from indexcache.offline.train_indexer import indexer_kl, topk_recall
+    from indexcache.offline.indexer_stats import indexer_kl, topk_recall
 
     essay = next(corpora.token_windows(corpora.heldout_essays(), tokenizer.encode, len(prompt),
                                        separator_id=tokenizer.eos_token_id))
