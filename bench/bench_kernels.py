@@ -284,6 +284,46 @@ def sweep_topk_configs(n=131072, rows=4096):
     return result
 
 
+def served_cases() -> dict:
+    """Kernels as the served model calls them. MoE at the 30B shape (E=64, top-4, D=2048, I=1536, bf16):
+    the gather GEMVs vs the grouped GEMM per decode batch (sets moe.GATHER_MAX_PAIRS). The FP8 indexer over
+    a 16K chunk of queries at the end of a 64K context: keys read in place from a one-slot cache through
+    k_slots (what the model does on the GPU) vs a plain (1, S, D) tensor."""
+    from indexcache.kernels import moe
+    out = {"moe": [], "indexer": []}
+    E, k, Dm, I = 64, 4, 2048, 1536
+    g = torch.Generator(device="cuda").manual_seed(0)
+    wgu = torch.randn(E, 2 * I, Dm, device="cuda", generator=g, dtype=torch.bfloat16) * Dm ** -0.5
+    wd = torch.randn(E, Dm, I, device="cuda", generator=g, dtype=torch.bfloat16) * I ** -0.5
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        x = torch.randn(n, Dm, device="cuda", generator=g, dtype=torch.bfloat16)
+        top_w = torch.rand(n, k, device="cuda", generator=g)
+        top_e = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(n)])
+        row = {"tokens": n, "pairs": n * k}
+        for path in ("gather", "grouped"):
+            row[f"{path}_ms"] = 1e3 * bench(lambda: moe.moe_routed(x, top_w, top_e, wgu, wd, path), warmup=2, rep=10)
+        out["moe"].append(row)
+        print("moe", json.dumps(row), flush=True)
+    del wgu, wd
+    S, T = 65536, 16384
+    q, kk, w, ks = indexer_inputs(S, fp8=True, n_queries=T)
+    qs, kl = torch.tensor([S - T], device="cuda"), torch.tensor([S], device="cuda")
+    cache_k = torch.zeros(2, S + 4096, D, device="cuda", dtype=kk.dtype)    # a cache longer than the context
+    cache_s = torch.zeros(2, S + 4096, device="cuda")
+    cache_k[1, :S], cache_s[1, :S] = kk[0], ks[0]
+    slots = torch.tensor([1], device="cuda")
+    row = {"context": S, "queries": T}
+    row["plain_s"] = bench(lambda: indexer_topk(q, kk, w, TOPK, qs, kl, k_scale=ks))
+    row["in_place_s"] = bench(lambda: indexer_topk(q, cache_k[:, :S], w, TOPK, qs, kl, k_scale=cache_s[:, :S],
+                                                   k_slots=slots))
+    a = indexer_topk(q, kk, w, TOPK, qs, kl, k_scale=ks).sort(-1).values
+    b = indexer_topk(q, cache_k[:, :S], w, TOPK, qs, kl, k_scale=cache_s[:, :S], k_slots=slots).sort(-1).values
+    row["same_sets"] = bool(torch.equal(a, b))
+    out["indexer"].append(row)
+    print("indexer", json.dumps(row), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_kernels.json")
@@ -294,7 +334,14 @@ def main():
                     help="only the top-k tile sweep and the MLA decode cases (short run)")
     ap.add_argument("--only-mla", action="store_true",
                     help="only the peaks and sparse MLA, bf16 vs FP8 latent cache (short run)")
+    ap.add_argument("--only-served", action="store_true",
+                    help="only the kernels as the served model calls them (MoE paths, in-place indexer)")
     args = ap.parse_args()
+    if args.only_served:
+        res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("BENCH_COMMIT", "?"), **served_cases()}
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     if args.only_mla:
         res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("BENCH_COMMIT", "?"),
                "peaks": measure_peaks()}

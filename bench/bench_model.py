@@ -9,6 +9,8 @@ What it times is what a Ray Serve replica runs (nothing here re-implements model
   - decode (batch 1) at that context: the same request's next tokens, one `Engine.step()` each (CUDA-graph
     replay unless --enforce-eager), median step time after the graph's capture;
   - batched decode: --batch requests of --batch-context tokens decoding together, tokens/s;
+  - --profile: the last prefill chunk and 4 decode steps of the first context under torch.profiler, device
+    time per kernel and per phase (indexer, top-k, sparse attention, MoE, GEMM, rest);
   - serving load (--load): N concurrent requests of P-token prompts and G generated tokens each through
     the engine's own thread (continuous batching, chunked prefill), as a replica sees them without Ray:
     output tokens/s, TTFT and TPOT p50/p99.
@@ -162,6 +164,66 @@ def prefill_and_decode(model, pattern, n, steps, chunk, enforce_eager, gen):
     return out
 
 
+# kernel name fragments -> phase (first match wins); everything else is "rest"
+PHASES = (("indexer", ("indexer_scores", "indexer_decode", "quantize_indexer")), ("topk", ("topk", "radix", "sampled")),
+          ("sparse_attention", ("sparse_", "mla_", "attention")), ("moe", ("moe_", "grouped", "GroupMM", "group_gemm")),
+          ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "fp8_block")))
+
+
+def phase_of(kernel: str) -> str:
+    low = kernel.lower()
+    for phase, keys in PHASES:
+        if any(k.lower() in low for k in keys):
+            return phase
+    return "rest"
+
+
+def kernel_split(prof, top: int = 25) -> dict:
+    """Device time per phase and the top kernels of a torch.profiler run (seconds)."""
+    per_kernel: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = per_kernel.setdefault(ev.name, [0.0, 0])
+            t[0] += ev.device_time_total / 1e6 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1e6
+            t[1] += 1
+    phases: dict[str, float] = {}
+    for name, (t, _) in per_kernel.items():
+        phases[phase_of(name)] = phases.get(phase_of(name), 0.0) + t
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"device_s": sum(phases.values()), "phases_s": phases,
+            "top_kernels": [{"name": n[:160], "s": t, "calls": c} for n, (t, c) in ranked]}
+
+
+def profile_prefill_and_decode(model, pattern, n, chunk, gen):
+    """The served engine's last prefill chunk of an n-token request, then 4 decode steps, profiled."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = engine_for(model, pattern, 1, n + 16, chunk, False)
+    req = engine.submit(random_prompt(n, model.args.vocab_size, gen), SamplingParams(max_new_tokens=12),
+                        emit=lambda c: None)
+    for _ in range((n + chunk - 1) // chunk - 1):
+        engine.step()
+    sync()
+    out = {"context": n, "chunk": chunk}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        engine.step()                         # the last chunk: queries at n - chunk .. n over all n keys
+        sync()
+        out["last_chunk_wall_s"] = time.perf_counter() - t0
+    out["prefill_last_chunk"] = kernel_split(prof)
+    for _ in range(3):                        # graph capture and warm-up
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            engine.step()
+        sync()
+        out["decode_wall_s_per_step"] = (time.perf_counter() - t0) / 4
+    out["decode_4_steps"] = kernel_split(prof)
+    release(engine)
+    del req
+    return out
+
+
 def batched_decode(model, pattern, batch, context, steps, chunk, enforce_eager, gen):
     engine = engine_for(model, pattern, batch, context + steps + 2, chunk, enforce_eager)
     errors = []
@@ -238,6 +300,10 @@ def main():
     ap.add_argument("--batch-context", type=int, default=4096)
     ap.add_argument("--load", default="64,2048,256", help="requests,prompt,generated for the serving load (empty: skip)")
     ap.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    ap.add_argument("--profile", action="store_true", help="profile the last prefill chunk and decode per "
+                    "pattern (kernel time by phase) at --profile-context, before the timed rows")
+    ap.add_argument("--profile-context", type=int, help="context of the profiled request (default: the first "
+                    "of --contexts)")
     ap.add_argument("--time-budget", type=float, default=420.0, help="seconds; later rows are skipped")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -248,7 +314,9 @@ def main():
     else:
         args = ModelArgs(**(SHAPE_TINY if a.tiny else SHAPE_30B))
     contexts = [int(c) for c in a.contexts.split(",") if c]
-    args.max_seq_len = max(args.max_seq_len, max(contexts) + a.decode_steps + 8)
+    if not contexts and not a.profile_context:
+        raise SystemExit("--contexts: give at least one context (or --profile-context)")
+    args.max_seq_len = max(args.max_seq_len, max(contexts + [a.profile_context or 0]) + a.decode_steps + 16)
     model = random_model(args)
     gen = torch.Generator().manual_seed(1)
     res = {"commit": commit(), "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
@@ -267,6 +335,22 @@ def main():
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
 
+    if a.profile:
+        for name in a.patterns.split(","):
+            try:
+                prof = profile_prefill_and_decode(model, pattern_for(name, args.n_layers),
+                                                  a.profile_context or contexts[0], a.chunk, gen)
+            except Exception as exc:
+                logging.exception("profile %s failed", name)
+                res.setdefault("errors", []).append(f"profile {name}: {exc!r}"[:2000])
+                continue
+            prof["pattern"] = name
+            res.setdefault("profiles", []).append(prof)
+            pre, dec = prof["prefill_last_chunk"]["phases_s"], prof["decode_4_steps"]["phases_s"]
+            print(f"profile {name} @ {prof['context']}: last chunk {prof['last_chunk_wall_s']:.3f} s wall; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in sorted(pre.items())) + " | decode 4 steps: "
+                  + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in sorted(dec.items())), flush=True)
+            save()
     for n in contexts:
         for name in a.patterns.split(","):
             if not budget_left(f"prefill+decode {name} @ {n}"):

@@ -152,7 +152,7 @@ def fp8_block_linear(x, w, w_scale_inv, out_dtype=torch.bfloat16):
 def moe_routed(x, top_w, top_e, w_gate_up, w_down, *, gate_up_scale_inv=None, down_scale_inv=None):
     """Routed experts, (N, D) fp32: sum_j top_w[n, j] * expert top_e[n, j] (SwiGLU) of x[n]. x (N, D),
     w_gate_up (E, 2I, D), w_down (E, D, I), bf16/fp32 or e4m3 with their block scales (kernels/moe.py).
-    Triton backend: the gather GEMVs for at most GATHER_VERIFIED_PAIRS pairs, else the grouped path; torch
+    Triton backend: the gather GEMVs for at most GATHER_MAX_PAIRS pairs, else the grouped path; torch
     backend: the grouped path (torch._grouped_mm on the CPU)."""
     from . import moe
     if backend(x.device) == "triton":

@@ -24,7 +24,7 @@ Two paths, one answer (the twin is `reference.ref_moe_routed`, one pair at a tim
   - `moe_gather` (decode, few pairs, CUDA): two Triton GEMV kernels that read only the selected experts'
     rows: `_moe_gate_up_kernel` (gate and up rows of one expert, SwiGLU fused, fp32 activation) and
     `_moe_down_kernel` (down rows, the routing weight fused). FP8 tiles are dequantised as they are read.
-  - `moe_routed(path="auto")`: gather when N * k <= GATHER_VERIFIED_PAIRS on CUDA, grouped otherwise.
+  - `moe_routed(path="auto")`: gather when N * k <= GATHER_MAX_PAIRS on CUDA, grouped otherwise.
 
 Precision: the gather path multiplies in fp32 (bf16/e4m3 weights are exact in fp32) and keeps the SwiGLU
 activation in fp32: it agrees with the twin to fp32 rounding. The grouped path rounds the gate|up product
@@ -52,11 +52,10 @@ except ImportError:        # CPU installs without the gpu extra: moe_grouped sti
         return fn
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# What "auto" actually sends to the gather kernels: on the H200 (GPU test run of 2026-11-29) the gather path
-# matched the twin for one token (4 and 8 pairs, bf16 and FP8) but not for 8 tokens (32 and 64 pairs: relative
-# error ~1.2), while it matches at every size under the interpreter. Until that is found, only single-token
-# decode (at most 8 pairs: top-8 routing) takes it; everything else runs the grouped GEMM.
-GATHER_VERIFIED_PAIRS = 8
+# "auto" takes the gather path up to this many token-expert pairs (decode at small batch). It was cut to 8
+# after an H200 test run (ff0d04a) that looked like a gather bug at 8 tokens; the cause was the test (its
+# CUDA-graph check rewrote the routing before the gather path was compared), fixed in test_moe.py.
+GATHER_MAX_PAIRS = 64
 MOE_PATHS = ("auto", "grouped", "gather")
 # Weight elements gathered (or dequantised) at a time by the plain-PyTorch fallbacks: 256 Mi (512 MiB bf16).
 _GATHER_ELEMENTS = 1 << 28
@@ -263,12 +262,12 @@ def resolved_moe_path(path: str, device, pairs: int) -> str:
     if path != "auto":
         return path
     on_cuda = torch.device(device).type == "cuda"
-    return "gather" if on_cuda and triton is not None and pairs <= GATHER_VERIFIED_PAIRS else "grouped"
+    return "gather" if on_cuda and triton is not None and pairs <= GATHER_MAX_PAIRS else "grouped"
 
 
 def moe_routed(x, top_w, top_e, w_gate_up, w_down, path: str = "auto", *,
                gate_up_scale_inv=None, down_scale_inv=None) -> torch.Tensor:
-    """Routed experts, (N, D) fp32. path: "auto" (gather for at most GATHER_VERIFIED_PAIRS pairs on CUDA, else
+    """Routed experts, (N, D) fp32. path: "auto" (gather for at most GATHER_MAX_PAIRS pairs on CUDA, else
     grouped), "grouped" or "gather"."""
     chosen = resolved_moe_path(path, x.device, top_e.numel())
     fast = moe_gather if chosen == "gather" else moe_grouped
