@@ -9,8 +9,8 @@ What it times is what a Ray Serve replica runs (nothing here re-implements model
   - decode (batch 1) at that context: the same request's next tokens, one `Engine.step()` each (CUDA-graph
     replay unless --enforce-eager), median step time after the graph's capture;
   - batched decode: --batch requests of --batch-context tokens decoding together, tokens/s;
-  - --profile: the last prefill chunk and 4 decode steps of the first context under torch.profiler, device
-    time per kernel and per phase (indexer, top-k, sparse attention, MoE, GEMM, rest);
+  - --profile: a whole prefill (wall time per step) and 4 decode steps under torch.profiler, device time
+    per kernel and per phase (indexer, top-k, sparse attention, MoE, GEMM, rest);
   - serving load (--load): N concurrent requests of P-token prompts and G generated tokens each through
     the engine's own thread (continuous batching, chunked prefill), as a replica sees them without Ray:
     output tokens/s, TTFT and TPOT p50/p99.
@@ -145,8 +145,11 @@ def prefill_and_decode(model, pattern, n, steps, chunk, enforce_eager, gen):
                         SamplingParams(max_new_tokens=steps + 1), emit=collect(errors))
     sync()
     t0 = time.perf_counter()
+    step_s = []
     while not req.output:
+        t = time.perf_counter()
         engine.step()
+        step_s.append(time.perf_counter() - t)
     ttft = time.perf_counter() - t0            # the first token's sampling synchronised the device
     times = []
     while not req.finished:
@@ -157,7 +160,7 @@ def prefill_and_decode(model, pattern, n, steps, chunk, enforce_eager, gen):
         raise Failed(errors[0])
     warm = times[2:] or times                  # the first replays include the graph capture
     step = statistics.median(warm)
-    out = {"context": n, "prefill_s": ttft, "prefill_tokens_per_s": n / ttft, "decode_step_s": step,
+    out = {"context": n, "prefill_s": ttft, "prefill_step_s": step_s, "prefill_tokens_per_s": n / ttft, "decode_step_s": step,
            "decode_tokens_per_s": 1.0 / step, "decode_steps": len(times),
            "kv_cache_gib": engine.cache.nbytes() / 2 ** 30, "graph_captures": engine.graphs.captures if engine.graphs else 0}
     release(engine)
@@ -195,24 +198,24 @@ def kernel_split(prof, top: int = 25) -> dict:
 
 
 def profile_prefill_and_decode(model, pattern, n, chunk, gen):
-    """The served engine's last prefill chunk of an n-token request, then 4 decode steps, profiled."""
+    """An n-token request through the served engine under torch.profiler (kernels only): every prefill
+    step's wall time, the prefill's device time by phase, then 4 decode steps after the graph capture."""
     from torch.profiler import ProfilerActivity, profile
     engine = engine_for(model, pattern, 1, n + 16, chunk, False)
     req = engine.submit(random_prompt(n, model.args.vocab_size, gen), SamplingParams(max_new_tokens=12),
                         emit=lambda c: None)
-    for _ in range((n + chunk - 1) // chunk - 1):
-        engine.step()
+    out = {"context": n, "chunk": chunk, "prefill_step_wall_s": []}
     sync()
-    out = {"context": n, "chunk": chunk}
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        engine.step()                         # the last chunk: queries at n - chunk .. n over all n keys
-        sync()
-        out["last_chunk_wall_s"] = time.perf_counter() - t0
-    out["prefill_last_chunk"] = kernel_split(prof)
+    with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
+        while not req.output:
+            t0 = time.perf_counter()
+            engine.step()                     # ends with the logits' copy to the host: synchronised
+            out["prefill_step_wall_s"].append(time.perf_counter() - t0)
+    out["prefill_wall_s"] = sum(out["prefill_step_wall_s"])
+    out["prefill"] = kernel_split(prof)
     for _ in range(3):                        # graph capture and warm-up
         engine.step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(4):
             engine.step()
@@ -220,7 +223,6 @@ def profile_prefill_and_decode(model, pattern, n, chunk, gen):
         out["decode_wall_s_per_step"] = (time.perf_counter() - t0) / 4
     out["decode_4_steps"] = kernel_split(prof)
     release(engine)
-    del req
     return out
 
 
@@ -346,8 +348,9 @@ def main():
                 continue
             prof["pattern"] = name
             res.setdefault("profiles", []).append(prof)
-            pre, dec = prof["prefill_last_chunk"]["phases_s"], prof["decode_4_steps"]["phases_s"]
-            print(f"profile {name} @ {prof['context']}: last chunk {prof['last_chunk_wall_s']:.3f} s wall; "
+            pre, dec = prof["prefill"]["phases_s"], prof["decode_4_steps"]["phases_s"]
+            print(f"profile {name} @ {prof['context']}: prefill {prof['prefill_wall_s']:.2f} s wall, steps "
+                  + " ".join(f"{t:.2f}" for t in prof["prefill_step_wall_s"]) + "; device "
                   + ", ".join(f"{k} {v:.3f}" for k, v in sorted(pre.items())) + " | decode 4 steps: "
                   + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in sorted(dec.items())), flush=True)
             save()

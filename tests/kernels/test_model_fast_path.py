@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from indexcache import kernels
+from indexcache.kernels import reference as ref
 from indexcache.model import KVCache
+from topk_checks import assert_topk_correct
 from tiny_models import random_model
 
 pytestmark = pytest.mark.gpu
@@ -62,18 +64,53 @@ def test_attention_over_the_cache_pool_matches_the_gathered_reference(family):
     assert err < TOL, f"relative error {err:.2e} over {ref.shape[0]} rows"
 
 
+class RecordedSelections:
+    """Spy on kernels.indexer_topk: in "record" mode it runs the kernel and keeps every call's inputs (the
+    cache rows gathered per query row, as the reference reads them) and its (B, T, topk) indices; in
+    "replay" mode it returns the recorded indices, call by call, instead of selecting."""
+
+    def __init__(self):
+        self.calls, self.replaying, self.real = [], None, kernels.indexer_topk
+
+    def __call__(self, q, k, weights, topk, q_start, kv_len, k_scale=None, k_slots=None):
+        if self.replaying is not None:
+            idx = self.calls[self.replaying]["idx"]
+            self.replaying += 1
+            assert idx.shape[:2] == q.shape[:2], "the replayed run must make the same indexer calls"
+            return idx
+        idx = self.real(q, k, weights, topk, q_start, kv_len, k_scale=k_scale, k_slots=k_slots)
+        gathered = k if k_slots is None else k[k_slots]
+        scale = k_scale if k_slots is None or k_scale is None else k_scale[k_slots]
+        self.calls.append({"idx": idx.clone(), "topk": topk, "scores": ref.ref_indexer_scores(
+            q, gathered, weights, q_start, kv_len, k_scale=scale)})
+        return idx
+
+
 @pytest.mark.parametrize("family", ["gqa", "mla"])
-def test_fp8_indexer_cache_matches_the_reference_on_the_same_e4m3_keys(family):
+def test_fp8_indexer_cache_matches_the_reference_on_the_same_e4m3_keys(family, monkeypatch):
     """The FP8 indexer's cache (e4m3 keys + one fp32 scale per key, written per chunk and per decode
-    step, read back per slot) through the Triton kernels equals the reference indexer on the same
-    quantised keys (kernels.ref_indexer_topk with k_scale). How close FP8 selection is to bf16 selection
-    is the kernel tests' business (tests/kernels/test_triton_kernels.py)."""
+    step, read in place per slot by the Triton kernels):
+      1. every selection the fast run makes is a right top-k of the reference scores of the same queries
+         over the same quantised keys, each slot's cache rows gathered the reference way (FP8 tensor
+         cores score within ~1e-3 of fp32: keys that close to the k-th may swap, tests/kernels/
+         test_triton_kernels.py's rule);
+      2. the rest of the fast model equals the reference model given those selections (TOL).
+    Comparing logits without step 1's pinning is not a test of the cache: on the H200 one near-tie swap
+    (reference score gaps of 0.4-2 % at the 8th key of 14) moved this tiny model's logits by 2-20 %
+    (tools/fp8_indexer_probe.py, commit 0a227a9)."""
     model = random_model(family, seed=int(torch.randint(0, 10_000, ())), projection_std=0.3,
                          index_head_dim=32).to(DEVICE, DTYPE)   # FP8 tensor-core dots need K >= 32
     pattern = "F" * model.args.n_layers
     g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
     prompts = [torch.randint(2, model.args.vocab_size, (n_tok,), generator=g).tolist() for n_tok in (19, 11)]
-    ref = _run(model, use_triton=False, indexer_fp8=True, prompts=prompts, slots=[1, 3], pattern=pattern)
+    spy = RecordedSelections()
+    monkeypatch.setattr(kernels, "indexer_topk", spy)
     fast = _run(model, use_triton=True, indexer_fp8=True, prompts=prompts, slots=[1, 3], pattern=pattern)
-    err = (fast - ref).norm() / ref.norm()
+    assert len(spy.calls) == model.args.n_layers * (3 + 2 + 3)     # 5 prefill chunks + 3 decode steps
+    for call in spy.calls:
+        assert_topk_correct(call["idx"], call["scores"], call["topk"], ties=True, rtol=1e-3)
+    spy.replaying = 0
+    ref_logits = _run(model, use_triton=False, indexer_fp8=True, prompts=prompts, slots=[1, 3], pattern=pattern)
+    assert spy.replaying == len(spy.calls)
+    err = (fast - ref_logits).norm() / ref_logits.norm()
     assert err < TOL, f"relative error {err:.2e}"
