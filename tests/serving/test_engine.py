@@ -168,3 +168,15 @@ def test_is_alive_follows_the_scheduler_thread(model):
     finally:
         engine.stop()
     assert not engine.is_alive()
+
+
+def test_warm_up_leaves_no_trace_in_what_requests_get(model, random_prompts):
+    """The start-up dummy run (on by default on CUDA, to compile the kernels) writes slot 0 of the cache:
+    requests served after it, in slot 0 and beside it, get what a fresh engine gives them."""
+    engine = Engine(model, max_batch_size=2, chunk_size=16, max_model_len=128, warm_up=True)
+    assert engine.warm_up_s > 0 and engine.forwards == 0      # not counted as served work
+    prompts = random_prompts(3, lo=3, hi=40, seed=5)
+    jobs = [(0, p, SamplingParams(max_new_tokens=5), None) for p in prompts]
+    chunks = run_all(engine, jobs)
+    for i, p in enumerate(prompts):
+        assert tokens(chunks[i]) == naive_generate(model, p, jobs[i][2]), f"request {i}"

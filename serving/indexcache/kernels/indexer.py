@@ -370,6 +370,8 @@ def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, query_
     if T == 0:
         return out
     chunk = query_chunk or max(1, min(T, _SCORE_BUFFER_ELEMENTS // max(1, B * S)))
+    if chunk < T and not query_chunk:   # multiples of 64: sub-chunks keep one Triton specialisation
+        chunk = max(64, chunk // 64 * 64)
     scores = torch.empty(B, min(chunk, T), S, dtype=torch.float32, device=q.device)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
