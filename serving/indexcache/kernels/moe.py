@@ -54,10 +54,12 @@ except ImportError:        # CPU installs without the gpu extra: moe_grouped sti
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # "auto" takes the gather path up to this many token-expert pairs (decode at small batch). H200, 30B shape
 # (E=64, top-4, D=2048, I=1536, bf16), `bench_kernels.py --only-served` at 0a227a9, gather / grouped ms:
-# 4 pairs 0.14 / 0.37, 32 pairs 0.22 / 0.42, 128 pairs 0.56 / 0.64, 256 pairs 0.90 / 0.66.
+# 4 pairs 0.14 / 0.37, 32 pairs 0.22 / 0.42, 64 pairs 0.36 / 0.55, 128 pairs 0.56 / 0.64, 256 pairs 0.90 / 0.66.
+# In the model, batch-32 decode at 4K (128 pairs) was slower with gather (538 tok/s at 533931b) than with the
+# grouped GEMM (601 at ff0d04a): the limit is 64 pairs.
 # (It was cut to 8 after an H200 test run at ff0d04a that looked like a gather bug at 8 tokens; the cause was
 # the test, whose CUDA-graph check rewrote the routing before the gather path was compared.)
-GATHER_MAX_PAIRS = 128
+GATHER_MAX_PAIRS = 64
 MOE_PATHS = ("auto", "grouped", "gather")
 # Weight elements gathered (or dequantised) at a time by the plain-PyTorch fallbacks: 256 Mi (512 MiB bf16).
 _GATHER_ELEMENTS = 1 << 28

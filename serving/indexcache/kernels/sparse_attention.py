@@ -7,7 +7,7 @@ all MLA heads, which share the one latent head), gathers BLOCK_K selected rows a
 from the cache (no gathered copy in memory), and runs an online softmax (running max m, running sum
 l) with fp32 accumulators. A query with no valid index writes zeros. The heads form the M side of the
 tensor-core products, padded to 16. bf16 operands are exact with fp32 accumulation; fp32 operands
-run as TF32. Prefill: one program per (query, head block). Decode (too few queries to fill the
+multiply in fp32 (input_precision "ieee", not TF32). Prefill: one program per (query, head block). Decode (too few queries to fill the
 GPU): the selected keys are split across programs and the partial softmaxes merged (split-K).
 The MLA kernel also reads an FP8 latent cache (e4m3 rows with one fp32 scale per key, RoPE key in
 bf16): 644 bytes gathered per selected key instead of 1152.
@@ -32,12 +32,19 @@ from .reference import (  # noqa: F401 (the twins these kernels are tested again
 )
 
 
+def _precision(q: torch.Tensor) -> str:
+    """fp32 operands multiply in fp32 ("ieee"): a model run in float32 on request gets float32 attention,
+    not TF32's 10-bit mantissa (which moved a tiny fp32 model's logits by ~5 % on the H200). bf16 and FP8
+    operands are exact on the tensor cores either way."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _sparse_attention_gqa_kernel(
     q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, scale, K_sel, S,
     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, si_b, si_t, so_b, so_t, so_h,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr, DH_PAD: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr = "tf32",
 ):
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -60,7 +67,7 @@ def _sparse_attention_gqa_kernel(
         row = tl.where(ok, idx, 0).to(tl.int64)
         kt = tl.load(k_ptr + b * sk_b + row[None, :] * sk_s + kvh * sk_h + offs_d[:, None],
                      mask=ok[None, :] & d_ok[:, None], other=0.0)            # (DH_PAD, BLOCK_K)
-        s = tl.dot(q, kt) * scale                                            # (G_PAD, BLOCK_K)
+        s = tl.dot(q, kt, input_precision=PRECISION) * scale                                            # (G_PAD, BLOCK_K)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                # no key seen yet
@@ -69,7 +76,7 @@ def _sparse_attention_gqa_kernel(
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + b * sv_b + row[:, None] * sv_s + kvh * sv_h + offs_d[None, :],
                     mask=ok[:, None] & d_ok[None, :], other=0.0)             # (BLOCK_K, DH_PAD)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + b * so_b + t * so_t + heads[:, None] * so_h + offs_d[None, :],
@@ -82,6 +89,7 @@ def _sparse_attention_mla_kernel(
     k_per_split, sq_b, sq_t, sq_h, sl_b, sl_s, sr_b, sr_s, ssc_b, si_b, si_t, so_b, so_t, so_h,
     DC: tl.constexpr, DC_PAD: tl.constexpr, DR: tl.constexpr, DR_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, N_SPLIT: tl.constexpr, FP8_KV: tl.constexpr,
+    PRECISION: tl.constexpr = "tf32",
 ):
     """q = [q_latent (DC) | q_rope (DR)], key = [latent (DC) | k_rope (DR)], value = latent.
     bf16 cache: lat_ptr and rope_ptr point into one (B, S, DC + DR) row. FP8_KV: latent rows are e4m3
@@ -120,9 +128,11 @@ def _sparse_attention_mla_kernel(
         if FP8_KV:
             latent = latent.to(qc.dtype)                                     # e4m3 -> bf16: exact
             ksc = tl.load(lsc_ptr + b * ssc_b + row, mask=ok, other=0.0)     # (BLOCK_K,) fp32
-            s = tl.dot(qc, tl.trans(latent)) * ksc[None, :] + tl.dot(qr, tl.trans(rope))
+            s = (tl.dot(qc, tl.trans(latent), input_precision=PRECISION) * ksc[None, :]
+                 + tl.dot(qr, tl.trans(rope), input_precision=PRECISION))
         else:
-            s = tl.dot(qc, tl.trans(latent)) + tl.dot(qr, tl.trans(rope))    # (BLOCK_H, BLOCK_K)
+            s = (tl.dot(qc, tl.trans(latent), input_precision=PRECISION)
+                 + tl.dot(qr, tl.trans(rope), input_precision=PRECISION))    # (BLOCK_H, BLOCK_K)
         s = tl.where(ok[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -133,7 +143,7 @@ def _sparse_attention_mla_kernel(
             pv = (p * ksc[None, :]).to(latent.dtype)                         # the value's scale, per key
         else:
             pv = p.to(latent.dtype)
-        acc = acc * alpha[:, None] + tl.dot(pv, latent)
+        acc = acc * alpha[:, None] + tl.dot(pv, latent, input_precision=PRECISION)
         m = m_new
     if N_SPLIT > 1:
         part = ((b * T + t) * N_SPLIT + split) * H + heads                   # (BLOCK_H,)
@@ -186,7 +196,8 @@ def sparse_attention_gqa(q, k, v, indices, scale: float, block_k: int = 64, out=
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        GROUP=group, G_PAD=_pad(group), DH=Dh, DH_PAD=_pad(Dh), BLOCK_K=block_k, num_warps=4)
+        GROUP=group, G_PAD=_pad(group), DH=Dh, DH_PAD=_pad(Dh), BLOCK_K=block_k, PRECISION=_precision(q),
+        num_warps=4)
     return out
 
 
@@ -261,7 +272,7 @@ def _launch_mla(q, latent, rope, latent_scale, indices, scale, v_dim, fp8_kv, bl
         rope.stride(0), rope.stride(1), latent_scale.stride(0) if fp8_kv else 0,
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1), out.stride(2),
         DC=v_dim, DC_PAD=_pad(v_dim), DR=dr, DR_PAD=_pad(dr), BLOCK_H=block_h, BLOCK_K=block_k,
-        N_SPLIT=n_split, FP8_KV=fp8_kv, num_warps=num_warps, num_stages=num_stages)
+        N_SPLIT=n_split, FP8_KV=fp8_kv, PRECISION=_precision(q), num_warps=num_warps, num_stages=num_stages)
     if n_split > 1:
         _combine_splits(part_acc, part_ml, out)
     return out
