@@ -115,14 +115,14 @@ def test_s3_with_credentials_from_the_environment(tmp_path, monkeypatch, s3, off
 # ---- HTTP tarballs ----------------------------------------------------------------------------------------
 def test_http_tarball_checked_against_its_sha256(tmp_path, offline_off):
     data = tarball(FILES)
+    flat = tarball(FILES, top=None)   # built once: gzip stamps the time, a second build a second later differs
     with FileServer({"/tiny-dsa.tar.gz": data, "/tiny-dsa.tar.gz.sha256": f"{sha256(data)}  tiny-dsa.tar.gz\n".encode(),
-                     "/flat.tar.gz": tarball(FILES, top=None)}) as server:
+                     "/flat.tar.gz": flat}) as server:
         pinned = resolve(f"{server.url}/tiny-dsa.tar.gz#sha256={sha256(data)}", tmp_path)
         assert pinned.revision == sha256(data) and pinned.name == "tiny-dsa"
         assert_same_files(pinned.path, FILES)
         published = resolve(f"{server.url}/tiny-dsa.tar.gz", tmp_path)      # the sha256 from <url>.sha256
         assert published.path == pinned.path and published.downloaded_bytes == 0
-        flat = tarball(FILES, top=None)
         assert_same_files(resolve(f"{server.url}/flat.tar.gz#sha256={sha256(flat)}", tmp_path).path, FILES)
 
         wrong = "0" * 64
