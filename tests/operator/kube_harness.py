@@ -44,6 +44,7 @@ RESOURCES = {
     "batch/v1/cronjobs": dict(kind="CronJob", subresources={"status"}),
     "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", subresources={"status"}),
     "v1/configmaps": dict(kind="ConfigMap"),
+    "v1/pods": dict(kind="Pod", subresources={"status"}),
     "v1/serviceaccounts": dict(kind="ServiceAccount"),
     "v1/events": dict(kind="Event"),
     "rbac.authorization.k8s.io/v1/roles": dict(kind="Role"),
