@@ -1,6 +1,6 @@
 """Real servers on loopback that hold a model, for the model delivery tests (indexcache.model.storage).
 
-- `FileServer`: a stdlib HTTP server for tarballs (GET/HEAD with Range, optional throttling, a request log).
+- `FileServer`: a stdlib HTTP server for tarballs (GET/HEAD with Range, a request log).
 - `FakeHub`: a Hugging Face Hub-compatible endpoint (HF_ENDPOINT) serving exactly the routes that
   huggingface_hub's model_info + list_repo_tree + snapshot_download call:
       GET  /api/models/{repo}/revision/{revision}         -> {"id", "sha", "siblings"}
@@ -12,6 +12,10 @@
   a wrong one -> 401 "Invalid credentials in Authorization header".
 - `MotoS3`: moto's S3 server in its own process, with IAM authentication switched on after setup (a
   read-only user's keys work; anything else is refused).
+- `StallingProxy`: an HTTP relay in front of another loopback server (moto), byte for byte (SigV4 signatures
+  stay valid: the Host header travels unchanged), that can stall one object mid-transfer.
+Every server can stall a download after its first `hold_at` bytes (`held` is set) until the test sets
+`release`, so that a test kills or races a client mid-transfer without guessing at timings.
 """
 from __future__ import annotations
 
@@ -83,10 +87,18 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: "LoopbackServer"
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):   # a killed client: expected
+            super().handle_error(request, client_address)
+
 
 class LoopbackServer:
-    def __init__(self):
+    """hold_at=N: a GET of a path that `holds(path)` stops after byte N of the file until `release` is set."""
+
+    def __init__(self, hold_at: int | None = None):
         self.requests: list[tuple[str, str, str | None]] = []   # (method, path, Range header)
+        self.hold_at = hold_at
+        self.held, self.release = threading.Event(), threading.Event()
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), _Handler)
         self.httpd.owner = self
@@ -100,6 +112,24 @@ class LoopbackServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def holds(self, path: str) -> bool:
+        return True
+
+    def hold_before(self, path: str):
+        """before_chunk for send_bytes: stall at hold_at (an offset in the whole file) until released."""
+        if self.hold_at is None or not self.holds(path):
+            return None
+
+        def maybe_hold(offset: int) -> None:
+            if offset >= self.hold_at and not self.release.is_set():
+                self.held.set()
+                self.release.wait(60)
+        return maybe_hold
+
+    def gets(self, path: str) -> list[str | None]:
+        """The Range headers of the GETs of `path` (None: the whole file)."""
+        return [r for m, p, r in self.requests if m == "GET" and urlsplit(p).path == path]
 
     def log(self, handler, head: bool) -> None:
         with self.lock:
@@ -142,39 +172,32 @@ class LoopbackServer:
 
 
 class FileServer(LoopbackServer):
-    """Serves `files` (URL path -> bytes). With hold_at=N, a download stops after its first N bytes
-    (`held` is set) until the test sets `release`: a test can kill or race a client mid-download
-    without guessing at timings."""
+    """Serves `files` (URL path -> bytes); hold_at stalls every file's download at that byte."""
 
     def __init__(self, files: dict[str, bytes], hold_at: int | None = None, chunk: int = 1 << 14):
-        super().__init__()
-        self.files, self.hold_at, self.chunk = files, hold_at, chunk
-        self.held, self.release = threading.Event(), threading.Event()
-
-    def _maybe_hold(self, offset: int) -> None:
-        if self.hold_at is not None and offset >= self.hold_at and not self.release.is_set():
-            self.held.set()
-            self.release.wait(60)
+        super().__init__(hold_at)
+        self.files, self.chunk = files, chunk
 
     def handle(self, handler, head: bool) -> None:
         self.log(handler, head)
         path = urlsplit(handler.path).path
         if path not in self.files:
             return self.send_error(handler, 404)
-        self.send_bytes(handler, self.files[path], head, chunk=self.chunk, before_chunk=self._maybe_hold)
-
-    def gets(self, path: str) -> list[str | None]:
-        """The Range headers of the GETs of `path` (None: the whole file)."""
-        return [r for m, p, r in self.requests if m == "GET" and urlsplit(p).path == path]
+        self.send_bytes(handler, self.files[path], head, chunk=self.chunk, before_chunk=self.hold_before(path))
 
 
 class FakeHub(LoopbackServer):
     """repos: repo_id -> {"files": {path: bytes}, "commit": 40 hex, "branches": {"main": commit},
-    "token": None or the token a private repo wants}."""
+    "token": None or the token a private repo wants}. hold=(file name, N) stalls that file's download at
+    byte N."""
 
-    def __init__(self, repos: dict[str, dict]):
-        super().__init__()
-        self.repos = repos
+    def __init__(self, repos: dict[str, dict], hold: tuple[str, int] | None = None):
+        super().__init__(hold[1] if hold else None)
+        self.repos, self.hold_file = repos, hold[0] if hold else None
+        self.chunk = 1 << 14
+
+    def holds(self, path: str) -> bool:
+        return self.hold_file is not None and "/resolve/" in path and path.endswith(f"/{self.hold_file}")
 
     @staticmethod
     def make_repo(files: dict[str, bytes], token: str | None = None, lfs: tuple[str, ...] = (".safetensors",)):
@@ -232,7 +255,8 @@ class FakeHub(LoopbackServer):
             entry = self._entry(repo, m.group(3))
             etag = entry["lfs"]["oid"] if "lfs" in entry else entry["oid"]
             return self.send_bytes(handler, repo["files"][m.group(3)], head,
-                                   {"X-Repo-Commit": repo["commit"], "ETag": f'"{etag}"'})
+                                   {"X-Repo-Commit": repo["commit"], "ETag": f'"{etag}"'},
+                                   chunk=self.chunk, before_chunk=self.hold_before(path))
         self.send_error(handler, 404)
 
     def routes(self) -> set[str]:
@@ -245,6 +269,56 @@ class FakeHub(LoopbackServer):
             path = re.sub(r"^/[^/]+/[^/]+/resolve/[0-9a-f]{40}/.+$", "/{repo}/resolve/{commit}/{path}", path)
             out.add(f"{method} {path}")
         return out
+
+
+class StallingProxy(LoopbackServer):
+    """Relays GET/HEAD to `upstream` (http://host:port) with every request header unchanged (Host included,
+    so a SigV4 signature made for the proxy's address still verifies upstream) and the answer's status,
+    headers and body back. A GET of `hold_path` stalls at byte hold_at of the object (a ranged GET counts
+    from its Content-Range start) until `release` is set."""
+
+    HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+
+    def __init__(self, upstream: str, hold_path: str | None = None, hold_at: int | None = None):
+        super().__init__(hold_at)
+        self.upstream = urlsplit(upstream)
+        self.hold_path = hold_path
+
+    def holds(self, path: str) -> bool:
+        return path == self.hold_path
+
+    def handle(self, handler, head: bool) -> None:
+        import http.client
+
+        self.log(handler, head)
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            conn.putrequest(handler.command, handler.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in handler.headers.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+            answer = conn.getresponse()
+            body = answer.read()
+        finally:
+            conn.close()
+        handler.send_response(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in self.HOP_BY_HOP:
+                handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if head:
+            return
+        start = int(m.group(1)) if (m := re.match(r"bytes (\d+)-", answer.getheader("Content-Range") or "")) else 0
+        hold = self.hold_before(urlsplit(handler.path).path)
+        try:
+            for i in range(0, len(body), 1 << 14):
+                if hold is not None:
+                    hold(start + i)
+                handler.wfile.write(body[i:i + (1 << 14)])
+                handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):   # the client was killed mid-download
+            pass
 
 
 class MotoS3:

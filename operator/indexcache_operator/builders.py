@@ -16,7 +16,7 @@ from indexcache_contracts.serve_app import (INGRESS_DEPLOYMENT, INGRESS_HEADROOM
 from indexcache_operator import (API_VERSION, COMPONENT_LABEL, DEPLOYMENT_LABEL, KIND, MANAGED_BY,
                                  MANAGED_BY_LABEL)
 from indexcache_operator.config import OperatorConfig
-from indexcache_operator.models import IndexCacheDeploymentSpec, PodSettings
+from indexcache_operator.models import CacheAccessMode, IndexCacheDeploymentSpec, PodSettings
 
 SERVE_APP_NAME = "indexcache"
 SERVE_PORT = 8000
@@ -32,6 +32,7 @@ PVC_ROOT = "/mnt/pvc"   # pvc://claim/path is read at PVC_ROOT/claim/path (index
 WORKER_GROUP = "gpu"
 ROLE_LABEL = f"{DEPLOYMENT_LABEL.split('/')[0]}/role"
 GPU_RESOURCE = "nvidia.com/gpu"
+FETCH_CONTAINER = "fetch-model"   # its termination message is read back by delivery.py
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ def rayservice_name(owner: Owner) -> str:
 
 def samples_claim_name(owner: Owner) -> str:
     return f"{owner.name}-samples"
+
+
+def model_cache_claim_name(owner: Owner) -> str:
+    return f"{owner.name}-model-cache"
 
 
 def recalibration_account_name(owner: Owner) -> str:
@@ -205,10 +210,33 @@ def _source_claim(spec: IndexCacheDeploymentSpec) -> str | None:
     return uri[len("pvc://"):].split("/", 1)[0] if uri.startswith("pvc://") else None
 
 
-def model_volumes(spec: IndexCacheDeploymentSpec) -> list[dict]:
+def creates_model_cache_claim(spec: IndexCacheDeploymentSpec) -> bool:
+    """spec.model.cacheVolume.size: the operator creates the deployment's cache claim."""
+    return spec.model.cache_volume is not None and spec.model.cache_volume.size is not None
+
+
+def model_cache_claim(owner: Owner, spec: IndexCacheDeploymentSpec) -> dict:
+    """The model cache claim the operator creates (creates_model_cache_claim): owned by the deployment, so
+    it goes with it; the replicas' and Jobs' init containers fill it once."""
     cache = spec.model.cache_volume
-    volumes = [{"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.claim_name}} if cache
-               else {"name": "model-cache", "emptyDir": {}}]
+    assert cache is not None and cache.size is not None, "no cacheVolume.size: no claim to create"
+    mode = cache.access_mode or CacheAccessMode.read_write_many
+    claim_spec: dict = {"accessModes": [mode.value], "resources": {"requests": {"storage": cache.size}}}
+    if cache.storage_class_name:
+        claim_spec["storageClassName"] = cache.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": metadata(owner, model_cache_claim_name(owner), "model-cache"), "spec": claim_spec}
+
+
+def model_volumes(owner: Owner, spec: IndexCacheDeploymentSpec) -> list[dict]:
+    """The cache: an emptyDir per pod (no cacheVolume, KServe's default), the user's claim, or the one the
+    operator creates."""
+    cache = spec.model.cache_volume
+    if cache is None:
+        volumes = [{"name": "model-cache", "emptyDir": {}}]
+    else:
+        claim = model_cache_claim_name(owner) if creates_model_cache_claim(spec) else cache.claim_name
+        volumes = [{"name": "model-cache", "persistentVolumeClaim": {"claimName": claim}}]
     if claim := _source_claim(spec):
         volumes.append({"name": "model-source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
     return volumes
@@ -231,7 +259,7 @@ def fetch_model_container(spec: IndexCacheDeploymentSpec, image: str) -> dict:
     complete and verified. Its termination message is the result ({"path", "revision", ...}) or the error
     with its reason (and, should it crash, its last log lines)."""
     container = {
-        "name": "fetch-model",
+        "name": FETCH_CONTAINER,
         "image": image,
         "command": ["indexcache"],
         "args": ["fetch", spec.model.uri, "--cache", MODEL_CACHE_DIR],
@@ -352,7 +380,7 @@ def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorCon
         "template": {
             "metadata": {"labels": {**pod_labels, ROLE_LABEL: "replica"}},
             "spec": pod_spec(spec, spec.workers, worker_container,
-                             [_samples_volume(owner, read_only=False)] + model_volumes(spec),
+                             [_samples_volume(owner, read_only=False)] + model_volumes(owner, spec),
                              # The replicas load the model (the head never does: it holds no GPU replica).
                              initContainers=[fetch_model_container(spec, image)]),
         },
@@ -463,7 +491,7 @@ def job_spec(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorConfi
                 "resources": job_resources(spec, config),
                 "volumeMounts": [{"name": "samples", "mountPath": SAMPLES_DIR, "readOnly": True},
                                  {"name": "results", "mountPath": RESULTS_DIR}] + model_mounts(spec, read_only=True),
-            }, [_samples_volume(owner, read_only=True), {"name": "results", "emptyDir": {}}] + model_volumes(spec),
+            }, [_samples_volume(owner, read_only=True), {"name": "results", "emptyDir": {}}] + model_volumes(owner, spec),
                 serviceAccountName=recalibration_account_name(owner), restartPolicy="Never",
                 initContainers=[fetch_model_container(spec, spec.image or config.serving_image)]),
         },

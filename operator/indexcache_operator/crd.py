@@ -38,6 +38,8 @@ PRINTER_COLUMNS = [
      "description": "Layers running their indexer in the active pattern"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Pattern", "type": "string", "jsonPath": ".status.pattern", "priority": 1},
+    {"name": "Revision", "type": "string", "jsonPath": ".status.model.revision", "priority": 1,
+     "description": "What spec.model.uri resolved to in the pods (Hub commit, S3 listing digest, sha256)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

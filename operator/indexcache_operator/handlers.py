@@ -12,6 +12,7 @@ import kopf
 
 from indexcache_operator import (COMPONENT_LABEL, DEPLOYMENT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL,
                                  PLURAL, RECALIBRATE_ANNOTATION, VERSION)
+from indexcache_operator import delivery
 from indexcache_operator import kube as k
 from indexcache_operator import metrics as m
 from indexcache_operator import peering, resync
@@ -47,9 +48,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # our own events say what changed; skip kopf's chatter
+    # Pods are the one large kind watched: let the API server send only ours (kmock ignores it; the
+    # handler's own label filter stays).
+    settings.watching.label_selectors["", "v1", "pods"] = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
     memo.ctx = Context(kube=k.Kube.from_environment(), config=config, metrics=m.OperatorMetrics(),
                        events=_post_event)
     memo.known = resync.KnownDeployments()
+    memo.fetches_seen = {}
     memo.health = resync.ResyncHealth(config.health_grace)
     memo.peering = None
     if settings.peering.mandatory and not settings.peering.standalone:  # kopf run --peering NAME
@@ -170,3 +175,27 @@ def recalibration_job_event(event: dict, body: kopf.Body, memo: kopf.Memo, **_) 
     except ReconcileError as e:  # the resync retries (results are folded level-triggered)
         log.warning("recording Job %s failed (%s): %s", body.get("metadata", {}).get("name"),
                     count_error(memo.ctx, "event", e), e)
+
+
+@kopf.on.event("", "v1", "pods", labels=OURS)
+def model_fetch_event(event: dict, namespace: str, name: str, labels: dict, body: kopf.Body, memo: kopf.Memo,
+                      **_) -> None:
+    """A replica or Job pod's fetch-model init container ended (or failed and retries): reconcile the owner,
+    which copies the result into status.model / ModelReady. Once per fetch outcome, not per pod update."""
+    if getattr(memo, "ctx", None) is None:
+        return
+    seen = memo.fetches_seen
+    if event.get("type") == "DELETED":
+        seen.pop((namespace, name), None)
+        return
+    outcome = delivery.fetch_outcome(dict(body))
+    owner = _owner_of(labels)
+    if outcome is None or not owner or seen.get((namespace, name)) == outcome:
+        return
+    try:
+        reconcile(memo.ctx, namespace, owner)
+    except ReconcileError as e:  # the next pod event or the resync retries
+        log.warning("reconcile of %s/%s after pod %s's model fetch failed (%s): %s", namespace, owner, name,
+                    count_error(memo.ctx, "event", e), e)
+        return
+    seen[(namespace, name)] = outcome

@@ -41,11 +41,45 @@ class Wire(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
+QUANTITY_REGEX = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+
+
+class CacheAccessMode(str, Enum):
+    read_write_many = "ReadWriteMany"
+    read_write_once = "ReadWriteOnce"
+
+
 class CacheVolume(Wire):
-    claim_name: str = Field(
-        min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN,
+    """A model cache shared by the replicas and the recalibration Jobs: an existing claim (claimName), or one
+    the operator creates (size, with storageClassName and accessMode optional). No schema defaults here: the
+    API server would add them next to a claimName."""
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("has(self.claimName) != has(self.size)",
+            "model.cacheVolume: set claimName (reuse an existing claim) or size (the operator creates claim "
+            "<name>-model-cache of that size), exactly one of them"),
+        cel("has(self.size) || !(has(self.storageClassName) || has(self.accessMode))",
+            "model.cacheVolume.storageClassName and accessMode describe the claim the operator creates: they go "
+            "with size, not with claimName"),
+    ]})
+
+    claim_name: Optional[str] = Field(
+        default=None, min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN,
         description="An existing PersistentVolumeClaim for the model cache (ReadWriteMany when replicas run "
                     "on several nodes): the first pod downloads, the others and the recalibration Jobs reuse it.")
+    size: Optional[str] = Field(
+        default=None, pattern=QUANTITY_REGEX,
+        description="Instead of claimName: the operator creates claim <name>-model-cache of this size, owned by "
+                    "this resource (deleted with it). Room for the checkpoint (twice it for an https:// tarball, "
+                    "unpacked beside its archive) and for the next revision while the current one is in use. "
+                    "Fixed once the claim exists (resize the claim itself where its storage class allows); a "
+                    "full cache fails the fetch with reason DiskFull (condition ModelReady).")
+    storage_class_name: Optional[str] = Field(
+        default=None, min_length=1, max_length=253,
+        description="With size: storage class of the claim (default: the cluster's default class).")
+    access_mode: Optional[CacheAccessMode] = Field(
+        default=None,
+        description="With size: access mode of the claim (default ReadWriteMany: replicas on several nodes and "
+                    "the Jobs mount it at once). ReadWriteOnce only when every replica and Job runs on one node.")
 
 
 class ModelSource(Wire):
@@ -62,7 +96,11 @@ class ModelSource(Wire):
                     "an absolute HF-format directory inside the image, or `smollm2`/`tiny` (bundled).")
     cache_volume: Optional[CacheVolume] = Field(
         default=None,
-        description="Where downloaded models are kept; default an emptyDir per pod (each pod downloads).")
+        description="Where downloaded models are kept. Absent: an emptyDir per pod, as KServe's storage "
+                    "initializer does: each replica and recalibration Job downloads the model onto its node's "
+                    "disk (local reads, nothing to size or clean up; one download per pod). Set it to download "
+                    "once per deployment: {claimName: X} reuses a claim, {size: 200Gi} makes the operator "
+                    "create <name>-model-cache.")
     credentials_secret: Optional[str] = Field(
         default=None, min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN,
         description="Secret whose keys become the download's environment: HF_TOKEN for the Hub; "
@@ -173,7 +211,7 @@ class Traffic(Wire):
         default=0.0, ge=0.0, le=1.0,
         description="Fraction of prompts kept (redacted) in the samples volume for recalibration.")
     storage_size: str = Field(
-        default="10Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$",
+        default="10Gi", pattern=QUANTITY_REGEX,
         description="Size of the traffic samples volume claim.")
     storage_class_name: Optional[str] = Field(
         default=None, min_length=1, max_length=253,
@@ -258,7 +296,7 @@ class IndexCacheDeploymentSpec(Wire):
 
 # ---- status -------------------------------------------------------------------------------
 
-CONDITION_TYPES = ("Ready", "Reconciled", "Calibrated", "Degraded")
+CONDITION_TYPES = ("Ready", "Reconciled", "Calibrated", "Degraded", "ModelReady")
 
 
 class Phase(str, Enum):
@@ -270,7 +308,7 @@ class Phase(str, Enum):
 
 
 class Condition(Wire):
-    type: str = Field(description="Ready, Reconciled, Calibrated or Degraded.")
+    type: str = Field(description="Ready, Reconciled, Calibrated, Degraded or ModelReady.")
     status: str = Field(pattern=r"^(True|False|Unknown)$")
     reason: str = Field(min_length=1, max_length=1024)
     message: str = Field(default="", max_length=32768)
@@ -318,6 +356,19 @@ class AppliedCalibration(Wire):
                                    "a spec change makes the spec's pattern win again.")
 
 
+class ModelStatus(Wire):
+    """What the `fetch-model` init containers reported (their termination message: `indexcache fetch`'s JSON)."""
+    uri: str = Field(description="spec.model.uri as fetched.")
+    revision: Optional[str] = Field(default=None, description="What the URI resolved to and the pods load: a Hub "
+                                    "commit, s3-<digest of the object listing>, a tarball's sha256; absent for "
+                                    "paths and pvc:// models.")
+    path: Optional[str] = Field(default=None, description="The checkpoint directory in the pods' model cache.")
+    downloaded_bytes: int = Field(default=0, ge=0, description="Bytes the newest fetch downloaded (0: the cache "
+                                  "already held the model).")
+    pod: Optional[str] = Field(default=None, description="The pod whose fetch this is (the newest).")
+    fetched_at: Optional[str] = Field(default=None, description="When that fetch finished (RFC 3339).")
+
+
 class IndexCacheDeploymentStatus(Wire):
     model_config = ConfigDict(extra="ignore")
 
@@ -333,5 +384,7 @@ class IndexCacheDeploymentStatus(Wire):
     ready_replicas: int = 0
     selector: Optional[str] = Field(default=None, description="Label selector of the replica pods (scale).")
     ray_service: Optional[str] = None
+    model: Optional[ModelStatus] = Field(default=None, description="The model the pods fetched: revision and "
+                                         "cache path (condition ModelReady says whether fetching it works).")
     recalibration: RecalibrationStatus = Field(default_factory=RecalibrationStatus)
     applied_calibration: Optional[AppliedCalibration] = None

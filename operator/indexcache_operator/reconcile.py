@@ -17,6 +17,7 @@ from kubernetes.utils import parse_quantity
 from indexcache_operator import (DEPLOYMENT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL, PLURAL, RECALIBRATE_ANNOTATION,
                                  VERSION)
 from indexcache_operator import builders as b
+from indexcache_operator import delivery
 from indexcache_operator import kube as k
 from indexcache_operator import mergepatch
 from indexcache_operator import recalibration as recal
@@ -47,8 +48,10 @@ def spec_pattern(spec: IndexCacheDeploymentSpec) -> str | None:
 def calibration_basis(spec: IndexCacheDeploymentSpec) -> str:
     """What a calibrated pattern was computed for. When the user edits the model or indexCache,
     the basis changes and the spec's pattern wins again over an older calibration."""
-    key = json.dumps({"model": spec.model.model_dump(by_alias=True),
-                      "indexCache": spec.index_cache.model_dump(by_alias=True)}, sort_keys=True)
+    model = spec.model.model_dump(by_alias=True)
+    if model.get("cacheVolume"):  # unset cache fields left out: a basis computed before they existed holds
+        model["cacheVolume"] = {key: v for key, v in model["cacheVolume"].items() if v is not None}
+    key = json.dumps({"model": model, "indexCache": spec.index_cache.model_dump(by_alias=True)}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -213,6 +216,14 @@ def remove(ctx: Context, body: dict, res: k.Resource, namespace: str, name: str,
         ctx.events(body, "Normal", "Deleted", f"deleted {kind} {name}")
 
 
+def remove_owned(ctx: Context, body: dict, res: k.Resource, owner: b.Owner, name: str, kind: str) -> None:
+    """remove() for a name a user may also have picked: only what this deployment owns goes."""
+    actual = ctx.kube.get(res, owner.namespace, name)
+    if actual is not None and any(ref.get("uid") == owner.uid
+                                  for ref in actual["metadata"].get("ownerReferences") or []):
+        remove(ctx, body, res, owner.namespace, name, kind)
+
+
 def ensure_children(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
                     pattern: str | None, version: int, hold_schedule: bool = False) -> dict:
     """`hold_schedule`: an on-demand recalibration runs, so the CronJob is suspended until it finishes
@@ -222,6 +233,10 @@ def ensure_children(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDe
     ensure(ctx, body, k.ROLEBINDINGS, b.role_binding(owner))
     # A claim's spec is immutable once bound: restore ownership, never re-size behind the user's back.
     ensure(ctx, body, k.PVCS, b.samples_claim(owner, spec), immutable=("spec",))
+    if b.creates_model_cache_claim(spec):
+        ensure(ctx, body, k.PVCS, b.model_cache_claim(owner, spec), immutable=("spec",))
+    else:   # an emptyDir or the user's own claim now: the one created before goes (once no pod mounts it)
+        remove_owned(ctx, body, k.PVCS, owner, b.model_cache_claim_name(owner), "PersistentVolumeClaim")
     if b.scaled_to_zero(spec):
         # Ray Serve has no zero-replica deployment (num_replicas must be > 0; KubeRay would fail to apply
         # the config): scaled to zero, the RayService (head and workers) goes. The samples claim, the
@@ -373,6 +388,7 @@ def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheD
     set_condition(status, "Reconciled", True, "ChildrenInSync",
                   "RayService, samples claim, recalibration RBAC and CronJob match the spec", generation)
     set_condition(status, "Degraded", False, "AsExpected", "", generation)
+    model = _report_model(ctx, body, owner, spec, status, generation)
     if b.scaled_to_zero(spec):
         set_condition(status, "Ready", False, "ScaledToZero",
                       "spec.replicas is 0: no RayService runs; set replicas >= 1 to serve again", generation)
@@ -381,10 +397,37 @@ def _reconcile_valid(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheD
         set_condition(status, "Ready", False, reason, message, generation)
         set_condition(status, "Degraded", True, reason, message, generation)
         status.phase = Phase.degraded
+    elif model is not None and model.serving_failed:  # a replica cannot get the model: never Ready on it
+        text = f"{model.reason}: {model.message}"
+        set_condition(status, "Ready", False, "ModelFetchFailed", text, generation)
+        set_condition(status, "Degraded", True, "ModelFetchFailed", text, generation)
+        status.phase = Phase.degraded
     else:
         set_condition(status, "Ready", serving, reason, message, generation)
         status.phase = Phase.ready if serving else Phase.deploying
     _set_calibrated(status, generation)
+
+
+def _report_model(ctx: Context, body: dict, owner: b.Owner, spec: IndexCacheDeploymentSpec,
+                  status: IndexCacheDeploymentStatus, generation: int | None) -> delivery.ModelReport | None:
+    """status.model and the ModelReady condition from the fetch-model init containers of the deployment's
+    pods (replicas and Jobs); an event when a fetch starts failing (or fails for another reason) and when a
+    new revision arrives."""
+    pods = ctx.kube.list(k.PODS, owner.namespace, {DEPLOYMENT_LABEL: owner.name, MANAGED_BY_LABEL: MANAGED_BY})
+    report = delivery.model_report(spec.model.uri, [delivery.fetch_outcome(p) for p in pods], status.model)
+    if report is None:
+        return None
+    was = condition(status, "ModelReady")
+    if report.ready is False and (was is None or was.status != "False" or was.reason != report.reason):
+        ctx.events(body, "Warning", "ModelFetchFailed", f"{report.reason}: {report.message}")
+    new, old = report.model, status.model
+    if new is not None and (old is None or (old.uri, old.revision, old.path) != (new.uri, new.revision, new.path)):
+        ctx.events(body, "Normal", "ModelFetched",
+                   f"{new.uri} -> revision {new.revision or '(none: a path)'} at {new.path} "
+                   f"({new.downloaded_bytes} bytes downloaded by pod {new.pod})")
+    set_condition(status, "ModelReady", report.ready, report.reason, report.message, generation)
+    status.model = report.model
+    return report
 
 
 def _set_calibrated(status: IndexCacheDeploymentStatus, generation: int | None) -> None:

@@ -14,8 +14,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from kube_harness import (EVENTS, ICDS, KUBERAY_CRD, NS, ApiServer, OperatorProcess,  # noqa: E402
-                          calibration_result, condition, free_port, icd, job_finishes, k,
-                          kuberay_reports_healthy, wait_for)
+                          calibration_result, condition, fetch_ends, free_port, icd, job_finishes, k,
+                          kuberay_reports_healthy, replica_pod, wait_for)
 
 
 @pytest.fixture()
@@ -55,7 +55,8 @@ def kit():
     return types.SimpleNamespace(
         NS=NS, ICDS=ICDS, PLURAL=ICDS.plural, EVENTS=EVENTS, KUBERAY_CRD=KUBERAY_CRD, k=k, icd=icd, wait_for=wait_for,
         condition=condition, kuberay_reports_healthy=kuberay_reports_healthy,
-        calibration_result=calibration_result, job_finishes=job_finishes, free_port=free_port)
+        calibration_result=calibration_result, job_finishes=job_finishes, free_port=free_port,
+        replica_pod=replica_pod, fetch_ends=fetch_ends)
 
 
 # ---- what the API server checks on `kubectl apply`: schema, defaults, CEL ----------------------

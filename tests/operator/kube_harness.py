@@ -44,6 +44,7 @@ RESOURCES = {
     "batch/v1/cronjobs": dict(kind="CronJob", subresources={"status"}),
     "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", subresources={"status"}),
     "v1/configmaps": dict(kind="ConfigMap"),
+    "v1/pods": dict(kind="Pod", subresources={"status"}),
     "v1/serviceaccounts": dict(kind="ServiceAccount"),
     "v1/events": dict(kind="Event"),
     "rbac.authorization.k8s.io/v1/roles": dict(kind="Role"),
@@ -524,6 +525,33 @@ def kuberay_reports_healthy(api: ApiServer, name: str, ready: int, ns: str = NS)
                 "IndexCacheServer": {"status": "HEALTHY"}, "OpenAIIngress": {"status": "HEALTHY"}}}},
             "rayClusterStatus": {"desiredWorkerReplicas": ready, "readyWorkerReplicas": ready}},
     }}, subresource="status")
+
+
+def replica_pod(api: ApiServer, rs_name: str, pod_name: str, ns: str = NS) -> dict:
+    """Play KubeRay: a worker pod made from the RayService's worker group template (its labels, its
+    fetch-model init container)."""
+    rs = api.get(k.RAYSERVICES, rs_name, ns)
+    template = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]
+    return api.kube.create(k.PODS, ns, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": ns,
+                     "labels": {**template["metadata"]["labels"], "ray.io/node-type": "worker"}},
+        "spec": copy.deepcopy(template["spec"])})
+
+
+def fetch_ends(api: ApiServer, pod_name: str, exit_code: int, message: str, retrying: bool = False,
+               ns: str = NS) -> None:
+    """Play the kubelet: the pod's fetch-model init container terminated with `message` as its termination
+    message. retrying: it failed and waits to run again (CrashLoopBackOff), so the failure is lastState."""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                  "message": message, "startedAt": when, "finishedAt": when}
+    status = {"name": "fetch-model", "ready": exit_code == 0, "restartCount": 1 if retrying else 0,
+              "image": "registry.test/indexcache-serving:test", "imageID": "", "state": {"terminated": terminated}}
+    if retrying:
+        status.update(state={"waiting": {"reason": "CrashLoopBackOff"}}, lastState={"terminated": terminated})
+    api.kube.patch(k.PODS, ns, pod_name, {"status": {"phase": "Pending", "initContainerStatuses": [status]}},
+                   subresource="status")
 
 
 def calibration_result(pattern: str, loss_delta: float) -> dict:

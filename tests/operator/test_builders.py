@@ -158,8 +158,11 @@ K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
     lambda: b.ondemand_job(OWNER, spec(model={"uri": "hf://acme/glm5@v1", "credentialsSecret": "hf-token",
                                               "cacheVolume": {"claimName": "models"}}), CONFIG, "t"),
     lambda: b.ondemand_job(OWNER, spec(model={"uri": "pvc://weights/glm5"}), CONFIG, "t"),
+    lambda: b.model_cache_claim(OWNER, spec(model={"uri": "s3://models/glm5", "cacheVolume": {"size": "200Gi"}})),
+    lambda: b.model_cache_claim(OWNER, spec(model={"uri": "s3://models/glm5", "cacheVolume": {
+        "size": "1.5Ti", "storageClassName": "local-nvme", "accessMode": "ReadWriteOnce"}})),
 ], ids=["pvc", "serviceaccount", "role", "rolebinding", "job", "job-scheduled", "cronjob", "cronjob-scheduled",
-        "job-hf-model-cache", "job-pvc-model"])
+        "job-hf-model-cache", "job-pvc-model", "model-cache-claim", "model-cache-claim-rwo"])
 def test_builtin_manifests_pass_kubernetes_validation(build, k8s):
     obj = build()
     kubernetes_validate.validate(obj, k8s, strict=True)
@@ -208,6 +211,8 @@ def _pod_templates(obj: dict) -> dict[str, dict]:
     ({"uri": "s3://models/glm5", "cacheVolume": {"claimName": "shared-models"}},
      {"persistentVolumeClaim": {"claimName": "shared-models"}}),
     ({"uri": "smollm2"}, {"emptyDir": {}}),
+    ({"uri": "hf://acme/glm5", "cacheVolume": {"size": "200Gi"}},
+     {"persistentVolumeClaim": {"claimName": "chat-model-cache"}}),
 ])
 def test_replicas_and_jobs_fetch_the_model_into_the_cache_first(model, cache_volume):
     """Every pod that loads the model starts with `indexcache fetch URI --cache /model-cache` (credentials from
@@ -239,6 +244,20 @@ def test_replicas_and_jobs_fetch_the_model_into_the_cache_first(model, cache_vol
     assert app["args"]["model"] == model["uri"] and app["args"]["model_cache"] == "/model-cache"
     from indexcache_contracts.serve_app import parse_app_args
     parse_app_args(app["args"])   # the serve app accepts the args the operator writes (build_app parses with it)
+
+
+def test_the_model_cache_claim_the_operator_creates_follows_the_spec():
+    """cacheVolume.size: a claim named after the deployment, ReadWriteMany unless asked otherwise (replicas on
+    several nodes and the Jobs mount it at once), the cluster's default class unless one is named."""
+    plain = b.model_cache_claim(OWNER, spec(model={"uri": "s3://m/g", "cacheVolume": {"size": "200Gi"}}))
+    assert plain["metadata"]["name"] == "chat-model-cache"
+    assert plain["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "200Gi"}}}
+    local = b.model_cache_claim(OWNER, spec(model={"uri": "s3://m/g", "cacheVolume": {
+        "size": "1Ti", "storageClassName": "local-nvme", "accessMode": "ReadWriteOnce"}}))
+    assert local["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Ti"}},
+                             "storageClassName": "local-nvme"}
+    assert not b.creates_model_cache_claim(spec(model={"uri": "s3://m/g", "cacheVolume": {"claimName": "x"}}))
+    assert not b.creates_model_cache_claim(spec(model={"uri": "s3://m/g"}))
 
 
 def test_a_pvc_model_is_mounted_where_the_resolver_reads_it():

@@ -134,3 +134,40 @@ def test_a_real_calibrate_result_reaches_the_running_operator(api, operator, kit
     kit.wait_for(lambda: yaml.safe_load(api.get(k.RAYSERVICES, "chat")["spec"]["serveConfigV2"])
                  ["applications"][0]["deployments"][0]["user_config"].get("pattern") == result["pattern"],
                  what="the calibrated pattern in the replicas' user_config")
+
+
+def test_what_indexcache_fetch_reports_is_what_the_operator_reads(tmp_path, monkeypatch):
+    """The fetch-model init container the operator builds, run through the real `indexcache fetch`; its
+    termination message, read back as the kubelet reports it, becomes status.model (the bundled tiny model:
+    a revision and a cache path) or ModelReady's reason (a Hub-compatible endpoint refusing the token)."""
+    from indexcache_operator import delivery
+    from model_sources import FakeHub
+
+    import huggingface_hub.constants   # no telemetry call to the endpoint read at import (the real Hub)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    message = tmp_path / "termination-log"
+    monkeypatch.setenv("INDEXCACHE_TERMINATION_LOG", str(message))
+    for var in ("INDEXCACHE_OFFLINE", "HF_HUB_OFFLINE", "INDEXCACHE_MODEL_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def run_init_container(uri: str, **env) -> delivery.ModelReport:
+        init = b.fetch_model_container(IndexCacheDeploymentSpec.model_validate({"model": {"uri": uri}}), "image")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        exit_code = cli.main([str(tmp_path / "cache") if a == b.MODEL_CACHE_DIR else a for a in init["args"]])
+        pod = {"metadata": {"name": "chat-gpu-a", "labels": {"app.kubernetes.io/component": "serving"}},
+               "spec": {"initContainers": [init]},
+               "status": {"initContainerStatuses": [{"name": init["name"], "state": {"terminated": {
+                   "exitCode": exit_code, "message": message.read_text(), "finishedAt": "2026-12-01T10:00:00Z"}}}]}}
+        return delivery.model_report(uri, [delivery.fetch_outcome(pod)], None)
+
+    fetched = run_init_container("tiny")
+    assert (fetched.ready, fetched.reason) == (True, "Fetched")
+    assert fetched.model.revision and (tmp_path / "cache" / fetched.model.path.rsplit("/", 1)[-1] / "config.json").is_file()
+
+    repo = FakeHub.make_repo({"config.json": b"{}"}, token="hf_right")
+    with FakeHub({"acme/glm5": repo}) as hub:
+        refused = run_init_container("hf://acme/glm5", HF_ENDPOINT=hub.url, HF_TOKEN="hf_wrong",
+                                     HF_HOME=str(tmp_path / "hf-home"))
+    assert (refused.ready, refused.reason, refused.serving_failed) == (False, "Auth", True)
+    assert "HF_TOKEN" in refused.message and refused.model is None

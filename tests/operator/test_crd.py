@@ -108,6 +108,10 @@ INVALID = [
     (_with("model.uri", "hf:/acme/model"), "model.uri"),
     (_with("model.cacheVolume", {}), "claimName"),
     (_with("model.cacheVolume", {"claimName": "Models_PVC"}), "model.cacheVolume.claimName"),
+    (_with("model.cacheVolume", {"claimName": "models", "size": "100Gi"}), "exactly one"),
+    (_with("model.cacheVolume", {"claimName": "models", "storageClassName": "fast"}), "storageClassName"),
+    (_with("model.cacheVolume", {"size": "lots"}), "model.cacheVolume.size"),
+    (_with("model.cacheVolume", {"size": "1Ti", "accessMode": "ReadOnlyMany"}), "model.cacheVolume.accessMode"),
     (_with("model.credentialsSecret", "HF Token"), "model.credentialsSecret"),
     (_with("model.numLayers", 0), "model.numLayers"),
     (_with("replicas", -1), "replicas"),
@@ -216,3 +220,9 @@ def test_valid_spec_with_every_field_is_accepted(validate):
     })
     obj["spec"]["model"].update({"cacheVolume": {"claimName": "shared-models"}, "credentialsSecret": "hf-token"})
     assert validate(obj) == []
+
+
+@pytest.mark.parametrize("cache", [{"claimName": "shared-models"}, {"size": "200Gi"},
+                                   {"size": "1.5Ti", "storageClassName": "local-nvme", "accessMode": "ReadWriteOnce"}])
+def test_a_cache_volume_is_a_claim_to_reuse_or_one_to_create(validate, cache):
+    assert validate(_with("model.cacheVolume", cache)) == []

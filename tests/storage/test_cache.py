@@ -1,6 +1,7 @@
 """The model cache under `indexcache fetch` (what the operator's init containers run), as real processes:
-a fetch killed mid-download is resumed by the next one and ends with a complete, verified model; two
-initialisers started together download once; a damaged entry is never loaded; offline serves the cache."""
+a fetch killed mid-download (HTTP, S3 behind a stalling relay, the Hub) is resumed by the next one and ends
+with a complete, verified model; two initialisers started together download once; a damaged entry is never
+loaded; offline serves the cache."""
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from indexcache.model.storage import MANIFEST, FetchError, check_manifest, parse_uri, resolve
-from model_sources import FileServer, clean_env, sha256, tarball, tiny_checkpoint_files
+from model_sources import FakeHub, FileServer, StallingProxy, clean_env, sha256, tarball, tiny_checkpoint_files
 
 SERVING_DIR = str(Path(__file__).resolve().parents[2] / "serving")
 FILES = tiny_checkpoint_files()
@@ -75,6 +76,85 @@ def test_killed_fetch_is_resumed_and_ends_complete_and_verified(tmp_path):
     assert model_files(out["path"]) == FILES
     assert check_manifest(Path(out["path"]), verify_hashes=True) is None
     assert not list(tmp_path.glob("*.partial"))
+
+
+def kill_mid_transfer(uri, cache, server, on_disk, **env):
+    """Start `indexcache fetch`, let it download until the server stalls it, wait until on_disk() sees what
+    it has written so far, SIGKILL it (no cleanup can run), then let the server go on."""
+    proc = start_fetch(uri, cache, **env)
+    try:
+        assert server.held.wait(60), "the fetch never got half way"
+        wait_for(on_disk, "the partial download on disk")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.release.set()
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(FetchError) as offline:   # the half model is not an entry: offline mode says so
+        resolve(uri, cache, offline=True)
+    assert offline.value.reason == "NotCached"
+
+
+def restart_fetch(uri, cache, **env):
+    done = subprocess.run(fetch_cmd(uri, cache), env=clean_env(PYTHONPATH=SERVING_DIR, **env),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert model_files(out["path"]) == FILES
+    assert check_manifest(Path(out["path"]), verify_hashes=True) is None
+    assert not list(Path(cache).glob("*.partial"))
+    return out, done.stderr
+
+
+WEIGHTS = "model.safetensors"
+
+
+def test_killed_s3_fetch_resumes_from_the_byte_it_reached(tmp_path, s3):
+    """moto behind a relay that stalls the weights half way: the restart asks S3 only for the rest (Range,
+    with If-Match on the listed ETag) and leaves the finished small files alone."""
+    key = f"/{s3.bucket}/{s3.prefix}/{WEIGHTS}"
+    with StallingProxy(s3.url, hold_path=key, hold_at=len(FILES[WEIGHTS]) // 2) as proxy:
+        env = s3.env(AWS_ENDPOINT_URL_S3=proxy.url)
+        uri = f"s3://{s3.bucket}/{s3.prefix}"
+
+        def on_disk(name):
+            found = list(tmp_path.glob(f"*.partial/model/{name}"))
+            return found[0].stat().st_size if found else 0
+        # the small files complete, the weights have their first 256 KiB chunks written (storage.WRITE_CHUNK)
+        kill_mid_transfer(uri, tmp_path, proxy, lambda: on_disk(WEIGHTS) > 0 and all(
+            on_disk(name) == len(FILES[name]) for name in set(FILES) - {WEIGHTS}), **env)
+        kept = on_disk(WEIGHTS)
+        assert 0 < kept <= len(FILES[WEIGHTS]) // 2
+        out, log = restart_fetch(uri, tmp_path, **env)
+        assert proxy.gets(key) == [None, f"bytes={kept}-"]
+        for name in set(FILES) - {WEIGHTS}:   # complete before the kill: not fetched again
+            assert len(proxy.gets(f"/{s3.bucket}/{s3.prefix}/{name}")) == 1, name
+    assert "resuming" in log and out["revision"].startswith("s3-")
+
+
+def test_killed_hub_fetch_keeps_the_files_it_finished(tmp_path, monkeypatch):
+    """huggingface_hub starts an interrupted file over (it never reuses its partial files) but keeps the files
+    it completed: the restart downloads the weights again, whole, and nothing else; the killed run's partial
+    file is gone from the entry."""
+    repo = FakeHub.make_repo(FILES, token="hf_secret")
+    hub_env = dict(HF_TOKEN="hf_secret", HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    with FakeHub({"acme/tiny-dsa": repo}, hold=(WEIGHTS, len(FILES[WEIGHTS]) // 2)) as hub:
+        uri, cache = "hf://acme/tiny-dsa", tmp_path / "cache"
+
+        def small_files_done_weights_begun():
+            model = next(cache.glob("*.partial/model"), None)
+            return model is not None and all((model / n).is_file() for n in set(FILES) - {WEIGHTS}) \
+                and any(model.rglob("*.incomplete"))   # named after a hash of the file name
+        kill_mid_transfer(uri, cache, hub, small_files_done_weights_begun, HF_ENDPOINT=hub.url, **hub_env)
+        out, _ = restart_fetch(uri, cache, HF_ENDPOINT=hub.url, **hub_env)
+        resolve_path = f"/acme/tiny-dsa/resolve/{repo['commit']}/"
+        assert hub.gets(resolve_path + WEIGHTS) == [None, None]
+        for name in set(FILES) - {WEIGHTS}:
+            assert hub.gets(resolve_path + name) == [None], name
+    assert out["revision"] == repo["commit"] and out["downloaded_bytes"] == sum(map(len, FILES.values()))
+    assert not list(cache.rglob("*.incomplete"))
 
 
 def test_a_fetch_killed_after_the_whole_archive_arrived_finishes_without_downloading_again(tmp_path):

@@ -14,8 +14,9 @@ digest of the S3 listing, the tarball's sha256), so a moved branch or a changed 
 an old one is never overwritten in place. Who fills an entry:
   - holds `<key>.lock` (a POSIX lock: released by the kernel when its holder dies; a second process waits
     and then uses the first one's result),
-  - downloads into `<key>.partial/` (what a killed run left there is resumed: HTTP/S3 ranges, the Hub's own
-    resume), checks sizes and checksums against what the source published,
+  - downloads into `<key>.partial/` (what a killed run left there is resumed: HTTP and S3 from the byte they
+    stopped at, with Range requests; the Hub per file: huggingface_hub keeps the files it completed and
+    starts an interrupted one over), checks sizes and checksums against what the source published,
   - writes `.indexcache-manifest.json` (every file with its size and sha256) and renames the directory into
     place: an entry either is complete with its manifest or does not exist.
 A reader checks the manifest (file list and sizes; sha256 too with verify_hashes) before every use; a
@@ -57,6 +58,8 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 DNS1123_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 CHUNK = 1 << 20
+# Downloads write what has arrived at most this far behind: a killed fetch keeps nearly all it received.
+WRITE_CHUNK = 1 << 18
 
 
 class FetchError(RuntimeError):
@@ -320,6 +323,7 @@ class HubSource:
                        if isinstance(f, RepoFile)}
             model = work / "model"
             model.mkdir(exist_ok=True)
+            _drop_stale_hub_downloads(model)
             total = sum(size for size, _ in listing.values())
             ensure_space(work, total - _dir_bytes(model), label)
             with DirProgress(model, label, total):
@@ -330,6 +334,14 @@ class HubSource:
         with contextlib.suppress(OSError):
             (model / ".cache").rmdir()
         return model, listing
+
+
+def _drop_stale_hub_downloads(model: Path) -> None:
+    """huggingface_hub downloads each file into `<name>.<random>.incomplete` and never reuses one (it starts an
+    interrupted file over): what a killed fetch left there only takes space, and would count as done bytes."""
+    for stale in (model / ".cache" / "huggingface" / "download").rglob("*.incomplete"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def _hub_endpoint() -> str | None:
@@ -466,7 +478,7 @@ class S3Source:
             kwargs["Range"] = f"bytes={have}-"
         body = client.get_object(**kwargs)["Body"]
         with open(dest, "ab" if have else "wb") as f:
-            for chunk in body.iter_chunks(CHUNK):
+            for chunk in body.iter_chunks(WRITE_CHUNK):
                 f.write(chunk)
 
 
