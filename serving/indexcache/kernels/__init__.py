@@ -30,9 +30,11 @@ from .reference import (
     FP8_BLOCK,
     FP8_E4M3_MAX,
     dequantize_act_fp8_blocks,
+    dequantize_experts_fp8,
     dequantize_latent_fp8,
     dequantize_weight_fp8_blocks,
     quantize_indexer_fp8,
+    quantize_experts_fp8,
     quantize_latent_fp8,
     quantize_weight_fp8_blocks,
     ref_fp8_block_linear,
@@ -48,7 +50,7 @@ __all__ = [
     "indexer_topk", "indexer_scores", "sparse_attention_gqa", "sparse_attention_mla",
     "quantize_indexer_fp8", "quantize_latent_fp8", "dequantize_latent_fp8", "FP8_E4M3_MAX",
     "fp8_block_linear", "quantize_act_fp8_blocks", "dequantize_act_fp8_blocks", "quantize_weight_fp8_blocks",
-    "dequantize_weight_fp8_blocks", "FP8_BLOCK", "moe_routed",
+    "dequantize_weight_fp8_blocks", "FP8_BLOCK", "moe_routed", "quantize_experts_fp8", "dequantize_experts_fp8",
 ]
 
 _MODES = ("torch", "triton", "auto", "masked")
@@ -156,6 +158,8 @@ def moe_routed(x, top_w, top_e, w_gate_up, w_down, *, gate_up_scale_inv=None, do
     backend: the grouped path (torch._grouped_mm on the CPU)."""
     from . import moe
     if backend(x.device) == "triton":
-        return moe.moe_routed(x, top_w, top_e, w_gate_up, w_down, "auto",
+        # the gather kernels need FP8 experts' moe_inter_dim a multiple of 128 (all real checkpoints)
+        ragged_fp8 = gate_up_scale_inv is not None and w_down.shape[2] % FP8_BLOCK
+        return moe.moe_routed(x, top_w, top_e, w_gate_up, w_down, "grouped" if ragged_fp8 else "auto",
                               gate_up_scale_inv=gate_up_scale_inv, down_scale_inv=down_scale_inv)
     return moe.moe_grouped(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv, down_scale_inv)
