@@ -11,7 +11,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("tests", ["test_triton_kernels.py", "test_fp8_gemm.py", "test_moe.py",
+@pytest.mark.parametrize("tests", ["test_triton_kernels.py", "test_fp8_gemm.py", "test_moe.py", "test_fp8_model.py",
                                    "test_model_fast_path.py"])
 def test_triton_kernels_match_their_references_under_the_interpreter(tests):
     env = dict(os.environ, TRITON_INTERPRET="1")
