@@ -302,19 +302,21 @@ def test_gather_and_grouped_paths_match_the_twin(dev, gen, shape, fp8):
 @pytest.mark.gpu
 def test_ragged_fp8_experts_take_the_grouped_path_on_device(dev, gen):
     """Tiny FP8 models (moe_inter_dim not a multiple of 128): the switch sends even one decode token to the
-    grouped path, since the gather kernels assume 128-row blocks; moe_gather refuses them by name."""
+    FP8 grouped GEMM (kernels/moe_fp8.py), since the gather kernels assume 128-row blocks; moe_gather
+    refuses them by name."""
     E, k, D, I = 6, 2, 200, 80
     g8, d8, scales, _ = ragged_checkpoint_experts(gen, E, D, I)
     g8, d8 = g8.to(dev), d8.to(dev)
     scales = {name: s.to(dev) for name, s in scales.items()}
-    x = torch.randn(1, D, generator=gen).to(dev)
+    x = torch.randn(1, D, generator=gen).to(LOW).to(dev)
     top_w, top_e = routing(gen, 1, E, k, dev)
     kernels.use_triton(True)
     try:
         got = kernels.moe_routed(x, top_w, top_e, g8, d8, **scales)
     finally:
         kernels.use_triton(None)
-    assert rel_err(got, ref.ref_moe_routed(x, top_w, top_e, g8, d8, **scales)) < 1e-5
+    err = rel_err(got, ref.ref_moe_routed(x, top_w, top_e, g8, d8, **scales))
+    assert err < (1e-5 if LOW == torch.float32 else 2e-2), f"{err:.2e}"
     with pytest.raises(ValueError, match="moe_inter_dim 80 .*use moe_grouped"):
         moe.moe_gather(x, top_w, top_e, g8, d8, **scales)
 

@@ -154,12 +154,17 @@ def fp8_block_linear(x, w, w_scale_inv, out_dtype=torch.bfloat16):
 def moe_routed(x, top_w, top_e, w_gate_up, w_down, *, gate_up_scale_inv=None, down_scale_inv=None):
     """Routed experts, (N, D) fp32: sum_j top_w[n, j] * expert top_e[n, j] (SwiGLU) of x[n]. x (N, D),
     w_gate_up (E, 2I, D), w_down (E, D, I), bf16/fp32 or e4m3 with their block scales (kernels/moe.py).
-    Triton backend: the gather GEMVs for at most GATHER_VERIFIED_PAIRS pairs, else the grouped path; torch
-    backend: the grouped path (torch._grouped_mm on the CPU)."""
+    Triton backend: the gather GEMVs for at most GATHER_VERIFIED_PAIRS pairs, else the grouped path (for
+    e4m3 experts the FP8 grouped GEMM of kernels/moe_fp8.py); torch backend: the grouped path
+    (torch._grouped_mm on the CPU, e4m3 experts dequantised per call)."""
     from . import moe
     if backend(x.device) == "triton":
-        # the gather kernels need FP8 experts' moe_inter_dim a multiple of 128 (all real checkpoints)
-        ragged_fp8 = gate_up_scale_inv is not None and w_down.shape[2] % FP8_BLOCK
-        return moe.moe_routed(x, top_w, top_e, w_gate_up, w_down, "grouped" if ragged_fp8 else "auto",
+        path = moe.resolved_moe_path("auto", x.device, top_e.numel())
+        # FP8 experts: the gather kernels for one decode token (they need moe_inter_dim a multiple of 128,
+        # as every real checkpoint has), else the grouped GEMM that reads e4m3 tiles (kernels/moe_fp8.py)
+        if gate_up_scale_inv is not None and (path == "grouped" or w_down.shape[2] % FP8_BLOCK):
+            from .moe_fp8 import moe_fp8_grouped
+            return moe_fp8_grouped(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv, down_scale_inv)
+        return moe.moe_routed(x, top_w, top_e, w_gate_up, w_down, path,
                               gate_up_scale_inv=gate_up_scale_inv, down_scale_inv=down_scale_inv)
     return moe.moe_grouped(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv, down_scale_inv)
