@@ -150,6 +150,23 @@ def keep_fp8(model: nn.Module, fp8_weights: set[str]) -> set[str]:
     return kept
 
 
+def dequantize_fp8(module: nn.Module, dtype: torch.dtype) -> int:
+    """Swap the FP8 linears inside `module` back for float nn.Linear (weights dequantised to dtype), in
+    place: what a module needs before its weights train (distillation trains the indexers of an FP8
+    checkpoint). Returns how many were swapped."""
+    swapped = 0
+    for name, child in list(module.named_modules()):
+        if isinstance(child, FP8BlockLinear):
+            linear = nn.Linear(child.in_features, child.out_features, bias=False, device=child.weight.device,
+                               dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(child.dequantized(dtype))
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, attr, linear)
+            swapped += 1
+    return swapped
+
+
 def quantize_checkpoint_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF-named checkpoint tensors (per routed expert, as in the files) -> the same with every weight that
     DeepSeek-V3.2 stores in FP8 (FP8_CHECKPOINT_WEIGHTS) quantised to e4m3 with its `weight_scale_inv`
