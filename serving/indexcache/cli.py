@@ -22,6 +22,12 @@ def add_pattern_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offset", type=int, help="index_skip_topk_offset (default 2: layers 0 and 1 F)")
 
 
+def add_fp8_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fp8", choices=("keep", "dequantize"), default="keep",
+                   help="FP8 block-scaled checkpoints (DeepSeek-V3.2, GLM-5): keep the weights e4m3 in memory "
+                   "(default) or dequantise them to the model dtype at load (for comparison)")
+
+
 def check_pattern_args(args: argparse.Namespace) -> None:
     """--pattern, or --freq/--offset: one way of naming the pattern per command."""
     if args.pattern and (args.freq or args.offset):
@@ -50,7 +56,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .model.tokenizer import load_tokenizer
 
     check_pattern_args(args)
-    model, pattern = load_checkpoint(args.model, pattern=args.pattern, freq=args.freq, offset=args.offset)
+    model, pattern = load_checkpoint(args.model, pattern=args.pattern, freq=args.freq, offset=args.offset,
+                                     fp8=args.fp8)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.prompt_ids:
         prompt = [int(t) for t in args.prompt_ids.split(",")]
@@ -104,7 +111,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, _ = load_checkpoint(args.model, dtype=dtype, device=args.device)
+    model, _ = load_checkpoint(args.model, dtype=dtype, device=args.device, fp8=args.fp8)
     loaded, tokenizer = load_samples_for(args, model)
     tokens = select_samples(loaded.token_lists, args.max_samples, args.seed)
     calib = CalibrationSet.from_token_lists(tokens, batch_tokens=args.batch_tokens, device=args.device)
@@ -144,6 +151,7 @@ def add_calibrate_parser(sub) -> None:
     p.add_argument("--max-samples", type=int, help="calibrate on a seeded random subset of this many samples")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward batch")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add_fp8_arg(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--no-reuse", action="store_true", help="run the plain reference search (a whole forward "
                    "per candidate, no checkpoint): slower, for comparison")
@@ -321,6 +329,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
+    add_fp8_arg(p)
     add_pattern_args(p)
     p.set_defaults(func=cmd_generate)
 

@@ -64,6 +64,43 @@ def test_distillation_trains_only_the_f_indexers_and_keeps_more_served_attention
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_distillation_of_an_fp8_checkpoint_trains_float_indexers_and_keeps_the_rest_fp8(tmp_path, make_model,
+                                                                                          make_tokens):
+    """An FP8 checkpoint loads with its weights kept e4m3; the F layers' indexers it trains become float
+    (e4m3 cannot take optimizer steps), everything else stays as it came and saves back FP8."""
+    from safetensors.torch import load_file
+
+    from indexcache.model.checkpoint import save_checkpoint, write_checkpoint
+    from indexcache.model.fp8 import FP8BlockLinear, quantize_checkpoint_tensors
+    save_checkpoint(make_model("mla", n_layers=6), tmp_path / "float")
+    tensors = quantize_checkpoint_tensors(load_file(tmp_path / "float" / "model.safetensors"))
+    write_checkpoint(tmp_path / "fp8", json.loads((tmp_path / "float" / "config.json").read_text()), tensors)
+    model, _ = load_checkpoint(tmp_path / "fp8")
+    assert isinstance(model.model.layers[0].self_attn.indexer.wq_b, FP8BlockLinear)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = make_tokens(12, lengths=(24, 40), seed=1)
+    report = distill(model, "FSSFSS", tokens[4:], tokens[:4], steps=12, lr=3e-3, batch_size=4)
+    assert report.heldout_loss_after < report.heldout_loss_before
+    for layer in (0, 3):
+        wq_b = model.model.layers[layer].self_attn.indexer.wq_b
+        assert type(wq_b) is torch.nn.Linear and wq_b.weight.dtype == torch.float32
+        assert not torch.equal(wq_b.weight, before[f"model.layers.{layer}.self_attn.indexer.wq_b.weight"].float())
+    assert isinstance(model.model.layers[1].self_attn.indexer.wq_b, FP8BlockLinear), "S layers' indexers untouched"
+    unchanged = {k for k, v in model.state_dict().items()
+                 if k in before and v.dtype == before[k].dtype and torch.equal(v.float(), before[k].float())}
+    assert {k for k in before if ".indexer." not in k} <= unchanged
+    save_checkpoint(model, tmp_path / "distilled")
+    saved = load_file(tmp_path / "distilled" / "model.safetensors")
+    assert saved["model.layers.0.self_attn.indexer.wq_b.weight"].dtype == torch.float32
+    assert "model.layers.0.self_attn.indexer.wq_b.weight_scale_inv" not in saved
+    assert saved["model.layers.0.self_attn.q_a_proj.weight"].dtype == torch.float8_e4m3fn
+    assert saved["model.layers.2.mlp.experts.3.up_proj.weight"].dtype == torch.float8_e4m3fn
+    again, _ = load_checkpoint(tmp_path / "distilled")
+    tokens = torch.tensor([tokens[0][:20]])
+    with torch.no_grad():
+        assert torch.equal(again(tokens, pattern="FSSFSS"), model(tokens, pattern="FSSFSS"))
+
+
 def test_dense_targets_record_every_layer_and_the_f_inputs(make_model, make_tokens):
     model = make_model("gqa", n_layers=4)
     tokens = torch.tensor(make_tokens(2, lengths=(10, 10)))

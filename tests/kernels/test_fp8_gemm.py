@@ -212,3 +212,35 @@ def test_switch_runs_the_fast_fp8_linear_on_device(dev, gen):
     finally:
         kernels.use_triton(None)
     assert rel_err(got.cpu(), ref.ref_fp8_block_linear(x.cpu(), w8.cpu(), s.cpu(), torch.float32)) < (1e-5 if SMALL else 1e-3)
+
+
+# DeepSeek-V3.2's FP8 linears (out, in): kv_a_proj_with_mqa (576, 7168), indexer.wq_b (8192, 1536), indexer.wk
+# (128, 7168); under the interpreter small ragged ones
+MODULE_SHAPES = [(192, 256), (200, 300)] if SMALL else [(576, 7168), (8192, 1536), (128, 7168)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", MODULE_SHAPES)
+@pytest.mark.parametrize("M", [1, 64])
+def test_fp8_linear_module_on_device_matches_its_twin(dev, gen, N, K, M):
+    """model.fp8.FP8BlockLinear as the loader leaves it (built on the host, moved with the model, which
+    casts the float layers to bf16 and keeps e4m3 / fp32), through the switch's fast path, against the
+    twin on the same weights: relative error < 5e-3 (bf16 out; the file's tolerances)."""
+    from indexcache.model.fp8 import FP8BlockLinear
+    w8, s = ref.quantize_weight_fp8_blocks(torch.randn(N, K, generator=gen) * K ** -0.5)
+    module = FP8BlockLinear(K, N)
+    with torch.no_grad():
+        module.weight.copy_(w8)
+        module.weight_scale_inv.copy_(s)
+    dtype = torch.float32 if SMALL else torch.bfloat16
+    module.to(dev, dtype)
+    assert module.weight.dtype == torch.float8_e4m3fn and module.weight_scale_inv.dtype == torch.float32
+    x = torch.randn(2, M, K, generator=gen).to(dtype).to(dev)
+    kernels.use_triton(True)
+    try:
+        got = module(x)
+    finally:
+        kernels.use_triton(None)
+    assert got.shape == (2, M, N) and got.dtype == dtype
+    want = ref.ref_fp8_block_linear(x, module.weight, module.weight_scale_inv, out_dtype=torch.float32)
+    assert rel_err(got, want) < (1e-5 if SMALL else 5e-3), f"{rel_err(got, want):.2e}"

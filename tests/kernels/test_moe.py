@@ -109,6 +109,48 @@ def test_grouped_path_runs_fp8_experts(gen, monkeypatch, dtype, grouped_mm):
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+def ragged_checkpoint_experts(gen, E, D, I):
+    """Per-expert gate/up/down matrices quantised one matrix at a time, as an FP8 checkpoint holds them
+    (each with its own 128x128 blocks), with random per-block magnitudes (2^-2..2^2) so that a scale
+    read from the wrong block shows; stacked the way the loader stacks them."""
+    def checkpoint_matrix(rows, cols):
+        w = torch.randn(rows, cols, generator=gen) * cols ** -0.5
+        mag = 2.0 ** torch.randint(-2, 3, (-(-rows // 128), -(-cols // 128)), generator=gen).float()
+        return ref.quantize_weight_fp8_blocks(w * mag.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols])
+    gate, up, down = ([checkpoint_matrix(r, c) for _ in range(E)] for r, c in ((I, D), (I, D), (D, I)))
+    g8 = torch.stack([torch.cat([g[0], u[0]]) for g, u in zip(gate, up)])                    # (E, 2I, D)
+    gs = torch.stack([torch.cat([g[1], u[1]]) for g, u in zip(gate, up)])                    # (E, 2 nb, kb)
+    d8, ds = torch.stack([d[0] for d in down]), torch.stack([d[1] for d in down])
+    real = [[ref.dequantize_weight_fp8_blocks(*m[e]) for m in (gate, up, down)] for e in range(E)]
+    return g8, d8, {"gate_up_scale_inv": gs, "down_scale_inv": ds}, real
+
+
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "gathered"])
+def test_ragged_fp8_experts_use_each_checkpoint_matrix_blocks(gen, monkeypatch, grouped_mm):
+    """moe_inter_dim and hidden size not multiples of 128 (tiny test models): gate_proj and up_proj keep
+    their own row blocks in the stacked scales (the up half starts a new block at row I, not at 128). The
+    twin is the HF expert MLP on the per-matrix dequantised weights; the grouped path matches it."""
+    E, k, D, I, N = 5, 2, 200, 80, 7
+    if not grouped_mm:
+        monkeypatch.setattr(moe, "grouped_mm_runs", lambda device, dtype: False)
+    g8, d8, scales, real = ragged_checkpoint_experts(gen, E, D, I)
+    assert scales["gate_up_scale_inv"].shape == (E, 2, 2) and scales["down_scale_inv"].shape == (E, 2, 1)
+    # quantize_experts_fp8 quantises the halves as a checkpoint does: the same bytes from the float stack
+    float_stack = torch.stack([torch.cat([gate, up]) for gate, up, _ in real])
+    q8, qs, _, _ = ref.quantize_experts_fp8(float_stack, torch.stack([down for _, _, down in real]))
+    assert torch.equal(q8.float(), g8.float()) and torch.equal(qs, scales["gate_up_scale_inv"])
+    assert torch.equal(ref.dequantize_experts_fp8(g8, qs, gate_up=True), float_stack)
+    x = torch.randn(N, D, generator=gen)
+    top_w, top_e = routing(gen, N, E, k)
+    mlp = lambda v, e: F.linear(F.silu(F.linear(v, real[e][0])) * F.linear(v, real[e][1]), real[e][2])  # noqa: E731
+    want = torch.stack([sum(float(top_w[n, j]) * mlp(x[n], e) for j, e in enumerate(top_e[n].tolist()))
+                        for n in range(N)])
+    twin = ref.ref_moe_routed(x, top_w, top_e, g8, d8, **scales)
+    assert rel_err(twin, want) < 1e-6
+    assert rel_err(moe.moe_grouped(x, top_w, top_e, g8, d8, **scales), twin) < 1e-5
+    assert rel_err(kernels.moe_routed(x, top_w, top_e, g8, d8, **scales), twin) < 1e-5
+
+
 class _NoHostReads(TorchFunctionMode):
     """Fails on any call that reads a tensor's values on the host (a device sync on CUDA, and a graph
     capture error): .item(), .tolist(), int()/bool(), bincount, nonzero, unique, .cpu()."""
@@ -174,8 +216,10 @@ def test_moe_inputs_are_checked_with_the_field_named(gen):
         moe.moe_grouped(x, top_w, top_e, g8, d8, down_scale_inv=scales["down_scale_inv"])
     with pytest.raises(ValueError, match="down_scale_inv: given for unquantised"):
         moe.moe_grouped(x, top_w, top_e, w_gate_up, w_down, down_scale_inv=scales["down_scale_inv"])
-    g8r, d8r, scales_r = fp8_experts(*experts(gen, E, D, 96))
-    with pytest.raises(ValueError, match=r"multiples of 128"):
+    # ragged experts (I = 48): the stacked (2I, D) matrix's blocks are not the checkpoint's layout, which
+    # keeps gate_proj's and up_proj's own blocks (2 row blocks, not 1)
+    g8r, d8r, scales_r = fp8_experts(*experts(gen, E, D, 48))
+    with pytest.raises(ValueError, match=r"gate_up_scale_inv: expected \(4, 2, 1\) float32.*got torch.float32 \(4, 1, 1\)"):
         moe.moe_grouped(x, top_w, top_e, g8r, d8r, **scales_r)
     with pytest.raises(ValueError, match="moe_gather needs CUDA tensors"):
         moe.moe_gather(x, top_w, top_e, g8, d8, **scales)
@@ -258,6 +302,28 @@ def test_gather_and_grouped_paths_match_the_twin(dev, gen, shape, fp8):
             auto = moe.moe_routed(x, top_w, top_e, w_gate_up, w_down, **scales)
             assert torch.equal(auto, moe.moe_routed(x, top_w, top_e, w_gate_up, w_down, "gather", **scales)), \
                 "auto must take the gather path for few token-expert pairs on CUDA"
+
+
+@pytest.mark.gpu
+def test_ragged_fp8_experts_take_the_grouped_path_on_device(dev, gen):
+    """Tiny FP8 models (moe_inter_dim not a multiple of 128): the switch sends even one decode token to the
+    FP8 grouped GEMM (kernels/moe_fp8.py), since the gather kernels assume 128-row blocks; moe_gather
+    refuses them by name."""
+    E, k, D, I = 6, 2, 200, 80
+    g8, d8, scales, _ = ragged_checkpoint_experts(gen, E, D, I)
+    g8, d8 = g8.to(dev), d8.to(dev)
+    scales = {name: s.to(dev) for name, s in scales.items()}
+    x = torch.randn(1, D, generator=gen).to(LOW).to(dev)
+    top_w, top_e = routing(gen, 1, E, k, dev)
+    kernels.use_triton(True)
+    try:
+        got = kernels.moe_routed(x, top_w, top_e, g8, d8, **scales)
+    finally:
+        kernels.use_triton(None)
+    err = rel_err(got, ref.ref_moe_routed(x, top_w, top_e, g8, d8, **scales))
+    assert err < (1e-5 if LOW == torch.float32 else 2e-2), f"{err:.2e}"
+    with pytest.raises(ValueError, match="moe_inter_dim 80 .*use moe_grouped"):
+        moe.moe_gather(x, top_w, top_e, g8, d8, **scales)
 
 
 @pytest.mark.gpu

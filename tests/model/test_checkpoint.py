@@ -88,7 +88,8 @@ def test_bad_pattern_in_config_fails_at_load(tmp_path, make_model):
         load_checkpoint(tmp_path)
 
 
-def test_fp8_block_weights_are_dequantised(tmp_path, make_model):
+def test_fp8_block_weights_are_dequantised_on_request(tmp_path, make_model):
+    """fp8="dequantize": the comparison path (the default keeps them FP8: tests/model/test_fp8.py)."""
     model = make_model("gqa")
     save_checkpoint(model, tmp_path)
     state = load_file(tmp_path / "model.safetensors")
@@ -98,7 +99,7 @@ def test_fp8_block_weights_are_dequantised(tmp_path, make_model):
     state[name] = (w / scale).to(torch.float8_e4m3fn)
     state[name + "_scale_inv"] = scale.reshape(1, 1).float()
     save_file(state, str(tmp_path / "model.safetensors"))
-    loaded, _ = load_checkpoint(tmp_path)
+    loaded, _ = load_checkpoint(tmp_path, fp8="dequantize")
     got = loaded.model.layers[0].mlp.up_proj.weight
     torch.testing.assert_close(got, w, atol=float(scale) * 32, rtol=0.07)
     assert torch.equal(dequant_fp8_blocks(state[name], state[name + "_scale_inv"]), got)

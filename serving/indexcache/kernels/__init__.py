@@ -30,9 +30,11 @@ from .reference import (
     FP8_BLOCK,
     FP8_E4M3_MAX,
     dequantize_act_fp8_blocks,
+    dequantize_experts_fp8,
     dequantize_latent_fp8,
     dequantize_weight_fp8_blocks,
     quantize_indexer_fp8,
+    quantize_experts_fp8,
     quantize_latent_fp8,
     quantize_weight_fp8_blocks,
     ref_fp8_block_linear,
@@ -48,7 +50,7 @@ __all__ = [
     "indexer_topk", "indexer_scores", "sparse_attention_gqa", "sparse_attention_mla",
     "quantize_indexer_fp8", "quantize_latent_fp8", "dequantize_latent_fp8", "FP8_E4M3_MAX",
     "fp8_block_linear", "quantize_act_fp8_blocks", "dequantize_act_fp8_blocks", "quantize_weight_fp8_blocks",
-    "dequantize_weight_fp8_blocks", "FP8_BLOCK", "moe_routed",
+    "dequantize_weight_fp8_blocks", "FP8_BLOCK", "moe_routed", "quantize_experts_fp8", "dequantize_experts_fp8",
 ]
 
 _MODES = ("torch", "triton", "auto", "masked")
@@ -152,10 +154,17 @@ def fp8_block_linear(x, w, w_scale_inv, out_dtype=torch.bfloat16):
 def moe_routed(x, top_w, top_e, w_gate_up, w_down, *, gate_up_scale_inv=None, down_scale_inv=None):
     """Routed experts, (N, D) fp32: sum_j top_w[n, j] * expert top_e[n, j] (SwiGLU) of x[n]. x (N, D),
     w_gate_up (E, 2I, D), w_down (E, D, I), bf16/fp32 or e4m3 with their block scales (kernels/moe.py).
-    Triton backend: the gather GEMVs for at most GATHER_MAX_PAIRS pairs, else the grouped path; torch
-    backend: the grouped path (torch._grouped_mm on the CPU)."""
+    Triton backend: the gather GEMVs for at most GATHER_MAX_PAIRS pairs, else the grouped path (for
+    e4m3 experts the FP8 grouped GEMM of kernels/moe_fp8.py); torch backend: the grouped path
+    (torch._grouped_mm on the CPU, e4m3 experts dequantised per call)."""
     from . import moe
     if backend(x.device) == "triton":
-        return moe.moe_routed(x, top_w, top_e, w_gate_up, w_down, "auto",
+        path = moe.resolved_moe_path("auto", x.device, top_e.numel())
+        # FP8 experts: the gather kernels for one decode token (they need moe_inter_dim a multiple of 128,
+        # as every real checkpoint has), else the grouped GEMM that reads e4m3 tiles (kernels/moe_fp8.py)
+        if gate_up_scale_inv is not None and (path == "grouped" or w_down.shape[2] % FP8_BLOCK):
+            from .moe_fp8 import moe_fp8_grouped
+            return moe_fp8_grouped(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv, down_scale_inv)
+        return moe.moe_routed(x, top_w, top_e, w_gate_up, w_down, path,
                               gate_up_scale_inv=gate_up_scale_inv, down_scale_inv=down_scale_inv)
     return moe.moe_grouped(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv, down_scale_inv)

@@ -5,7 +5,8 @@
 x (N, D); top_w (N, k) fp32 and top_e (N, k) int64 from the router; experts stacked per layer and stored
 out x in like the HF checkpoints: w_gate_up (E, 2I, D) = each expert's gate_proj.weight rows then its
 up_proj.weight rows, w_down (E, D, I) = down_proj.weight. FP8 experts (DeepSeek-V3.2, GLM-5) are e4m3 with
-one fp32 scale per 128 x 128 block: gate_up_scale_inv (E, 2I/128, D/128), down_scale_inv (E, D/128, I/128).
+one fp32 scale per 128 x 128 block: gate_up_scale_inv (E, 2I/128, D/128), down_scale_inv (E, D/128, I/128)
+(ragged sizes: ceil, the up half starting a new row block; reference.py). The gather kernels need I % 128 == 0.
 The result is (N, D) fp32; the caller adds the shared expert and casts.
 
 Two paths, one answer (the twin is `reference.ref_moe_routed`, one pair at a time in fp32):
@@ -39,7 +40,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .reference import FP8_BLOCK, FP8_DTYPES, check_moe_inputs, ref_moe_routed  # noqa: F401 (the twin)
+from .reference import (  # noqa: F401 (ref_moe_routed: the twin)
+    FP8_BLOCK, FP8_DTYPES, check_moe_inputs, dequantize_experts_fp8, ref_moe_routed)
 
 try:
     import triton
@@ -142,6 +144,9 @@ def moe_gather(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv=None, down_
     fp8 = _is_fp8(w_gate_up)
     if fp8 and FP8_BLOCK % block_k:
         raise ValueError(f"block_k={block_k}: FP8 experts need a block_k dividing {FP8_BLOCK}")
+    if fp8 and w_down.shape[2] % FP8_BLOCK:   # the kernel finds up_proj's scale rows at (I + i) // 128
+        raise ValueError(f"moe_gather: FP8 experts with moe_inter_dim {w_down.shape[2]} (not a multiple of "
+                         f"{FP8_BLOCK}): use moe_grouped")
     N, D = x.shape
     k = top_e.shape[1]
     I = w_down.shape[2]
@@ -192,15 +197,15 @@ def grouped_mm_runs(device, dtype) -> bool:
     return False
 
 
-def _dequantize_experts(w8, scale_inv, dtype) -> torch.Tensor:
-    """(E, R, C) e4m3 and (E, R/128, C/128) -> (E, R, C) dtype, a few experts at a time so that the fp32
-    intermediate stays under _GATHER_ELEMENTS elements (a Python loop over chunks of a known size: no sync)."""
+def _dequantize_experts(w8, scale_inv, dtype, gate_up: bool = False) -> torch.Tensor:
+    """(E, R, C) e4m3 and their block scales (reference.dequantize_experts_fp8; gate_up: the gate|up
+    stack) -> (E, R, C) dtype, a few experts at a time so that the fp32 intermediate stays under
+    _GATHER_ELEMENTS elements (a Python loop over chunks of a known size: no sync)."""
     E, R, C = w8.shape
     out = torch.empty(E, R, C, dtype=dtype, device=w8.device)
     step = max(1, _GATHER_ELEMENTS // (R * C))
     for e0 in range(0, E, step):
-        blocks = w8[e0:e0 + step].float().view(-1, R // FP8_BLOCK, FP8_BLOCK, C // FP8_BLOCK, FP8_BLOCK)
-        out[e0:e0 + step] = (blocks * scale_inv[e0:e0 + step, :, None, :, None].float()).view(-1, R, C)
+        out[e0:e0 + step] = dequantize_experts_fp8(w8[e0:e0 + step], scale_inv[e0:e0 + step], dtype, gate_up)
     return out
 
 
@@ -230,7 +235,7 @@ def _gathered_products(x, top_e, w_gate_up, w_down, gate_up_scale_inv, down_scal
         e = experts[p0:p0 + step]
         gu, dn = w_gate_up[e], w_down[e]                                                # (c, 2I, D), (c, D, I)
         if gate_up_scale_inv is not None:
-            gu = _dequantize_experts(gu, gate_up_scale_inv[e], dtype)
+            gu = _dequantize_experts(gu, gate_up_scale_inv[e], dtype, gate_up=True)
             dn = _dequantize_experts(dn, down_scale_inv[e], dtype)
         h = torch.bmm(gu, xp[p0:p0 + step]).squeeze(-1)                                 # (c, 2I)
         act = (F.silu(h[:, :I].float()) * h[:, I:].float()).to(dtype)                   # (c, I)
@@ -251,7 +256,7 @@ def moe_grouped(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv=None, down
     dtype = (x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32) if fp8 else w_gate_up.dtype
     if grouped_mm_runs(x.device, dtype):
         if fp8:
-            w_gate_up = _dequantize_experts(w_gate_up, gate_up_scale_inv, dtype)
+            w_gate_up = _dequantize_experts(w_gate_up, gate_up_scale_inv, dtype, gate_up=True)
             w_down = _dequantize_experts(w_down, down_scale_inv, dtype)
         y = _grouped_gemms(x, top_e, w_gate_up, w_down, dtype)
     else:

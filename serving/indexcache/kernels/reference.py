@@ -360,7 +360,36 @@ def ref_fp8_block_linear(x, w, w_scale_inv, out_dtype=torch.bfloat16) -> torch.T
 # ---------------------------------------------------------------------------------------------
 # x (N, D); top_w (N, k) fp32 and top_e (N, k) int64 from the router; experts stacked per layer,
 # stored out x in as in HF checkpoints: w_gate_up (E, 2I, D) (gate rows, then up rows), w_down (E, D, I).
-# FP8 experts: e4m3 with scale_inv (E, 2I/128, D/128) / (E, D/128, I/128).
+# FP8 experts: e4m3 with the checkpoint matrices' own block scales, stacked: gate_up_scale_inv
+# (E, 2 ceil(I/128), ceil(D/128)) = gate_proj's scale rows then up_proj's, down_scale_inv
+# (E, ceil(D/128), ceil(I/128)). Where I is a multiple of 128 (every real checkpoint) this is simply the
+# 128 x 128 blocks of the stacked (2I, D) matrix; otherwise the up half starts a new row block.
+
+
+def quantize_experts_fp8(w_gate_up: torch.Tensor, w_down: torch.Tensor):
+    """Float experts (E, 2I, D) / (E, D, I) -> (g8, gate_up_scale_inv, d8, down_scale_inv) in the layout
+    above: the gate and up halves quantised as the separate matrices a checkpoint holds."""
+    E, R, D = w_gate_up.shape
+    g8, gs = quantize_weight_fp8_blocks(w_gate_up.reshape(E * 2, R // 2, D))          # (2E, I, D) halves
+    d8, ds = quantize_weight_fp8_blocks(w_down)
+    return g8.view(E, R, D), gs.reshape(E, -1, gs.shape[-1]), d8, ds
+
+
+def dequantize_experts_fp8(w8: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.float32,
+                           gate_up: bool = False) -> torch.Tensor:
+    """Stacked e4m3 experts (E, R, C) and their block scales -> (E, R, C) in dtype, each block's scale
+    broadcast over its (up to) 128 x 128 elements. gate_up: w8 is the (E, 2I, D) gate|up stack, whose
+    halves have their own row blocks (the layout above)."""
+    E, R, C = w8.shape
+    if gate_up:
+        halves = dequantize_experts_fp8(w8.reshape(E * 2, R // 2, C),
+                                        scale_inv.reshape(E * 2, -1, scale_inv.shape[-1]), dtype)
+        return halves.reshape(E, R, C)
+    if R % FP8_BLOCK or C % FP8_BLOCK:   # ragged edge blocks (tiny models): expand the scales, pad nothing
+        s = scale_inv.float().repeat_interleave(FP8_BLOCK, 1)[:, :R].repeat_interleave(FP8_BLOCK, 2)[:, :, :C]
+        return (w8.float() * s).to(dtype)
+    blocks = w8.float().view(E, R // FP8_BLOCK, FP8_BLOCK, C // FP8_BLOCK, FP8_BLOCK)
+    return (blocks * scale_inv.float()[:, :, None, :, None]).view(E, R, C).to(dtype)
 
 def check_moe_inputs(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv=None, down_scale_inv=None) -> None:
     """Shape/dtype checks of the routed experts (no host sync: expert ids are not range-checked)."""
@@ -390,15 +419,13 @@ def check_moe_inputs(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv=None,
             if s is not None:
                 raise _fail(name, "given for unquantised experts", "pass scales only with float8_e4m3fn experts")
         return
-    if I % FP8_BLOCK or D % FP8_BLOCK:
-        raise _fail("w_gate_up", f"FP8 experts need D ({D}) and I ({I}) multiples of {FP8_BLOCK} (gate and up "
-                    "rows must not share a scale block)", "dequantise this model's experts to bf16 at load time")
-    for name, s, w in scales:
-        want = (E, w.shape[1] // FP8_BLOCK, w.shape[2] // FP8_BLOCK)
+    wants = {"gate_up_scale_inv": (E, 2 * _blocks(I), _blocks(D)), "down_scale_inv": (E, _blocks(D), _blocks(I))}
+    for name, s, _ in scales:
+        want = wants[name]
         if s is None or tuple(s.shape) != want or s.dtype != torch.float32:
             got = None if s is None else f"{s.dtype} {tuple(s.shape)}"
-            raise _fail(name, f"expected {want} float32 (one scale per 128x128 block per expert), got {got}",
-                        "pass the stacked weight_scale_inv of the experts")
+            raise _fail(name, f"expected {want} float32 (one scale per 128x128 block per expert matrix), got {got}",
+                        "pass the stacked weight_scale_inv of the experts (gate_proj's rows then up_proj's)")
 
 
 def ref_moe_routed(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv=None, down_scale_inv=None) -> torch.Tensor:
@@ -413,8 +440,10 @@ def ref_moe_routed(x, top_w, top_e, w_gate_up, w_down, gate_up_scale_inv=None, d
             e = int(top_e[n, j])
             if gate_up_scale_inv is None:
                 gu, dn = w_gate_up[e].float(), w_down[e].float()
-            else:
-                gu = dequantize_weight_fp8_blocks(w_gate_up[e], gate_up_scale_inv[e])        # (2I, D)
+            else:   # gate and up: two checkpoint matrices, each with its own block scales
+                nb = gate_up_scale_inv.shape[1] // 2
+                gu = torch.cat([dequantize_weight_fp8_blocks(w_gate_up[e, :I], gate_up_scale_inv[e, :nb]),
+                                dequantize_weight_fp8_blocks(w_gate_up[e, I:], gate_up_scale_inv[e, nb:])])  # (2I, D)
                 dn = dequantize_weight_fp8_blocks(w_down[e], down_scale_inv[e])              # (D, I)
             h = gu @ x[n].float()                                                            # (2I,)
             act = torch.nn.functional.silu(h[:I]) * h[I:]                                    # (I,)

@@ -2,12 +2,16 @@
 
 Tensor names: the Hugging Face names used by DeepSeek-V3.2 and GLM-5 (`glm_moe_dsa`) releases
 (`model.layers.{i}.self_attn.q_a_proj.weight`, `...self_attn.indexer.wq_b.weight`, ...) and DeepSeek's
-own `inference/` names (`layers.{i}.attn.wq_a.weight`, ...). FP8 block-quantised weights
-(`weight_scale_inv`, 128x128 blocks) are dequantised on load. Loading streams one tensor at a time from
+own `inference/` names (`layers.{i}.attn.wq_a.weight`, ...). FP8 block-quantised weights (e4m3 with a
+`weight_scale_inv`, DeepSeek's `scale`, of 128x128 blocks) stay FP8 in memory (`fp8="keep"`, the default:
+fp8.py swaps in FP8 modules; `kv_b_proj` alone is dequantised, see fp8.py) or are dequantised to the
+model dtype on load (`fp8="dequantize"`). Loading streams one tensor at a time from
 the shards straight into the model's parameters (built without memory, in the target dtype on the target
-device), so host memory never holds the whole state dict; the loader reports its peak host memory.
+device), so host memory never holds the whole state dict; the loader reports its peak host memory and the
+weight memory, kept and as it would be dequantised.
 Routed experts are stored one matrix per expert in the files and stacked per layer in the model
-(`mlp.experts.gate_up_proj` (E, 2I, D), `mlp.experts.down_proj` (E, D, I)). Multi-token-prediction layers beyond
+(`mlp.experts.gate_up_proj` (E, 2I, D), `mlp.experts.down_proj` (E, D, I), FP8 scales likewise:
+`mlp.experts.gate_up_proj_scale_inv`, `mlp.experts.down_proj_scale_inv`). Multi-token-prediction layers beyond
 `num_hidden_layers` are ignored. A checkpoint whose shared layers carry no indexer weights (GLM-5.2)
 loads when the pattern marks those layers S.
 """
@@ -28,6 +32,7 @@ from safetensors.torch import save_file
 
 from .config import ModelArgs
 from .dsa import DSAForCausalLM
+from .fp8 import keep_fp8, weight_bytes
 from .pattern import resolve_pattern
 
 # One table of name pairs, (DeepSeek inference/ name, HF name); both rename directions are built from it.
@@ -61,39 +66,44 @@ _DEEPSEEK_TO_HF = _rename_table(0, r"layers\.(\d+)\.", r"model.layers.\1.")
 _HF_TO_DEEPSEEK = _rename_table(1, r"model\.layers\.(\d+)\.", r"layers.\1.")  # writing test checkpoints
 _INDEXER_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.indexer\.")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-# one routed expert's matrix in a file: (layer prefix, expert, which)
-_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# one routed expert's matrix (or its FP8 block scale) in a file: (layer prefix, expert, which, scale)
+_EXPERT_RE = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$")
 FP8_BLOCK = 128
+FP8_MODES = ("keep", "dequantize")
 log = logging.getLogger(__name__)
 
 
 def expert_target(name: str, inter_dim: int) -> tuple[str, int, slice] | None:
-    """Where a per-expert file tensor goes in the stacked model parameter: (parameter name, expert, rows)."""
+    """Where a per-expert file tensor goes in the stacked model parameter: (parameter name, expert, rows).
+    FP8 scales go to the stacked scales, gate_proj's block rows then up_proj's (fp8.FP8Experts)."""
     m = _EXPERT_RE.match(name)
     if m is None:
         return None
-    prefix, e, which = m.group(1), int(m.group(2)), m.group(3)
+    prefix, e, which, scale = m.group(1), int(m.group(2)), m.group(3), m.group(4) or ""
     if which == "down_proj":
-        return f"{prefix}.down_proj", e, slice(None)
-    rows = slice(0, inter_dim) if which == "gate_proj" else slice(inter_dim, 2 * inter_dim)
-    return f"{prefix}.gate_up_proj", e, rows
+        return f"{prefix}.down_proj{scale}", e, slice(None)
+    rows = -(-inter_dim // FP8_BLOCK) if scale else inter_dim       # gate's rows (or row blocks) come first
+    return f"{prefix}.gate_up_proj{scale}", e, slice(0, rows) if which == "gate_proj" else slice(rows, 2 * rows)
 
 
 def split_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The stacked expert parameters of a model state dict as per-expert tensors under the files' names."""
+    """The stacked expert parameters (and FP8 scales) of a model state dict as per-expert tensors under the
+    files' names."""
     out = {}
     for name, tensor in state.items():
-        if name.endswith(".mlp.experts.gate_up_proj"):
-            base, inter = name[: -len("gate_up_proj")], tensor.shape[1] // 2
-            for e in range(tensor.shape[0]):
-                out[f"{base}{e}.gate_proj.weight"] = tensor[e, :inter].clone()
-                out[f"{base}{e}.up_proj.weight"] = tensor[e, inter:].clone()
-        elif name.endswith(".mlp.experts.down_proj"):
-            base = name[: -len("down_proj")]
-            for e in range(tensor.shape[0]):
-                out[f"{base}{e}.down_proj.weight"] = tensor[e].clone()
-        else:
+        m = re.match(r"^(.*\.mlp\.experts\.)(gate_up_proj|down_proj)(_scale_inv)?$", name)
+        if m is None:
             out[name] = tensor
+            continue
+        base, which, scale = m.group(1), m.group(2), m.group(3) or ""
+        for e in range(tensor.shape[0]):
+            if which == "down_proj":
+                out[f"{base}{e}.down_proj.weight{scale}"] = tensor[e].clone()
+            else:
+                half = tensor.shape[1] // 2                              # rows, or row blocks of the scales
+                out[f"{base}{e}.gate_proj.weight{scale}"] = tensor[e, :half].clone()
+                out[f"{base}{e}.up_proj.weight{scale}"] = tensor[e, half:].clone()
     return out
 
 
@@ -106,7 +116,17 @@ def _rename(name: str, table) -> str:
 
 
 def to_hf_name(name: str) -> str:
-    return name if name.startswith(("model.", "lm_head.")) else _rename(name, _DEEPSEEK_TO_HF)
+    if name.startswith(("model.", "lm_head.")):
+        return name
+    if name.endswith(".scale"):           # DeepSeek inference/ naming of a weight's FP8 block scales
+        return _rename(name[: -len("scale")] + "weight", _DEEPSEEK_TO_HF) + "_scale_inv"
+    return _rename(name, _DEEPSEEK_TO_HF)
+
+
+def to_deepseek_name(name: str) -> str:
+    if name.endswith(".weight_scale_inv"):
+        return _rename(name[: -len("_scale_inv")], _HF_TO_DEEPSEEK)[: -len("weight")] + "scale"
+    return _rename(name, _HF_TO_DEEPSEEK)
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -160,15 +180,20 @@ def dequant_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int | None = None,
                     offset: int | None = None, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu", extra_state: dict[str, torch.Tensor] | None = None
-                    ) -> tuple[DSAForCausalLM, str]:
+                    device: str | torch.device = "cpu", extra_state: dict[str, torch.Tensor] | None = None,
+                    fp8: str = "keep") -> tuple[DSAForCausalLM, str]:
     """Build the model from a checkpoint directory. Returns (model, the IndexCache pattern to run).
 
     The pattern is `pattern` if given, else resolved from `freq`/`offset` if given, else the
     checkpoint's own (config keys). `extra_state` overrides tensors (e.g. trained indexer weights).
-    dtype: the weights' dtype; default bf16 on CUDA, fp32 on the CPU. Tensors stream one at a time from
-    the shards into the parameters; `model.load_stats` holds the seconds and the peak host memory.
+    dtype: the weights' dtype; default bf16 on CUDA, fp32 on the CPU. fp8: what happens to FP8
+    block-scaled weights: "keep" (e4m3 + fp32 block scales in memory, FP8 GEMMs; fp8.py) or "dequantize"
+    (to dtype at load). Tensors stream one at a time from the shards into the parameters;
+    `model.load_stats` holds the seconds, the peak host memory and the weight memory (`weights_mib`, and
+    `weights_mib_dequantized`: what the same weights take with every FP8 one dequantised to dtype).
     """
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8={fp8!r}: use 'keep' (FP8 weights stay e4m3 in memory) or 'dequantize'")
     t0 = time.monotonic()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     path = Path(path)
@@ -189,14 +214,19 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
     finally:
         torch.set_default_dtype(default)
     run_pattern = model.check_pattern(pattern or args.pattern)
+    kept_fp8: set[str] = set()          # file weights loaded as e4m3 with their scales (FP8 modules)
+    if fp8 == "keep":
+        kept_fp8 = keep_fp8(model, {n for n, e in entries.items() if e[2] is not None and n not in extra_state})
     params = model.state_dict(keep_vars=True)
     if args.tie_word_embeddings:   # lm_head is embed_tokens: a file's lm_head.weight is not read
         params.pop("lm_head.weight", None)
         entries.pop("lm_head.weight", None)
         extra_state.pop("lm_head.weight", None)
-    # every file tensor maps to one parameter (or one expert's rows of a stacked one): check names first
+    # every file tensor (and kept FP8 scale) maps to one parameter (or one expert's rows of a stacked one):
+    # check names first
+    sources = set(entries) | set(extra_state) | {name + "_scale_inv" for name in kept_fp8}
     targets = {}
-    for name in set(entries) | set(extra_state):
+    for name in sources:
         target = expert_target(name, args.moe_inter_dim)
         targets[name] = target if target is not None else (name, None, None)
     covered = {t[0] for t in targets.values()}
@@ -233,7 +263,9 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
                 for name in names:
                     _, raw_name, scale_name = entries[name]
                     tensor = f.get_tensor(raw_name)
-                    if scale_name is not None:
+                    if name in kept_fp8:
+                        put(name + "_scale_inv", f.get_tensor(scale_name))
+                    elif scale_name is not None:
                         tensor = dequant_fp8_blocks(tensor, f.get_tensor(scale_name))
                     put(name, tensor)
         for name, tensor in extra_state.items():
@@ -243,18 +275,24 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
         raise ValueError(f"checkpoint {path}: tensors {partial[:8]} are only partly given "
                          f"(e.g. some routed experts are missing)")
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory = weight_bytes(model, dtype)
     model.load_stats = {"seconds": time.monotonic() - t0, "peak_host_rss_mib": rss1 / 1024,
-                        "host_rss_growth_mib": (rss1 - rss0) / 1024,
-                        "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20}
-    log.info("loaded %s: %.0f MiB of weights (%s on %s) in %.1f s, peak host memory %.0f MiB", path,
-             model.load_stats["weights_mib"], dtype, device, model.load_stats["seconds"], rss1 / 1024)
+                        "host_rss_growth_mib": (rss1 - rss0) / 1024, "fp8": fp8,
+                        "weights_mib": memory["weights"] / 2 ** 20,
+                        "weights_mib_dequantized": memory["dequantized"] / 2 ** 20,
+                        "fp8_weights_mib": memory["fp8"] / 2 ** 20}
+    log.info("loaded %s: %.0f MiB of weights (%s on %s; %.0f MiB of them FP8, %.0f MiB dequantised) in %.1f s, "
+             "peak host memory %.0f MiB", path, model.load_stats["weights_mib"], dtype, device,
+             model.load_stats["fp8_weights_mib"], model.load_stats["weights_mib_dequantized"],
+             model.load_stats["seconds"], rss1 / 1024)
     return model.eval(), run_pattern
 
 
 def save_checkpoint(model: DSAForCausalLM, path: str | Path, *, naming: str = "hf",
                     max_shard_bytes: int | None = None, drop_indexers: set[int] = frozenset(),
                     config_overrides: dict | None = None) -> Path:
-    """Write the model as config.json + safetensors (sharded with an index when over max_shard_bytes)."""
+    """Write the model as config.json + safetensors (sharded with an index when over max_shard_bytes).
+    A model loaded with FP8 weights kept writes them back as they came: e4m3 + weight_scale_inv."""
     if naming not in ("hf", "deepseek"):
         raise ValueError("naming must be 'hf' or 'deepseek'")
     config = model.args.to_hf_config()
@@ -264,7 +302,7 @@ def save_checkpoint(model: DSAForCausalLM, path: str | Path, *, naming: str = "h
         m = _INDEXER_RE.match(name)
         if (m and int(m.group(1)) in drop_indexers) or (model.args.tie_word_embeddings and name == "lm_head.weight"):
             continue
-        out_name = _rename(name, _HF_TO_DEEPSEEK) if naming == "deepseek" else name
+        out_name = to_deepseek_name(name) if naming == "deepseek" else name
         tensors[out_name] = tensor.detach().contiguous().cpu()
     return write_checkpoint(path, config, tensors, max_shard_bytes=max_shard_bytes)
 

@@ -425,6 +425,11 @@ class Experts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=dim ** -0.5)
         nn.init.normal_(self.down_proj, std=inter_dim ** -0.5)
 
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x (N, dim), router weights (N, k) and expert ids (N, k) -> (N, dim) fp32. (FP8 checkpoints:
+        fp8.FP8Experts, the same call on e4m3 experts with their block scales.)"""
+        return kernels.moe_routed(x, weights, experts, self.gate_up_proj, self.down_proj)
+
 
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -439,7 +444,7 @@ class MoE(nn.Module):
         weights, experts = self.gate(x)                                             # (N, k) fp32, (N, k) int64
         # sum_j weights[n, j] * expert_{experts[n, j]}(x[n]): sorted grouped GEMM (prefill) or a gather
         # GEMV over the selected experts only (decode); no host sync either way (kernels/moe.py)
-        out = kernels.moe_routed(x, weights, experts, self.experts.gate_up_proj, self.experts.down_proj).to(x.dtype)
+        out = self.experts(x, weights, experts).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)

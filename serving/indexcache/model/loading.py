@@ -11,10 +11,11 @@ def bundled_model_dir() -> Path:
     return bundled_checkpoint()
 
 
-def load_model(model: str, dtype: str = "auto", cache_dir: str | None = None):
+def load_model(model: str, dtype: str = "auto", cache_dir: str | None = None, fp8: str = "keep"):
     """'tiny' | 'smollm2' | a checkpoint directory | a model URI -> (model, default pattern, tokenizer, name).
     cache_dir: the model cache (default INDEXCACHE_MODEL_CACHE); on Kubernetes the init container has
-    filled it and INDEXCACHE_OFFLINE=1 keeps the replica from downloading anything itself."""
+    filled it and INDEXCACHE_OFFLINE=1 keeps the replica from downloading anything itself.
+    fp8: FP8 block-scaled checkpoint weights "keep" (e4m3 in memory) or "dequantize" (to dtype at load)."""
     import torch
 
     if model == "tiny":
@@ -27,5 +28,6 @@ def load_model(model: str, dtype: str = "auto", cache_dir: str | None = None):
     resolved = resolve(model, cache_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # "auto": bf16 weights on CUDA, fp32 on the CPU (load_checkpoint's default)
-    m, pattern = load_checkpoint(resolved.path, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device)
+    m, pattern = load_checkpoint(resolved.path, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device,
+                                 fp8=fp8)
     return m, pattern, load_tokenizer(resolved.path), resolved.name

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..model.dsa import Capture, DSAForCausalLM, ForwardContext
+from ..model.fp8 import dequantize_fp8
 from ..model.pattern import source_layers, validate_pattern
 from .indexer_stats import layer_index_scores
 # the loss: each F layer's scores against the attention of every layer it serves (its centroid, below)
@@ -174,7 +175,9 @@ def distill(model: DSAForCausalLM, pattern: str, train: list[list[int]], heldout
         p.requires_grad_(False)
     params = []
     for l in served_layers(pattern):
-        for p in model.model.layers[l].self_attn.indexer.parameters():
+        indexer = model.model.layers[l].self_attn.indexer
+        dequantize_fp8(indexer, model.lm_head.weight.dtype)     # FP8 checkpoints: the weights that train are float
+        for p in indexer.parameters():
             p.requires_grad_(True)
             params.append(p)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

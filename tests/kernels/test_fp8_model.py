@@ -1,0 +1,72 @@
+"""An FP8 checkpoint kept FP8 on the device (FP8BlockLinear through the block-scaled FP8 GEMM, FP8Experts
+through the MoE kernels) against the same loaded model on the reference kernels, on fresh random weights.
+
+Marked gpu: natively on the H200, in CI under Triton's interpreter (tests/kernels/test_triton_interpreted.py).
+Both runs quantise activations per 1x128 block the same way, so what differs is the kernels' summation
+order (and TF32 in the attention kernels on CUDA): tolerance 2e-4 relative on the CPU, 1e-2 on CUDA (the
+tolerances of test_model_fast_path.py). index_topk covers the whole context, so a top-k tie flipped by
+rounding cannot change which keys are read. Two expert widths: moe_inter_dim 32 (ragged 128-blocks: the
+grouped path) and 128 (one decode token on CUDA takes the FP8 gather kernels).
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from indexcache import kernels
+from indexcache.model import KVCache
+from indexcache.model.checkpoint import load_checkpoint, save_checkpoint, write_checkpoint
+from indexcache.model.fp8 import FP8BlockLinear, FP8Experts, quantize_checkpoint_tensors
+from tiny_models import random_model
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-2 if DEVICE == "cuda" else 2e-4
+WIDTHS = {"ragged": {}, "aligned": {"dim": 128, "moe_inter_dim": 128, "inter_dim": 256}}
+if DEVICE == "cpu":       # under the interpreter (30 s a case): the aligned case adds only the CUDA gather path
+    del WIDTHS["aligned"]
+
+
+def fp8_checkpoint(tmp_path, **overrides):
+    model = random_model("mla", seed=int(torch.randint(0, 10_000, ())), index_topk=64, index_head_dim=32,
+                         **overrides)
+    save_checkpoint(model, tmp_path / "float")
+    tensors = quantize_checkpoint_tensors(load_file(tmp_path / "float" / "model.safetensors"))
+    config = json.loads((tmp_path / "float" / "config.json").read_text())
+    return write_checkpoint(tmp_path / "fp8", config, tensors)
+
+
+def run(model, use_triton: bool, prompt, pattern):
+    """A 2-chunk prefill then 3 decode steps through a KV cache; every forward's logits (N, V)."""
+    kernels.use_triton(use_triton)
+    try:
+        cache = KVCache(model.args, 2, 64, pattern, dtype=torch.float32, device=DEVICE)
+        outs = []
+        for c0 in range(0, len(prompt), 10):
+            chunk = torch.tensor([prompt[c0:c0 + 10]], device=DEVICE)
+            outs.append(model(chunk, start_pos=[c0], cache=cache, slots=[1], pattern=pattern)[0])
+        n, token = len(prompt), prompt[0]
+        for _ in range(3):
+            outs.append(model(torch.tensor([[token]], device=DEVICE), start_pos=[n], cache=cache, slots=[1],
+                              pattern=pattern)[0])
+            n, token = n + 1, (token * 7 + 3) % model.args.vocab_size
+        return torch.cat(outs).float()
+    finally:
+        kernels.use_triton(None)
+
+
+@pytest.mark.parametrize("widths", list(WIDTHS))
+def test_fp8_model_on_device_matches_the_reference_kernels(tmp_path, widths):
+    model, pattern = load_checkpoint(fp8_checkpoint(tmp_path, **WIDTHS[widths]), device=DEVICE, dtype=torch.float32)
+    assert any(isinstance(m, FP8Experts) for m in model.modules())
+    assert model.model.layers[0].self_attn.q_a_proj.weight.device.type == torch.device(DEVICE).type
+    assert isinstance(model.model.layers[0].self_attn.q_a_proj, FP8BlockLinear)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    prompt = torch.randint(2, model.args.vocab_size, (19,), generator=g).tolist()
+    pattern = "FSF" + "S" * (model.args.n_layers - 3)
+    with torch.no_grad():
+        want = run(model, False, prompt, pattern)
+        got = run(model, True, prompt, pattern)
+    err = float((got - want).norm() / want.norm())
+    assert err < TOL, f"{err:.2e}"
