@@ -42,7 +42,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
                     metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache,
                     enforce_eager=a.enforce_eager),
-        max_ongoing_requests=app_limit, api_key=a.api_key)
+        max_ongoing_requests=app_limit, api_key=a.api_key, num_replicas=a.num_replicas)
 
 
 def start_local(app_args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int = 2,
