@@ -23,7 +23,6 @@ import os
 import secrets
 import time
 import uuid
-from collections import Counter
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -36,6 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from indexcache_contracts.metrics import HTTP_ROUTES
 from indexcache_contracts.serve_app import check_ingress_config
 
+# a module, not its object: Serve pickles the ingress class by value, and a global object would be copied
+from . import metrics as outcomes
 from .protocol import (MAX_BODY_BYTES, BadRequest, ChatCompletionRequest, CompletionRequest, RequestRefused,
                        TokenLogprob, _Body, _Strict, parse_body)
 
@@ -82,29 +83,8 @@ def _error_event(message: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# HTTP outcomes: counted in this process, reported to the server deployment
+# HTTP outcomes: counted in this process (metrics.HTTP_OUTCOMES), reported to the server deployment
 # ---------------------------------------------------------------------------------------------------
-class HttpOutcomes:
-    """Responses by (route, code) and rejections by reason since the last report to the server."""
-
-    def __init__(self):
-        self.responses: Counter = Counter()
-        self.rejected: Counter = Counter()
-
-    def take(self) -> tuple[dict, dict]:
-        out = (dict(self.responses), dict(self.rejected))
-        self.responses.clear()
-        self.rejected.clear()
-        return out
-
-    def give_back(self, responses: dict, rejected: dict) -> None:
-        self.responses.update(responses)
-        self.rejected.update(rejected)
-
-
-OUTCOMES = HttpOutcomes()   # one ingress replica per process
-
-
 def _route(scope) -> str | None:
     path = scope.get("path", "")
     root = scope.get("root_path", "")
@@ -132,15 +112,15 @@ class CountAndCatch:
             if message["type"] == "http.response.start" and not started:
                 started.append(message["status"])
                 if route is not None:
-                    OUTCOMES.responses[(route, str(message["status"]))] += 1
+                    outcomes.HTTP_OUTCOMES.responses[(route, str(message["status"]))] += 1
             await send(message)
 
         try:
             await self.app(scope, receive, send_counted)
         except Exception:
-            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
-            if started:
+            if started:   # mid-response (e.g. the client went away): nothing left to answer
                 raise
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             await error(500, "internal server error; see the ingress log")(scope, receive, send_counted)
 
 
@@ -188,6 +168,11 @@ def chat_logprobs(entries: tuple[TokenLogprob, ...]) -> dict:
     """/v1/chat/completions: one object per token with its top alternatives."""
     return {"content": [{**_chat_token(e.token, e.logprob), "top_logprobs": [_chat_token(t, lp) for t, lp in e.top]}
                         for e in entries], "refusal": None}
+
+
+async def _awaited(response):
+    """A DeploymentResponse as a coroutine (for asyncio.wait_for)."""
+    return await response
 
 
 class AdminPatternRequest(_Strict):
@@ -243,7 +228,7 @@ class OpenAIIngress:
         self._info = await self.server.info.remote()
 
     def _not_ready(self) -> JSONResponse:
-        OUTCOMES.rejected["not_ready"] += 1
+        outcomes.HTTP_OUTCOMES.rejected["not_ready"] += 1
         return error(503, "the model is still loading; retry shortly", code="model_not_ready",
                      headers={"Retry-After": RETRY_AFTER_LOADING})
 
@@ -258,22 +243,24 @@ class OpenAIIngress:
 
     async def report_outcomes(self) -> None:
         """Hand the counts gathered since the last report to the server (kept for the next try on failure)."""
-        responses, rejected = OUTCOMES.take()
+        responses, rejected = outcomes.HTTP_OUTCOMES.take()
         if not responses and not rejected:
             return
         call = self.server.record_http.remote(responses, rejected)
         try:
             await asyncio.wait_for(_awaited(call), timeout=5)
-        except Exception:   # loading, restarting: keep them
+        except Exception as exc:   # loading, restarting: keep them
+            log.warning("could not report HTTP counts to the server (%s: %s); kept for the next try",
+                        type(exc).__name__, exc)
             call.cancel()
-            OUTCOMES.give_back(responses, rejected)
+            outcomes.HTTP_OUTCOMES.give_back(responses, rejected)
 
     def _auth(self, request: Request) -> JSONResponse | None:
         if self.api_key is None:
             return None
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            OUTCOMES.rejected["unauthorized"] += 1
+            outcomes.HTTP_OUTCOMES.rejected["unauthorized"] += 1
             return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         return None
 
@@ -291,7 +278,8 @@ class OpenAIIngress:
         call = self.server.ready.remote()
         try:
             state = await asyncio.wait_for(_awaited(call), timeout=READY_WAIT_S * 2)
-        except Exception:
+        except Exception as exc:
+            log.warning("readyz: %s: %s", type(exc).__name__, exc)
             call.cancel()
             state = {"ready": False, "reason": "the model is loading (no server replica answers yet)"}
         if state.get("ready"):
@@ -340,7 +328,7 @@ class OpenAIIngress:
         try:
             body = parse_body(await self._body(request), AdminPatternRequest)
         except BadRequest as exc:
-            OUTCOMES.rejected["invalid_request"] += 1
+            outcomes.HTTP_OUTCOMES.rejected["invalid_request"] += 1
             return error(400, exc.message, param=exc.param, code=exc.code)
         if self.num_replicas > 1:
             return error(409, f"this app runs {self.num_replicas} server replicas and the route reaches one; "
@@ -350,7 +338,7 @@ class OpenAIIngress:
             return self._not_ready()
         result = await self.server.set_pattern.remote(body.pattern, body.freq, body.offset)
         if "error" in result:
-            OUTCOMES.rejected["invalid_request"] += 1
+            outcomes.HTTP_OUTCOMES.rejected["invalid_request"] += 1
             return error(400, f"{result['param']}: {result['error']}" if not result["error"].startswith(
                 result["param"]) else result["error"], param=result["param"])
         return result
@@ -378,17 +366,17 @@ class OpenAIIngress:
         try:
             body = parse_body(await self._body(request), kind)
         except BadRequest as exc:
-            OUTCOMES.rejected["invalid_request"] += 1
+            outcomes.HTTP_OUTCOMES.rejected["invalid_request"] += 1
             return error(400, exc.message, param=exc.param, code=exc.code)
         info = await self.info()
         if info is None:
             return self._not_ready()
         if body.model is not None and body.model != info["id"]:
-            OUTCOMES.rejected["model_not_found"] += 1
+            outcomes.HTTP_OUTCOMES.rejected["model_not_found"] += 1
             return error(404, f"model {body.model!r} is not served here; this server serves {info['id']!r}",
                          param="model", code="model_not_found")
         if self.ongoing >= self.max_ongoing:
-            OUTCOMES.rejected["too_many_requests"] += 1
+            outcomes.HTTP_OUTCOMES.rejected["too_many_requests"] += 1
             return error(429, f"the server is at its limit of {self.max_ongoing} ongoing requests; retry shortly",
                          code="too_many_requests", headers={"Retry-After": "1"})
         self.ongoing += 1
@@ -407,7 +395,7 @@ class OpenAIIngress:
             if isinstance(head, RequestRefused):
                 release()
                 if head.status < 500:
-                    OUTCOMES.rejected["context_length" if head.code == "context_length_exceeded"
+                    outcomes.HTTP_OUTCOMES.rejected["context_length" if head.code == "context_length_exceeded"
                                       else "invalid_request"] += 1
                 return error(head.status, head.message, param=head.param, code=head.code)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -486,7 +474,3 @@ class OpenAIIngress:
             yield "data: [DONE]\n\n"
         finally:
             release()
-
-
-async def _awaited(response):
-    return await response

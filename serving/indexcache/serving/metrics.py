@@ -18,6 +18,7 @@ would have cost at the speed this forward actually ran.
 """
 from __future__ import annotations
 
+from collections import Counter as Tally
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -216,3 +217,27 @@ class ServingMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTTP outcomes, counted by the ingress (its process has no registry) and reported to a server replica
+# ---------------------------------------------------------------------------------------------------
+class HttpOutcomes:
+    """Responses by (route, code) and rejections by reason since the last report to the server."""
+
+    def __init__(self):
+        self.responses: Tally = Tally()
+        self.rejected: Tally = Tally()
+
+    def take(self) -> tuple[dict, dict]:
+        out = (dict(self.responses), dict(self.rejected))
+        self.responses.clear()
+        self.rejected.clear()
+        return out
+
+    def give_back(self, responses: dict, rejected: dict) -> None:
+        self.responses.update(responses)
+        self.rejected.update(rejected)
+
+
+HTTP_OUTCOMES = HttpOutcomes()   # one ingress replica per process
