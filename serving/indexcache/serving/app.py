@@ -7,6 +7,7 @@ between them is in protocol.py. Here: `build_app(args)`, the application builder
 (local Ray on loopback).
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,10 @@ def start_local(app_args: dict, host: str = "127.0.0.1", port: int = 8000, num_c
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # else Ray binds the external interface
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray turns token authentication on for a new local cluster and announces it with a WARNING on every
+    # start, which reads like a problem. Auth stays on; only the announcement is dropped. (Setting
+    # RAY_AUTH_MODE=token instead is read only before Ray is imported, which the CLI already did.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     package_root = str(Path(__file__).resolve().parents[2])   # the folder holding the `indexcache` package
     pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     if not ray.is_initialized():
