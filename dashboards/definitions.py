@@ -70,6 +70,29 @@ SERVING_DASHBOARD = Dashboard(
                 Query(_rate("indexcache_requests_total", by="deployment, finish_reason"), "{{deployment}} {{finish_reason}}"),
             ], unit="reqps"),
         ]),
+        Row("HTTP and rejected requests", [
+            Panel("HTTP responses by status code", [
+                Query(_rate("indexcache_http_responses_total", by="deployment, code"), "{{deployment}} {{code}}"),
+            ], unit="reqps", description="API responses per second by status: 4xx are the clients' to fix, 5xx ours, "
+                                         "503 while a replica loads its model."),
+            Panel("Rejected requests by reason", [
+                Query(_rate("indexcache_requests_rejected_total", by="deployment, reason"), "{{deployment}} {{reason}}"),
+            ], unit="reqps", description="Refused before generating: too_many_requests (429, at the app-wide limit: "
+                                         "scale out), invalid_request and context_length (400), unauthorized, "
+                                         "model_not_found, not_ready (503 while loading)."),
+        ]),
+        Row("Request phases and lengths", [
+            Panel("Queue time", _quantiles("indexcache_request_queue_time_seconds"), unit="s", width=8,
+                  description="Arrival to admission into the running batch; grows when every KV cache slot is busy."),
+            Panel("Prefill time", _quantiles("indexcache_request_prefill_time_seconds"), unit="s", width=8,
+                  description="Admission to the first token: the prompt's prefill, where the indexer costs most."),
+            Panel("Decode time", _quantiles("indexcache_request_decode_time_seconds"), unit="s", width=8,
+                  description="First token to the end of the request."),
+            Panel("Prompt length", _quantiles("indexcache_request_prompt_tokens"), unit="short",
+                  description="Tokens per accepted prompt."),
+            Panel("Generation length", _quantiles("indexcache_request_generation_tokens"), unit="short",
+                  description="Tokens generated per finished request, as its usage reports them."),
+        ]),
         Row("Queue and KV cache", [
             Panel("Requests running and waiting", [
                 Query(f"sum by (deployment) (indexcache_requests_running{SERVING})", "{{deployment}} running"),

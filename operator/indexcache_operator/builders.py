@@ -25,6 +25,7 @@ SERVE_PORT = 8000
 # 10001, its metrics agent's 8080, workers 10002-19999).
 REPLICA_METRICS_PORT = 9095
 METRICS_PORT_NAME = "metrics"
+READINESS_PATH = "/readyz"   # on the metrics port: the replica's model is loaded and its engine runs
 SAMPLES_DIR = "/samples"
 RESULTS_DIR = "/results"
 MODEL_CACHE_DIR = "/model-cache"
@@ -364,6 +365,12 @@ def rayservice(owner: Owner, spec: IndexCacheDeploymentSpec, config: OperatorCon
         "image": image,
         # Scraped by the chart's serving PodMonitor: one target per replica.
         "ports": [{"containerPort": REPLICA_METRICS_PORT, "name": METRICS_PORT_NAME}],
+        # The replica in this pod serves /readyz on its metrics port: 503 while its model loads, 200 once
+        # the engine runs (docs/contracts.md). A pod joins the Service endpoints only then. Liveness stays
+        # KubeRay's (Ray's own checks): the port is down whenever Serve restarts the replica, which must
+        # not kill the pod; Serve's check_health restarts a replica whose engine died.
+        "readinessProbe": {"httpGet": {"path": READINESS_PATH, "port": METRICS_PORT_NAME},
+                           "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
         "resources": merged_resources({"requests": {"cpu": config.worker_cpu, "memory": config.worker_memory},
                                        "limits": {"cpu": config.worker_cpu, "memory": config.worker_memory}},
                                       spec.workers, gpus=spec.gpus_per_replica),

@@ -1,4 +1,4 @@
-"""`indexcache` command line: generate, serve, convert, train-indexer, eval, calibrate, distill."""
+"""`indexcache` command line: generate, serve, pattern, convert, train-indexer, eval, calibrate, distill."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ import sys
 # Commands whose --model goes through the model resolver (serve resolves its own, before starting Ray).
 MODEL_COMMANDS = ("generate", "calibrate", "distill", "eval", "train-indexer")
 MODEL_HELP = "checkpoint directory, model URI (hf://, s3://, http(s)://, pvc://) or bundled name (smollm2, tiny)"
+
+
+class DefaultsShown(argparse.HelpFormatter):
+    """Help that ends each option with its default, when it has one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 # Every subcommand is registered the same way: an `add_<command>_parser(sub)` below (the offline tools
@@ -360,13 +370,68 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(func=main_eval)
 
 
+def cmd_pattern(args: argparse.Namespace) -> int:
+    """GET or POST /v1/admin/pattern of a running server; prints the JSON answer, or the error and exit 2."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    url = args.url.rstrip("/") + "/v1/admin/pattern"
+    headers = {"Content-Type": "application/json"}
+    key = args.api_key or os.environ.get("INDEXCACHE_API_KEY")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None
+    if args.action == "set":
+        if (args.pattern is None) == (args.freq is None):
+            print("indexcache pattern set: give a PATTERN (e.g. FSSF...) or --freq [--offset]", file=sys.stderr)
+            return 2
+        body = {"pattern": args.pattern} if args.pattern is not None else {"freq": args.freq, "offset": args.offset}
+        data = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as r:
+            print(json.dumps(json.load(r)))
+            return 0
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.load(exc)["error"]
+            print(f"indexcache pattern {args.action}: HTTP {exc.code}: {err['message']}"
+                  + (f" (param: {err['param']})" if err.get("param") else ""), file=sys.stderr)
+        except (ValueError, KeyError, TypeError):
+            print(f"indexcache pattern {args.action}: HTTP {exc.code} from {url}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"indexcache pattern {args.action}: cannot reach {url}: {exc}", file=sys.stderr)
+        return 2
+
+
+def add_pattern_parser(sub) -> None:
+    p = sub.add_parser("pattern", help="show or switch the IndexCache pattern of a running server (no restart)",
+                       formatter_class=DefaultsShown)
+    actions = p.add_subparsers(dest="action", required=True)
+    for name, text in (("get", "show the live pattern and its version"),
+                       ("set", "switch to a new pattern (version + 1); requests in flight finish on theirs")):
+        a = actions.add_parser(name, help=text, formatter_class=DefaultsShown)
+        a.add_argument("--url", default="http://127.0.0.1:8000", help="the server (indexcache serve's URL)")
+        a.add_argument("--api-key", help="bearer token, if the server has one (default: env INDEXCACHE_API_KEY)")
+        a.add_argument("--timeout", type=float, default=30.0, help="seconds")
+        if name == "set":
+            a.add_argument("pattern", nargs="?", help="one F or S per layer, e.g. FSSFSS")
+            a.add_argument("--freq", type=int, help="instead of PATTERN: every freq-th layer after the offset is F")
+            a.add_argument("--offset", type=int, help="with --freq: index_skip_topk_offset (server default 2)")
+        a.set_defaults(func=cmd_pattern)
+
+
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve the OpenAI-compatible API locally (Ray Serve on this machine)")
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API locally (Ray Serve on this machine)",
+                       formatter_class=DefaultsShown)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help=MODEL_HELP + " (default: the bundled SmolLM2 DSA model)")
     src.add_argument("--tiny", action="store_true", help="a tiny random model (tests and demos; gibberish text)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the API, /metrics and the probes")
     p.add_argument("--max-ongoing-requests", type=int, default=32, help="more get 429 + Retry-After")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (KV cache slots)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context per request, prompt + output tokens")
@@ -384,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_generate_parser, add_convert_parser, add_train_indexer_parser, add_eval_parser,
-                add_calibrate_parser, add_distill_parser, add_fetch_parser, add_serve_parser):
+                add_calibrate_parser, add_distill_parser, add_fetch_parser, add_serve_parser, add_pattern_parser):
         add(sub)
     return parser
 

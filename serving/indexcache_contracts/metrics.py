@@ -5,6 +5,11 @@ from __future__ import annotations
 
 SERVING_LABELS = ("model", "deployment")
 FINISH_REASONS = ("stop", "length", "abort", "error")    # label of indexcache_requests_total
+# label `reason` of indexcache_requests_rejected_total: requests answered with a 4xx or 503 before generating
+REJECT_REASONS = ("too_many_requests", "invalid_request", "context_length", "unauthorized", "model_not_found",
+                  "not_ready")
+# label `route` of indexcache_http_responses_total (any other path counts as "other"); `code` is the status
+HTTP_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/admin/pattern", "other")
 
 TTFT_SECONDS = "indexcache_time_to_first_token_seconds"
 TPOT_SECONDS = "indexcache_time_per_output_token_seconds"
@@ -23,6 +28,13 @@ INDEXER_FLOPS_SKIPPED = "indexcache_indexer_flops_skipped_total"
 GPU_HOURLY_USD = "indexcache_gpu_hourly_usd"
 COST_USD = "indexcache_cost_usd_total"
 COST_SAVED_USD = "indexcache_cost_saved_usd_total"
+HTTP_RESPONSES = "indexcache_http_responses_total"
+REQUESTS_REJECTED = "indexcache_requests_rejected_total"
+QUEUE_TIME_SECONDS = "indexcache_request_queue_time_seconds"
+PREFILL_TIME_SECONDS = "indexcache_request_prefill_time_seconds"
+DECODE_TIME_SECONDS = "indexcache_request_decode_time_seconds"
+REQUEST_PROMPT_TOKENS = "indexcache_request_prompt_tokens"
+REQUEST_GENERATION_TOKENS = "indexcache_request_generation_tokens"
 
 SERVING_METRICS = {
     TTFT_SECONDS: "histogram", TPOT_SECONDS: "histogram", E2E_SECONDS: "histogram",
@@ -30,6 +42,9 @@ SERVING_METRICS = {
     REQUESTS_RUNNING: "gauge", REQUESTS_WAITING: "gauge", KV_CACHE_USAGE: "gauge", FULL_LAYERS: "gauge",
     LAYERS: "gauge", PATTERN_VERSION: "gauge", INDEXER_FLOPS: "counter", INDEXER_FLOPS_SKIPPED: "counter",
     GPU_HOURLY_USD: "gauge", COST_USD: "counter", COST_SAVED_USD: "counter",
+    HTTP_RESPONSES: "counter", REQUESTS_REJECTED: "counter", QUEUE_TIME_SECONDS: "histogram",
+    PREFILL_TIME_SECONDS: "histogram", DECODE_TIME_SECONDS: "histogram", REQUEST_PROMPT_TOKENS: "histogram",
+    REQUEST_GENERATION_TOKENS: "histogram",
 }
 
 OPERATOR_LABELS = ("namespace", "name")

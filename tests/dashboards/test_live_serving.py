@@ -72,8 +72,8 @@ class LiveServer:
         while not self._healthy:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"indexcache serve --tiny did not become healthy:\n{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as r:
+            try:   # /readyz: 200 once the model is loaded (/healthz answers as soon as the ingress is up)
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as r:
                     self._healthy = r.status == 200
             except OSError:
                 time.sleep(0.3)

@@ -103,3 +103,23 @@ def test_fp8_block_weights_are_dequantised_on_request(tmp_path, make_model):
     got = loaded.model.layers[0].mlp.up_proj.weight
     torch.testing.assert_close(got, w, atol=float(scale) * 32, rtol=0.07)
     assert torch.equal(dequant_fp8_blocks(state[name], state[name + "_scale_inv"]), got)
+
+
+def test_loading_a_llama_dsa_tokenizer_warns_nothing(tmp_path, capfd):
+    """transformers does not know model_type `llama_dsa`; loading only the tokenizer must not make it read
+    config.json and warn that the "model" may be incompatible (it alarmed users of `indexcache serve`)."""
+    import json
+
+    from indexcache.model.checkpoint import save_checkpoint
+    from indexcache.model.tiny import CharTokenizer, save_char_tokenizer, tiny_model
+    from indexcache.model.tokenizer import load_tokenizer
+
+    save_checkpoint(tiny_model(seed=0), tmp_path)
+    save_char_tokenizer(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama_dsa"
+    capfd.readouterr()
+    tok = load_tokenizer(tmp_path)
+    out, err = capfd.readouterr()
+    assert "model of type" not in out + err, out + err
+    text = "sparse layers share"
+    assert tok.decode(tok.encode(text)) == text and tok.encode(text) == CharTokenizer().encode(text)

@@ -79,6 +79,12 @@ def test_rayservice_is_valid_for_kuberay_and_carries_the_serve_contract(kit, var
         expected_user_config["pattern"] = b_pattern
     assert server["user_config"] == expected_user_config
     worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    # readiness: /readyz on the port each replica serves (app arg metrics_port), 503 until its model is loaded
+    container = worker["template"]["spec"]["containers"][0]
+    probe = container["readinessProbe"]["httpGet"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert probe["path"] == "/readyz" and named[probe["port"]] == app["args"]["metrics_port"]
+    assert "livenessProbe" not in container   # KubeRay's own: a replica restart must not kill the pod
     assert parse_quantity(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 4
     if s.autoscaling:
         a = s.autoscaling

@@ -86,6 +86,7 @@ def test_indexcache_serve_tiny_answers_and_stops_on_ctrl_c(tmp_path, tokenizer):
     stderr = "".join(err)
     assert rc == 0, f"exit status {rc}:\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
+    assert "Token authentication is" not in stderr, stderr[-3000:]   # no alarming Ray warning at start-up
     assert stopped_in < STOP_S
     # the replica flushed its sampled traffic on the way down: calibration can read it, redacted
     samples = read_samples(tmp_path / "samples", tokenizer=tokenizer, on_error="stop").samples
@@ -120,5 +121,6 @@ def test_indexcache_serve_a_model_from_s3(tmp_path):
             rc = proc.wait(timeout=STOP_S)
     stderr = "".join(err)
     assert rc == 0, stderr[-3000:]
+    assert "model of type" not in stderr and "Token authentication is" not in stderr, stderr[-3000:]
     assert re.search(r"fetch s3://models/tiny-dsa \(s3-\w+\): 1\.\d MB in 4 files", stderr), stderr[-3000:]
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "refs"]) == 1

@@ -89,3 +89,46 @@ def test_health_check_fails_once_the_engine_thread_has_died():
         time.sleep(0.01)
     with pytest.raises(RuntimeError, match="engine thread is not running"):
         dying.check_health()
+
+
+def test_a_failure_before_the_engine_is_a_500_refusal_counted_as_an_error(server):
+    """A bug outside the engine (here: the tokenizer raising) refuses that request with a 500 and counts it as
+    finish_reason="error"; the server keeps serving."""
+    errors = server.metrics._requests.labels(**server.metrics.labels, finish_reason="error")
+    before = errors._value.get()
+    real = server.tokenizer.encode
+
+    def broken(text):
+        raise RuntimeError("tokenizer bug")
+
+    server.tokenizer.encode = broken
+    try:
+        out = collect(server, GenerateRequest(max_tokens=4, prompt="x"))
+    finally:
+        server.tokenizer.encode = real
+    assert len(out) == 1 and isinstance(out[0], RequestRefused) and out[0].status == 500
+    assert "RuntimeError" in out[0].message and errors._value.get() == before + 1
+    assert isinstance(collect(server, GenerateRequest(max_tokens=2, prompt="ok"))[-1], TextDelta)
+
+
+def test_generated_tokens_are_counted_as_usage_counts_them(server, model, tokenizer):
+    """A request that ends with the end-of-text token: the counter grows by its completion_tokens, which do not
+    include that token."""
+    import random
+    from indexcache.engine.generate import generate as reference
+
+    rng = random.Random(5)
+    words = ["the", "index", "cache", "sparse", "layer", "a", "b", "zz", "42"]
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=tuple(tokenizer.stop_token_ids))
+    for _ in range(200):
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+        ids = reference(model, [tokenizer.encode(prompt)], params)[0]
+        if ids[-1] in tokenizer.stop_token_ids and len(ids) > 2:
+            break
+    else:
+        pytest.fail("no prompt ends with EOS")
+    counter = server.metrics.generation_tokens
+    before = counter._value.get()
+    deltas = collect(server, CompletionRequest(prompt=prompt, max_tokens=30, temperature=0).to_generate_request())[1:]
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].completion_tokens == len(ids) - 1
+    assert counter._value.get() - before == deltas[-1].completion_tokens

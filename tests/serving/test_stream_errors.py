@@ -89,6 +89,10 @@ def test_an_engine_fault_ends_only_its_own_stream_with_an_error_event(faulty_url
                    timeout=30)
     assert r.status_code == 500 and "inside the engine" in r.json()["error"]["message"]
     assert requests_total(faulty_url, "error") - errors_before == 2
+    # and the 500 itself is in the HTTP responses by code (this app served no other 500)
+    line = next(l for l in httpx.get(f"{faulty_url}/metrics").text.splitlines()
+                if l.startswith("indexcache_http_responses_total{") and 'code="500"' in l)
+    assert 'route="/v1/completions"' in line and float(line.rsplit(" ", 1)[1]) == 1
     sync = openai.OpenAI(base_url=faulty_url + "/v1", api_key="unused", max_retries=0)
     assert sync.completions.create(model=MODEL, prompt="alive", max_tokens=4, temperature=0).usage.completion_tokens == 4
     assert httpx.get(f"{faulty_url}/healthz").json()["status"] == "ok"

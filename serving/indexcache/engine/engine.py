@@ -24,6 +24,7 @@ the patterns' F layers (KVCache.ensure_pattern); each request reads and writes o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
@@ -38,7 +39,7 @@ from .. import kernels
 from ..model.dsa import DSAForCausalLM, KVCache
 from ..serving.metrics import FlopModel, ServingMetrics
 from .cuda_graphs import DecodeGraphs
-from .sampling import SamplingParams, make_generator, sample_token
+from .sampling import SamplingParams, make_generator, sample_token, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class TokenChunk:
     pattern: str
     pattern_version: int
     error: str | None = None
+    # when the request asked for logprobs (SamplingParams.logprobs): the token's, and the top (id, logprob)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -66,6 +70,7 @@ class EngineRequest:
     emit: Callable[[TokenChunk], None]   # called on the engine thread
     arrival: float = field(default_factory=time.monotonic)
     slot: int | None = None
+    admitted_at: float | None = None     # when it got a slot (queue time = admitted_at - arrival)
     cached: int = 0                      # tokens of this sequence already in the KV cache
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
@@ -176,8 +181,7 @@ class Engine:
         self.check_prompt(prompt)
         room = self.max_model_len - len(prompt)
         if params.max_new_tokens > room:   # the context caps generation; finish_reason will be "length"
-            params = SamplingParams(max_new_tokens=room, temperature=params.temperature, top_p=params.top_p,
-                                    seed=params.seed, stop_token_ids=params.stop_token_ids)
+            params = dataclasses.replace(params, max_new_tokens=room)
         with self._lock:
             req = EngineRequest(id=f"req-{next(self._ids)}", prompt=list(prompt), params=params,
                                 pattern=self.pattern, pattern_version=self.pattern_version, emit=emit,
@@ -257,6 +261,7 @@ class Engine:
             while self.waiting and self.free_slots:
                 req = self.waiting.popleft()
                 req.slot = self.free_slots.pop(0)
+                req.admitted_at = time.monotonic()
                 self.running.append(req)
                 if req.params.max_new_tokens == 0:
                     self._finish(req, "length")
@@ -367,14 +372,16 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = now
         req.output.append(token)
-        if self.metrics is not None:
-            self.metrics.generation_tokens.inc()
+        # generated tokens are counted by the server, as the response's usage counts them
+        logprob = top = None
+        if req.params.logprobs is not None:   # off unless asked: a log_softmax over the vocabulary per token
+            logprob, top = token_logprobs(logits, token, req.params.logprobs)
         reason = None
         if token in req.params.stop_token_ids:
             reason = "stop"
         elif len(req.output) >= req.params.max_new_tokens:
             reason = "length"
-        req.emit(TokenChunk(token, reason, req.pattern, req.pattern_version))
+        req.emit(TokenChunk(token, reason, req.pattern, req.pattern_version, logprob=logprob, top_logprobs=top))
         if reason is not None:
             with self._lock:
                 self._finish(req, reason, emitted=True)
@@ -399,7 +406,12 @@ class Engine:
             ttft = None if req.first_token_at is None else req.first_token_at - req.arrival
             tpot = ((now - req.first_token_at) / (len(req.output) - 1)
                     if req.first_token_at is not None and len(req.output) > 1 else None)
-            self.metrics.observe_finished(reason, ttft, tpot, now - req.arrival)
+            admitted = req.admitted_at
+            self.metrics.observe_finished(
+                reason, ttft, tpot, now - req.arrival,
+                queue=(admitted if admitted is not None else now) - req.arrival,
+                prefill=None if admitted is None or req.first_token_at is None else req.first_token_at - admitted,
+                decode=None if req.first_token_at is None else now - req.first_token_at)
 
     def _update_gauges(self) -> None:
         if self.metrics is None:

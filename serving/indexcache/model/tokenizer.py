@@ -57,11 +57,13 @@ class CheckpointTokenizer:
 
 def load_tokenizer(checkpoint_dir) -> CheckpointTokenizer:
     """The tokenizer saved in checkpoint_dir (written by `indexcache convert`)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"{checkpoint_dir} has no tokenizer.json; write the checkpoint with "
             "`indexcache convert smollm2 --out DIR` or copy the model's tokenizer files into it")
-    return CheckpointTokenizer(AutoTokenizer.from_pretrained(str(checkpoint_dir)))
+    # config=: the tokenizer files say which tokenizer this is; without it transformers also reads config.json,
+    # does not know model_type `llama_dsa`, and warns that the "model" may be incompatible (no model is built)
+    return CheckpointTokenizer(AutoTokenizer.from_pretrained(str(checkpoint_dir), config=PretrainedConfig()))

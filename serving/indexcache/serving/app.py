@@ -7,6 +7,7 @@ between them is in protocol.py. Here: `build_app(args)`, the application builder
 (local Ray on loopback).
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
                     metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache,
                     enforce_eager=a.enforce_eager),
-        max_ongoing_requests=app_limit, api_key=a.api_key)
+        max_ongoing_requests=app_limit, api_key=a.api_key, num_replicas=a.num_replicas)
 
 
 def start_local(app_args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int = 2,
@@ -54,6 +55,10 @@ def start_local(app_args: dict, host: str = "127.0.0.1", port: int = 8000, num_c
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # else Ray binds the external interface
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray turns token authentication on for a new local cluster and announces it with a WARNING on every
+    # start, which reads like a problem. Auth stays on; only the announcement is dropped. (Setting
+    # RAY_AUTH_MODE=token instead is read only before Ray is imported, which the CLI already did.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     package_root = str(Path(__file__).resolve().parents[2])   # the folder holding the `indexcache` package
     pythonpath = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     if not ray.is_initialized():

@@ -18,6 +18,7 @@ would have cost at the speed this forward actually ran.
 """
 from __future__ import annotations
 
+from collections import Counter as Tally
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -29,6 +30,7 @@ from ..model.config import ModelArgs
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 FINISH_REASONS = contract.FINISH_REASONS
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,13 +127,31 @@ class ServingMetrics:
         self.tpot = h(contract.TPOT_SECONDS,
                       "Mean inter-token time of a request, after its first token.", TPOT_BUCKETS)
         self.e2e = h(contract.E2E_SECONDS, "Request arrival to last token.", LATENCY_BUCKETS)
+        self.queue_time = h(contract.QUEUE_TIME_SECONDS, "Request arrival to its admission into the batch.",
+                            LATENCY_BUCKETS)
+        self.prefill_time = h(contract.PREFILL_TIME_SECONDS, "Admission to the first token (the prompt's prefill).",
+                              LATENCY_BUCKETS)
+        self.decode_time = h(contract.DECODE_TIME_SECONDS, "First token to the end of the request.", LATENCY_BUCKETS)
+        self.request_prompt_tokens = h(contract.REQUEST_PROMPT_TOKENS, "Prompt length of accepted requests (tokens).",
+                                       TOKEN_BUCKETS)
+        self.request_generation_tokens = h(contract.REQUEST_GENERATION_TOKENS,
+                                           "Tokens generated per finished request, as its usage counts them.",
+                                           TOKEN_BUCKETS)
         self.prompt_tokens = c(contract.PROMPT_TOKENS, "Prompt tokens processed.")
-        self.generation_tokens = c(contract.GENERATION_TOKENS, "Tokens generated.")
+        self.generation_tokens = c(contract.GENERATION_TOKENS,
+                                   "Tokens generated, as the responses' usage counts them (no end-of-text token).")
         self._requests = Counter(contract.REQUESTS,
                                  "Finished requests by finish_reason (stop, length, abort, error).",
                                  names + ["finish_reason"], registry=r)
         for reason in FINISH_REASONS:  # export zeros so rate() works before the first abort/error
             self._requests.labels(**self.labels, finish_reason=reason)
+        self._http = Counter(contract.HTTP_RESPONSES, "HTTP responses of the API, by route and status code.",
+                             names + ["route", "code"], registry=r)
+        self._rejected = Counter(contract.REQUESTS_REJECTED,
+                                 "Requests refused before generating, by reason (429, 400, context length, ...).",
+                                 names + ["reason"], registry=r)
+        for reason in contract.REJECT_REASONS:
+            self._rejected.labels(**self.labels, reason=reason)
         self.running = g(contract.REQUESTS_RUNNING, "Requests in the running batch.")
         self.waiting = g(contract.REQUESTS_WAITING, "Requests queued for a KV cache slot.")
         self.kv_usage = g(contract.KV_CACHE_USAGE, "Used / allocated KV cache token slots (0..1).")
@@ -166,13 +186,58 @@ class ServingMetrics:
         if model_flops > 0:
             self.cost_saved.inc(seconds * indexer_skipped / model_flops * usd_per_second)
 
-    def observe_finished(self, reason: str, ttft: float | None, tpot: float | None, e2e: float) -> None:
+    def observe_finished(self, reason: str, ttft: float | None, tpot: float | None, e2e: float,
+                         queue: float | None = None, prefill: float | None = None,
+                         decode: float | None = None) -> None:
+        """One request the engine finished (any reason), with its phases in seconds (None: never reached)."""
         self._requests.labels(**self.labels, finish_reason=reason).inc()
-        if ttft is not None:
-            self.ttft.observe(ttft)
-        if tpot is not None:
-            self.tpot.observe(tpot)
+        for hist, value in ((self.ttft, ttft), (self.tpot, tpot), (self.queue_time, queue),
+                            (self.prefill_time, prefill), (self.decode_time, decode)):
+            if value is not None:
+                hist.observe(value)
         self.e2e.observe(e2e)
+
+    def observe_failed_before_engine(self) -> None:
+        """A request that failed in the server before the engine took it (the engine counts all others)."""
+        self._requests.labels(**self.labels, finish_reason="error").inc()
+
+    def observe_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """A request's final usage, as its response reports it."""
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(completion_tokens)
+
+    def observe_http(self, responses: dict[tuple[str, str], int], rejected: dict[str, int]) -> None:
+        """Counts the ingress collected since its last report: {(route, code): n}, {reason: n}."""
+        for (route, code), n in responses.items():
+            route = route if route in contract.HTTP_ROUTES else "other"
+            self._http.labels(**self.labels, route=route, code=str(code)).inc(n)
+        for reason, n in rejected.items():
+            if reason in contract.REJECT_REASONS:
+                self._rejected.labels(**self.labels, reason=reason).inc(n)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTTP outcomes, counted by the ingress (its process has no registry) and reported to a server replica
+# ---------------------------------------------------------------------------------------------------
+class HttpOutcomes:
+    """Responses by (route, code) and rejections by reason since the last report to the server."""
+
+    def __init__(self):
+        self.responses: Tally = Tally()
+        self.rejected: Tally = Tally()
+
+    def take(self) -> tuple[dict, dict]:
+        out = (dict(self.responses), dict(self.rejected))
+        self.responses.clear()
+        self.rejected.clear()
+        return out
+
+    def give_back(self, responses: dict, rejected: dict) -> None:
+        self.responses.update(responses)
+        self.rejected.update(rejected)
+
+
+HTTP_OUTCOMES = HttpOutcomes()   # one ingress replica per process

@@ -3,22 +3,71 @@ the traffic sampler. The ingress (ingress.py) calls `generate()` with a `Generat
 typed stream described in protocol.py.
 
 Its runtime knobs come from `user_config` through `reconfigure()` (docs/contracts.md): `pattern`,
-`pattern_version`, `sample_rate`, `gpu_hourly_usd`. A pattern change applies to new requests; in-flight
-ones finish on the pattern they started with. This module imports no Ray: `app.py` wraps the class in a
-Serve deployment, and tests can build one in-process.
+`pattern_version`, `sample_rate`, `gpu_hourly_usd`; the local admin route reaches `set_pattern()`. A
+pattern change applies to new requests; in-flight ones finish on the pattern they started with.
+
+With `metrics_port`, the replica serves `/metrics`, `/healthz` and `/readyz` on that port in its own pod
+(ReplicaPort): up from the start of the constructor, ready (200) once the model is loaded and the engine
+runs, so Kubernetes' readiness probe sees the replica, not the app. This module imports no Ray: `app.py`
+wraps the class in a Serve deployment, and tests can build one in-process.
 """
 
+import json
 import logging
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import AsyncIterator, Callable, Protocol
 
 from indexcache_contracts.serve_app import check_user_config
 
 from ..model.loading import load_model
 from .detokenizer import TextStream
-from .protocol import GenerateRequest, RequestRefused, StreamHead, TextDelta
+from .protocol import GenerateRequest, RequestRefused, StreamHead, TextDelta, TokenLogprob
 
 log = logging.getLogger("indexcache.serve")
+
+
+class ReplicaPort:
+    """/metrics, /healthz (the process answers) and /readyz (200 once `ready()`, else 503 with Retry-After)
+    on one port of the replica's pod, on a daemon thread."""
+
+    def __init__(self, port: int, metrics: Callable[[], bytes | None], ready: Callable[[], str | None]):
+        """metrics(): exposition text (None while loading); ready(): None when ready, else why not."""
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    from prometheus_client import CONTENT_TYPE_LATEST
+                    self._send(200, metrics() or b"", CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b'{"status": "ok"}')
+                elif path == "/readyz":
+                    why = ready()
+                    body = json.dumps({"status": "ready" if why is None else "not ready", "reason": why}).encode()
+                    self._send(200 if why is None else 503, body, retry=why is not None)
+                else:
+                    self._send(404, b'{"status": "not found"}')
+
+            def _send(self, code, body, ctype="application/json", retry=False):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                if retry:
+                    self.send_header("Retry-After", "5")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):   # probes every few seconds: not worth a log line each
+                pass
+
+        self.server = ThreadingHTTPServer(("", port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, name="indexcache-replica-port", daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 class ServingEngine(Protocol):
     """What the server needs from an engine (`indexcache.engine.Engine` is one)."""
@@ -47,6 +96,9 @@ class IndexCacheServer:
         from .metrics import ServingMetrics
         from .sampler import SamplerConfig, TrafficSampler
 
+        self.metrics = self.engine = self.sampler = self.port = None
+        if metrics_port:   # first: the readiness probe answers "loading" while the model loads
+            self.port = self._serve_replica_port(int(metrics_port))
         self.model, pattern, self.tokenizer, name = load_model(model, dtype, cache_dir=model_cache)
         self.served_model_name = served_model_name or name
         self.metrics = ServingMetrics(self.served_model_name, deployment, self.model.args.n_layers, gpu_hourly_usd)
@@ -57,15 +109,22 @@ class IndexCacheServer:
         if sample_rate and not samples_dir:
             raise ValueError("sample_rate > 0 needs samples_dir (where the sample shards go)")
         self.sampler = TrafficSampler(SamplerConfig(samples_dir, rate=sample_rate)).start() if samples_dir else None
-        if metrics_port:
-            self._serve_metrics_port(int(metrics_port))
+        self._token_text: dict[int, str] = {}
 
-    def _serve_metrics_port(self, port: int) -> None:
-        from prometheus_client import start_http_server
+    def _serve_replica_port(self, port: int) -> ReplicaPort | None:
         try:
-            start_http_server(port, registry=self.metrics.registry)
+            return ReplicaPort(port, lambda: self.metrics.exposition() if self.metrics else None, self.not_ready)
         except OSError as exc:   # two replicas on one node: the ingress route still shows this replica's metrics
             log.warning("metrics port %d unavailable (%s); metrics stay reachable through /metrics", port, exc)
+            return None
+
+    def not_ready(self) -> str | None:
+        """None when this replica can serve; else why not."""
+        if self.engine is None:
+            return "the model is loading"
+        if not self.engine.is_alive():
+            return "the engine thread is not running"
+        return None
 
     # ------------------------------------------------------------------ runtime knobs
     def reconfigure(self, user_config: dict) -> None:
@@ -88,6 +147,42 @@ class IndexCacheServer:
             self.engine.set_pattern(pattern, version)
         except ValueError as exc:
             raise ValueError(f"user_config.pattern: {exc}") from None
+        self._apply_rest(rate, price)
+        log.info("pattern v%d %s (%d/%d F layers)", version, pattern, pattern.count("F"), len(pattern))
+
+    def set_pattern(self, pattern: str | None = None, freq: int | None = None, offset: int | None = None) -> dict:
+        """The local admin route (POST /v1/admin/pattern): a new pattern, or freq/offset resolved with this
+        model's layer count, as version current + 1. Returns the new state, or {"error", "param"} for a bad
+        one (and the current pattern stays)."""
+        from indexcache_contracts.pattern import pattern_problem
+
+        from ..model.pattern import resolve_pattern
+
+        n_layers = self.model.args.n_layers
+        if pattern is not None and (freq is not None or offset is not None):
+            return {"error": "give either pattern or freq/offset, not both", "param": "pattern"}
+        if pattern is None and freq is None:
+            return {"error": "give a pattern (one F or S per layer, e.g. FSSF...) or freq (and offset)",
+                    "param": "pattern"}
+        if pattern is not None:
+            if (why := pattern_problem(pattern, n_layers, field="pattern")):
+                return {"error": why, "param": "pattern"}
+        else:
+            try:
+                pattern = resolve_pattern(n_layers, freq=freq, offset=2 if offset is None else offset)
+            except (TypeError, ValueError) as exc:
+                return {"error": str(exc), "param": "offset" if "offset" in str(exc) else "freq"}
+        previous = {"pattern": self.engine.pattern, "pattern_version": self.engine.pattern_version}
+        try:
+            self.engine.set_pattern(pattern, self.engine.pattern_version + 1)
+        except ValueError as exc:   # e.g. an S layer whose indexer the checkpoint dropped
+            return {"error": str(exc), "param": "pattern"}
+        log.info("pattern v%d %s (%d/%d F layers), set through the admin route", self.engine.pattern_version,
+                 pattern, pattern.count("F"), n_layers)
+        return {"pattern": self.engine.pattern, "pattern_version": self.engine.pattern_version,
+                "full_layers": pattern.count("F"), "num_layers": n_layers, "previous": previous}
+
+    def _apply_rest(self, rate, price) -> None:
         if rate is not None and self.sampler is not None:
             self.sampler.set_rate(float(rate))
         if self.sampler is not None:
@@ -96,7 +191,6 @@ class IndexCacheServer:
             self.sampler.flush()
         if price is not None:
             self.metrics.set_price(price)
-        log.info("pattern v%d %s (%d/%d F layers)", version, pattern, pattern.count("F"), len(pattern))
 
     # ------------------------------------------------------------------ requests
     def _tokenize(self, request: GenerateRequest) -> list[int]:
@@ -106,23 +200,50 @@ class IndexCacheServer:
         prompt = request.prompt
         return list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
 
+    def _token_logprob(self, chunk) -> TokenLogprob:
+        """The engine's (token id, logprob, top ids) -> texts; single tokens decode the same every time, so
+        their texts are cached (the vocabulary bounds the cache)."""
+        def text(token_id: int) -> str:
+            t = self._token_text.get(token_id)
+            if t is None:
+                t = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            return t
+        return TokenLogprob(text(chunk.token_id), chunk.logprob,
+                            tuple((text(i), lp) for i, lp in chunk.top_logprobs or ()))
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamHead | RequestRefused | TextDelta]:
         """The stream of protocol.py: a head (`StreamHead`, or `RequestRefused` and nothing more), then
-        `TextDelta`s until one carries a finish reason."""
+        `TextDelta`s until one carries a finish reason. Generated tokens are counted here, token by token,
+        exactly as the response's usage counts them (an end-of-text token is not; nothing after a stop
+        string is)."""
         from ..engine import ContextLengthError, SamplingParams
 
         field = request.input_field
         try:
+            params = SamplingParams(max_new_tokens=request.max_tokens, temperature=request.temperature,
+                                    top_p=request.top_p, seed=request.seed, logprobs=request.logprobs,
+                                    stop_token_ids=tuple(self.tokenizer.stop_token_ids))
+        except ValueError as exc:   # each message starts with the field it is about
+            yield RequestRefused(str(exc), status=400, param=str(exc).split()[0])
+            return
+        try:
             ids = self._tokenize(request)
             self.engine.check_prompt(ids)
-            params = SamplingParams(max_new_tokens=request.max_tokens, temperature=request.temperature,
-                                    top_p=request.top_p, seed=request.seed,
-                                    stop_token_ids=tuple(self.tokenizer.stop_token_ids))
         except ContextLengthError as exc:
             yield RequestRefused(str(exc), status=400, param=field, code="context_length_exceeded")
             return
         except ValueError as exc:
             yield RequestRefused(str(exc), status=400, param=field)
+            return
+        except Exception as exc:
+            if type(exc).__module__.startswith("jinja2"):   # the chat template refused the conversation
+                yield RequestRefused(f"the model's chat template refused these messages: {exc}", status=400,
+                                     param=field)
+            else:
+                log.exception("request failed before generation")
+                self.metrics.observe_failed_before_engine()
+                yield RequestRefused(f"the request failed inside the server ({type(exc).__name__}); "
+                                     "see the replica log", status=500)
             return
         if self.sampler is not None:
             if isinstance(request.prompt, str):
@@ -132,6 +253,8 @@ class IndexCacheServer:
         holder = []
         agen = self.engine.generate(ids, params, on_submit=holder.append)
         text = TextStream(self.tokenizer.decode, list(request.stop))
+        want_logprobs = request.logprobs is not None
+        pending: list[TokenLogprob] = []   # logprobs of tokens whose text has not been sent yet
         first = True
         try:
             async for chunk in agen:
@@ -141,24 +264,45 @@ class IndexCacheServer:
                     first = False
                 token = chunk.token_id if chunk.token_id not in params.stop_token_ids else None
                 delta, stopped = text.push(token, final=chunk.finish_reason is not None)
+                if token is not None:
+                    self.metrics.generation_tokens.inc()
+                    if want_logprobs and chunk.logprob is not None:
+                        pending.append(self._token_logprob(chunk))
                 reason = "stop" if stopped else chunk.finish_reason
                 if stopped and chunk.finish_reason is None:
                     self.engine.abort(holder[0], "stop")
                 if delta or reason:
-                    yield TextDelta(delta, finish_reason=reason, completion_tokens=len(text.ids), error=chunk.error)
+                    yield TextDelta(delta, finish_reason=reason, completion_tokens=len(text.ids), error=chunk.error,
+                                    logprobs=tuple(pending) if want_logprobs else None)
+                    pending = []
                 if reason:
+                    self.metrics.observe_usage(len(ids), len(text.ids))
                     return
         except Exception as exc:   # e.g. the tokenizer cannot decode: end this request as an error, not the replica
             log.exception("request failed while streaming its output")
             if holder:
-                self.engine.abort(holder[0], "error")
+                self.engine.abort(holder[0], "error")   # the engine counts it (finish_reason="error")
+            else:
+                self.metrics.observe_failed_before_engine()
             if first:
                 yield StreamHead(prompt_tokens=len(ids), pattern=self.engine.pattern,
                                  pattern_version=self.engine.pattern_version)
             yield TextDelta("", finish_reason="error", completion_tokens=len(text.ids),
-                            error=f"generation failed ({type(exc).__name__}); see the replica log")
+                            error=f"generation failed ({type(exc).__name__}); see the replica log",
+                            logprobs=tuple(pending) if want_logprobs else None)
         finally:
             await agen.aclose()
+
+    # ------------------------------------------------------------------ for the ingress
+    def record_http(self, responses: dict, rejected: dict) -> None:
+        """HTTP outcomes the ingress counted since its last report (it has no registry of its own: every
+        series lives in the replicas' registries, which Prometheus scrapes per pod)."""
+        self.metrics.observe_http(responses, rejected)
+
+    def ready(self) -> dict:
+        """What /readyz reports: info() plus whether the engine runs."""
+        why = self.not_ready()
+        return {**self.info(), "ready": why is None, "reason": why}
 
     def metrics_text(self) -> bytes:
         return self.metrics.exposition()
@@ -175,6 +319,8 @@ class IndexCacheServer:
 
     def __del__(self):
         try:
+            if self.port is not None:
+                self.port.close()
             self.engine.stop()
             if self.sampler is not None:
                 self.sampler.stop()
