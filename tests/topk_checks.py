@@ -1,6 +1,9 @@
 """What a right top-k selection is, given reference scores: shared by the kernel and model tests."""
 import torch
 
+from indexcache import kernels
+from indexcache.kernels import reference as ref
+
 
 def assert_topk_correct(idx, scores, topk, ties=False, rtol=1e-4):
     """idx (B, T, topk) from a kernel; scores (B, T, S) fp32 from the reference (-inf invalid).
@@ -34,3 +37,25 @@ def assert_topk_correct(idx, scores, topk, ties=False, rtol=1e-4):
     if not ties:
         # random continuous scores: near-threshold swaps are rare
         assert overlap_num >= 0.9 * overlap_den
+
+
+class RecordedSelections:
+    """Spy on kernels.indexer_topk: in "record" mode it runs the kernel and keeps every call's inputs (the
+    cache rows gathered per query row, as the reference reads them) and its (B, T, topk) indices; in
+    "replay" mode it returns the recorded indices, call by call, instead of selecting."""
+
+    def __init__(self):
+        self.calls, self.replaying, self.real = [], None, kernels.indexer_topk
+
+    def __call__(self, q, k, weights, topk, q_start, kv_len, k_scale=None, k_slots=None):
+        if self.replaying is not None:
+            idx = self.calls[self.replaying]["idx"]
+            self.replaying += 1
+            assert idx.shape[:2] == q.shape[:2], "the replayed run must make the same indexer calls"
+            return idx
+        idx = self.real(q, k, weights, topk, q_start, kv_len, k_scale=k_scale, k_slots=k_slots)
+        gathered = k if k_slots is None else k[k_slots]
+        scale = k_scale if k_slots is None or k_scale is None else k_scale[k_slots]
+        self.calls.append({"idx": idx.clone(), "topk": topk, "scores": ref.ref_indexer_scores(
+            q, gathered, weights, q_start, kv_len, k_scale=scale)})
+        return idx

@@ -12,7 +12,7 @@ import torch
 from indexcache import kernels
 from indexcache.kernels import reference as ref
 from indexcache.model import KVCache
-from topk_checks import assert_topk_correct
+from topk_checks import RecordedSelections, assert_topk_correct
 from tiny_models import random_model
 
 pytestmark = pytest.mark.gpu
@@ -47,28 +47,6 @@ def _run(model, use_triton: bool, indexer_fp8: bool, prompts, slots, pattern):
         return torch.cat(outs)
     finally:
         kernels.use_triton(None)
-
-
-class RecordedSelections:
-    """Spy on kernels.indexer_topk: in "record" mode it runs the kernel and keeps every call's inputs (the
-    cache rows gathered per query row, as the reference reads them) and its (B, T, topk) indices; in
-    "replay" mode it returns the recorded indices, call by call, instead of selecting."""
-
-    def __init__(self):
-        self.calls, self.replaying, self.real = [], None, kernels.indexer_topk
-
-    def __call__(self, q, k, weights, topk, q_start, kv_len, k_scale=None, k_slots=None):
-        if self.replaying is not None:
-            idx = self.calls[self.replaying]["idx"]
-            self.replaying += 1
-            assert idx.shape[:2] == q.shape[:2], "the replayed run must make the same indexer calls"
-            return idx
-        idx = self.real(q, k, weights, topk, q_start, kv_len, k_scale=k_scale, k_slots=k_slots)
-        gathered = k if k_slots is None else k[k_slots]
-        scale = k_scale if k_slots is None or k_scale is None else k_scale[k_slots]
-        self.calls.append({"idx": idx.clone(), "topk": topk, "scores": ref.ref_indexer_scores(
-            q, gathered, weights, q_start, kv_len, k_scale=scale)})
-        return idx
 
 
 @pytest.mark.parametrize("family", ["gqa", "mla"])

@@ -109,9 +109,10 @@ def test_fp8_grouped_gemm_matches_the_twin(dev, gen, shape):
 
 @pytest.mark.gpu
 def test_switch_sends_many_fp8_pairs_to_the_fp8_grouped_gemm(dev, gen, monkeypatch):
-    from indexcache.kernels import moe_fp8
+    from indexcache.kernels import moe, moe_fp8
     E, k, D, I = SHAPES[0]
-    x, top_w, top_e, w_gate_up, w_down, scales = fp8_case(gen, dev, E, k, D, I, 12)
+    n_tokens = moe.GATHER_MAX_PAIRS // k + 1           # more pairs than "auto" sends to the gather kernels
+    x, top_w, top_e, w_gate_up, w_down, scales = fp8_case(gen, dev, E, k, D, I, n_tokens)
     calls = []
     real = moe_fp8.moe_fp8_grouped
     monkeypatch.setattr(moe_fp8, "moe_fp8_grouped", lambda *a, **kw: calls.append(1) or real(*a, **kw))
