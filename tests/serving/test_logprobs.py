@@ -13,11 +13,11 @@ MODEL = "indexcache-tiny"
 TOL = 1e-4   # fp32: the engine's cached, chunked forward vs one uncached forward of the whole sequence
 
 
-@torch.no_grad()
 def tok(tokenizer, t):
     return tokenizer.decode([t], skip_special_tokens=False)   # as the server shows a token, special or not
 
 
+@torch.no_grad()
 def reference_logprobs(model, prompt: list[int], output: list[int], pattern: str | None = None):
     """Per output token: (its logprob, the top-5 (id, logprob)), from one uncached forward over prompt+output."""
     logits = model(torch.tensor([prompt + output]), pattern=pattern)[0]            # (T, V)
