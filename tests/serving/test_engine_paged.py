@@ -114,7 +114,9 @@ def test_prefix_reuse_gives_the_logprobs_of_a_cold_prefill(model, random_prompts
 def test_a_pattern_switch_never_reuses_blocks_written_under_another_pattern(model, random_prompts):
     """Request A runs all-F; the pattern switches; B shares A's prefix but must not reuse A's blocks (their
     indexer keys and the selections behind every later latent belong to the other pattern): B equals a
-    cold run on the new pattern, no hit counted. C, on the new pattern too, reuses B's blocks."""
+    cold run on the new pattern, no hit counted. C, on the new pattern too, reuses B's blocks. Once no
+    request runs all-F, its indexer-key pools are freed and its cached prefixes forgotten: D, all-F again,
+    reuses nothing."""
     n = model.args.n_layers
     sparse = "F" + "S" * (n - 1)
     shared = random_prompts(1, lo=32, hi=32, seed=15)[0]
@@ -129,9 +131,16 @@ def test_a_pattern_switch_never_reuses_blocks_written_under_another_pattern(mode
     assert sample(metrics, "indexcache_prefix_cache_hits_total") == 0
     out_c = run_all(engine, [(0, c, params, None)])[0]
     assert sample(metrics, "indexcache_prefix_cache_hits_total") == 32
+    assert sorted(engine.cache.indexer_k) == [0]   # all-F gone from the engine: its indexer pools freed
+    # back to all-F: A's cached blocks lost their indexer keys with those pools, so D (A's prefix) must
+    # not reuse them either
+    d = shared + random_prompts(1, lo=4, hi=9, seed=18)[0]
+    out_d = run_all(engine, [(0, d, params, "F" * n)])[0]
+    assert sample(metrics, "indexcache_prefix_cache_hits_total") == 32
     assert tokens(out_a) == naive_generate(model, a, params, pattern="F" * n)
     assert tokens(out_b) == naive_generate(model, b, params, pattern=sparse)
     assert tokens(out_c) == naive_generate(model, c, params, pattern=sparse)
+    assert tokens(out_d) == naive_generate(model, d, params, pattern="F" * n)
     assert out_b[0].pattern == sparse
 
 

@@ -64,6 +64,7 @@ class BlockPool:
         self.free: list[int] = list(range(n_blocks - 1, 0, -1))   # never-hashed free blocks (pop from the end)
         self.refs = [0] * n_blocks
         self.hash_of: dict[int, bytes] = {}                 # block -> its prefix hash (cached or in use)
+        self.pattern_of: dict[int, str] = {}                # block -> the pattern it was written under
         self.block_of: dict[bytes, int] = {}                # prefix hash -> block
         self.evictable: OrderedDict[int, None] = OrderedDict()   # hashed, refcount 0, least recent first
 
@@ -97,6 +98,7 @@ class BlockPool:
             else:                                            # evict the least recently used cached prefix block
                 block, _ = self.evictable.popitem(last=False)
                 del self.block_of[self.hash_of.pop(block)]
+                del self.pattern_of[block]
             self.refs[block] = 1
             out.append(block)
         return out
@@ -132,13 +134,27 @@ class BlockPool:
             out.append(block)
         return out
 
-    def register(self, block: int, block_hash: bytes) -> None:
+    def register(self, block: int, block_hash: bytes, pattern: str) -> None:
         """Record that `block` (held by a request, full) holds the prefix `block_hash`. A hash already
         cached keeps its first block; this one stays private and is freed normally."""
         if not self.prefix_caching or block_hash in self.block_of or block in self.hash_of:
             return
         self.block_of[block_hash] = block
         self.hash_of[block] = block_hash
+        self.pattern_of[block] = pattern
+
+    def drop_prefixes(self, keep_patterns: set[str]) -> int:
+        """Forget the cached prefixes written under patterns not in `keep_patterns` (their indexer-key
+        pools were freed, so their blocks can no longer be trusted if that pattern comes back). Returns
+        how many blocks were forgotten."""
+        gone = [b for b, p in self.pattern_of.items() if p not in keep_patterns]
+        for block in gone:
+            del self.block_of[self.hash_of.pop(block)]
+            del self.pattern_of[block]
+            if block in self.evictable:
+                del self.evictable[block]
+                self.free.append(block)
+        return len(gone)
 
     def clear_prefixes(self) -> None:
         """Forget every cached prefix (unused cached blocks become plain free blocks)."""
@@ -147,3 +163,4 @@ class BlockPool:
         self.evictable.clear()
         self.block_of.clear()
         self.hash_of.clear()
+        self.pattern_of.clear()

@@ -163,6 +163,7 @@ class Engine:
         self._stopping = False
         self.forwards = 0   # forwards run (a test counts them to see batching happen)
         self._graph_patterns_in_use: set[str] | None = None
+        self._patterns_in_use: set[str] | None = None   # paged: patterns whose indexer-key pools are kept
         self.warm_up_s = self.warm_up() if (on_cuda if warm_up is None else warm_up) else 0.0
 
     @torch.no_grad()
@@ -356,8 +357,12 @@ class Engine:
                     self._finish(req, "length")
             running = list(self.running)
             drop, self._graph_patterns_in_use = self._graph_patterns_in_use, None
+            in_use = ({self.pattern} | {r.pattern for r in running} | {r.pattern for r in self.waiting}
+                      if self.pool is not None else None)
         if drop is not None and self.graphs is not None:
             self.graphs.drop_patterns(drop | {r.pattern for r in running})
+        if self.pool is not None:
+            self._release_indexer_pools(in_use)
         self._update_gauges()
         if not running:
             return False
@@ -454,6 +459,22 @@ class Engine:
             self.metrics.prefix_hits.inc(req.cached)
         return True
 
+    def _release_indexer_pools(self, in_use: set[str]) -> None:
+        """After a pattern switch, once no request runs or waits on the old pattern: free the indexer-key
+        pools of layers F in no pattern in use (the pool was sized for the pattern's F layers), forget
+        the prefixes cached under patterns not in use (their indexer keys are gone), and drop those
+        patterns' CUDA graphs (they read the freed pools)."""
+        if in_use == self._patterns_in_use:
+            return
+        self._patterns_in_use = in_use
+        freed = self.cache.release_indexer_layers(in_use)
+        if freed:
+            forgotten = self.pool.drop_prefixes(in_use)
+            if self.graphs is not None:
+                self.graphs.drop_patterns(in_use)
+            log.info("pattern switch: freed the indexer-key pools of layers %s, forgot %d cached prefix blocks",
+                     freed, forgotten)
+
     def _register_blocks(self, req: EngineRequest) -> None:
         """Enter req's newly full blocks in the prefix table (their tokens are all in the cache now)."""
         if self.pool is None or not self.pool.prefix_caching:
@@ -461,7 +482,7 @@ class Engine:
         full = req.cached // self.pool.block_size
         if full > req.n_registered:
             for i, h in enumerate(self._hashes(req, full)[req.n_registered:], start=req.n_registered):
-                self.pool.register(req.blocks[i], h)
+                self.pool.register(req.blocks[i], h, req.pattern)
             req.n_registered = full
 
     def _grow(self, decoding: list[EngineRequest]) -> list[EngineRequest]:
