@@ -2,11 +2,11 @@
 the contiguous slot cache (itself tested against the reference in test_model_fast_path.py).
 
 Paged, the sparse-attention kernels read the flat block pool with the top-k logical indices mapped to pool
-rows (model/paged.py `map_indices`, SGLang's topk_transform), and the indexer scores keys gathered through
-the block tables. The same tokens must select the same keys and give the same logits whatever the block
-layout. Marked gpu: natively on an H200, in CI under Triton's interpreter (test_triton_interpreted.py).
-Tolerance: 1e-5 relative on the CPU (the same kernels over the same values, only addressed differently);
-1e-3 on CUDA (the indexer reads a gathered copy instead of the slot in place: another kernel variant).
+rows (model/paged.py `map_indices`, SGLang's topk_transform), and the Triton indexer reads its keys through
+the block tables in place (`k_rows`: pool row of each visible position). The same tokens must select the
+same keys and give the same logits whatever the block layout. Marked gpu: natively on an H200, in CI under
+Triton's interpreter (test_triton_interpreted.py). Tolerance: 1e-5 relative on the CPU (the same kernels
+over the same values, only addressed differently); 1e-3 on CUDA (TF32 dots in another order).
 """
 import pytest
 import torch
@@ -14,7 +14,8 @@ import torch
 from indexcache import kernels
 from indexcache.model import KVCache
 from indexcache.model.dsa import Capture
-from indexcache.model.paged import PagedKVCache
+from indexcache.kernels.indexer import indexer_topk as triton_indexer_topk
+from indexcache.model.paged import PagedKVCache, logical_rows
 from tiny_models import random_model
 
 pytestmark = pytest.mark.gpu
@@ -83,3 +84,28 @@ def test_paged_pool_gives_the_slot_cache_results_on_a_random_block_layout(family
     err = (paged_logits - slot_logits).norm() / slot_logits.norm()
     assert err < TOL, f"relative error {err:.2e} (seed {seed})"
     assert sorted(cache.indexer_k) == [0, 2]    # S layers own no indexer-key blocks
+
+
+@pytest.mark.parametrize("T", [1, 24], ids=["decode-kernel", "prefill-kernel"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["float", "fp8"])
+def test_indexer_reads_keys_through_the_block_table_as_if_gathered(T, fp8):
+    """indexer_topk(k_rows=) over a pool (n_rows, D) equals the same kernel on the keys gathered through
+    the table (B, S, D): the same indices, on fresh random inputs and a random block layout."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    B, H, D, S, topk, n_blocks = 2, 4, 32, 40, 8, 30
+    layout = (torch.randperm(n_blocks - 1, generator=g) + 1)[: B * (S // BLOCK)].view(B, -1)
+    rows = logical_rows(layout, BLOCK, S).to(DEVICE)                                  # (B, S)
+    q = torch.randn(B, T, H, D, generator=g).to(DEVICE)
+    pool = torch.randn(n_blocks * BLOCK, D, generator=g).to(DEVICE)
+    w = torch.rand(B, T, H, generator=g).to(DEVICE)
+    q_start = torch.tensor([S - T, S - T - 5], device=DEVICE)
+    kv_len = q_start + T
+    scale = None
+    if fp8:
+        q, k8, w, k_scale = kernels.quantize_indexer_fp8(q, pool[None], w)
+        pool, scale = k8[0], k_scale[0]                                                  # (n_rows, D), (n_rows,)
+    through_table = triton_indexer_topk(q, pool, w, topk, q_start, kv_len, k_scale=scale, k_rows=rows)
+    gathered = triton_indexer_topk(q, pool[rows], w, topk, q_start, kv_len,
+                                   k_scale=None if scale is None else scale[rows])
+    assert torch.equal(through_table.cpu(), gathered.cpu())
+    assert (through_table[:, :, 0] >= 0).all()

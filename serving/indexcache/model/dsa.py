@@ -264,7 +264,7 @@ def select_indices(attn: nn.Module, x: torch.Tensor, q_src: torch.Tensor, ctx: F
         raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no indexer weights for it")
     q, k, weights = attn.indexer(x, q_src, ctx)
     cache, capture = ctx.cache, ctx.capture
-    k_scale = k_slots = None
+    k_scale = k_slots = k_rows = None
     if cache is None:          # training, scoring a whole sequence: the new keys are all there is
         k_all = k
     else:
@@ -276,16 +276,20 @@ def select_indices(attn: nn.Module, x: torch.Tensor, q_src: torch.Tensor, ctx: F
         if ctx.in_place and ctx.rows is None:   # every slot's first kv_bound keys, a view: each query row reads its own slot
             k_all, k_slots = cache.indexer_k[layer][:, : ctx.kv_bound], ctx.slots
             k_scale = None if k_scale is None else k_scale[:, : ctx.kv_bound]
+        elif ctx.in_place:     # paged: the pool's rows (n_rows, D), read through the block tables in place
+            k_all, k_rows = cache.indexer_k[layer].flatten(0, 1), ctx.rows
+            k_scale = None if k_scale is None else k_scale.flatten(0, 1)
         else:                  # the batch's prefixes, (B, S, D) (paged: gathered through the block tables)
             k_all = read_cache(cache.indexer_k[layer], ctx)
             k_all = k_all if cache.indexer_fp8 else k_all.to(q.dtype)
             k_scale = None if k_scale is None else read_cache(k_scale, ctx)
     if capture is not None and capture.index_scores and capture.wants(layer):
-        gathered = k_all if k_slots is None else k_all[k_slots]
-        scale = k_scale if k_slots is None or k_scale is None else k_scale[k_slots]
+        pick = k_slots if k_slots is not None else k_rows
+        gathered = k_all if pick is None else k_all[pick]
+        scale = k_scale if pick is None or k_scale is None else k_scale[pick]
         capture.scores[layer] = kernels.indexer_scores(q, gathered, weights, ctx.start_pos, ctx.kv_len, k_scale=scale)
     return kernels.indexer_topk(q, k_all, weights, topk, ctx.start_pos, ctx.kv_len, k_scale=k_scale,
-                                k_slots=k_slots)  # (B, T, topk) int32
+                                k_slots=k_slots, **({} if k_rows is None else {"k_rows": k_rows}))  # (B, T, topk) int32
 
 
 class GQAttention(nn.Module):
