@@ -108,3 +108,25 @@ def test_bad_block_tables_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="need a paged KV cache"):
         model(torch.ones(1, 3, dtype=torch.long), cache=KVCache(model.args, 1, 8, model.default_pattern),
               block_tables=torch.tensor([[1, 2]]))
+
+
+@pytest.mark.parametrize("family", ["gqa", "mla"])
+def test_a_prefix_read_from_shared_blocks_gives_the_logits_of_a_cold_prefill(family):
+    """Request B's table starts with request A's first 3 blocks (their 12 tokens are B's prefix too):
+    prefilling only B's tail over those blocks gives the logits of B prefilled cold into blocks of its own."""
+    seed = int(torch.randint(0, 10_000, ()))
+    model = random_model(family, seed=seed, projection_std=0.3)
+    pattern = "FSFSSS"
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randint(2, 97, (12,), generator=gen).tolist()
+    a = shared + torch.randint(2, 97, (7,), generator=gen).tolist()
+    b = shared + torch.randint(2, 97, (9,), generator=gen).tolist()
+    cache = PagedKVCache(model.args, 20, BLOCK, pattern)
+    table_a = torch.tensor([[3, 7, 1, 9, 4]])
+    table_b = torch.tensor([[3, 7, 1, 12, 5, 6]])          # A's three prefix blocks, then its own
+    table_cold = torch.tensor([[15, 2, 18, 11, 13, 8]])
+    with torch.no_grad():
+        model(torch.tensor([a]), cache=cache, pattern=pattern, block_tables=table_a)
+        warm = model(torch.tensor([b[12:]]), start_pos=[12], cache=cache, pattern=pattern, block_tables=table_b)
+        cold = model(torch.tensor([b]), cache=cache, pattern=pattern, block_tables=table_cold)[:, 12:]
+    torch.testing.assert_close(warm, cold, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
