@@ -51,6 +51,12 @@ class AppArgs:
     num_cpus: float = 1
     dtype: str = "auto"                    # auto: bf16 on CUDA, fp32 on the CPU
     enforce_eager: bool = False            # decode without CUDA graphs (debugging), like vLLM's --enforce-eager
+    # paged KV cache (off: the contiguous max_batch_size x max_model_len slot cache): a token budget, or the
+    # share of the GPU's memory the replica may fill (vLLM's --gpu-memory-utilization); blocks of block_size
+    kv_cache_tokens: int | None = None
+    gpu_memory_utilization: float | None = None
+    block_size: int = 64
+    prefix_caching: bool = True            # reuse cached prefix blocks (paged cache only)
 
 
 # field -> (kind, minimum, maximum); kind "int" refuses floats and booleans, "number" takes ints too
@@ -62,6 +68,8 @@ _APP_ARG_TYPES: dict[str, tuple[str, float | None, float | None]] = {
     "metrics_port": ("int", 1, 65535), "api_key": ("str", None, None), "pattern": ("str", None, None),
     "num_replicas": ("int", 1, None), "num_gpus": ("number", 0, None), "num_cpus": ("number", 0, None),
     "dtype": ("str", None, None), "enforce_eager": ("bool", None, None),
+    "kv_cache_tokens": ("int", 1, None), "gpu_memory_utilization": ("number", 0, 1), "block_size": ("int", 1, None),
+    "prefix_caching": ("bool", None, None),
 }
 _NULLABLE = {f.name for f in dataclasses.fields(AppArgs) if f.default is None}
 _DTYPES = ("auto", "float32", "bfloat16")

@@ -42,7 +42,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, chunk_size=a.chunk_size,
                     samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
                     metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache,
-                    enforce_eager=a.enforce_eager),
+                    enforce_eager=a.enforce_eager, kv_cache_tokens=a.kv_cache_tokens,
+                    gpu_memory_utilization=a.gpu_memory_utilization, block_size=a.block_size,
+                    prefix_caching=a.prefix_caching),
         max_ongoing_requests=app_limit, api_key=a.api_key, num_replicas=a.num_replicas)
 
 

@@ -83,6 +83,15 @@ class ServingEngine(Protocol):
     def stop(self) -> None: ...
 
 
+def paged_kv_args(kv_cache_tokens, gpu_memory_utilization, block_size, prefix_caching) -> dict:
+    """Engine keyword arguments of the paged KV cache; none when it is off (an injected engine class
+    without them keeps working)."""
+    if kv_cache_tokens is None and gpu_memory_utilization is None:
+        return {}
+    return dict(kv_cache_tokens=kv_cache_tokens, gpu_memory_utilization=gpu_memory_utilization,
+                block_size=block_size, prefix_caching=prefix_caching)
+
+
 class IndexCacheServer:
     """Owns the model, engine, metrics and sampler of one replica."""
 
@@ -90,7 +99,8 @@ class IndexCacheServer:
                  max_batch_size: int = 8, max_model_len: int | None = 2048, chunk_size: int = 256,
                  samples_dir: str | None = None, sample_rate: float = 0.0, gpu_hourly_usd: float = 0.0,
                  metrics_port: int | None = None, dtype: str = "auto", engine_class: type | None = None,
-                 model_cache: str | None = None, enforce_eager: bool = False):
+                 model_cache: str | None = None, enforce_eager: bool = False, kv_cache_tokens: int | None = None,
+                 gpu_memory_utilization: float | None = None, block_size: int = 64, prefix_caching: bool = True):
         """engine_class: an Engine subclass (tests inject faults through it); default Engine."""
         from ..engine import Engine
         from .metrics import ServingMetrics
@@ -105,7 +115,9 @@ class IndexCacheServer:
         engine_class = engine_class or Engine
         self.engine: ServingEngine = engine_class(self.model, pattern=pattern, max_batch_size=max_batch_size,
                                                   max_model_len=max_model_len, chunk_size=chunk_size,
-                                                  metrics=self.metrics, enforce_eager=enforce_eager).start()
+                                                  metrics=self.metrics, enforce_eager=enforce_eager,
+                                                  **paged_kv_args(kv_cache_tokens, gpu_memory_utilization,
+                                                                  block_size, prefix_caching)).start()
         if sample_rate and not samples_dir:
             raise ValueError("sample_rate > 0 needs samples_dir (where the sample shards go)")
         self.sampler = TrafficSampler(SamplerConfig(samples_dir, rate=sample_rate)).start() if samples_dir else None
