@@ -96,8 +96,9 @@ def backend(device: torch.device | str | None = None) -> str:
 
 def _fused(*tensors) -> bool:
     """The fused glue kernels (kernels/fused.py) run where the Triton backend does and no autograd graph is
-    being recorded through them (training on the GPU keeps the differentiable twins)."""
-    if backend(tensors[0].device) != "triton":
+    being recorded through them (training on the GPU keeps the differentiable twins).
+    INDEXCACHE_FUSED=0 turns them off (the twins everywhere), for A/B measurements in one run."""
+    if backend(tensors[0].device) != "triton" or os.environ.get("INDEXCACHE_FUSED", "1") == "0":
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
