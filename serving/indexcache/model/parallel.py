@@ -334,3 +334,33 @@ def shard_model(model: nn.Module, ctx: ParallelContext) -> nn.Module:
         block.mlp.register_forward_hook(_all_reduce_output(ctx))
     model.args = args.replace(n_heads=h, n_kv_heads=kv_count if args.attention == "gqa" else args.n_kv_heads)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# sharded loading: each rank reads only its slices of the safetensors files
+# ---------------------------------------------------------------------------------------------------
+def routed_experts_of(args: ModelArgs, ctx: ParallelContext) -> range:
+    per_rank = args.n_routed_experts // ctx.world
+    return range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
+
+
+def read_shard(f, raw_name: str, name: str, args: ModelArgs, ctx: ParallelContext) -> torch.Tensor:
+    """Rank ctx.rank's part of file tensor `raw_name` (HF name `name`, a weight or its `_scale_inv`) from an
+    open safetensors file `f`, read through `get_slice`: only those bytes leave the file. Per-expert file
+    tensors are whole (the loader skips other ranks' experts)."""
+    piece = None if ctx.world == 1 or ".mlp.experts." in name else param_slice(name, args, ctx.rank, ctx.world)
+    if piece is None:
+        return f.get_tensor(raw_name)
+    if name.endswith("_scale_inv"):
+        piece = piece.scale_slice(name[: -len("_scale_inv")])
+    part = f.get_slice(raw_name)
+    shape = part.get_shape()
+    stop = min(piece.stop, shape[piece.axis])
+    index = [slice(None)] * len(shape)
+    index[piece.axis] = slice(piece.start, stop)
+    t = part[tuple(index)]
+    if piece.stop > stop:   # vocabulary padding rows of the last rank
+        pad = list(t.shape)
+        pad[piece.axis] = piece.stop - stop
+        t = torch.cat([t, torch.zeros(pad, dtype=t.dtype)], dim=piece.axis)
+    return t
