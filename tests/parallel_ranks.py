@@ -16,18 +16,31 @@ STEPS = 32
 
 
 def run_case(family: str, ctx) -> dict:
+    """The single-process model (ctx.world == 1) or rank ctx.rank's shard of it, exercised."""
+    from indexcache.model.parallel import shard_model
+    return exercise(shard_model(random_model(family, seed=1), ctx), family)
+
+
+def exercise(model, family: str) -> dict:
+    """Logits of a forward through the KV cache at two positions (and, for an in-process model, of a
+    plain forward at every position), then the engine: 32 greedy tokens for two prompts, a live switch
+    after five steps, a third prompt on the new pattern. `model`: a DSAForCausalLM, a shard of one, or a
+    DistributedModel driving workers."""
     from indexcache.engine import Engine
     from indexcache.engine.sampling import SamplingParams
-    from indexcache.model.parallel import shard_model
 
     case = CASES[family]
-    model = shard_model(random_model(family, seed=1), ctx)
     gen = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, model.args.vocab_size, (2, 24), generator=gen)            # (B, T)
-    prompts = [torch.randint(2, model.args.vocab_size, (n,), generator=gen).tolist() for n in (13, 21, 9)]
-    with torch.no_grad():
-        logits = model(tokens, pattern=case["pattern"])                                  # (B, T, V)
+    vocab = model.args.vocab_size
+    tokens = torch.randint(0, vocab, (2, 24), generator=gen)                             # (B, T)
+    prompts = [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in (13, 21, 9)]
     engine = Engine(model, pattern=case["pattern"], max_batch_size=3, chunk_size=8)
+    out = {"prompts": prompts}
+    with torch.no_grad():
+        if isinstance(model, torch.nn.Module):
+            out["logits"] = model(tokens, pattern=case["pattern"])                       # (B, T, V)
+        out["cached_logits"] = model(tokens, start_pos=0, cache=engine.cache, slots=[0, 1], pattern=case["pattern"],
+                                     logits_at=torch.tensor([23, 17]))                   # (B, V)
     outputs: dict[int, list] = {0: [], 1: [], 2: []}
     params = SamplingParams(max_new_tokens=STEPS, temperature=0.0)
     for i in (0, 1):
@@ -38,9 +51,9 @@ def run_case(family: str, ctx) -> dict:
         if steps == 5:   # live switch: running requests keep theirs, the next one gets the new pattern
             engine.set_pattern(case["switch"], 1)
             engine.submit(prompts[2], params, outputs[2].append)
-    return {"logits": logits, "prompts": prompts,
-            "tokens": {i: [c.token_id for c in chunks if c.token_id is not None] for i, chunks in outputs.items()},
-            "patterns": {i: {c.pattern for c in chunks} for i, chunks in outputs.items()}}
+    out["tokens"] = {i: [c.token_id for c in chunks if c.token_id is not None] for i, chunks in outputs.items()}
+    out["patterns"] = {i: {c.pattern for c in chunks} for i, chunks in outputs.items()}
+    return out
 
 
 def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -32,6 +32,7 @@ def test_ranks_reproduce_the_single_process_model(world, tmp_path, single_proces
             got = got[family]
             torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-4, atol=1e-4,
                                        msg=lambda m: f"{family} TP={world} rank {rank}: {m}")
+            torch.testing.assert_close(got["cached_logits"], want["cached_logits"], rtol=1e-4, atol=1e-4)
             assert got["tokens"] == want["tokens"], f"{family} TP={world} rank {rank}: greedy tokens differ"
             assert got["patterns"] == want["patterns"]
         case = parallel_ranks.CASES[family]

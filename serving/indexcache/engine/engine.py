@@ -110,8 +110,10 @@ class Engine:
         # engine never pads: its only bucket is 1)
         padded = self.cuda_graphs and max_batch_size > 1
         n_slots = max_batch_size + (1 if padded else 0)
-        self.cache = KVCache(self.args, n_slots, self.max_model_len, self.pattern,
-                             dtype=model.lm_head.weight.dtype, device=self.device, indexer_fp8=self.indexer_fp8)
+        make_cache = getattr(model, "make_cache", None)   # a distributed model: its workers hold the caches
+        self.cache = make_cache(n_slots, self.max_model_len, self.pattern) if make_cache is not None else KVCache(
+            self.args, n_slots, self.max_model_len, self.pattern, dtype=model.lm_head.weight.dtype, device=self.device,
+            indexer_fp8=self.indexer_fp8)
         self.graphs = (DecodeGraphs(model, self.cache, max_batch_size, self.max_model_len,
                                     pad_slot=max_batch_size if padded else 0) if self.cuda_graphs else None)
         self.flops = FlopModel.of(self.args)
