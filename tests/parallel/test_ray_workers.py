@@ -29,10 +29,10 @@ def ray_cluster():
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("family", ["mla", "gqa"])
-def test_replica_driving_two_workers_is_the_single_process_model(family, ray_cluster, tmp_path):
+def test_replica_driving_two_workers_is_the_single_process_model(ray_cluster, tmp_path):
     from indexcache.engine.distributed import start_ray_workers
 
+    family = "mla"   # MoE (experts split over the workers) and S layers
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -55,3 +55,51 @@ def test_replica_driving_two_workers_is_the_single_process_model(family, ray_clu
     assert got["patterns"] == want["patterns"]
     case = parallel_ranks.CASES[family]
     assert got["patterns"][2] == {case["switch"]}
+
+
+@pytest.mark.timeout(240)
+def test_a_tensor_parallel_replica_serves_what_the_single_process_one_does(ray_cluster, tmp_path):
+    """IndexCacheServer with tensor_parallel_size=2 (what gpusPerReplica: 2 becomes): its model is the
+    workers', loaded from the checkpoint; the same greedy tokens as the in-process replica, by the API."""
+    import asyncio
+
+    from indexcache.model.tiny import save_char_tokenizer
+    from indexcache.serving.protocol import GenerateRequest, TextDelta
+    from indexcache.serving.server import IndexCacheServer
+
+    save_checkpoint(random_model("gqa", seed=1, vocab_size=98), tmp_path / "ckpt")
+    save_char_tokenizer(tmp_path / "ckpt")
+
+    def complete(server, prompt):
+        async def run():
+            text, tokens = "", 0
+            async for part in server.generate(GenerateRequest(prompt=prompt, max_tokens=32, temperature=0.0)):
+                if isinstance(part, TextDelta):
+                    text, tokens = text + part.text, part.completion_tokens
+            assert tokens > 0, "nothing generated: the comparison would be empty"
+            return text, tokens
+        return asyncio.run(run())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        options = dict(max_model_len=128, max_batch_size=2, chunk_size=8)
+        local = IndexCacheServer(model=str(tmp_path / "ckpt"), **options)
+        sharded = IndexCacheServer(model=str(tmp_path / "ckpt"), tensor_parallel_size=2, **options)
+        try:
+            assert sharded.model.world == 2 and sharded.not_ready() is None
+            for prompt in ("The indexer picks", "S layers reuse"):
+                assert complete(sharded, prompt) == complete(local, prompt)
+            sharded.reconfigure({"pattern": "FFSSFS", "pattern_version": 1})
+            local.reconfigure({"pattern": "FFSSFS", "pattern_version": 1})
+            assert complete(sharded, "after the switch") == complete(local, "after the switch")
+            assert sharded.info()["pattern"] == "FFSSFS"
+        finally:
+            for server in (local, sharded):
+                server.engine.stop()
+            sharded.model.stop()
+            for w in sharded.model.workers:
+                ray_cluster.kill(w)
+            ray_cluster.util.remove_placement_group(sharded.model.placement_group)
+    finally:
+        torch.set_num_threads(threads)
