@@ -81,6 +81,12 @@ class ShardWorker:
     def make_cache(self, n_slots: int, max_len: int, pattern: str, engine_options: dict) -> int:
         """This rank's KV cache (and CUDA graphs), as an in-process Engine would build them. Returns its bytes."""
         from .engine import Engine
+        if self.engine is not None:   # free the previous cache and graphs before the new ones are allocated
+            self.engine = None
+            import gc
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         self.engine = Engine(self.model, pattern=pattern, max_batch_size=engine_options["max_batch_size"],
                              max_model_len=max_len, chunk_size=engine_options["chunk_size"],
                              enforce_eager=engine_options.get("enforce_eager", False))
