@@ -58,26 +58,12 @@ def rows(model, a, res, label, t_start):
 
 
 def worker_model(model, a):
-    """Engine(DistributedModel) over one ShardWorker in this process, holding `model`."""
-    from indexcache.engine.distributed import DistributedModel, ShardWorker
-
-    options = {"chunk_size": a.chunk, "enforce_eager": a.enforce_eager}
-    worker = ShardWorker(0, 1)
-    worker.model = model
-    info = {"config": model.args.to_hf_config(), "indexer_layers": sorted(model.indexer_layers),
-            "pattern": model.default_pattern, "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
-            "device": str(model.lm_head.weight.device)}
-
-    def call(method, *args):
-        return [getattr(worker, method)(*args)]
-
-    dm = DistributedModel(call, info, 1, options)
-    dm.worker = worker
-    return dm
+    from indexcache.engine.distributed import in_process_worker
+    return in_process_worker(model, {"chunk_size": a.chunk, "enforce_eager": a.enforce_eager})
 
 
 def release_worker(dm):
-    dm.worker.engine = None
+    dm.workers[0].engine = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

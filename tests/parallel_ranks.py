@@ -32,15 +32,16 @@ def exercise(model, family: str) -> dict:
     case = CASES[family]
     gen = torch.Generator().manual_seed(7)
     vocab = model.args.vocab_size
-    tokens = torch.randint(0, vocab, (2, 24), generator=gen)                             # (B, T)
+    device = model.lm_head.weight.device   # a DistributedModel's is the CPU: its workers take host lists
+    tokens = torch.randint(0, vocab, (2, 24), generator=gen).to(device)                  # (B, T)
     prompts = [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in (13, 21, 9)]
     engine = Engine(model, pattern=case["pattern"], max_batch_size=3, chunk_size=8)
     out = {"prompts": prompts}
     with torch.no_grad():
         if isinstance(model, torch.nn.Module):
-            out["logits"] = model(tokens, pattern=case["pattern"])                       # (B, T, V)
+            out["logits"] = model(tokens, pattern=case["pattern"]).cpu()                 # (B, T, V)
         out["cached_logits"] = model(tokens, start_pos=0, cache=engine.cache, slots=[0, 1], pattern=case["pattern"],
-                                     logits_at=torch.tensor([23, 17]))                   # (B, V)
+                                     logits_at=torch.tensor([23, 17], device=device)).cpu()   # (B, V)
     outputs: dict[int, list] = {0: [], 1: [], 2: []}
     params = SamplingParams(max_new_tokens=STEPS, temperature=0.0)
     for i in (0, 1):

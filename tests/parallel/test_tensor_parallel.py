@@ -50,3 +50,21 @@ def test_world_sizes_that_do_not_divide_are_refused_naming_the_field():
     assert tensor_parallel_sizes(gqa) == [1, 3, 6]   # 2 splits the heads but not the 3 kv heads
     with pytest.raises(ValueError, match="num_key_value_heads=3"):
         check_tensor_parallel(gqa, 2)
+
+
+@pytest.mark.parametrize("family", ["mla", "gqa"])
+def test_the_worker_path_in_process_is_the_model(family, single_process):
+    """The replica side of the Ray executor (DistributedModel: host lists out, rank 0's logits back, the
+    worker's own engine cache) over one in-process worker: the single-process model's logits and tokens."""
+    from indexcache.engine.distributed import in_process_worker
+    from tiny_models import random_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = parallel_ranks.exercise(in_process_worker(random_model(family, seed=1), {"chunk_size": 8}), family)
+    finally:
+        torch.set_num_threads(threads)
+    want = single_process[family]
+    torch.testing.assert_close(got["cached_logits"], want["cached_logits"], rtol=0, atol=0)
+    assert got["tokens"] == want["tokens"] and got["patterns"] == want["patterns"]

@@ -73,10 +73,7 @@ class ShardWorker:
         ctx = init_parallel(self.rank, self.world, address, port,
                             device_index=0 if torch.cuda.is_available() else None)   # Ray shows each actor its GPU as 0
         self.model, pattern = load_shard(model, ctx, dtype, cache_dir, fp8)
-        return {"config": self.model.full_args.to_hf_config() if hasattr(self.model, "full_args") else
-                self.model.args.to_hf_config(), "indexer_layers": sorted(self.model.indexer_layers),
-                "pattern": pattern, "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch."),
-                "device": str(self.model.lm_head.weight.device)}
+        return {**model_info(self.model), "pattern": pattern}
 
     def make_cache(self, n_slots: int, max_len: int, pattern: str, engine_options: dict) -> int:
         """This rank's KV cache (and CUDA graphs), as an in-process Engine would build them. Returns its bytes."""
@@ -161,6 +158,27 @@ class DistributedModel:
 
     def stop(self) -> None:
         self._call("stop")
+
+
+def model_info(model) -> dict:
+    """What ShardWorker.load reports of a (shard) model."""
+    return {"config": getattr(model, "full_args", model.args).to_hf_config(),
+            "indexer_layers": sorted(model.indexer_layers), "pattern": model.default_pattern,
+            "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."), "device": str(model.lm_head.weight.device)}
+
+
+def in_process_worker(model, engine_options: dict | None = None) -> DistributedModel:
+    """The worker path without Ray: one ShardWorker in this process holding `model` (TP=1), driven through a
+    DistributedModel exactly as Ray workers are. For measuring the path's own cost, and its GPU test."""
+    worker = ShardWorker(0, 1)
+    worker.model = model
+
+    def call(method, *args):
+        return [getattr(worker, method)(*args)]
+
+    dm = DistributedModel(call, model_info(model), 1, engine_options)
+    dm.workers = [worker]
+    return dm
 
 
 def start_ray_workers(model: str, world: int, *, dtype: str = "auto", cache_dir: str | None = None,
