@@ -94,6 +94,9 @@ class ShardWorker:
                 logits_at: list[int]) -> torch.Tensor | None:
         """One forward of the step -> rank 0: logits (B, V) fp32 on the CPU; other ranks: None."""
         engine = self.engine
+        if engine is None:   # the forward reads and writes this worker's cache: there must be one
+            raise RuntimeError("the worker has no KV cache yet: build an Engine over the DistributedModel "
+                               "(it calls make_cache) before running forwards")
         if engine.graphs is not None and len(tokens[0]) == 1:   # one position per row: a decode graph replay
             logits = engine.graphs.run([row[0] for row in tokens], starts, slots, pattern)
         else:

@@ -46,7 +46,6 @@ deployment field (`gpusPerReplica`) and the fix.
 """
 from __future__ import annotations
 
-import math
 import os
 import socket
 from dataclasses import dataclass
