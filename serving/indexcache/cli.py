@@ -1,4 +1,4 @@
-"""`indexcache` command line: generate, serve, pattern, convert, train-indexer, eval, calibrate, distill."""
+"""`indexcache` command line: generate, serve, pattern, convert, train-indexer, eval, calibrate, distill, plan."""
 
 from __future__ import annotations
 
@@ -456,11 +456,21 @@ def add_serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def add_plan_parser(sub) -> None:
+    from .model.plan import add_plan_arguments, main_plan
+    p = sub.add_parser("plan", help="memory plan of a replica: weights per GPU, KV bytes per token, tokens that fit",
+                       formatter_class=DefaultsShown,
+                       description="Exit status 1 when not even one sequence of --max-model-len fits.")
+    add_plan_arguments(p)
+    p.set_defaults(func=main_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_generate_parser, add_convert_parser, add_train_indexer_parser, add_eval_parser,
-                add_calibrate_parser, add_distill_parser, add_fetch_parser, add_serve_parser, add_pattern_parser):
+                add_calibrate_parser, add_distill_parser, add_fetch_parser, add_serve_parser, add_pattern_parser,
+                add_plan_parser):
         add(sub)
     return parser
 

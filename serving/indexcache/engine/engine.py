@@ -131,9 +131,13 @@ class Engine:
         padded = self.cuda_graphs and max_batch_size > 1
         n_slots = max_batch_size + (1 if padded else 0)
         dtype = model.lm_head.weight.dtype
+        make_cache = getattr(model, "make_cache", None)   # a distributed model: its workers hold the caches
         # paged KV pool (a token budget, or a share of GPU memory) or the contiguous slot cache
         self.pool: BlockPool | None = None
         if kv_cache_tokens is not None or gpu_memory_utilization is not None:
+            if make_cache is not None:
+                raise ValueError("kv_cache_tokens / gpu_memory_utilization (the paged KV cache) do not work with "
+                                 "tensor_parallel_size > 1 yet: leave them unset for a sharded model")
             n_blocks = self._pool_blocks(kv_cache_tokens, gpu_memory_utilization, block_size, dtype)
             self.pool = BlockPool(n_blocks, block_size, prefix_caching)
             self.cache = PagedKVCache(self.args, n_blocks, block_size, self.pattern, dtype=dtype,
@@ -142,6 +146,8 @@ class Engine:
             log.info("paged KV cache: %d blocks of %d tokens (%d tokens, %.2f GB), prefix caching %s",
                      n_blocks - 1, block_size, (n_blocks - 1) * block_size, self.cache.nbytes() / 1e9,
                      "on" if prefix_caching else "off")
+        elif make_cache is not None:
+            self.cache = make_cache(n_slots, self.max_model_len, self.pattern)
         else:
             self.cache = KVCache(self.args, n_slots, self.max_model_len, self.pattern,
                                  dtype=dtype, device=self.device, indexer_fp8=self.indexer_fp8)

@@ -100,8 +100,11 @@ class IndexCacheServer:
                  samples_dir: str | None = None, sample_rate: float = 0.0, gpu_hourly_usd: float = 0.0,
                  metrics_port: int | None = None, dtype: str = "auto", engine_class: type | None = None,
                  model_cache: str | None = None, enforce_eager: bool = False, kv_cache_tokens: int | None = None,
-                 gpu_memory_utilization: float | None = None, block_size: int = 64, prefix_caching: bool = True):
-        """engine_class: an Engine subclass (tests inject faults through it); default Engine."""
+                 gpu_memory_utilization: float | None = None, block_size: int = 64, prefix_caching: bool = True,
+                 tensor_parallel_size: int = 1):
+        """engine_class: an Engine subclass (tests inject faults through it); default Engine.
+        tensor_parallel_size > 1: the model is sharded over that many Ray worker actors (engine/distributed.py)
+        in this replica's placement group (bundles 1..N; one is reserved when the replica has none)."""
         from ..engine import Engine
         from .metrics import ServingMetrics
         from .sampler import SamplerConfig, TrafficSampler
@@ -109,7 +112,11 @@ class IndexCacheServer:
         self.metrics = self.engine = self.sampler = self.port = None
         if metrics_port:   # first: the readiness probe answers "loading" while the model loads
             self.port = self._serve_replica_port(int(metrics_port))
-        self.model, pattern, self.tokenizer, name = load_model(model, dtype, cache_dir=model_cache)
+        if tensor_parallel_size > 1:
+            self.model, pattern, self.tokenizer, name = self._start_workers(
+                model, tensor_parallel_size, dtype, model_cache, chunk_size=chunk_size, enforce_eager=enforce_eager)
+        else:
+            self.model, pattern, self.tokenizer, name = load_model(model, dtype, cache_dir=model_cache)
         self.served_model_name = served_model_name or name
         self.metrics = ServingMetrics(self.served_model_name, deployment, self.model.args.n_layers, gpu_hourly_usd)
         engine_class = engine_class or Engine
@@ -122,6 +129,18 @@ class IndexCacheServer:
             raise ValueError("sample_rate > 0 needs samples_dir (where the sample shards go)")
         self.sampler = TrafficSampler(SamplerConfig(samples_dir, rate=sample_rate)).start() if samples_dir else None
         self._token_text: dict[int, str] = {}
+
+    @staticmethod
+    def _start_workers(model: str, world: int, dtype: str, cache_dir: str | None, **engine_options):
+        import ray
+
+        from ..engine.distributed import start_ray_workers
+        from ..model.loading import load_tokenizer_of
+        group = ray.util.get_current_placement_group()   # Serve's placement_group_bundles (app.server_resources)
+        distributed = start_ray_workers(model, world, dtype=dtype, cache_dir=cache_dir, engine_options=engine_options,
+                                        placement_group=group, first_bundle=1)
+        tokenizer, name = load_tokenizer_of(model, cache_dir)
+        return distributed, distributed.loaded_pattern, tokenizer, name
 
     def _serve_replica_port(self, port: int) -> ReplicaPort | None:
         try:
@@ -334,6 +353,8 @@ class IndexCacheServer:
             if self.port is not None:
                 self.port.close()
             self.engine.stop()
+            if hasattr(self.model, "workers"):
+                self.model.stop()
             if self.sampler is not None:
                 self.sampler.stop()
         except Exception:
