@@ -16,6 +16,15 @@ Faults stay with the request that caused them: a forward or sampling error fails
 (finish_reason "error"); a failed batched decode is re-run request by request to find it, so the rest of
 the batch continues with the same tokens as if nothing happened.
 
+KV memory: the contiguous slot cache (max_batch_size x max_model_len rows, the default) or, with
+`kv_cache_tokens` / `gpu_memory_utilization`, a paged pool (block_pool.py, model/paged.py). Paged, step 2
+admits the head of the queue only when its prompt's blocks are free (less the longest cached prefix it
+can reuse, and keeping one block per running request for its next decode position), step 4 first gives
+each decoding request the block its next position needs, preempting the youngest running request when
+none is free (its blocks are freed, it goes back to the head of the queue, and its prompt plus the tokens
+it generated are recomputed on re-admission: the tokens it emits do not change), and every block that
+fills up is entered in the prefix table for later requests.
+
 Live pattern switch: `set_pattern()` only changes what *new* requests get. Each request keeps the pattern
 it was admitted with until it finishes, so its output equals the same request run alone on that pattern
 (the slow twin: `engine.generate.generate` / `naive_generate`). The cache holds indexer keys for the union of
