@@ -105,8 +105,8 @@ def main():
     peak_usage = 0.0
     while not done.wait(timeout=0.05):
         peak_usage = max(peak_usage, engine.pool.usage())
-        if time.perf_counter() - arrivals[0] > 240:
-            errors.append("timed out after 240 s")
+        if time.perf_counter() - arrivals[0] > 180:
+            errors.append("timed out after 180 s")
             break
     wall = time.perf_counter() - arrivals[0]
     engine.stop()
