@@ -87,6 +87,20 @@ ROWS = [
                    f"{g(_model('1/4') + '.prefill_s'):.2f} s / {g(_model('1/4') + '.decode_tokens_per_s'):.1f} tok/s"),
         "H200: <= 33.7 s / >= 49 tok/s; <= 18.1 s / >= 69 tok/s (#14)",
         "GPU_ROUND_DECODE_TOPK=1 BENCH_BUDGET=300 bash bench/gpu_round.sh --contexts 65536,200000 --patterns all-F,1/4"),
+    Row("paged KV pool on the GPU (**H100**), 30B shape 1/4: one 128K request + 32 x 1K together",
+        "bench/results/paged_mixed_85e86af_h100.json",
+        lambda g: (f"pool {g('pool.tokens'):,} tokens; KV {g('kv_bytes_per_token.all-F'):,} / "
+                   f"{g('kv_bytes_per_token.1/4'):,} B per token all-F / 1/4; short TTFT p50 "
+                   f"{g('mixed.short_ttft_p50_s'):.1f} s, long TTFT {g('mixed.long_ttft_s'):.1f} s, "
+                   f"{g('mixed.preemptions')} preemptions"),
+        "H200: one 200K + 32 short (#15)", "python3 bench/paged_mixed.py --long 131072"),
+    Row("tensor-parallel worker path at TP=1 vs in-process engine (**H100**), 16K decode all-F",
+        "bench/results/tp1_worker_vs_inprocess_85e86af_h100.json",
+        lambda g: (f"{1000 * g('rows[path=worker,pattern=all-F].decode_step_s'):.2f} vs "
+                   f"{1000 * g('rows[path=in-process,pattern=all-F].decode_step_s'):.2f} ms/step; prefill "
+                   f"{g('rows[path=worker,pattern=all-F].prefill_s'):.3f} vs "
+                   f"{g('rows[path=in-process,pattern=all-F].prefill_s'):.3f} s"),
+        "no slower (#16)", "python3 bench/bench_tp.py --mode worker --repeat"),
     Row("30B-shape served model, decode batch 32 at 4K, all-F / 1/4", SERVED,
         lambda g: (f"{g('batched[batch=32,pattern=all-F].decode_tokens_per_s'):.0f} / "
                    f"{g('batched[batch=32,pattern=1/4].decode_tokens_per_s'):.0f} tok/s"), "", GPU_ROUND),
