@@ -30,11 +30,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--tokens", type=int, default=1024, help="tokens per window")
+    p.add_argument("--model", help="checkpoint directory whose tokenizer to use (default: the bundled SmolLM2 "
+                                   "checkpoint, converted if needed)")
     args = p.parse_args(argv)
     from indexcache.model.tokenizer import load_tokenizer
     from indexcache.offline.smollm2 import bundled_checkpoint
 
-    tokenizer = load_tokenizer(bundled_checkpoint())
+    tokenizer = load_tokenizer(args.model or bundled_checkpoint())
     rows = calibration_windows(tokenizer, args.windows, args.tokens)
     Path(args.out).write_text("".join(json.dumps({"token_ids": ids, "tokenizer": "smollm2-dsa"}) + "\n"
                                       for ids in rows))
