@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serving"))
 
-from indexcache.offline.smollm2 import ARTIFACT_DIR, PATTERN_FILE, bundled_indexer, file_sha256  # noqa: E402
+from indexcache.offline.smollm2 import PATTERN_FILE, artifact_dir, bundled_indexer, file_sha256  # noqa: E402
 from indexcache_contracts.calibration import read_calibration_result  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     result = read_calibration_result(Path(args.result).read_text())
     result["indexer_sha256"] = file_sha256(bundled_indexer())
     result["calibration_command"] = args.command
-    out = ARTIFACT_DIR / PATTERN_FILE
+    out = artifact_dir() / PATTERN_FILE
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"# {result['pattern']} ({result['full_layers']}/{result['num_layers']} F) -> {out}", file=sys.stderr)
     return 0

@@ -202,9 +202,20 @@ def write_tokenizer(out_dir: Path, gguf_file: Path, model_max_length: int) -> No
 ARTIFACT_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-dsa"   # indexcache/artifacts/
 
 
+ARTIFACT_ENV = "INDEXCACHE_SMOLLM2_ARTIFACT"
+
+
+def artifact_dir() -> Path:
+    """Where the bundled model's indexer (and calibrated pattern) come from: the packaged ARTIFACT_DIR, or
+    the directory in INDEXCACHE_SMOLLM2_ARTIFACT (an indexer.safetensors and optionally its pattern.json:
+    serve a newly trained indexer as the bundled model without touching the installed package)."""
+    import os
+    return Path(os.environ.get(ARTIFACT_ENV) or ARTIFACT_DIR)
+
+
 def bundled_indexer() -> Path | None:
     """The trained indexer shipped with the package (`indexcache train-indexer` output), if present."""
-    path = ARTIFACT_DIR / "indexer.safetensors"
+    path = artifact_dir() / "indexer.safetensors"
     return path if path.is_file() else None
 
 
@@ -262,7 +273,7 @@ def bundled_checkpoint(cache_root: str | Path | None = None) -> Path:
 
     indexer = bundled_indexer()
     if indexer is None:
-        raise FileNotFoundError(f"no trained indexer in {ARTIFACT_DIR}: train one with `indexcache train-indexer` "
+        raise FileNotFoundError(f"no trained indexer in {artifact_dir()}: train one with `indexcache train-indexer` "
                                 "or serve another checkpoint with --model DIR")
     pattern = shipped_pattern(indexer)
     root = Path(cache_root or os.environ.get("INDEXCACHE_HOME") or Path.home() / ".cache" / "indexcache")
