@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=1000)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--groups", type=int, default=5, help="layers per group in the attribution")
+    p.add_argument("--chat", action="store_true",
+                   help="send the Hamlet text as one user message through the chat template (as a served "
+                        "/v1/chat/completions request does) instead of as a plain completion prompt")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write the numbers as JSON here")
     args = p.parse_args(argv)
@@ -71,7 +74,10 @@ def main(argv=None) -> int:
     n = model.args.n_layers
     hamlet = next(d for d in corpora.shakespeare_plays() if d.name.endswith("hamlet"))
     prompt = tokenizer.encode(hamlet.text)[:args.prompt_tokens]
-    record = {"model": str(path), "topk": model.args.index_topk, "prompt_tokens": len(prompt),
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": tokenizer.decode(prompt)}],
+                                               add_generation_prompt=True)
+    record = {"model": str(path), "topk": model.args.index_topk, "prompt_tokens": len(prompt), "chat": args.chat,
               "prompt_tail": tokenizer.decode(prompt[-40:]), "continuations": {}, "attribution": []}
     t0 = time.monotonic()
     outs = {}
