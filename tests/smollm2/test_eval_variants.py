@@ -59,3 +59,21 @@ def test_bad_variants_and_tasks_are_refused(small_checkpoint, tmp_path, capsys, 
     base = ["--model", str(small_checkpoint), "--out", str(tmp_path), "--contexts", "160", "--device", "cpu"]
     assert evaluate.main_eval(base + argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_variant_forms_resolve_to_patterns(tmp_path):
+    """What bench/h200_smollm.sh issue23-calibrate passes: a calibration result file, uniform:N, all-F, and the
+    checkpoint's own pattern."""
+    result = {"pattern": "FSFS", "full_layers": 2, "num_layers": 4, "target_full": 0.5, "loss_all_full": 1.0,
+              "loss": 1.1, "loss_delta": 0.1, "step_losses": [1.05, 1.1], "uniform_pattern": "FSFS",
+              "uniform_loss": 1.1, "uniform_loss_delta": 0.1, "overlap": {}, "num_samples": 1, "num_tokens": 8,
+              "model_id": "m", "duration_s": 0.1, "passes": 4, "passes_saved": 1, "version": "0.1.0"}
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(result))
+    got = evaluate.parse_variants([f"greedy=calibrated:{path}", "uniform=uniform:2", "full=F*", "own=checkpoint"],
+                                  4, "FFSS")
+    assert got == {"greedy": "FSFS", "uniform": uniform_pattern(4, 2), "full": "FFFF", "own": "FFSS"}
+    with pytest.raises(ValueError, match="given twice"):
+        evaluate.parse_variants(["a=FFFF", "a=FSSS"], 4, "FFFF")
+    with pytest.raises(ValueError, match="4 entries but the model has 3 layers"):
+        evaluate.parse_variants([f"greedy=calibrated:{path}"], 3, "FFF")
