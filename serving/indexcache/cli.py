@@ -27,7 +27,8 @@ class DefaultsShown(argparse.HelpFormatter):
 
 def add_pattern_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("IndexCache pattern (default: the checkpoint's own)")
-    g.add_argument("--pattern", help="F/S per layer, e.g. FFSSFSSS (F: run the indexer, S: reuse indices)")
+    g.add_argument("--pattern", help="F/S per layer, e.g. FFSSFSSS (F: run the indexer, S: reuse indices); "
+                   "'all-F' or 'F*': every layer F")
     g.add_argument("--freq", type=int, help="index_topk_freq: every freq-th layer after the offset is F")
     g.add_argument("--offset", type=int, help="index_skip_topk_offset (default 2: layers 0 and 1 F)")
 
@@ -220,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from .model.pattern import resolve_pattern
+    from .model.pattern import ALL_FULL_NAMES, expand_pattern_name, resolve_pattern
 
     check_pattern_args(args)
     uri = "tiny" if args.tiny else (args.model or "smollm2")
@@ -232,11 +233,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         resolved = resolve(uri)
         model, served_model_name = str(resolved.path), resolved.name
     pattern = args.pattern
-    if pattern is None and (args.freq or args.offset):
+    if pattern in ALL_FULL_NAMES or (pattern is None and (args.freq or args.offset)):
         from .model.config import ModelArgs
         from .model.tiny import TINY_CONFIG
         n_layers = TINY_CONFIG["n_layers"] if model == "tiny" else ModelArgs.from_dir(model).n_layers
-        pattern = resolve_pattern(n_layers, freq=args.freq or 1, offset=args.offset or 2)
+        pattern = expand_pattern_name(pattern, n_layers) or resolve_pattern(n_layers, freq=args.freq or 1,
+                                                                            offset=args.offset or 2)
     from .serving.app import start_local
     app_args = dict(model=model, served_model_name=served_model_name, max_ongoing_requests=args.max_ongoing_requests,
                     max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, samples_dir=args.samples_dir,

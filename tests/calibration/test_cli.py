@@ -188,3 +188,18 @@ def test_a_failed_report_keeps_the_result_file_and_fails_the_job(tmp_path, check
     out.unlink()
     assert run_cli("--model", ckpt, "--samples", samples, "--out", out, "--report-configmap", "no-slash") == 2
     assert "NAMESPACE/NAME" in capsys.readouterr().err and not out.exists()  # refused before searching
+
+
+def test_the_same_command_line_reproduces_the_same_pattern(tmp_path, checkpoint_dir, make_tokens, write_samples):
+    """What bench/RESULTS.md records for the shipped SmolLM2 pattern: re-running the calibrate command line
+    (same samples, same --seed, a fresh search) gives the same pattern and the same per-step losses."""
+    ckpt, _ = checkpoint_dir
+    samples = write_samples(token_lines(make_tokens, n=12, seed=4))
+    results = []
+    for run in ("a", "b"):
+        out = tmp_path / f"{run}.json"
+        assert run_cli("--model", ckpt, "--samples", samples, "--target-full", "0.25", "--seed", "0",
+                       "--max-samples", "8", "--fresh", "--out", out) == 0
+        results.append({k: v for k, v in json.loads(out.read_text()).items() if k != "duration_s"})
+    assert results[0] == results[1]
+    assert results[0]["seed"] == 0 and results[0]["pattern"].count("F") == 2

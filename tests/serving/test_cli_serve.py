@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import openai
+import pytest
 
 from indexcache.serving.samples import read_samples
 
@@ -124,3 +125,59 @@ def test_indexcache_serve_a_model_from_s3(tmp_path):
     assert "model of type" not in stderr and "Token authentication is" not in stderr, stderr[-3000:]
     assert re.search(r"fetch s3://models/tiny-dsa \(s3-\w+\): 1\.\d MB in 4 files", stderr), stderr[-3000:]
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "refs"]) == 1
+
+
+def metric_value(exposition: str, name: str) -> float:
+    """Sum of a metric's samples over its label sets in a Prometheus text exposition."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+              if line.startswith(name + "{") or line.startswith(name + " ")]
+    assert values, f"{name} missing from /metrics"
+    return sum(values)
+
+
+def test_indexcache_serve_with_no_flags_runs_the_artifact_pattern(tmp_path):
+    """`indexcache serve` with no model or pattern flag serves the bundled SmolLM2 DSA model with the pattern
+    its artifact carries (pattern.json, calibrated for the artifact's indexer: checked by sha256), so after
+    one request the fingerprint names that pattern and /metrics shows indexer FLOPs skipped and money saved
+    (issue 23). The artifact here is the packaged indexer with a pattern.json written for it by the test
+    (INDEXCACHE_SMOLLM2_ARTIFACT), converted into the test's own cache (~20 s)."""
+    import hashlib
+    import json
+    import urllib.request
+
+    from indexcache.model.pattern import uniform_pattern
+    from indexcache.offline.smollm2 import ARTIFACT_DIR, PATTERN_FILE
+
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "indexer.safetensors").symlink_to(ARTIFACT_DIR / "indexer.safetensors")
+    pattern = uniform_pattern(30, 8)
+    result = {"pattern": pattern, "full_layers": 8, "num_layers": 30, "target_full": 0.25, "loss_all_full": 3.2,
+              "loss": 3.21, "loss_delta": 0.01, "step_losses": [3.21], "uniform_pattern": pattern,
+              "uniform_loss": 3.21, "uniform_loss_delta": 0.01, "overlap": {}, "num_samples": 1, "num_tokens": 9,
+              "model_id": "test", "duration_s": 0.0, "passes": 1, "passes_saved": 0, "version": "0.1.0",
+              "indexer_sha256": hashlib.sha256((ARTIFACT_DIR / "indexer.safetensors").read_bytes()).hexdigest()}
+    (artifact / PATTERN_FILE).write_text(json.dumps(result))
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": SERVING_DIR, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "INDEXCACHE_HOME": str(tmp_path / "home"),
+           "INDEXCACHE_SMOLLM2_ARTIFACT": str(artifact)}
+    env.pop("INDEXCACHE_MODEL_CACHE", None)
+    cmd = [sys.executable, "-m", "indexcache.cli", "serve", "--port", str(port), "--num-cpus", "1",
+           "--max-model-len", "512", "--gpu-hourly-usd", "3.5"]
+    with serving(cmd, env) as (proc, url, err):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        prompt = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer " * 3
+        r = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=4,
+                                      temperature=0)
+        assert r.system_fingerprint == f"indexcache-v0-{pattern}"
+        exposition = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30).read().decode()
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=STOP_S)
+    assert rc == 0, "".join(err)[-3000:]
+    assert metric_value(exposition, "indexcache_full_layers") == 8
+    computed = metric_value(exposition, "indexcache_indexer_flops_total")
+    skipped = metric_value(exposition, "indexcache_indexer_flops_skipped_total")
+    # the S layers' share of the indexer work, in every forward of the request (prefill and decode)
+    assert skipped / (computed + skipped) == pytest.approx(22 / 30, rel=1e-6)
+    assert metric_value(exposition, "indexcache_cost_saved_usd_total") > 0

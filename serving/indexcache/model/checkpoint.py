@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from .config import ModelArgs
 from .dsa import DSAForCausalLM
 from .fp8 import keep_fp8, weight_bytes
-from .pattern import resolve_pattern
+from .pattern import expand_pattern_name, resolve_pattern
 
 # One table of name pairs, (DeepSeek inference/ name, HF name); both rename directions are built from it.
 # Whole names first, then the parts after `layers.{i}.` / `model.layers.{i}.`; {e} stands for the expert
@@ -202,6 +202,7 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     args = ModelArgs.from_dir(path)
+    pattern = expand_pattern_name(pattern, args.n_layers)      # "all-F" / "F*"
     if pattern is None and (freq is not None or offset is not None):
         pattern = resolve_pattern(args.n_layers, freq=freq or 1, offset=offset or args.index_skip_topk_offset)
     entries = checkpoint_entries(path, args.n_layers)

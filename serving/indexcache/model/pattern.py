@@ -25,6 +25,15 @@ def resolve_pattern(num_layers: int, *, freq: int = DEFAULT_FREQ, offset: int = 
     return pattern_from_freq(num_layers, freq, offset)
 
 
+ALL_FULL_NAMES = ("all-F", "F*")   # what a user types for "every layer runs its indexer"
+
+
+def expand_pattern_name(pattern: str | None, num_layers: int) -> str | None:
+    """A --pattern argument as an F/S string: "all-F" or "F*" -> F for every one of `num_layers` layers
+    (the behaviour before a checkpoint shipped a calibrated pattern); anything else is returned unchanged."""
+    return "F" * num_layers if pattern in ALL_FULL_NAMES else pattern
+
+
 def validate_pattern(pattern: str, num_layers: int | None = None) -> None:
     """Raise ValueError naming what is wrong with an F/S pattern string."""
     why = pattern_problem(pattern, num_layers)

@@ -14,6 +14,7 @@ Writes eval.json, eval.md (tables) and overlap.png to --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -113,6 +114,53 @@ def passkey_trials(contexts, seed: int = 0) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# retrieval from real prose: the passkey's needle, but the haystack is held-out essay text
+# ---------------------------------------------------------------------------------------------------
+RETRIEVAL_INTRO = ("Below is an essay. Somewhere inside it is a sentence that gives a secret number. "
+                   "Read the essay and remember the secret number.\n\n")
+RETRIEVAL_QUESTION = "\n\nWhat is the secret number mentioned in the essay above? The secret number is"
+RETRIEVAL_NEW_TOKENS = 8
+
+
+@functools.lru_cache(maxsize=4)
+def _prose_ids(encode, n_tokens: int) -> tuple[int, ...]:
+    """The first n_tokens of the held-out essays run together (never trained on, not the periodic filler)."""
+    return tuple(next(corpora.token_windows(corpora.heldout_essays(), encode, n_tokens, max_windows=1)))
+
+
+def retrieval_prompt(tokenizer, context: int, depth: float, key: int, offset: int = 0) -> list[int]:
+    """A completion prompt of `context - RETRIEVAL_NEW_TOKENS` tokens: held-out essay prose starting
+    `offset` tokens into the held-out essays, with one sentence giving a 7-digit number at `depth` (0..1),
+    cut at a token boundary; the question at the end. Unlike the passkey's repeated filler, every
+    haystack token is different natural text, so attention cannot lean on periodicity."""
+    encode = tokenizer.encode
+    needle = encode(f" The secret number is {key}. Remember it: the secret number is {key}. ")
+    intro, question = encode(RETRIEVAL_INTRO), encode(RETRIEVAL_QUESTION)
+    n_hay = context - RETRIEVAL_NEW_TOKENS - len(intro) - len(question) - len(needle)
+    if n_hay < 1:
+        raise ValueError(f"context {context} is too short for a retrieval prompt")
+    hay = list(_prose_ids(encode, offset + n_hay)[offset:offset + n_hay])
+    cut = int(len(hay) * depth)
+    return intro + hay[:cut] + needle + hay[cut:] + question
+
+
+def retrieval_trials(contexts, seed: int = 1) -> list[dict]:
+    """One 7-digit key per (context, depth); each trial's haystack starts at a different place."""
+    rng = random.Random(seed)
+    return [{"context": c, "depth": d, "key": rng.randint(1_000_000, 9_999_999), "offset": 1000 * i}
+            for i, (c, d) in enumerate((c, d) for c in contexts for d in PASSKEY_DEPTHS)]
+
+
+def run_retrieval(model: DSAForCausalLM, tokenizer, trials: list[dict], attention: str, pattern: str) -> list[dict]:
+    found = []
+    for trial in trials:
+        prompt = retrieval_prompt(tokenizer, trial["context"], trial["depth"], trial["key"], trial["offset"])
+        out = tokenizer.decode(greedy(model, prompt, RETRIEVAL_NEW_TOKENS, attention, pattern))
+        found.append({**trial, "ok": str(trial["key"]) in out.replace(",", ""), "answer": out})
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
 # indexer recall and cross-layer overlap
 # ---------------------------------------------------------------------------------------------------
 def overlap_summary(m: list[list[float]]) -> dict:
@@ -171,29 +219,44 @@ def heatmap(matrix: list[list[float]], title: str, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 # the whole evaluation
 # ---------------------------------------------------------------------------------------------------
+TASKS = ("perplexity", "passkey", "retrieval", "analysis")
+DEFAULT_TASKS = ("perplexity", "passkey", "analysis")
+
+
 def evaluate(model: DSAForCausalLM, tokenizer, *, contexts=DEFAULT_CONTEXTS, topk: int | None = None,
              pattern: str | None = None, windows_per_source: int = 1, passkey_contexts=None,
-             analysis_context: int | None = None, out_dir: Path | None = None, log=print) -> dict:
-    """tokenizer: anything with encode(text) -> ids and decode(ids) -> text (tokenizer.CheckpointTokenizer)."""
+             analysis_context: int | None = None, out_dir: Path | None = None, log=print,
+             variants: dict[str, str] | None = None, tasks=DEFAULT_TASKS, baselines: bool = True) -> dict:
+    """tokenizer: anything with encode(text) -> ids and decode(ids) -> text (tokenizer.CheckpointTokenizer).
+    variants: more named IndexCache patterns (name -> F/S string), each measured like `pattern`
+    ("indexcache"). tasks: which of TASKS to run. baselines: measure dense and all-F DSA too."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}: choose from {', '.join(TASKS)}")
     encode = tokenizer.encode
     n = model.args.n_layers
     if topk is not None:
         model.args.index_topk = topk   # the sparse step reads args.index_topk at every forward
     k = model.args.index_topk
-    variants = {"dense": ("dense", "F" * n), "dsa_all_f": ("sparse", "F" * n)}
-    if pattern:
-        model.check_pattern(pattern)
-        variants["indexcache"] = ("sparse", pattern)
+    runs = {"dense": ("dense", "F" * n), "dsa_all_f": ("sparse", "F" * n)} if baselines else {}
+    for name, pat in (({"indexcache": pattern} if pattern else {}) | dict(variants or {})).items():
+        if name in runs:
+            raise ValueError(f"variant name {name!r} is taken: dense and dsa_all_f are always measured")
+        model.check_pattern(pat)
+        runs[name] = ("sparse", pat)
+    if not runs:
+        raise ValueError("nothing to evaluate: give --pattern or --variant, or keep the dense/all-F baselines")
     result = {"model": {"n_layers": n, "index_topk": k, "index_n_heads": model.args.index_n_heads,
                         "index_head_dim": model.args.index_head_dim},
-              "pattern": pattern, "contexts": list(contexts), "perplexity": {}, "passkey": {}}
+              "pattern": pattern, "variants": {name: pat for name, (_, pat) in runs.items()},
+              "tasks": list(tasks), "contexts": list(contexts), "perplexity": {}, "passkey": {}, "retrieval": {}}
     t0 = time.perf_counter()
-    for context in contexts:
+    for context in contexts if "perplexity" in tasks else ():
         if context > model.args.max_seq_len:
             raise ValueError(f"context {context} exceeds the model's max_position_embeddings ({model.args.max_seq_len})")
         sources = heldout_windows(encode, context, windows_per_source)
         row = {}
-        for name, (attention, pat) in variants.items():
+        for name, (attention, pat) in runs.items():
             per_source = {}
             for source, wins in sources.items():
                 nll = sum(window_nll(model, w, attention, pat)[0] for w in wins)
@@ -202,35 +265,46 @@ def evaluate(model: DSAForCausalLM, tokenizer, *, contexts=DEFAULT_CONTEXTS, top
             row[name] = per_source
         result["perplexity"][str(context)] = row
         log(f"[eval] perplexity @ {context}: {row} ({time.perf_counter() - t0:.0f} s)")
-    trials = passkey_trials(passkey_contexts if passkey_contexts is not None else contexts)
-    for name, (attention, pat) in variants.items():
-        found = []
-        for trial in trials:
-            prompt = passkey_prompt(tokenizer, trial["context"], trial["depth"], trial["key"])
-            out = greedy(model, prompt, PASSKEY_NEW_TOKENS, attention, pat)
-            found.append({**trial, "ok": str(trial["key"]) in tokenizer.decode(out)})
-        result["passkey"][name] = {"correct": sum(t["ok"] for t in found), "total": len(found), "trials": found}
-        log(f"[eval] passkey {name}: {sum(t['ok'] for t in found)}/{len(found)}")
-    analysis_context = analysis_context or min(max(contexts), 4096)
-    window = heldout_windows(encode, analysis_context, 1)["essays"][0]
-    analysis = indexer_analysis(model, window, k)
-    result["indexer"] = {"context": analysis_context, "topk": k, "per_layer": analysis["per_layer"],
-                         "recall_mean": _mean(r["recall"] for r in analysis["per_layer"]),
-                         "indexer_topk_mass_mean": _mean(r["indexer_topk_mass"] for r in analysis["per_layer"]),
-                         "dense_topk_mass_mean": _mean(r["dense_topk_mass"] for r in analysis["per_layer"])}
-    result["overlap"] = {"context": analysis_context, "topk": k,
-                         "dense": {**overlap_summary(analysis["dense_overlap"]), "matrix": _round(analysis["dense_overlap"])},
-                         "indexer": {**overlap_summary(analysis["indexer_overlap"]), "matrix": _round(analysis["indexer_overlap"])}}
+    key_contexts = passkey_contexts if passkey_contexts is not None else contexts
+    if "passkey" in tasks:
+        trials = passkey_trials(key_contexts)
+        for name, (attention, pat) in runs.items():
+            found = []
+            for trial in trials:
+                prompt = passkey_prompt(tokenizer, trial["context"], trial["depth"], trial["key"])
+                out = greedy(model, prompt, PASSKEY_NEW_TOKENS, attention, pat)
+                found.append({**trial, "ok": str(trial["key"]) in tokenizer.decode(out)})
+            result["passkey"][name] = {"correct": sum(t["ok"] for t in found), "total": len(found), "trials": found}
+            log(f"[eval] passkey {name}: {sum(t['ok'] for t in found)}/{len(found)} ({time.perf_counter() - t0:.0f} s)")
+    if "retrieval" in tasks:
+        trials = retrieval_trials(key_contexts)
+        for name, (attention, pat) in runs.items():
+            found = run_retrieval(model, tokenizer, trials, attention, pat)
+            result["retrieval"][name] = {"correct": sum(t["ok"] for t in found), "total": len(found), "trials": found}
+            log(f"[eval] retrieval {name}: {sum(t['ok'] for t in found)}/{len(found)} ({time.perf_counter() - t0:.0f} s)")
+    analysis = None
+    if "analysis" in tasks:
+        analysis_context = analysis_context or min(max(contexts), 4096)
+        window = heldout_windows(encode, analysis_context, 1)["essays"][0]
+        analysis = indexer_analysis(model, window, k)
+        result["indexer"] = {"context": analysis_context, "topk": k, "per_layer": analysis["per_layer"],
+                             "recall_mean": _mean(r["recall"] for r in analysis["per_layer"]),
+                             "indexer_topk_mass_mean": _mean(r["indexer_topk_mass"] for r in analysis["per_layer"]),
+                             "dense_topk_mass_mean": _mean(r["dense_topk_mass"] for r in analysis["per_layer"])}
+        result["overlap"] = {"context": analysis_context, "topk": k,
+                             "dense": {**overlap_summary(analysis["dense_overlap"]), "matrix": _round(analysis["dense_overlap"])},
+                             "indexer": {**overlap_summary(analysis["indexer_overlap"]), "matrix": _round(analysis["indexer_overlap"])}}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
         (out_dir / "eval.md").write_text(markdown_report(result))
-        heatmap(analysis["indexer_overlap"], f"indexer top-{k} overlap, {analysis_context} tokens "
-                f"(adjacent mean {result['overlap']['indexer']['adjacent_mean']:.2f})", out_dir / "overlap.png")
-        heatmap(analysis["dense_overlap"], f"dense attention top-{k} overlap, {analysis_context} tokens "
-                f"(adjacent mean {result['overlap']['dense']['adjacent_mean']:.2f})", out_dir / "overlap_dense.png")
+        if analysis is not None:
+            heatmap(analysis["indexer_overlap"], f"indexer top-{k} overlap, {analysis_context} tokens "
+                    f"(adjacent mean {result['overlap']['indexer']['adjacent_mean']:.2f})", out_dir / "overlap.png")
+            heatmap(analysis["dense_overlap"], f"dense attention top-{k} overlap, {analysis_context} tokens "
+                    f"(adjacent mean {result['overlap']['dense']['adjacent_mean']:.2f})", out_dir / "overlap_dense.png")
     return result
 
 
@@ -282,36 +356,52 @@ def _round(m):
 def markdown_report(r: dict) -> str:
     variants = list(next(iter(r["perplexity"].values())).keys()) if r["perplexity"] else []
     lines = [f"# Evaluation (top-k {r['model']['index_topk']}, {r['model']['n_layers']} layers"
-             + (f", pattern `{r['pattern']}`" if r["pattern"] else "") + ")", "",
-             "## Perplexity on held-out text", "",
-             "| context | source | " + " | ".join(variants) + " | DSA vs dense |",
-             "|---|---|" + "---|" * len(variants) + "---|"]
-    for context, row in r["perplexity"].items():
-        for source in row["dense"]:
-            vals = [row[v][source] for v in variants]
-            delta = (row["dsa_all_f"][source] / row["dense"][source] - 1) * 100 if row["dense"][source] else float("nan")
-            lines.append(f"| {context} | {source} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {delta:+.2f} % |")
-    lines += ["", "## Passkey retrieval", "", "| variant | correct |", "|---|---|"]
-    for name, p in r["passkey"].items():
-        failed = ", ".join(f"{t['context']}@{t['depth']}" for t in p["trials"] if not t["ok"])
-        lines.append(f"| {name} | {p['correct']}/{p['total']}" + (f" (missed {failed})" if failed else "") + " |")
-    ix = r["indexer"]
-    lines += ["", f"## Indexer vs dense top-{ix['topk']} ({ix['context']} tokens, second-half queries)", "",
-              f"mean recall {ix['recall_mean']:.3f}; attention mass kept: indexer top-k {ix['indexer_topk_mass_mean']:.3f}, "
-              f"dense top-k {ix['dense_topk_mass_mean']:.3f}", "",
-              "| layer | recall | mass (indexer top-k) | mass (dense top-k) | KL |", "|---|---|---|---|---|"]
-    for row in ix["per_layer"]:
-        lines.append(f"| {row['layer']} | {row['recall']:.3f} | {row['indexer_topk_mass']:.3f} | "
-                     f"{row['dense_topk_mass']:.3f} | {row['kl']:.3f} |")
-    ov = r["overlap"]
-    lines += ["", f"## Cross-layer overlap of top-{ov['topk']} sets ({ov['context']} tokens)", "",
-              "| sets | adjacent mean | adjacent min | adjacent max | all pairs | >= 10 apart |", "|---|---|---|---|---|---|"]
-    for name in ("dense", "indexer"):
-        o = ov[name]
-        far = f"{o['ten_or_more_apart_mean']:.3f}" if o["ten_or_more_apart_mean"] is not None else "-"
-        lines.append(f"| {name} | {o['adjacent_mean']:.3f} | {o['adjacent_min']:.3f} | {o['adjacent_max']:.3f} | "
-                     f"{o['all_pairs_mean']:.3f} | {far} |")
-    lines += ["", "Heat maps: overlap.png (indexer), overlap_dense.png (dense attention).", ""]
+             + (f", pattern `{r['pattern']}`" if r["pattern"] else "") + ")", ""]
+    if r.get("variants"):
+        lines += ["| variant | pattern | F layers |", "|---|---|---|"]
+        lines += [f"| {name} | `{pat}` | {pat.count('F')} |" for name, pat in r["variants"].items()] + [""]
+    if variants:
+        has_dense = "dense" in variants
+        lines += ["## Perplexity on held-out text", "",
+                  "| context | source | " + " | ".join(variants) + " |" + (" vs dense: " + " / ".join(
+                      v for v in variants if v != "dense") + " |" if has_dense else ""),
+                  "|---|---|" + "---|" * len(variants) + ("---|" if has_dense else "")]
+        for context, row in r["perplexity"].items():
+            for source in row[variants[0]]:
+                vals = [row[v][source] for v in variants]
+                line = f"| {context} | {source} | " + " | ".join(f"{v:.3f}" for v in vals) + " |"
+                if has_dense:
+                    line += " " + " / ".join(f"{(row[v][source] / row['dense'][source] - 1) * 100:+.2f} %"
+                                             for v in variants if v != "dense") + " |"
+                lines.append(line)
+        lines.append("")
+    for task, title in (("passkey", "Passkey retrieval (repeated filler)"),
+                        ("retrieval", "Retrieval from real prose (held-out essays)")):
+        if not r.get(task):
+            continue
+        lines += [f"## {title}", "", "| variant | correct |", "|---|---|"]
+        for name, p in r[task].items():
+            failed = ", ".join(f"{t['context']}@{t['depth']}" for t in p["trials"] if not t["ok"])
+            lines.append(f"| {name} | {p['correct']}/{p['total']}" + (f" (missed {failed})" if failed else "") + " |")
+        lines.append("")
+    if "indexer" in r:
+        ix = r["indexer"]
+        lines += [f"## Indexer vs dense top-{ix['topk']} ({ix['context']} tokens, second-half queries)", "",
+                  f"mean recall {ix['recall_mean']:.3f}; attention mass kept: indexer top-k {ix['indexer_topk_mass_mean']:.3f}, "
+                  f"dense top-k {ix['dense_topk_mass_mean']:.3f}", "",
+                  "| layer | recall | mass (indexer top-k) | mass (dense top-k) | KL |", "|---|---|---|---|---|"]
+        for row in ix["per_layer"]:
+            lines.append(f"| {row['layer']} | {row['recall']:.3f} | {row['indexer_topk_mass']:.3f} | "
+                         f"{row['dense_topk_mass']:.3f} | {row['kl']:.3f} |")
+        ov = r["overlap"]
+        lines += ["", f"## Cross-layer overlap of top-{ov['topk']} sets ({ov['context']} tokens)", "",
+                  "| sets | adjacent mean | adjacent min | adjacent max | all pairs | >= 10 apart |", "|---|---|---|---|---|---|"]
+        for name in ("dense", "indexer"):
+            o = ov[name]
+            far = f"{o['ten_or_more_apart_mean']:.3f}" if o["ten_or_more_apart_mean"] is not None else "-"
+            lines.append(f"| {name} | {o['adjacent_mean']:.3f} | {o['adjacent_min']:.3f} | {o['adjacent_max']:.3f} | "
+                         f"{o['all_pairs_mean']:.3f} | {far} |")
+        lines += ["", "Heat maps: overlap.png (indexer), overlap_dense.png (dense attention).", ""]
     return "\n".join(lines)
 
 
@@ -328,10 +418,44 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def parse_variants(specs: list[str], n_layers: int, checkpoint_pattern: str) -> dict[str, str]:
+    """--variant NAME=PATTERN items -> {name: F/S string} (see add_eval_arguments for the forms)."""
+    from ..model.pattern import expand_pattern_name, uniform_pattern, validate_pattern
+    from indexcache_contracts.calibration import read_calibration_result
+
+    out = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"--variant {spec!r}: expected NAME=PATTERN, e.g. greedy=FFSS... or uniform=uniform:8")
+        if value.startswith("uniform:"):
+            try:
+                value = uniform_pattern(n_layers, int(value.split(":", 1)[1]))
+            except ValueError as exc:
+                raise ValueError(f"--variant {spec!r}: {exc}") from None
+        elif value == "checkpoint":
+            value = checkpoint_pattern
+        elif value.startswith("calibrated:"):
+            value = read_calibration_result(Path(value.split(":", 1)[1]).read_text())["pattern"]
+        value = expand_pattern_name(value, n_layers)
+        validate_pattern(value, n_layers)
+        if name in out:
+            raise ValueError(f"--variant {name!r} given twice")
+        out[name] = value
+    return out
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="llama_dsa checkpoint directory")
     parser.add_argument("--out", required=True, help="directory for eval.json, eval.md, overlap.png")
     parser.add_argument("--pattern", help="also evaluate this IndexCache F/S pattern")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATTERN",
+                        help="also evaluate a named pattern (repeatable): an F/S string, 'uniform:N' (N evenly "
+                             "spaced F layers), 'checkpoint' (the checkpoint's own default pattern) or "
+                             "'calibrated:FILE' (the pattern of a calibration result / shipped pattern.json)")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help=f"comma-separated, from {', '.join(TASKS)}")
+    parser.add_argument("--no-baselines", action="store_true", help="skip dense and all-F DSA (measured before)")
     parser.add_argument("--topk", type=int, help="override the checkpoint's index_topk")
     parser.add_argument("--contexts", type=_int_list, default=list(DEFAULT_CONTEXTS), help="e.g. 1024,2048,4096,8192")
     parser.add_argument("--passkey-contexts", type=_int_list, help="default: --contexts")
@@ -364,7 +488,10 @@ def main_eval(args) -> int:
         if args.topk is not None and args.topk < 1:
             raise ValueError(f"--topk {args.topk}: must be >= 1")
         extra = load_file(args.indexer) if args.indexer else None
-        model, _ = load_checkpoint(args.model, dtype=getattr(torch, args.dtype), device=args.device, extra_state=extra)
+        model, own_pattern = load_checkpoint(args.model, dtype=getattr(torch, args.dtype), device=args.device,
+                                             extra_state=extra)
+        variants = parse_variants(args.variant, model.args.n_layers, own_pattern)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         tokenizer = load_tokenizer(args.model)
         if args.topk_curve:
             curve = topk_curve(model, tokenizer, args.topk_curve, args.contexts, args.windows,
@@ -378,7 +505,8 @@ def main_eval(args) -> int:
         result = evaluate(model, tokenizer, contexts=args.contexts, topk=args.topk, pattern=args.pattern,
                           windows_per_source=args.windows, passkey_contexts=args.passkey_contexts,
                           analysis_context=args.analysis_context, out_dir=Path(args.out),
-                          log=lambda m: print(m, file=sys.stderr))
+                          log=lambda m: print(m, file=sys.stderr), variants=variants, tasks=tasks,
+                          baselines=not args.no_baselines)
     except (ValueError, FileNotFoundError) as err:
         print(f"indexcache eval: {err}", file=sys.stderr)
         return 2

@@ -55,11 +55,12 @@ def layer_index_scores(model: DSAForCausalLM, layer: int, x: torch.Tensor, ctx: 
 # KL
 # ---------------------------------------------------------------------------------------------------
 def multi_layer_kl(index_scores: torch.Tensor, attention: list[torch.Tensor],
-                   rows: torch.Tensor | None = None) -> torch.Tensor:
+                   rows: torch.Tensor | None = None, row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over query rows of (1/m) sum_j KL(p_j || softmax(index_scores)).
 
     index_scores: (B, T, S) fp32, -inf at keys the query cannot see; attention: m tensors (B, T, S), each
-    row a distribution over the visible keys; rows: (B, T) bool, the query rows that count (not padding).
+    row a distribution over the visible keys; rows: (B, T) bool, the query rows that count (not padding);
+    row_weights: (B, T) >= 0, a weighted mean sum_t w_t KL_t / sum_t w_t instead of the plain one.
     """
     visible = torch.isfinite(index_scores)
     log_q = torch.log_softmax(index_scores, dim=-1).masked_fill(~visible, 0.0)  # p is 0 there: no -inf * 0
@@ -68,15 +69,19 @@ def multi_layer_kl(index_scores: torch.Tensor, attention: list[torch.Tensor],
         p = p.float()
         log_p = torch.where(p > 0, p, torch.ones_like(p)).log()
         kl = kl + (p * (log_p - log_q)).sum(-1)                                    # (B, T)
-    kl = kl / len(attention)
+    kl = kl / len(attention)                                                       # (B, T)
+    if row_weights is not None:
+        w = row_weights.to(kl.dtype) * (rows if rows is not None else 1)
+        return (kl * w).sum() / w.sum()
     if rows is not None:
         return kl[rows].mean()
     return kl.mean()
 
 
-def indexer_kl(attn: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Mean over queries of KL(attn || softmax(scores)): one layer's attention (B, T, S), its scores (B, T, S)."""
-    return multi_layer_kl(scores, [attn])
+def indexer_kl(attn: torch.Tensor, scores: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over queries of KL(attn || softmax(scores)): one layer's attention (B, T, S), its scores (B, T, S);
+    row_weights (B, T): a weighted mean over the query rows instead."""
+    return multi_layer_kl(scores, [attn], row_weights=row_weights)
 
 
 # ---------------------------------------------------------------------------------------------------

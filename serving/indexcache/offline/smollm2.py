@@ -17,11 +17,14 @@ The indexer is random here; `indexcache train-indexer` trains it (KL warm-up, LM
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
+import logging
 import math
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -199,34 +202,89 @@ def write_tokenizer(out_dir: Path, gguf_file: Path, model_max_length: int) -> No
 ARTIFACT_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-dsa"   # indexcache/artifacts/
 
 
+ARTIFACT_ENV = "INDEXCACHE_SMOLLM2_ARTIFACT"
+
+
+def artifact_dir() -> Path:
+    """Where the bundled model's indexer (and calibrated pattern) come from: the packaged ARTIFACT_DIR, or
+    the directory in INDEXCACHE_SMOLLM2_ARTIFACT (an indexer.safetensors and optionally its pattern.json:
+    serve a newly trained indexer as the bundled model without touching the installed package)."""
+    import os
+    return Path(os.environ.get(ARTIFACT_ENV) or ARTIFACT_DIR)
+
+
 def bundled_indexer() -> Path | None:
     """The trained indexer shipped with the package (`indexcache train-indexer` output), if present."""
-    path = ARTIFACT_DIR / "indexer.safetensors"
+    path = artifact_dir() / "indexer.safetensors"
     return path if path.is_file() else None
 
 
+PATTERN_FILE = "pattern.json"   # the calibrated IndexCache pattern shipped beside the indexer
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def shipped_pattern(indexer: Path, pattern_file: Path | None = None) -> str | None:
+    """The calibrated pattern shipped for `indexer`, or None (serve all-F).
+
+    `pattern_file` (default: pattern.json beside the indexer) is a calibration result in the contract's
+    schema (`indexcache calibrate --out`) plus `indexer_sha256`, the sha256 of the indexer file it was
+    calibrated with. A pattern is only as good as the indexers it was searched with, so when the hash
+    does not match (a retrained or replaced indexer.safetensors) it is NOT used: a warning says why and
+    the model serves all-F, which is always correct, only slower. A missing file also means all-F; a file
+    that is not a valid result is a packaging error and raises ValueError naming the file and field."""
+    from indexcache_contracts.calibration import check_calibration_result
+
+    path = Path(pattern_file) if pattern_file else Path(indexer).parent / PATTERN_FILE
+    if not path.is_file():
+        return None
+    try:
+        result = check_calibration_result(json.loads(path.read_text()))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}; re-run `indexcache calibrate` and ship its result with "
+                         "indexer_sha256, or delete the file to serve all-F") from None
+    wanted = result.get("indexer_sha256")
+    if not isinstance(wanted, str) or len(wanted) != 64:
+        raise ValueError(f"{path}: indexer_sha256 must be the 64-hex sha256 of the indexer file the pattern "
+                         f"was calibrated with, got {wanted!r}")
+    actual = file_sha256(indexer)
+    if actual != wanted:
+        message = (f"{path} was calibrated for indexer sha256 {wanted[:12]}... but {indexer} is "
+                   f"{actual[:12]}...: its pattern is NOT used, the model serves all layers F (correct, no "
+                   "indexer skipped); re-run `indexcache calibrate` for this indexer to get a pattern")
+        log.warning(message)
+        warnings.warn(message, stacklevel=2)
+        return None
+    return result["pattern"]
+
+
 def bundled_checkpoint(cache_root: str | Path | None = None) -> Path:
-    """The ready-to-serve SmolLM2 DSA checkpoint: the packaged GGUF plus the bundled trained indexer,
-    converted once into a cache directory (INDEXCACHE_HOME, default ~/.cache/indexcache) keyed by the
-    indexer file's digest, so a new artifact gets a new directory. The conversion (~20 s) writes into a
-    temporary directory renamed into place, so an interrupted first start never leaves half a model."""
-    import hashlib
+    """The ready-to-serve SmolLM2 DSA checkpoint: the packaged GGUF plus the bundled trained indexer and,
+    when shipped and calibrated for that indexer, its IndexCache pattern (config.json's
+    index_topk_pattern, the checkpoint's default), converted once into a cache directory
+    (INDEXCACHE_HOME, default ~/.cache/indexcache) keyed by the digest of the indexer file and the pattern,
+    so a new artifact gets a new directory. The conversion (~20 s) writes into a temporary directory
+    renamed into place, so an interrupted first start never leaves half a model."""
     import os
     import shutil
 
     indexer = bundled_indexer()
     if indexer is None:
-        raise FileNotFoundError(f"no trained indexer in {ARTIFACT_DIR}: train one with `indexcache train-indexer` "
+        raise FileNotFoundError(f"no trained indexer in {artifact_dir()}: train one with `indexcache train-indexer` "
                                 "or serve another checkpoint with --model DIR")
+    pattern = shipped_pattern(indexer)
     root = Path(cache_root or os.environ.get("INDEXCACHE_HOME") or Path.home() / ".cache" / "indexcache")
-    digest = hashlib.sha256(indexer.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(indexer.read_bytes() + (pattern or "").encode()).hexdigest()[:12]
     target = root / f"smollm2-dsa-{digest}"
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
     try:
-        convert_smollm2(tmp, indexer=indexer)
+        convert_smollm2(tmp, indexer=indexer, pattern=pattern)
         try:
             tmp.rename(target)
         except OSError:           # another process finished first: use its copy
@@ -268,13 +326,14 @@ def read_indexer_file(path, num_layers: int) -> tuple[dict[str, torch.Tensor], d
 def convert_smollm2(out_dir, index_n_heads: int = DEFAULT_INDEX_N_HEADS,
                     index_head_dim: int = DEFAULT_INDEX_HEAD_DIM, index_topk: int = DEFAULT_INDEX_TOPK,
                     seed: int = 0, *, dtype: str = "float32", num_layers: int | None = None,
-                    gguf_file=None, tokenizer: bool = True, indexer=None) -> Path:
+                    gguf_file=None, tokenizer: bool = True, indexer=None, pattern: str | None = None) -> Path:
     """Write the llama_dsa checkpoint directory; returns its path.
 
     dtype: "float32" keeps the dequantised values exactly; "bfloat16" halves the size (269 MB).
     num_layers: keep only the first N blocks (a small real model for fast tests).
     indexer: None for fresh random indexers (shape from the index_* arguments), or a trained
     indexer.safetensors whose tensors (and shape, and default top-k) are installed instead.
+    pattern: the IndexCache pattern written as the checkpoint's default (index_topk_pattern); None: all F.
     """
     from gguf import GGUFReader
 
@@ -300,6 +359,10 @@ def convert_smollm2(out_dir, index_n_heads: int = DEFAULT_INDEX_N_HEADS,
         "torch_dtype": dtype,
     })
 
+    if pattern is not None:
+        from ..model.pattern import validate_pattern
+        validate_pattern(pattern, config["num_hidden_layers"])
+        config["index_topk_pattern"] = pattern
     tensors = dequantized_llama_tensors(reader, config, num_layers)
     if indexer is not None:
         trained, keys = read_indexer_file(indexer, config["num_hidden_layers"])

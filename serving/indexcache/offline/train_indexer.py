@@ -85,6 +85,42 @@ def periodic_stretch(window: list[int], rng: random.Random, min_unit: int = 8, m
     return out
 
 
+def periodic_rows(ids: torch.Tensor, max_period: int = 64, min_run: int = 32) -> torch.Tensor:
+    """(B, T) bool: the positions inside a periodic stretch, i.e. where, for some period p <= max_period,
+    the last max(min_run, 2p) tokens each equal the token p before them (a passage repeated back to back)."""
+    B, T = ids.shape
+    positions = torch.arange(T, device=ids.device).expand(B, T)                  # (B, T)
+    periodic = torch.zeros(B, T, dtype=torch.bool, device=ids.device)
+    for p in range(1, min(max_period, T - 1) + 1):
+        match = torch.zeros(B, T, dtype=torch.bool, device=ids.device)
+        match[:, p:] = ids[:, p:] == ids[:, :-p]                                 # token t repeats token t - p
+        # run[t] = matches in a row ending at t: t minus the last position <= t that did not match
+        last_miss = torch.where(match, torch.full_like(positions, -1), positions).cummax(dim=1).values
+        periodic |= (positions - last_miss) >= max(min_run, 2 * p)
+    return periodic
+
+
+def periodic_break_rows(ids: torch.Tensor, reach: int = 256, max_period: int = 64, min_run: int = 32) -> torch.Tensor:
+    """(B, T) bool: the query rows that break a periodic stretch: not periodic themselves, with a periodic
+    position among the `reach` tokens before them (a needle inside filler, the question after it, prose
+    resuming after a table). On the passkey prompts these few rows decide the answer: giving only the
+    needle's and the question's 164 rows the dense top-512 answers the 8K@90 % trial, while the 7,300
+    filler rows dominate the plain mean KL (docs/experiments/smollm2-indexer-sessions.md, session 5)."""
+    periodic = periodic_rows(ids, max_period, min_run)
+    seen = torch.nn.functional.pad(periodic.long().cumsum(dim=1), (1, 0))         # (B, T + 1): periodic in [0, t)
+    T = ids.shape[1]
+    start = (torch.arange(T, device=ids.device) - reach).clamp(min=0)
+    recent = seen[:, 1:] - periodic.long() - seen.gather(1, start.expand_as(periodic))   # periodic in [t-reach, t)
+    return ~periodic & (recent > 0)
+
+
+def break_row_weights(ids: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """Per-row KL weights: 1 + weight on the rows that break a periodic stretch, 1 elsewhere (None: weight 0)."""
+    if not weight:
+        return None
+    return 1.0 + weight * periodic_break_rows(ids).float()
+
+
 def training_windows(encode, seq_len: int, separator_id: int, repeat_every: int = 0, spans: int = 8,
                      seed: int = 0, periodic_every: int = 0):
     """Endless deterministic stream of seq_len-token windows: HotpotQA and training essays alternate
@@ -198,9 +234,10 @@ def save_indexer(model: DSAForCausalLM, path: Path, dtype: torch.dtype = torch.f
 def train(model: DSAForCausalLM, windows, *, steps: int, out_dir: Path, lr: float = 2e-3, warmup: int = 20,
           batch_size: int = 1, checkpoint_every: int = 50, resume: bool = False, manifest: dict | None = None,
           progress: bool = True, log=print, artifact_dtype: torch.dtype = torch.float32,
-          layers: list[int] | None = None) -> dict:
+          layers: list[int] | None = None, break_row_weight: float = 0.0) -> dict:
     """Train the indexers for `steps` optimizer steps; returns the manifest written to out_dir.
-    layers: train only these layers' indexers (default all; a subset makes shape sweeps cheap)."""
+    layers: train only these layers' indexers (default all; a subset makes shape sweeps cheap).
+    break_row_weight: extra KL weight on the query rows that break a periodic stretch (periodic_break_rows)."""
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,8 +271,9 @@ def train(model: DSAForCausalLM, windows, *, steps: int, out_dir: Path, lr: floa
             group["lr"] = lr_at(step, steps, lr, warmup)
         opt.zero_grad(set_to_none=True)
         layer_losses = []
+        weights = break_row_weights(batch, break_row_weight)                     # (B, T) or None
         for layer, x, attn, ctx in layer_inputs_and_attention(model, batch, layers):
-            loss = indexer_kl(attn, index_scores(model, layer, x.float(), ctx))
+            loss = indexer_kl(attn, index_scores(model, layer, x.float(), ctx), row_weights=weights)
             loss.backward()                       # layers are independent: free this graph now
             layer_losses.append(loss.item())
         opt.step()
@@ -284,6 +322,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--periodic-every", type=int, default=0,
                         help="every k-th window gets a periodic stretch: a short passage of it repeated back to "
                              "back over 30-90 %% of the window (logs, tables, filler; see periodic_stretch); 0: none")
+    parser.add_argument("--break-row-weight", type=float, default=0.0,
+                        help="extra KL weight on the query rows that break a periodic stretch (a needle in "
+                             "filler, the question after it; see periodic_break_rows): weight 1 + W there, 1 "
+                             "elsewhere; 0: the plain mean over rows. Use with --periodic-every")
     parser.add_argument("--init-indexer", help="start from these indexer weights (an indexer.safetensors), "
                                                "e.g. to continue a short-window run on longer windows")
     parser.add_argument("--layers", default="", metavar="L,L,...",
@@ -314,7 +356,7 @@ def main_train(args) -> int:
         if getattr(args, name) < 1:
             print(f"indexcache train-indexer: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    for name in ("repeat_every", "repeat_spans", "periodic_every"):
+    for name in ("repeat_every", "repeat_spans", "periodic_every", "break_row_weight"):
         if getattr(args, name) < 0:
             print(f"indexcache train-indexer: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
             return 2
@@ -373,6 +415,10 @@ def main_train(args) -> int:
         "lm_dtype": args.lm_dtype,
         "torch": torch.__version__,
     }
+    if args.break_row_weight:
+        manifest["break_row_weight"] = args.break_row_weight
+        manifest["loss"] = manifest["loss"].replace("mean over queries", f"mean over queries, weighted 1 + "
+                                                    f"{args.break_row_weight:g} on rows that break a periodic stretch,")
     if layers is not None:
         manifest["layers_trained"] = layers
         manifest["loss"] = manifest["loss"].replace("averaged over layers", f"averaged over layers {layers}")
@@ -388,7 +434,8 @@ def main_train(args) -> int:
     result = train(model, windows, steps=args.steps, out_dir=Path(args.out), lr=args.lr, warmup=args.warmup,
                    batch_size=args.batch_size, checkpoint_every=args.checkpoint_every, resume=args.resume,
                    manifest=manifest, progress=not args.no_progress,
-                   artifact_dtype=getattr(torch, args.artifact_dtype), layers=layers)
+                   artifact_dtype=getattr(torch, args.artifact_dtype), layers=layers,
+                   break_row_weight=args.break_row_weight)
     result["wall_seconds_last_run"] = round(time.perf_counter() - t0, 1)
     (Path(args.out) / MANIFEST_FILE).write_text(json.dumps(result, indent=2) + "\n")
     print(f"KL {result['kl_first']} -> {result['kl_last_10_mean']} (mean of the last 10 steps); "
