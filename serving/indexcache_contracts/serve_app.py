@@ -49,7 +49,8 @@ class AppArgs:
     num_replicas: int = 1
     num_gpus: float = 0
     num_cpus: float = 1
-    dtype: str = "auto"                    # auto: bf16 on CUDA, fp32 on the CPU
+    dtype: str = "auto"                    # auto: bf16 on CUDA; on a CPU the faster of bf16/fp32 (measured once)
+    threads: int | None = None             # torch CPU threads of the replica (default: every core it may use)
     enforce_eager: bool = False            # decode without CUDA graphs (debugging), like vLLM's --enforce-eager
 
 
@@ -61,7 +62,7 @@ _APP_ARG_TYPES: dict[str, tuple[str, float | None, float | None]] = {
     "samples_dir": ("str", None, None), "sample_rate": ("number", 0, 1), "gpu_hourly_usd": ("number", 0, None),
     "metrics_port": ("int", 1, 65535), "api_key": ("str", None, None), "pattern": ("str", None, None),
     "num_replicas": ("int", 1, None), "num_gpus": ("number", 0, None), "num_cpus": ("number", 0, None),
-    "dtype": ("str", None, None), "enforce_eager": ("bool", None, None),
+    "dtype": ("str", None, None), "enforce_eager": ("bool", None, None), "threads": ("int", 1, None),
 }
 _NULLABLE = {f.name for f in dataclasses.fields(AppArgs) if f.default is None}
 _DTYPES = ("auto", "float32", "bfloat16")

@@ -87,7 +87,10 @@ class Engine:
     def __init__(self, model: DSAForCausalLM, *, pattern: str | None = None, pattern_version: int = 0,
                  max_batch_size: int = 8, max_model_len: int | None = None, chunk_size: int = 256,
                  metrics: ServingMetrics | None = None, enforce_eager: bool = False,
-                 indexer_fp8: bool | None = None, warm_up: bool | None = None):
+                 indexer_fp8: bool | None = None, warm_up: bool | None = None,
+                 cpu_fast_path: bool | None = None):
+        """cpu_fast_path: run forwards through model/cpu_forward.py (CPU, GQA, dense MLPs); None = whenever
+        the model is one it supports, False = always the readable reference forward of dsa.py."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if chunk_size < 1:
@@ -114,6 +117,7 @@ class Engine:
                              dtype=model.lm_head.weight.dtype, device=self.device, indexer_fp8=self.indexer_fp8)
         self.graphs = (DecodeGraphs(model, self.cache, max_batch_size, self.max_model_len,
                                     pad_slot=max_batch_size if padded else 0) if self.cuda_graphs else None)
+        self.cpu_fast = self._cpu_fast_forward(model, cpu_fast_path)
         self.flops = FlopModel.of(self.args)
         self.metrics = metrics
         if metrics is not None:
@@ -129,6 +133,15 @@ class Engine:
         self.forwards = 0   # forwards run (a test counts them to see batching happen)
         self._graph_patterns_in_use: set[str] | None = None
         self.warm_up_s = self.warm_up() if (on_cuda if warm_up is None else warm_up) else 0.0
+
+    def _cpu_fast_forward(self, model: DSAForCausalLM, wanted: bool | None):
+        if wanted is False or self.device.type != "cpu" or self.indexer_fp8:
+            return None
+        from ..model.cpu_forward import CPUFastForward, supports
+        why = supports(model)
+        if why is not None and wanted:
+            raise ValueError(f"cpu_fast_path=True but the CPU fast forward cannot run this model: {why}")
+        return None if why is not None else CPUFastForward(model)
 
     @torch.no_grad()
     def warm_up(self) -> float:
@@ -343,8 +356,11 @@ class Engine:
                  logits_at: torch.Tensor) -> torch.Tensor:
         """One eager forward; starts and slots go in as host lists (no device sync inside the model)."""
         t0 = time.monotonic()
-        logits = self.model(tokens, start_pos=starts, cache=self.cache, slots=slots, pattern=pattern,
-                            logits_at=logits_at)
+        if self.cpu_fast is not None:
+            logits = self.cpu_fast(tokens, starts, slots, pattern, self.cache, logits_at)
+        else:
+            logits = self.model(tokens, start_pos=starts, cache=self.cache, slots=slots, pattern=pattern,
+                                logits_at=logits_at)
         self._observe_forward(t0, starts, tokens.shape[1], pattern)
         return logits
 

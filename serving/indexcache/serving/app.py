@@ -19,6 +19,14 @@ from .ingress import OpenAIIngress
 from .server import IndexCacheServer
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return os.cpu_count() or 1
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """`indexcache.serving.app:build_app`: the ingress bound to the server deployment."""
     a = parse_app_args(args)   # the schema the operator writes to (indexcache_contracts.serve_app)
@@ -42,11 +50,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, chunk_size=a.chunk_size,
                     samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
                     metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache,
-                    enforce_eager=a.enforce_eager),
+                    enforce_eager=a.enforce_eager, threads=a.threads),
         max_ongoing_requests=app_limit, api_key=a.api_key, num_replicas=a.num_replicas)
 
 
-def start_local(app_args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int = 2,
+def start_local(app_args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
                 name: str = "indexcache") -> str:
     """The embedded default: Ray on loopback, Serve's HTTP proxy on host:port, the app at "/".
     Returns the base URL. Workers import this very checkout of `indexcache` (PYTHONPATH), not another
@@ -55,6 +63,9 @@ def start_local(app_args: dict, host: str = "127.0.0.1", port: int = 8000, num_c
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # else Ray binds the external interface
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at nice 15 (worker_niceness); here the replica is the work, at normal priority
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    num_cpus = num_cpus or usable_cpus()
     # Ray turns token authentication on for a new local cluster and announces it with a WARNING on every
     # start, which reads like a problem. Auth stays on; only the announcement is dropped. (Setting
     # RAY_AUTH_MODE=token instead is read only before Ray is imported, which the CLI already did.)

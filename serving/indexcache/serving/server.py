@@ -69,6 +69,30 @@ class ReplicaPort:
         self.server.shutdown()
         self.server.server_close()
 
+def configure_cpu(threads: int | None) -> int:
+    """The replica's CPU settings: torch intra-op threads = `threads` (default: the cores in this process's
+    affinity mask), one inter-op thread (the engine runs one forward at a time), and normal priority: Ray
+    starts workers at nice 15, which loses every core to anything else on the machine. Returns threads."""
+    import torch
+
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:   # only settable before the first inter-op work; a second replica in-process
+        pass
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (OSError, AttributeError) as exc:   # lowering the niceness needs CAP_SYS_NICE
+        log.warning("the replica runs at nice %d and cannot go back to 0 (%s)", os.getpriority(os.PRIO_PROCESS, 0), exc)
+    return threads
+
+
 class ServingEngine(Protocol):
     """What the server needs from an engine (`indexcache.engine.Engine` is one)."""
     pattern: str
@@ -90,8 +114,10 @@ class IndexCacheServer:
                  max_batch_size: int = 8, max_model_len: int | None = 2048, chunk_size: int = 256,
                  samples_dir: str | None = None, sample_rate: float = 0.0, gpu_hourly_usd: float = 0.0,
                  metrics_port: int | None = None, dtype: str = "auto", engine_class: type | None = None,
-                 model_cache: str | None = None, enforce_eager: bool = False):
-        """engine_class: an Engine subclass (tests inject faults through it); default Engine."""
+                 model_cache: str | None = None, enforce_eager: bool = False, threads: int | None = None):
+        """engine_class: an Engine subclass (tests inject faults through it); default Engine.
+        threads: torch CPU threads (default: every core this process may use; Ray would leave one per
+        requested CPU)."""
         from ..engine import Engine
         from .metrics import ServingMetrics
         from .sampler import SamplerConfig, TrafficSampler
@@ -99,6 +125,7 @@ class IndexCacheServer:
         self.metrics = self.engine = self.sampler = self.port = None
         if metrics_port:   # first: the readiness probe answers "loading" while the model loads
             self.port = self._serve_replica_port(int(metrics_port))
+        self.threads = configure_cpu(threads)
         self.model, pattern, self.tokenizer, name = load_model(model, dtype, cache_dir=model_cache)
         self.served_model_name = served_model_name or name
         self.metrics = ServingMetrics(self.served_model_name, deployment, self.model.args.n_layers, gpu_hourly_usd)
