@@ -214,6 +214,21 @@ class Engine:
                        on_submit: Callable[[EngineRequest], None] | None = None) -> AsyncIterator[TokenChunk]:
         """Async generator of chunks. Closing it early (client gone) aborts the request and frees its slot.
         `on_submit` receives the request (to abort it with another reason, e.g. a stop string)."""
+        batches = self.generate_batches(prompt, params, on_submit)
+        try:
+            async for batch in batches:
+                for chunk in batch:
+                    yield chunk
+        finally:
+            await batches.aclose()
+
+    async def generate_batches(self, prompt: list[int], params: SamplingParams,
+                               on_submit: Callable[[EngineRequest], None] | None = None
+                               ) -> AsyncIterator[list[TokenChunk]]:
+        """As generate(), but each item is every chunk that is already waiting (at least one; it never waits
+        for more): a consumer that lags behind the engine (one message per token through Ray costs
+        milliseconds on a CPU) catches up with one message for several tokens, and the first token still
+        goes out alone the moment it exists."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
         req = self.submit(prompt, params, lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, chunk))
@@ -221,9 +236,11 @@ class Engine:
             on_submit(req)
         try:
             while True:
-                chunk = await queue.get()
-                yield chunk
-                if chunk.finish_reason is not None:
+                batch = [await queue.get()]
+                while batch[-1].finish_reason is None and not queue.empty():
+                    batch.append(queue.get_nowait())
+                yield batch
+                if batch[-1].finish_reason is not None:
                     return
         finally:
             self.abort(req)   # no-op when it already finished

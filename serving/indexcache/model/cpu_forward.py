@@ -198,16 +198,24 @@ class CPUFastForward:
             k_all = ikc[slot_t, :S]
         if dense:
             return None
-        iq = proj[..., self.ik_end: self.iq_end].view(B, T, self.hi, self.di)
-        iq = torch.cat([self._rotate(iq[..., :ri], icos, isin).to(dt), iq[..., ri:]], -1)   # (B, T, Hi, Di)
-        w = proj[..., self.iq_end:].float() * self.w_scale                                # (B, T, Hi)
+        # queries that see at most top-k keys select them all; only the rest are scored (in a prefill chunk
+        # from position 0 that is every query past top-k, about half of a 1K prompt)
+        topk = self.args.index_topk
+        first = max(0, topk - starts[0]) if B == 1 else 0                                # first row scored
+        selected = visible.clone()                                                        # (B, T, S)
+        if first >= T:
+            return selected
+        rows = slice(first, T)
+        iq = proj[:, rows, self.ik_end: self.iq_end].view(B, T - first, self.hi, self.di)
+        iq = torch.cat([self._rotate(iq[..., :ri], icos[:, rows], isin[:, rows]).to(dt), iq[..., ri:]], -1)
+        w = proj[:, rows, self.iq_end:].float() * self.w_scale                            # (B, t, Hi)
         # score[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s]), fp32 as the reference scores
-        logits = torch.matmul(iq.float().flatten(1, 2), k_all.float().transpose(1, 2))    # (B, T*Hi, S)
-        logits = logits.relu_().view(B, T, self.hi, S)
-        scores = torch.matmul(w[:, :, None, :], logits)[:, :, 0]                         # (B, T, S)
-        scores = scores.masked_fill_(~visible, float("-inf"))
-        kk = min(self.args.index_topk, S)
-        values, idx = scores.topk(kk, dim=-1)                                             # (B, T, kk)
-        selected = torch.zeros(B, T, S, dtype=torch.bool)
-        selected.scatter_(2, idx, values != float("-inf"))
+        logits = torch.matmul(iq.float().flatten(1, 2), k_all.float().transpose(1, 2))    # (B, t*Hi, S)
+        logits = logits.relu_().view(B, T - first, self.hi, S)
+        scores = (logits * w[..., None]).sum(2)                                           # (B, t, S)
+        scores = scores.masked_fill_(~visible[:, rows], float("-inf"))
+        values, idx = scores.topk(min(topk, S), dim=-1, sorted=False)                     # (B, t, k)
+        chosen = torch.zeros(B, T - first, S, dtype=torch.bool)
+        chosen.scatter_(2, idx, values != float("-inf"))
+        selected[:, rows] = chosen
         return selected

@@ -101,7 +101,7 @@ class ServingEngine(Protocol):
 
     def check_prompt(self, prompt: list[int]) -> None: ...                 # raises ValueError / ContextLengthError
     def set_pattern(self, pattern: str, version: int) -> None: ...
-    def generate(self, prompt: list[int], params, on_submit: Callable | None = None) -> AsyncIterator: ...
+    def generate_batches(self, prompt: list[int], params, on_submit: Callable | None = None) -> AsyncIterator: ...
     def abort(self, request, reason: str = "abort") -> None: ...            # `request`: what on_submit received
     def is_alive(self) -> bool: ...
     def stop(self) -> None: ...
@@ -278,28 +278,36 @@ class IndexCacheServer:
             elif request.messages is not None:
                 self.sampler.offer(messages=request.messages)
         holder = []
-        agen = self.engine.generate(ids, params, on_submit=holder.append)
+        # lists of the chunks ready at once: a lagging stream (Ray's per-message cost) sends one delta for
+        # several tokens instead of falling further behind
+        agen = self.engine.generate_batches(ids, params, on_submit=holder.append)
         text = TextStream(self.tokenizer.decode, list(request.stop))
         want_logprobs = request.logprobs is not None
         pending: list[TokenLogprob] = []   # logprobs of tokens whose text has not been sent yet
         first = True
         try:
-            async for chunk in agen:
+            async for batch in agen:
                 if first:
-                    yield StreamHead(prompt_tokens=len(ids), pattern=chunk.pattern,
-                                     pattern_version=chunk.pattern_version)
+                    yield StreamHead(prompt_tokens=len(ids), pattern=batch[0].pattern,
+                                     pattern_version=batch[0].pattern_version)
                     first = False
-                token = chunk.token_id if chunk.token_id not in params.stop_token_ids else None
-                delta, stopped = text.push(token, final=chunk.finish_reason is not None)
-                if token is not None:
-                    self.metrics.generation_tokens.inc()
-                    if want_logprobs and chunk.logprob is not None:
-                        pending.append(self._token_logprob(chunk))
-                reason = "stop" if stopped else chunk.finish_reason
-                if stopped and chunk.finish_reason is None:
-                    self.engine.abort(holder[0], "stop")
+                deltas, reason, error = [], None, None
+                for chunk in batch:
+                    token = chunk.token_id if chunk.token_id not in params.stop_token_ids else None
+                    delta, stopped = text.push(token, final=chunk.finish_reason is not None)
+                    deltas.append(delta)
+                    if token is not None:
+                        self.metrics.generation_tokens.inc()
+                        if want_logprobs and chunk.logprob is not None:
+                            pending.append(self._token_logprob(chunk))
+                    reason, error = ("stop" if stopped else chunk.finish_reason), chunk.error
+                    if stopped and chunk.finish_reason is None:
+                        self.engine.abort(holder[0], "stop")
+                    if reason:   # nothing after a stop string or the end counts
+                        break
+                delta = "".join(deltas)
                 if delta or reason:
-                    yield TextDelta(delta, finish_reason=reason, completion_tokens=len(text.ids), error=chunk.error,
+                    yield TextDelta(delta, finish_reason=reason, completion_tokens=len(text.ids), error=error,
                                     logprobs=tuple(pending) if want_logprobs else None)
                     pending = []
                 if reason:
