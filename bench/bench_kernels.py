@@ -174,6 +174,35 @@ def bench_indexer_decode(n, batch):
             "fused_k_tbps": bytes_k / t_fused / 1e12}
 
 
+def bench_decode_topk(n, batch, reps=20):
+    """The decode indexer + top-k (FP8, one query per sequence over n keys) as a CUDA graph replays it,
+    with torch.topk on the fully written scores (the few-rows default) vs the one-program-per-row radix
+    kernel; microseconds per call and whether both pick the same sets."""
+    from indexcache.kernels import indexer as ix
+    q, k, w, ks = indexer_inputs(n, batch=batch, fp8=True, seed=3, n_queries=1)
+    qs = torch.full((batch,), n - 1, dtype=torch.int64, device="cuda")
+    kl = torch.full((batch,), n, dtype=torch.int64, device="cuda")
+    row, picked = {"context": n, "batch": batch}, {}
+    saved = ix.DECODE_ROWS_MIN_KEYS
+    try:
+        for name, threshold in (("torch_topk", 1 << 62), ("rows_kernel", 0)):
+            ix.DECODE_ROWS_MIN_KEYS = threshold
+            out = torch.empty(batch, 1, TOPK, dtype=torch.int32, device="cuda")
+            indexer_topk(q, k, w, TOPK, qs, kl, k_scale=ks, out=out)          # compile and warm up
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                indexer_topk(q, k, w, TOPK, qs, kl, k_scale=ks, out=out)
+            t = bench(lambda: [graph.replay() for _ in range(reps)], warmup=2, rep=5) / reps
+            row[f"{name}_us"] = t * 1e6
+            picked[name] = out.sort(dim=-1).values.clone()
+    finally:
+        ix.DECODE_ROWS_MIN_KEYS = saved
+    row["same_sets"] = bool(torch.equal(picked["torch_topk"], picked["rows_kernel"]))
+    row["rows_kernel_speedup"] = row["torch_topk_us"] / row["rows_kernel_us"]
+    return row
+
+
 def bench_mla(n_queries, batch, heads=20, dc=512, dr=64, s=65536, k_sel=TOPK, **cfg):
     g = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(batch, n_queries, heads, dc + dr, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -334,9 +363,27 @@ def main():
                     help="only the top-k tile sweep and the MLA decode cases (short run)")
     ap.add_argument("--only-mla", action="store_true",
                     help="only the peaks and sparse MLA, bf16 vs FP8 latent cache (short run)")
+    ap.add_argument("--only-decode-topk", action="store_true",
+                    help="only the decode indexer + top-k: torch.topk vs the one-program-per-row kernel")
     ap.add_argument("--only-served", action="store_true",
                     help="only the kernels as the served model calls them (MoE paths, in-place indexer)")
     args = ap.parse_args()
+    if args.only_decode_topk:
+        rows = []
+        for n in (16384, 65536, 131072, 200000):
+            for batch in (1, 8, 32):
+                rows.append(bench_decode_topk(n, batch))
+                print("decode_topk", json.dumps(rows[-1]), flush=True)
+        wins = [r["context"] for r in rows if r["rows_kernel_speedup"] > 1.05 and r["same_sets"]]
+        # the smallest context from which the rows kernel wins at every measured batch and context
+        ok = [n for n in sorted({r["context"] for r in rows})
+              if all(r["rows_kernel_speedup"] > 1.05 and r["same_sets"] for r in rows if r["context"] >= n)]
+        res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("BENCH_COMMIT", "?"),
+               "decode_topk": rows, "rows_kernel_wins_at": wins, "min_keys": ok[0] if ok else None}
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print("DECODE_TOPK_MIN_S", ok[0] if ok else "none", flush=True)
+        return
     if args.only_served:
         res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("BENCH_COMMIT", "?"), **served_cases()}
         with open(args.out, "w") as f:

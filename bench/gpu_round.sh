@@ -4,6 +4,7 @@
 # (pass the commit: the device machine's copy of the tree may carry another git HEAD)
 #   GPU_ROUND_SERVED=1: also `bench_kernels.py --only-served` (MoE paths, in-place indexer) and the FP8
 #   indexer probe (tools/fp8_indexer_probe.py) before the model benchmark.
+#   GPU_ROUND_DECODE_TOPK=1: time the decode top-k paths first and run the model with the faster one.
 set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=serving PYTHONUNBUFFERED=1
@@ -16,6 +17,12 @@ tail -5 "$OUT/gpu_tests.log"
 if [ -n "${GPU_ROUND_SERVED:-}" ]; then
     timeout 60 python3 tools/fp8_indexer_probe.py --seeds 4 > "$OUT/fp8_probe.jsonl" 2>&1; tail -4 "$OUT/fp8_probe.jsonl"
     timeout 120 python3 bench/bench_kernels.py --only-served --out "$OUT/kernels_served.json" 2>&1 | tail -12
+fi
+if [ -n "${GPU_ROUND_DECODE_TOPK:-}" ]; then    # pick the decode top-k path from a measurement, for the model run
+    timeout 120 python3 bench/bench_kernels.py --only-decode-topk --out "$OUT/decode_topk.json" 2>&1 | tail -14
+    min_s=$(python3 -c "import json; print(json.load(open('$OUT/decode_topk.json'))['min_keys'] or '')" 2>/dev/null)
+    [ -n "$min_s" ] && export INDEXCACHE_DECODE_TOPK_MIN_S=$min_s
+    echo "INDEXCACHE_DECODE_TOPK_MIN_S=${INDEXCACHE_DECODE_TOPK_MIN_S:-unset}" | tee "$OUT/decode_topk_choice.txt"
 fi
 timeout $(( ${BENCH_BUDGET:-360} + 120 )) python3 bench/bench_model.py --out "$OUT/model.json" \
     --time-budget "${BENCH_BUDGET:-360}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -30

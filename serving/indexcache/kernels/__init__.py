@@ -33,14 +33,17 @@ from .reference import (
     dequantize_experts_fp8,
     dequantize_latent_fp8,
     dequantize_weight_fp8_blocks,
-    quantize_indexer_fp8,
     quantize_experts_fp8,
     quantize_latent_fp8,
     quantize_weight_fp8_blocks,
     ref_fp8_block_linear,
+    quantize_indexer_fp8 as ref_quantize_indexer_fp8,
     ref_indexer_scores,
     ref_indexer_topk,
     ref_quantize_act_fp8_blocks,
+    ref_quantize_rows_fp8,
+    ref_rms_norm,
+    ref_rope,
     ref_sparse_attention_gqa,
     ref_sparse_attention_mla,
 )
@@ -51,6 +54,7 @@ __all__ = [
     "quantize_indexer_fp8", "quantize_latent_fp8", "dequantize_latent_fp8", "FP8_E4M3_MAX",
     "fp8_block_linear", "quantize_act_fp8_blocks", "dequantize_act_fp8_blocks", "quantize_weight_fp8_blocks",
     "dequantize_weight_fp8_blocks", "FP8_BLOCK", "moe_routed", "quantize_experts_fp8", "dequantize_experts_fp8",
+    "rope", "rms_norm", "quantize_rows_fp8",
 ]
 
 _MODES = ("torch", "triton", "auto", "masked")
@@ -88,6 +92,50 @@ def backend(device: torch.device | str | None = None) -> str:
         return "torch"
     on_cuda = device is not None and torch.device(device).type == "cuda"
     return "triton" if on_cuda and triton_available() else "torch"
+
+
+def _fused(*tensors) -> bool:
+    """The fused glue kernels (kernels/fused.py) run where the Triton backend does and no autograd graph is
+    being recorded through them (training on the GPU keeps the differentiable twins).
+    INDEXCACHE_FUSED=0 turns them off (the twins everywhere), for A/B measurements in one run."""
+    if backend(tensors[0].device) != "triton" or os.environ.get("INDEXCACHE_FUSED", "1") == "0":
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def rope(x, cos, sin, interleaved: bool, offset: int = 0, rope_dim: int | None = None):
+    """x (B, T, H, D) with dims [offset, offset + rope_dim) rotated by cos/sin (B, T, rope_dim/2) fp32;
+    a new tensor in x's dtype. One Triton kernel on CUDA, `ref_rope` elsewhere."""
+    if _fused(x):
+        from .fused import rope as fast
+        return fast(x, cos, sin, interleaved, offset, rope_dim)
+    return ref_rope(x, cos, sin, interleaved, offset, rope_dim)
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm of the last dim, then times weight: one Triton kernel on CUDA, `ref_rms_norm` elsewhere."""
+    if _fused(x, weight) and x.dtype == weight.dtype:
+        from .fused import rms_norm as fast
+        return fast(x, weight, eps)
+    return ref_rms_norm(x, weight, eps)
+
+
+def quantize_rows_fp8(x):
+    """x (..., N) -> (e4m3 (..., N), fp32 scale (...)), one scale per row (amax / 448)."""
+    if _fused(x):
+        from .fused import quantize_rows_fp8 as fast
+        return fast(x)
+    return ref_quantize_rows_fp8(x)
+
+
+def quantize_indexer_fp8(q, k, weights):
+    """Scaled e4m3 copies of the indexer's q (one scale per token and head, folded into the head weights)
+    and k (one scale per key): (q8, k8, weights * q_scale, k_scale); see `reference.quantize_indexer_fp8`."""
+    if _fused(q, k, weights):
+        q8, q_scale = quantize_rows_fp8(q)
+        k8, k_scale = quantize_rows_fp8(k)
+        return q8, k8, weights.float() * q_scale, k_scale
+    return ref_quantize_indexer_fp8(q, k, weights)
 
 
 def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, k_slots=None):

@@ -33,8 +33,13 @@ from .reference import check_indexer_inputs, ref_indexer_scores, ref_indexer_top
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # fp32 scores buffer per chunk of queries: at most this many elements (1 Gi elements = 4 GiB).
 _SCORE_BUFFER_ELEMENTS = 1 << 30
-# Below this many rows per chunk the one-program-per-row top-k leaves most SMs idle.
+# Below this many rows per chunk the one-program-per-row top-k leaves most SMs idle...
 _MIN_ROWS_FOR_RADIX = 256
+# ...unless the rows are long: from this many keys on, a decode row (fewer rows than the above) also takes
+# the one-program-per-row kernel instead of torch.topk (a multi-kernel radix pipeline, ~83 us per row of
+# 200K keys on the H200). Measured by `bench_kernels.py --only-decode-topk`; INDEXCACHE_DECODE_TOPK_MIN_S
+# overrides it.
+DECODE_ROWS_MIN_KEYS = int(os.environ.get("INDEXCACHE_DECODE_TOPK_MIN_S", str(1 << 62)))
 
 
 @triton.jit
@@ -376,7 +381,7 @@ def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, query_
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         rows = B * (t1 - t0)
-        radix = rows >= _MIN_ROWS_FOR_RADIX or INTERPRET
+        radix = rows >= _MIN_ROWS_FOR_RADIX or S >= DECODE_ROWS_MIN_KEYS or INTERPRET
         buf = scores[:, : t1 - t0]
         indexer_scores_into(q, k, weights, q_start, kv_len, k_scale, t0, t1, buf, write_all=not radix,
                             k_slots=k_slots)

@@ -14,6 +14,7 @@ Shapes (B batch, T queries, S keys/cache slots, H heads, D head dim, K selected 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Largest fp32 intermediate per chunk, in elements (64 Mi elements = 256 MiB).
 _CHUNK_ELEMENTS = 1 << 26
@@ -86,6 +87,37 @@ def quantize_indexer_fp8(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor
     q8 = (qf / q_scale[..., None]).to(torch.float8_e4m3fn)
     k8 = (kf / k_scale[..., None]).to(torch.float8_e4m3fn)
     return q8, k8, weights.float() * q_scale, k_scale.float()
+
+
+def ref_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, offset: int = 0,
+             rope_dim: int | None = None) -> torch.Tensor:
+    """Rotary embedding of dims [offset, offset + rope_dim) of x (B, T, H, D); the other dims are copied.
+    cos, sin (B, T, rope_dim/2) fp32. Interleaved pairs (2i, 2i+1) (DeepSeek) or rotate-half
+    (i, i + rope_dim/2) (Llama/HF), computed in fp32 and rounded once to x's dtype."""
+    rope_dim = x.shape[-1] - offset if rope_dim is None else rope_dim
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]                     # (B, T, 1, rope_dim/2)
+    xf = x[..., offset: offset + rope_dim].float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    if offset == 0 and rope_dim == x.shape[-1]:
+        return rotated.to(x.dtype)
+    return torch.cat([x[..., :offset], rotated.to(x.dtype), x[..., offset + rope_dim:]], dim=-1)
+
+
+def ref_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) in fp32 (one fused kernel), rounded to x's dtype, then times the weight."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def ref_quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., N) -> (x8 (..., N) e4m3, scale (...) fp32): one scale per row, amax / 448 (floored at 1e-12 / 448)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp_min(1e-12) / FP8_E4M3_MAX
+    return (xf / scale[..., None]).to(torch.float8_e4m3fn), scale
 
 
 def quantize_latent_fp8(latent: torch.Tensor):

@@ -51,19 +51,13 @@ def rope_frequencies(dim: int, args: ModelArgs) -> torch.Tensor:
     return torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
 
 
-def apply_rope(x: torch.Tensor, angles, interleaved: bool) -> torch.Tensor:
-    """x: (B, T, H, D); angles: (B, T, D/2) fp32 radians, or their (cos, sin), which a forward computes
-    once and shares with every layer. Interleaved pairs (DeepSeek) or rotate-half (Llama/HF)."""
+def apply_rope(x: torch.Tensor, angles, interleaved: bool, offset: int = 0, rope_dim: int | None = None) -> torch.Tensor:
+    """x: (B, T, H, D); angles: (B, T, rope_dim/2) fp32 radians, or their (cos, sin), which a forward
+    computes once and shares with every layer. Rotates dims [offset, offset + rope_dim) (default: all of
+    them) as interleaved pairs (DeepSeek) or rotate-half (Llama/HF) and copies the rest; a new tensor in
+    x's dtype. The math is `kernels.reference.ref_rope`; on CUDA one fused kernel (kernels/fused.py)."""
     cos, sin = angles if isinstance(angles, tuple) else (angles.cos(), angles.sin())
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]                     # (B, T, 1, D/2)
-    xf = x.float()
-    if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    else:
-        x1, x2 = xf.chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.to(x.dtype)
+    return kernels.rope(x, cos, sin, interleaved, offset, rope_dim)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,8 +203,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) in fp32 (one fused kernel), then the weight in x's dtype
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, then the weight (kernels.ref_rms_norm)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class Indexer(nn.Module):
@@ -234,11 +228,10 @@ class Indexer(nn.Module):
         B, T, _ = x.shape
         q = self.wq_b(q_src).view(B, T, self.n_heads, self.head_dim)         # (B, T, H, D)
         k = self.k_norm(self.wk(x))                                          # (B, T, D)
-        angles = ctx.angles[self.rope_dim]
-        q = torch.cat([apply_rope(q[..., : self.rope_dim], angles, self.interleaved), q[..., self.rope_dim:]], -1)
-        k_pe = apply_rope(k[..., None, : self.rope_dim], angles, self.interleaved)[..., 0, :]
-        k = torch.cat([k_pe, k[..., self.rope_dim:]], -1)
-        weights = self.weights_proj(x).float() * (self.n_heads ** -0.5) * (self.head_dim ** -0.5)  # (B, T, H)
+        angles = ctx.angles[self.rope_dim]                                   # RoPE on the first rope_dim dims
+        q = apply_rope(q, angles, self.interleaved, rope_dim=self.rope_dim)
+        k = apply_rope(k[:, :, None], angles, self.interleaved, rope_dim=self.rope_dim)[:, :, 0]
+        weights = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)  # (B, T, H)
         return q, k, weights
 
 
@@ -315,6 +308,26 @@ class GQAttention(nn.Module):
         return self.o_proj(out.flatten(2)), indices
 
 
+def per_head_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
+                    out_slice: slice | None = None) -> torch.Tensor:
+    """Per-head products x (B, T, H, a) @ w (H, a, c) -> (B, T, H, c), the einsum "bthd,hdc->bthc".
+
+    Outside autograd one batched GEMM writes straight into (B, T, H, ...) order, into
+    out[..., out_slice] when given (no permute copy, no cat: both are strided operands to the GEMM);
+    under autograd, the einsum. Returns `out` (or the new product)."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        product = torch.einsum("bthd,hdc->bthc", x, w.to(x.dtype))
+        if out is None:
+            return product
+        return torch.cat([out[..., : out_slice.start], product, out[..., out_slice.stop:]], dim=-1)
+    B, T, H, _ = x.shape
+    if out is None:
+        out, out_slice = x.new_empty(B, T, H, w.shape[-1]), slice(0, w.shape[-1])
+    target = out[..., out_slice].flatten(0, 1).transpose(0, 1)                     # (H, B*T, c), strided
+    torch.bmm(x.flatten(0, 1).transpose(0, 1), w.to(x.dtype), out=target)
+    return out
+
+
 class MLAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V3.2 / GLM-5), computed in the weight-absorbed form.
 
@@ -347,20 +360,22 @@ class MLAttention(nn.Module):
         angles = ctx.angles[self.rope]
         qr = self.q_a_layernorm(self.q_a_proj(x))                                   # (B, T, q_lora_rank)
         q = self.q_b_proj(qr).view(B, T, self.n_heads, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, angles, interleaved)                                # (B, T, H, rope)
+        q = apply_rope(q, angles, interleaved, offset=self.nope)                   # RoPE on the last rope dims
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)                      # (B, T, H, nope), (.., rope)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
-        latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe[:, :, None], angles, interleaved)[:, :, 0]], -1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], -1)[:, :, None]      # (B, T, 1, rank + rope)
+        latent = apply_rope(latent, angles, interleaved, offset=self.rank)[:, :, 0]  # (B, T, rank + rope)
         layer_cache = ctx.cache.layers[self.layer] if ctx.cache is not None else {}
         wkv_b = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, : self.nope])  # (B, T, H, rank)
-        q_abs = torch.cat([q_latent, q_pe], dim=-1)                                 # (B, T, H, rank + rope)
+        q_abs = q.new_empty(B, T, self.n_heads, self.rank + self.rope)             # (B, T, H, rank + rope)
+        q_abs = per_head_matmul(q_nope, wkv_b[:, : self.nope], out=q_abs, out_slice=slice(0, self.rank))
+        q_abs[..., self.rank:] = q_pe                                               # [q_nope W_UK | q_pe]
         if ctx.in_place and ctx.attention == "sparse":   # GPU: attend over the cache pool, no prefix copy
             write_cache(layer_cache["kv"], latent, ctx)
             indices = select_indices(self, x, qr, ctx, self.layer, shared, self.args.index_topk)
             q1, pool, idx = pooled(q_abs, layer_cache["kv"], indices, ctx)
             out_latent = kernels.sparse_attention_mla(q1, pool, idx, self.scale, self.rank).view(B, T, self.n_heads, -1)
-            out = torch.einsum("bthc,hdc->bthd", out_latent, wkv_b[:, self.nope:])   # (B, T, H, v_dim)
+            out = per_head_matmul(out_latent, wkv_b[:, self.nope:].transpose(1, 2))  # (B, T, H, v_dim)
             return self.o_proj(out.flatten(2)), indices
         kv_all = write_and_read(layer_cache.get("kv"), latent, ctx)                # (B, S, rank + rope)
         if ctx.attention == "dense":
@@ -370,7 +385,7 @@ class MLAttention(nn.Module):
         else:
             indices = select_indices(self, x, qr, ctx, self.layer, shared, self.args.index_topk)
             out_latent = kernels.sparse_attention_mla(q_abs, kv_all, indices, self.scale, self.rank)  # (B, T, H, rank)
-        out = torch.einsum("bthc,hdc->bthd", out_latent, wkv_b[:, self.nope:])   # (B, T, H, v_dim)
+        out = per_head_matmul(out_latent, wkv_b[:, self.nope:].transpose(1, 2))  # (B, T, H, v_dim)
         return self.o_proj(out.flatten(2)), indices
 
 
@@ -395,9 +410,20 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts), requires_grad=False)
 
+    def fp32_weight(self) -> torch.Tensor:
+        """The router runs in fp32. A bf16 model keeps one fp32 copy (remade if the weight changes) instead
+        of converting E x dim values every step; under autograd the conversion itself, differentiable."""
+        w = self.weight
+        if w.dtype == torch.float32 or (torch.is_grad_enabled() and w.requires_grad):
+            return w.float()
+        key = (w.data_ptr(), w._version, w.device)
+        if getattr(self, "_fp32_key", None) != key:
+            self._fp32_copy, self._fp32_key = w.detach().float(), key
+        return self._fp32_copy
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()                # (N, E)
+        scores = F.linear(x.float(), self.fp32_weight()).sigmoid()                 # (N, E)
         biased = scores + self.e_score_correction_bias.float()
         if a.n_expert_groups > 1:
             grouped = biased.view(x.shape[0], a.n_expert_groups, -1)               # (N, G, E/G)
