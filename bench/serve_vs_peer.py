@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -231,7 +230,8 @@ def main() -> None:
     from indexcache.model.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(bundled_model_dir())
     long_ids, decode_ids, batch = prompts(tokenizer, args.long_prompt_tokens)
-    result = {"commit": git_commit(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    from indexcache.model.cpu_dtype import cpu_name
+    result = {"commit": git_commit(), "cpu": cpu_name(), "cores": os.cpu_count(),
               "torch": torch.__version__, "command": " ".join(sys.argv), "load_before": loadavg(),
               "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}
 

@@ -20,7 +20,7 @@ from indexcache.model.dsa import KVCache
 PATTERN = "FSSFSF"
 
 
-def run_script(model, forward, cache, steps):
+def run_script(forward, steps):
     """steps: (tokens (B, T), starts, slots) -> list of (B, V) logits at each row's last position."""
     out = []
     for tokens, starts, slots in steps:
@@ -56,8 +56,8 @@ def test_fast_forward_matches_reference(make_model, dtype, topk, atol):
         with torch.no_grad():
             return model(tokens, start_pos=starts, cache=caches[0], slots=slots, pattern=PATTERN, logits_at=at)
 
-    got = run_script(model, lambda tk, st, sl, at: fast(tk, st, sl, PATTERN, caches[1], at), caches[1], steps)
-    want = run_script(model, ref, caches[0], steps)
+    got = run_script(lambda tk, st, sl, at: fast(tk, st, sl, PATTERN, caches[1], at), steps)
+    want = run_script(ref, steps)
     spread = max(float(w.max() - w.min()) for w in want)
     assert spread > 2.0, "the random model's logits are too flat to tell the paths apart"
     for i, (g, w) in enumerate(zip(got, want)):
