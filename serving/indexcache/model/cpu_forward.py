@@ -174,6 +174,8 @@ class CPUFastForward:
                                          icos, isin, visible, dense)
                 if not dense:
                     mask = selected[:, None]                                              # (B, 1, T, S)
+            elif not dense and mask is None:
+                raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask,
                 is_causal=causal, scale=self.scale, enable_gqa=True)                      # (B, Hq, T, Dh)
