@@ -7,6 +7,10 @@ percentiles (client-side, measured from the first byte of the request to each st
 
 TPOT here is the mean time between streamed chunks after the first, per request (a chunk is one token
 unless the server held text back for a stop string or an incomplete UTF-8 character).
+
+`--system-prompt-words N`: every request starts with the same N-word "system prompt" (seeded, fixed per
+run) before its own random words, the traffic a prefix cache serves (`indexcache serve --kv-cache-tokens
+... [--no-prefix-caching]`): compare TTFT with and without it.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def client_loop(client: openai.AsyncOpenAI, model: str, args, deadline: float, rng: random.Random, out: list):
     while time.monotonic() < deadline:
-        prompt = " ".join(rng.choice(WORDS) for _ in range(args.prompt_words))
+        prompt = args.system_prompt + " ".join(rng.choice(WORDS) for _ in range(args.prompt_words))
         t0 = time.monotonic()
         stamps = []
         try:
@@ -83,9 +87,13 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=30, help="seconds per concurrency level")
     p.add_argument("--prompt-words", type=int, default=60)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--system-prompt-words", type=int, default=0,
+                   help="a shared prefix of this many words before every request's own words (prefix caching)")
     p.add_argument("--api-key")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    shared = random.Random(1234)
+    args.system_prompt = "".join(shared.choice(WORDS) + " " for _ in range(args.system_prompt_words))
     results = []
     for n in args.clients:
         r = asyncio.run(run(args.url, n, args))

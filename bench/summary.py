@@ -70,6 +70,7 @@ def _model(pattern: str, ctx: int = 200000) -> str:
 
 
 SERVED = "bench/results/model_served_edd0c78.json"
+SERVED_H100 = "bench/results/model_served_32069d5_h100.json"
 GPU_ROUND = "BENCH_BUDGET=330 bash bench/gpu_round.sh --contexts 65536,200000 --patterns all-F,1/4"
 ROWS = [
     Row("30B-shape served model (`Engine`, H200), prefill 200K, all-F / 1/4", SERVED,
@@ -80,6 +81,12 @@ ROWS = [
         lambda g: (f"{g(_model('all-F') + '.decode_tokens_per_s'):.1f} / "
                    f"{g(_model('1/4') + '.decode_tokens_per_s'):.1f} tok/s"),
         ">= 49 / 69 tok/s (#14)", GPU_ROUND),
+    Row("30B-shape served model, fused glue kernels, **H100** (lent instead of the H200): prefill 200K / decode 200K, all-F; 1/4",
+        SERVED_H100,
+        lambda g: (f"{g(_model('all-F') + '.prefill_s'):.2f} s / {g(_model('all-F') + '.decode_tokens_per_s'):.1f} tok/s; "
+                   f"{g(_model('1/4') + '.prefill_s'):.2f} s / {g(_model('1/4') + '.decode_tokens_per_s'):.1f} tok/s"),
+        "H200: <= 33.7 s / >= 49 tok/s; <= 18.1 s / >= 69 tok/s (#14)",
+        "GPU_ROUND_DECODE_TOPK=1 BENCH_BUDGET=300 bash bench/gpu_round.sh --contexts 65536,200000 --patterns all-F,1/4"),
     Row("30B-shape served model, decode batch 32 at 4K, all-F / 1/4", SERVED,
         lambda g: (f"{g('batched[batch=32,pattern=all-F].decode_tokens_per_s'):.0f} / "
                    f"{g('batched[batch=32,pattern=1/4].decode_tokens_per_s'):.0f} tok/s"), "", GPU_ROUND),

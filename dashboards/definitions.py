@@ -101,7 +101,18 @@ SERVING_DASHBOARD = Dashboard(
             Panel("KV cache usage", [
                 Query(f"max by (deployment) (indexcache_kv_cache_usage_ratio{SERVING})", "{{deployment}} max replica"),
                 Query(f"avg by (deployment) (indexcache_kv_cache_usage_ratio{SERVING})", "{{deployment}} mean"),
-            ], unit="percentunit"),
+            ], unit="percentunit",
+                description="Paged pool: blocks held by requests / pool blocks (cached prefix blocks nobody holds count as free)."),
+            Panel("Prefix cache hit rate", [Query(
+                f"{_rate('indexcache_prefix_cache_hits_total')} / {_rate('indexcache_prefix_cache_queries_total')}",
+                "{{deployment}}")], unit="percentunit",
+                description="Share of prompt tokens whose KV was reused from cached prefix blocks (system prompts, "
+                            "chat history) instead of prefilled."),
+            Panel("Preemptions per second", [Query(_rate("indexcache_num_preemptions_total"), "{{deployment}}")],
+                  unit="short",
+                  description="Requests preempted because decode ran out of KV blocks; they are recomputed later. "
+                              "Sustained preemptions: the pool is too small for the load (raise "
+                              "--gpu-memory-utilization or scale out)."),
         ]),
     ],
 )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import yaml
 from kubernetes.utils import parse_quantity
 from indexcache_contracts.serve_app import (INGRESS_DEPLOYMENT, INGRESS_HEADROOM, SERVE_IMPORT_PATH,
-                                            SERVER_DEPLOYMENT)
+                                            SERVER_DEPLOYMENT, server_resources)
 
 from indexcache_operator import (API_VERSION, COMPONENT_LABEL, DEPLOYMENT_LABEL, KIND, MANAGED_BY,
                                  MANAGED_BY_LABEL)
@@ -157,7 +157,10 @@ def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | No
     server: dict = {
         "name": SERVER_DEPLOYMENT,
         "max_ongoing_requests": spec.max_ongoing_requests,
-        "ray_actor_options": {"num_gpus": spec.gpus_per_replica},
+        # gpusPerReplica > 1: the tensor-parallel size; the replica reserves a placement group of one CPU
+        # bundle (itself) and one GPU bundle per shard worker on one node (STRICT_PACK: the replica's pod)
+        **(server_resources(spec.gpus_per_replica, 1, 1) if spec.gpus_per_replica > 1
+           else {"ray_actor_options": {"num_gpus": spec.gpus_per_replica}}),
         "user_config": user_config(spec, pattern, pattern_version),
     }
     if spec.autoscaling is None:
@@ -185,6 +188,8 @@ def serve_config(owner: Owner, spec: IndexCacheDeploymentSpec, pattern: str | No
                 "samples_dir": SAMPLES_DIR,
                 "model_cache": MODEL_CACHE_DIR,
                 "metrics_port": REPLICA_METRICS_PORT,
+                # the model sharded over the replica's GPUs (tensor + expert parallel); 1: in-process
+                "tensor_parallel_size": spec.gpus_per_replica,
             },
             "deployments": [
                 server,

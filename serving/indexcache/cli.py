@@ -1,4 +1,4 @@
-"""`indexcache` command line: generate, serve, pattern, convert, train-indexer, eval, calibrate, distill."""
+"""`indexcache` command line: generate, serve, pattern, convert, train-indexer, eval, calibrate, distill, plan."""
 
 from __future__ import annotations
 
@@ -241,7 +241,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app_args = dict(model=model, served_model_name=served_model_name, max_ongoing_requests=args.max_ongoing_requests,
                     max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, samples_dir=args.samples_dir,
                     sample_rate=args.sample_rate, gpu_hourly_usd=args.gpu_hourly_usd, api_key=args.api_key,
-                    pattern=pattern, enforce_eager=args.enforce_eager, dtype=args.dtype, threads=args.threads)
+                    pattern=pattern, enforce_eager=args.enforce_eager, kv_cache_tokens=args.kv_cache_tokens,
+                    gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
+                    prefix_caching=not args.no_prefix_caching, dtype=args.dtype, threads=args.threads)
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     print(f"starting Ray Serve on {args.host}:{args.port} with model {uri} ...", file=sys.stderr, flush=True)
@@ -447,15 +449,34 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="weights' dtype; auto: bf16 on GPUs, on a CPU the faster of bf16 and fp32 (measured once)")
     p.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs (debugging; GPUs only)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="paged KV cache of this many tokens shared by all requests (default: off, one "
+                        "max-model-len slot per request)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="paged KV cache sized to fill this share (0-1] of the GPU's memory after the weights "
+                        "(GPUs only; like vLLM)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per KV block of the paged cache")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="paged cache: do not reuse the KV blocks of earlier requests' identical prefixes")
     add_pattern_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_plan_parser(sub) -> None:
+    from .model.plan import add_plan_arguments, main_plan
+    p = sub.add_parser("plan", help="memory plan of a replica: weights per GPU, KV bytes per token, tokens that fit",
+                       formatter_class=DefaultsShown,
+                       description="Exit status 1 when not even one sequence of --max-model-len fits.")
+    add_plan_arguments(p)
+    p.set_defaults(func=main_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_generate_parser, add_convert_parser, add_train_indexer_parser, add_eval_parser,
-                add_calibrate_parser, add_distill_parser, add_fetch_parser, add_serve_parser, add_pattern_parser):
+                add_calibrate_parser, add_distill_parser, add_fetch_parser, add_serve_parser, add_pattern_parser,
+                add_plan_parser):
         add(sub)
     return parser
 

@@ -35,6 +35,9 @@ PREFILL_TIME_SECONDS = "indexcache_request_prefill_time_seconds"
 DECODE_TIME_SECONDS = "indexcache_request_decode_time_seconds"
 REQUEST_PROMPT_TOKENS = "indexcache_request_prompt_tokens"
 REQUEST_GENERATION_TOKENS = "indexcache_request_generation_tokens"
+PREFIX_CACHE_HITS = "indexcache_prefix_cache_hits_total"         # prompt tokens served from cached KV blocks
+PREFIX_CACHE_QUERIES = "indexcache_prefix_cache_queries_total"   # prompt tokens looked up in the prefix cache
+PREEMPTIONS = "indexcache_num_preemptions_total"                 # requests preempted (out of KV blocks)
 
 SERVING_METRICS = {
     TTFT_SECONDS: "histogram", TPOT_SECONDS: "histogram", E2E_SECONDS: "histogram",
@@ -44,7 +47,8 @@ SERVING_METRICS = {
     GPU_HOURLY_USD: "gauge", COST_USD: "counter", COST_SAVED_USD: "counter",
     HTTP_RESPONSES: "counter", REQUESTS_REJECTED: "counter", QUEUE_TIME_SECONDS: "histogram",
     PREFILL_TIME_SECONDS: "histogram", DECODE_TIME_SECONDS: "histogram", REQUEST_PROMPT_TOKENS: "histogram",
-    REQUEST_GENERATION_TOKENS: "histogram",
+    REQUEST_GENERATION_TOKENS: "histogram", PREFIX_CACHE_HITS: "counter", PREFIX_CACHE_QUERIES: "counter",
+    PREEMPTIONS: "counter",
 }
 
 OPERATOR_LABELS = ("namespace", "name")

@@ -49,9 +49,18 @@ class AppArgs:
     num_replicas: int = 1
     num_gpus: float = 0
     num_cpus: float = 1
+    # GPUs (ranks) of one replica: > 1 shards the model over that many worker actors in a placement group
+    # of one node (tensor + expert parallel; the operator sets it from gpusPerReplica)
+    tensor_parallel_size: int = 1
     dtype: str = "auto"                    # auto: bf16 on CUDA; on a CPU the faster of bf16/fp32 (measured once)
     threads: int | None = None             # torch CPU threads of the replica (default: every core it may use)
     enforce_eager: bool = False            # decode without CUDA graphs (debugging), like vLLM's --enforce-eager
+    # paged KV cache (off: the contiguous max_batch_size x max_model_len slot cache): a token budget, or the
+    # share of the GPU's memory the replica may fill (vLLM's --gpu-memory-utilization); blocks of block_size
+    kv_cache_tokens: int | None = None
+    gpu_memory_utilization: float | None = None
+    block_size: int = 64
+    prefix_caching: bool = True            # reuse cached prefix blocks (paged cache only)
 
 
 # field -> (kind, minimum, maximum); kind "int" refuses floats and booleans, "number" takes ints too
@@ -62,7 +71,9 @@ _APP_ARG_TYPES: dict[str, tuple[str, float | None, float | None]] = {
     "samples_dir": ("str", None, None), "sample_rate": ("number", 0, 1), "gpu_hourly_usd": ("number", 0, None),
     "metrics_port": ("int", 1, 65535), "api_key": ("str", None, None), "pattern": ("str", None, None),
     "num_replicas": ("int", 1, None), "num_gpus": ("number", 0, None), "num_cpus": ("number", 0, None),
-    "dtype": ("str", None, None), "enforce_eager": ("bool", None, None), "threads": ("int", 1, None),
+    "dtype": ("str", None, None), "enforce_eager": ("bool", None, None), "tensor_parallel_size": ("int", 1, 16),
+    "kv_cache_tokens": ("int", 1, None), "gpu_memory_utilization": ("number", 0, 1), "block_size": ("int", 1, None),
+    "prefix_caching": ("bool", None, None), "threads": ("int", 1, None),
 }
 _NULLABLE = {f.name for f in dataclasses.fields(AppArgs) if f.default is None}
 _DTYPES = ("auto", "float32", "bfloat16")
@@ -100,6 +111,18 @@ def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
     if args.get("pattern") is not None and (why := pattern_problem(args["pattern"], field="build_app args.pattern")):
         raise ValueError(why)
     return AppArgs(**args)
+
+
+def server_resources(tensor_parallel_size: int, num_gpus: float, num_cpus: float) -> dict:
+    """The server deployment's resources. One rank: the replica actor holds the GPU(s) itself. N ranks: each
+    replica reserves a placement group on one node (STRICT_PACK): its own bundle (CPU only), then one bundle
+    per shard worker (a GPU each when the app asks for GPUs); the replica starts the workers in them."""
+    if tensor_parallel_size == 1:
+        return {"ray_actor_options": {"num_gpus": num_gpus, "num_cpus": num_cpus}}
+    worker = {"GPU": 1, "CPU": 1} if num_gpus else {"CPU": 1}
+    return {"ray_actor_options": {"num_gpus": 0, "num_cpus": num_cpus},
+            "placement_group_bundles": [{"CPU": num_cpus}] + [worker] * tensor_parallel_size,
+            "placement_group_strategy": "STRICT_PACK"}
 
 
 # ---------------------------------------------------------------------------------------------------

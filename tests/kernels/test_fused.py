@@ -3,8 +3,9 @@
 formulas on the CPU.
 
 Tolerances: fp32 outputs within 1e-6 relative (both compute in fp32; the kernel may fuse a multiply-add);
-bf16 outputs within one bf16 rounding step (2^-8 relative) of the twin, since an fp32 result a hair from a
-rounding boundary can round the other way; FP8: scales within 1e-6 relative and every e4m3 value equal to
+bf16 outputs within one bf16 step of the twin (2^-7 relative: the step is 2^-7 of the value just above a
+power of two, 2^-8 just below), since an fp32 result a hair from a rounding boundary can round the other
+way (seen on the H100: 2 of 1.6 M elements, one step apart); FP8: scales within 1e-6 relative and every e4m3 value equal to
 the twin's or one e4m3 step (2^-3 relative) away, on at most 0.1 % of the elements.
 `gpu`-marked tests run on CUDA, and under Triton's interpreter in CI (test_triton_interpreted.py).
 """
@@ -31,7 +32,7 @@ def assert_close_to_twin(out, twin, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(out, twin, rtol=1e-6, atol=1e-6)
     else:
-        torch.testing.assert_close(out.float(), twin.float(), rtol=2 ** -8, atol=1e-5)
+        torch.testing.assert_close(out.float(), twin.float(), rtol=2 ** -7, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- CPU

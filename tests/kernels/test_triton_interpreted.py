@@ -12,7 +12,8 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize("tests", ["test_triton_kernels.py", "test_fp8_gemm.py", "test_moe.py", "test_moe_fp8.py",
-                                   "test_model_fast_path.py", "test_fp8_model.py", "test_fused.py"])
+                                   "test_model_fast_path.py", "test_fp8_model.py", "test_fused.py",
+                                   "test_paged_fast_path.py"])
 def test_triton_kernels_match_their_references_under_the_interpreter(tests):
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",

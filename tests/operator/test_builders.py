@@ -73,7 +73,15 @@ def test_rayservice_is_valid_for_kuberay_and_carries_the_serve_contract(kit, var
     assert app["import_path"] == "indexcache.serving.app:build_app"
     assert app["args"]["model"] == s.model.uri and app["args"]["deployment"] == "chat"
     server = next(d for d in app["deployments"] if d["name"] == "IndexCacheServer")
-    assert server["ray_actor_options"]["num_gpus"] == 4
+    # gpusPerReplica 4: a 4-rank tensor-parallel replica; its placement group holds the 4 GPUs on one node
+    # (STRICT_PACK), in bundles that fit the one worker pod that has them
+    assert app["args"]["tensor_parallel_size"] == s.gpus_per_replica == 4
+    assert server["ray_actor_options"]["num_gpus"] == 0 and server["placement_group_strategy"] == "STRICT_PACK"
+    bundles = server["placement_group_bundles"]
+    assert sum(bundle.get("GPU", 0) for bundle in bundles) == 4 and [bundle.get("GPU", 0) for bundle in bundles] == [0, 1, 1, 1, 1]
+    pod_cpu = parse_quantity(rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+                             ["resources"]["limits"]["cpu"])
+    assert sum(bundle["CPU"] for bundle in bundles) <= pod_cpu
     expected_user_config = {"pattern_version": 3, "sample_rate": 0.1, "gpu_hourly_usd": 10.0}
     if b_pattern:
         expected_user_config["pattern"] = b_pattern

@@ -16,7 +16,7 @@ from indexcache.model.tiny import TINY_CONFIG
 from indexcache.serving.kube import parse_configmap_target
 from indexcache.serving.server import IndexCacheServer
 from indexcache_contracts.calibration import check_calibration_result
-from indexcache_contracts.serve_app import INGRESS_HEADROOM, check_ingress_config, parse_app_args
+from indexcache_contracts.serve_app import INGRESS_HEADROOM, check_ingress_config, parse_app_args, server_resources
 from indexcache_operator import builders as b
 from indexcache_operator.config import OperatorConfig
 from indexcache_operator.models import IndexCacheDeploymentSpec
@@ -66,6 +66,12 @@ def test_every_serve_config_the_operator_builds_passes_the_serving_apps_own_pars
     builder = import_attr(app["import_path"])
     assert isinstance(builder(app["args"]), Application)
     assert parse_app_args(app["args"]).model == s.model.uri
+    # gpusPerReplica is the replica's tensor-parallel size, and the app's own resource rule gives its bundles
+    assert parse_app_args(app["args"]).tensor_parallel_size == s.gpus_per_replica
+    server_options = {k: v for k, v in {d["name"]: d for d in app["deployments"]}["IndexCacheServer"].items()
+                      if k in ("ray_actor_options", "placement_group_bundles", "placement_group_strategy")}
+    assert server_options == server_resources(s.gpus_per_replica, 1, 1) if s.gpus_per_replica > 1 else \
+        server_options == {"ray_actor_options": {"num_gpus": 1}}
     deployments = {d["name"]: d for d in app["deployments"]}
     # the server's user_config: a live replica applies it (no pattern key: it keeps the one it runs)
     before = replica.info()["pattern"]

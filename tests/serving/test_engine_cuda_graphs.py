@@ -12,8 +12,8 @@ from tiny_models import random_model
 pytestmark = pytest.mark.gpu
 
 
-def _serve(model, enforce_eager: bool, prompts, switch_at: int):
-    engine = Engine(model, max_batch_size=6, chunk_size=16, max_model_len=160, enforce_eager=enforce_eager)
+def _serve(model, enforce_eager: bool, prompts, switch_at: int, **paged):
+    engine = Engine(model, max_batch_size=6, chunk_size=16, max_model_len=160, enforce_eager=enforce_eager, **paged)
     out = {i: [] for i in range(len(prompts))}
     step, pending = 0, list(range(len(prompts)))
     while pending or engine.running or engine.waiting:
@@ -29,14 +29,19 @@ def _serve(model, enforce_eager: bool, prompts, switch_at: int):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("family", ["gqa", "mla"])
-def test_graph_decode_gives_the_eager_tokens(family):
+@pytest.mark.parametrize("paged", [False, True], ids=["slots", "paged"])
+def test_graph_decode_gives_the_eager_tokens(family, paged):
+    """Paged: block tables are a static graph input (16-token blocks, a pool large enough for everyone:
+    no preemption, so the eager contiguous run is the twin too)."""
     model = random_model(family, seed=int(torch.randint(0, 10_000, ())), projection_std=0.2,
                          index_head_dim=32).cuda()   # the FP8 indexer's tensor-core dots need K >= 32
     g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
     prompts = [torch.randint(2, model.args.vocab_size, (int(n),), generator=g).tolist()
                for n in torch.randint(3, 40, (6,), generator=g)]
     eager, _ = _serve(model, True, prompts, switch_at=7)
-    graphed, engine = _serve(model, False, prompts, switch_at=7)
+    kw = {"kv_cache_tokens": 6 * 160, "block_size": 16} if paged else {}
+    graphed, engine = _serve(model, False, prompts, switch_at=7, **kw)
     assert engine.graphs is not None and engine.graphs.captures >= 3
+    assert (engine.pool is not None) == paged
     for i in eager:
         assert len(eager[i]) == 64 and graphed[i] == eager[i], f"request {i}"

@@ -9,6 +9,9 @@ launch gaps disappear (vLLM and SGLang do the same). What a graph bakes in is st
   - the IndexCache pattern (which layers run an indexer): a pattern switch selects the new pattern's
     graphs (captured on first use) while requests admitted earlier keep replaying theirs.
 Inputs are copied into static buffers before each replay; the logits come back from a static output.
+Paged KV cache (`max_blocks`): the block tables are one more static input, (Bmax, max_blocks) int32 with
+max_blocks = ceil(max_len / block_size) columns, so every context bucket reads through the same buffer;
+entries past a request's blocks and the padding rows' tables hold the null block 0, which no request owns.
 All graphs share one memory pool: they replay one at a time, and each keeps its output tensor alive.
 The eager forward is the twin (`enforce_eager=True`), compared token for token in tests/engine.
 """
@@ -36,11 +39,21 @@ def context_bucket(n: int, max_len: int) -> int:
     return min(bucket, max_len)
 
 
+def padded_tables(tables: list[list[int]], rows: int, width: int) -> torch.Tensor:
+    """(rows, width) int32 host tensor: each request's blocks, then the null block 0 (also for padding rows)."""
+    if any(len(t) > width for t in tables):
+        raise ValueError(f"a block table is longer than the graphs' {width} columns (max_len / block_size)")
+    out = torch.zeros(rows, width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return out
+
+
 class DecodeGraphs:
     """Captures and replays decode steps of `model` over `cache`. `pad_slot`: a cache slot no request
     owns, where padding rows write."""
 
-    def __init__(self, model, cache, max_batch_size: int, max_len: int, pad_slot: int):
+    def __init__(self, model, cache, max_batch_size: int, max_len: int, pad_slot: int, max_blocks: int | None = None):
         self.model, self.cache, self.max_len, self.pad_slot = model, cache, max_len, pad_slot
         self.buckets = batch_buckets(max_batch_size)
         device = model.lm_head.weight.device
@@ -49,6 +62,8 @@ class DecodeGraphs:
         self.starts = torch.zeros(n, dtype=torch.long, device=device)          # (Bmax,)
         self.slots = torch.full((n,), pad_slot, dtype=torch.long, device=device)
         self.logits_at = torch.zeros(n, dtype=torch.long, device=device)       # decode: the one new token
+        self.block_tables = (None if max_blocks is None else
+                             torch.zeros(n, max_blocks, dtype=torch.int32, device=device))   # (Bmax, max_blocks)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.captures = 0
@@ -59,9 +74,10 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"batch {batch} exceeds the largest graph bucket {self.buckets[-1]}")
 
-    def run(self, tokens: list[int], starts: list[int], slots: list[int], pattern: str) -> torch.Tensor:
+    def run(self, tokens: list[int], starts: list[int], slots: list[int], pattern: str,
+            tables: list[list[int]] | None = None) -> torch.Tensor:
         """One decode position for len(tokens) requests -> logits (B, V) fp32 (a view of a static buffer:
-        read it before the next replay)."""
+        read it before the next replay). `tables`: each request's blocks (paged cache)."""
         B = len(tokens)
         bb = self.bucket(B)
         kv_bound = context_bucket(max(starts) + 1, self.max_len)
@@ -74,6 +90,8 @@ class DecodeGraphs:
             self.tokens[B:bb].zero_()
             self.starts[B:bb].zero_()
             self.slots[B:bb].fill_(self.pad_slot)
+        if self.block_tables is not None:
+            self.block_tables[:bb].copy_(padded_tables(tables, bb, self.block_tables.shape[1]), non_blocking=True)
         key = (bb, kv_bound, pattern)
         if key not in self.graphs:
             self.graphs[key] = self._capture(bb, kv_bound, pattern)
@@ -87,8 +105,10 @@ class DecodeGraphs:
             del self.graphs[key]
 
     def _forward(self, bb: int, kv_bound: int, pattern: str) -> torch.Tensor:
-        return self.model(self.tokens[:bb], start_pos=self.starts[:bb], cache=self.cache, slots=self.slots[:bb],
-                          pattern=pattern, logits_at=self.logits_at[:bb], kv_bound=kv_bound)
+        where = ({"slots": self.slots[:bb]} if self.block_tables is None
+                 else {"block_tables": self.block_tables[:bb]})
+        return self.model(self.tokens[:bb], start_pos=self.starts[:bb], cache=self.cache, pattern=pattern,
+                          logits_at=self.logits_at[:bb], kv_bound=kv_bound, **where)
 
     @torch.no_grad()
     def _capture(self, bb: int, kv_bound: int, pattern: str):

@@ -16,6 +16,15 @@ Faults stay with the request that caused them: a forward or sampling error fails
 (finish_reason "error"); a failed batched decode is re-run request by request to find it, so the rest of
 the batch continues with the same tokens as if nothing happened.
 
+KV memory: the contiguous slot cache (max_batch_size x max_model_len rows, the default) or, with
+`kv_cache_tokens` / `gpu_memory_utilization`, a paged pool (block_pool.py, model/paged.py). Paged, step 2
+admits the head of the queue only when its prompt's blocks are free (less the longest cached prefix it
+can reuse, and keeping one block per running request for its next decode position), step 4 first gives
+each decoding request the block its next position needs, preempting the youngest running request when
+none is free (its blocks are freed, it goes back to the head of the queue, and its prompt plus the tokens
+it generated are recomputed on re-admission: the tokens it emits do not change), and every block that
+fills up is entered in the prefix table for later requests.
+
 Live pattern switch: `set_pattern()` only changes what *new* requests get. Each request keeps the pattern
 it was admitted with until it finishes, so its output equals the same request run alone on that pattern
 (the slow twin: `engine.generate.generate` / `naive_generate`). The cache holds indexer keys for the union of
@@ -37,7 +46,9 @@ import torch
 
 from .. import kernels
 from ..model.dsa import DSAForCausalLM, KVCache
+from ..model.paged import PagedKVCache, kv_bytes_per_token
 from ..serving.metrics import FlopModel, ServingMetrics
+from .block_pool import BlockPool, chain_hash
 from .cuda_graphs import DecodeGraphs
 from .sampling import SamplingParams, make_generator, sample_token, token_logprobs
 
@@ -77,10 +88,26 @@ class EngineRequest:
     first_token_at: float | None = None
     abort_reason: str | None = None      # set from any thread; the engine frees the slot on its next step
     finished: bool = False
+    # paged KV cache: the request's blocks (its block table), the prefix hashes of its full blocks so far
+    blocks: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    n_registered: int = 0                # leading blocks already entered in the prefix table
+    preemptions: int = 0
+
+    @property
+    def prefill_len(self) -> int:
+        """Tokens to put in the cache before decoding: the prompt, and after a preemption (recompute)
+        every generated token but the last, which the next decode step feeds."""
+        return len(self.prompt) + max(len(self.output) - 1, 0)
 
     @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.prompt)
+        return self.cached < self.prefill_len
+
+    def tokens(self, a: int, b: int) -> list[int]:
+        """Tokens a..b-1 of prompt + output (without copying the whole sequence)."""
+        n = len(self.prompt)
+        return self.prompt[a:b] + self.output[max(a - n, 0):max(b - n, 0)]
 
 
 class Engine:
@@ -88,9 +115,10 @@ class Engine:
                  max_batch_size: int = 8, max_model_len: int | None = None, chunk_size: int = 256,
                  metrics: ServingMetrics | None = None, enforce_eager: bool = False,
                  indexer_fp8: bool | None = None, warm_up: bool | None = None,
-                 cpu_fast_path: bool | None = None):
-        """cpu_fast_path: run forwards through model/cpu_forward.py (CPU, GQA, dense MLPs); None = whenever
-        the model is one it supports, False = always the readable reference forward of dsa.py."""
+                 kv_cache_tokens: int | None = None, gpu_memory_utilization: float | None = None,
+                 block_size: int = 64, prefix_caching: bool = True, cpu_fast_path: bool | None = None):
+        """cpu_fast_path: run forwards through model/cpu_forward.py (CPU, GQA, dense MLPs, the contiguous
+        slot cache); None = whenever it can, False = always the readable reference forward of dsa.py."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if chunk_size < 1:
@@ -113,10 +141,31 @@ class Engine:
         # engine never pads: its only bucket is 1)
         padded = self.cuda_graphs and max_batch_size > 1
         n_slots = max_batch_size + (1 if padded else 0)
-        self.cache = KVCache(self.args, n_slots, self.max_model_len, self.pattern,
-                             dtype=model.lm_head.weight.dtype, device=self.device, indexer_fp8=self.indexer_fp8)
+        dtype = model.lm_head.weight.dtype
+        make_cache = getattr(model, "make_cache", None)   # a distributed model: its workers hold the caches
+        # paged KV pool (a token budget, or a share of GPU memory) or the contiguous slot cache
+        self.pool: BlockPool | None = None
+        if kv_cache_tokens is not None or gpu_memory_utilization is not None:
+            if make_cache is not None:
+                raise ValueError("kv_cache_tokens / gpu_memory_utilization (the paged KV cache) do not work with "
+                                 "tensor_parallel_size > 1 yet: leave them unset for a sharded model")
+            n_blocks = self._pool_blocks(kv_cache_tokens, gpu_memory_utilization, block_size, dtype)
+            self.pool = BlockPool(n_blocks, block_size, prefix_caching)
+            self.cache = PagedKVCache(self.args, n_blocks, block_size, self.pattern, dtype=dtype,
+                                      device=self.device, indexer_fp8=self.indexer_fp8)
+            self.max_blocks = -(-self.max_model_len // block_size)   # block-table width
+            log.info("paged KV cache: %d blocks of %d tokens (%d tokens, %.2f GB), prefix caching %s",
+                     n_blocks - 1, block_size, (n_blocks - 1) * block_size, self.cache.nbytes() / 1e9,
+                     "on" if prefix_caching else "off")
+        elif make_cache is not None:
+            self.cache = make_cache(n_slots, self.max_model_len, self.pattern)
+        else:
+            self.cache = KVCache(self.args, n_slots, self.max_model_len, self.pattern,
+                                 dtype=dtype, device=self.device, indexer_fp8=self.indexer_fp8)
         self.graphs = (DecodeGraphs(model, self.cache, max_batch_size, self.max_model_len,
-                                    pad_slot=max_batch_size if padded else 0) if self.cuda_graphs else None)
+                                    pad_slot=max_batch_size if padded else 0,
+                                    max_blocks=self.max_blocks if self.pool is not None else None)
+                       if self.cuda_graphs else None)
         self.cpu_fast = self._cpu_fast_forward(model, cpu_fast_path)
         self.flops = FlopModel.of(self.args)
         self.metrics = metrics
@@ -132,16 +181,53 @@ class Engine:
         self._stopping = False
         self.forwards = 0   # forwards run (a test counts them to see batching happen)
         self._graph_patterns_in_use: set[str] | None = None
+        self._patterns_in_use: set[str] | None = None   # paged: patterns whose indexer-key pools are kept
         self.warm_up_s = self.warm_up() if (on_cuda if warm_up is None else warm_up) else 0.0
 
     def _cpu_fast_forward(self, model: DSAForCausalLM, wanted: bool | None):
         if wanted is False or self.device.type != "cpu" or self.indexer_fp8:
+            return None
+        if type(self.cache) is not KVCache:   # the paged pool or a sharded model's caches: the reference
+            if wanted:
+                raise ValueError("cpu_fast_path=True needs the contiguous slot KV cache (no kv_cache_tokens / "
+                                 "gpu_memory_utilization, tensor_parallel_size 1)")
             return None
         from ..model.cpu_forward import CPUFastForward, supports
         why = supports(model)
         if why is not None and wanted:
             raise ValueError(f"cpu_fast_path=True but the CPU fast forward cannot run this model: {why}")
         return None if why is not None else CPUFastForward(model)
+
+    @torch.no_grad()
+    def _pool_blocks(self, tokens: int | None, utilization: float | None, block_size: int, dtype) -> int:
+        """Blocks in the paged pool (the null block included): from a token budget, or, on CUDA, from the
+        memory left after the weights and one profiled prefill chunk's activations (vLLM's
+        --gpu-memory-utilization: the share of the whole GPU this replica may fill)."""
+        if tokens is not None:
+            if tokens < block_size:
+                raise ValueError(f"kv_cache_tokens={tokens} is less than one block ({block_size} tokens): "
+                                 f"give at least max_model_len ({self.max_model_len})")
+            return 1 + -(-tokens // block_size)
+        if not 0 < utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+        if self.device.type != "cuda":
+            raise ValueError("gpu_memory_utilization sizes the KV pool from GPU memory: on the CPU give "
+                             "kv_cache_tokens (a token budget) instead")
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        n = min(self.chunk_size, self.max_model_len)
+        self.model(torch.zeros(1, n, dtype=torch.long, device=self.device), pattern=self.pattern,
+                   logits_at=torch.tensor([n - 1], device=self.device))
+        activations = torch.cuda.max_memory_allocated(self.device) - base
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = utilization * total - (total - free) - activations
+        per_block = block_size * kv_bytes_per_token(self.args, self.pattern, dtype, self.indexer_fp8)
+        n_blocks = int(budget // per_block)
+        if n_blocks < 2:
+            raise ValueError(f"gpu_memory_utilization={utilization} leaves {budget / 1e9:.2f} GB for the KV cache "
+                             f"after the weights and activations, less than two blocks: raise it")
+        return n_blocks
 
     @torch.no_grad()
     def warm_up(self) -> float:
@@ -154,10 +240,20 @@ class Engine:
         first = min(self.chunk_size, self.max_model_len - 19)
         if first < 1:
             return 0.0
+        blocks = []
+        if self.pool is not None:   # borrow blocks for the warm-up rows, give them back after
+            need = self.pool.blocks_for(first + 18)
+            if need > self.pool.num_free:
+                return 0.0
+            blocks = self.pool.allocate(need)
         for start, n in ((0, first), (first, 17), (first + 17, 1)):
             tokens = torch.zeros(1, n, dtype=torch.long, device=self.device)
-            self.model(tokens, start_pos=[start], cache=self.cache, slots=[0], pattern=self.pattern,
-                       logits_at=torch.tensor([n - 1], device=self.device))
+            where = ({"block_tables": torch.tensor([blocks], device=self.device)} if self.pool is not None
+                     else {"slots": [0]})
+            self.model(tokens, start_pos=[start], cache=self.cache, pattern=self.pattern,
+                       logits_at=torch.tensor([n - 1], device=self.device), **where)
+        if self.pool is not None:
+            self.pool.release(blocks)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.monotonic() - t0
@@ -178,6 +274,13 @@ class Engine:
             self.metrics.set_pattern(pattern, version)
 
     # -------------------------------------------------------------------------------- submission
+    @property
+    def context_len(self) -> int:
+        """The longest sequence one request can hold: max_model_len, or the paged pool if it is smaller."""
+        if self.pool is None:
+            return self.max_model_len
+        return min(self.max_model_len, self.pool.usable * self.pool.block_size)
+
     def check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
@@ -185,6 +288,10 @@ class Engine:
             raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens but the context is {self.max_model_len} tokens "
                 f"(max_model_len, prompt + at least one generated token): shorten the prompt")
+        if len(prompt) >= self.context_len:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens but this replica's KV cache holds {self.context_len} "
+                f"tokens (prompt + at least one generated token): shorten the prompt")
         bad = [t for t in prompt if not 0 <= t < self.args.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.args.vocab_size - 1})")
@@ -192,7 +299,7 @@ class Engine:
     def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[TokenChunk], None]) -> EngineRequest:
         """Queue a request; `emit` receives its chunks on the engine thread. Raises on bad input."""
         self.check_prompt(prompt)
-        room = self.max_model_len - len(prompt)
+        room = self.context_len - len(prompt)
         if params.max_new_tokens > room:   # the context caps generation; finish_reason will be "length"
             params = dataclasses.replace(params, max_new_tokens=room)
         with self._lock:
@@ -289,6 +396,8 @@ class Engine:
                 self.waiting.remove(req)
                 self._finish(req, req.abort_reason)
             while self.waiting and self.free_slots:
+                if self.pool is not None and not self._take_blocks(self.waiting[0]):
+                    break   # FIFO: the head waits for blocks (requests finishing free theirs)
                 req = self.waiting.popleft()
                 req.slot = self.free_slots.pop(0)
                 req.admitted_at = time.monotonic()
@@ -297,8 +406,12 @@ class Engine:
                     self._finish(req, "length")
             running = list(self.running)
             drop, self._graph_patterns_in_use = self._graph_patterns_in_use, None
+            in_use = ({self.pattern} | {r.pattern for r in running} | {r.pattern for r in self.waiting}
+                      if self.pool is not None else None)
         if drop is not None and self.graphs is not None:
             self.graphs.drop_patterns(drop | {r.pattern for r in running})
+        if self.pool is not None:
+            self._release_indexer_pools(in_use)
         self._update_gauges()
         if not running:
             return False
@@ -309,7 +422,7 @@ class Engine:
             if budget <= 0:
                 break
             start = req.cached
-            chunk = req.prompt[start:start + budget]
+            chunk = req.tokens(start, min(start + budget, req.prefill_len))
             budget -= len(chunk)
             tokens = torch.tensor([chunk], device=self.device)                     # (1, C)
             try:
@@ -317,14 +430,17 @@ class Engine:
                                        logits_at=torch.tensor([len(chunk) - 1], device=self.device))
                 logits = logits.cpu() if self.device.type != "cpu" else logits       # one sync, then sampling on the host
                 req.cached += len(chunk)
+                self._register_blocks(req)
                 if self.metrics is not None:
                     self.metrics.prompt_tokens.inc(len(chunk))
-                if not req.prefilling:
+                if not req.prefilling and not req.output:   # a recomputed request resumes decoding instead
                     self._accept(req, logits[0])
             except Exception as exc:   # this request's prefill alone: fail it, keep the others running
                 self._fail(req, exc)
 
         decoding = [r for r in running if not r.prefilling and not r.finished and r.output]
+        if self.pool is not None:
+            decoding = self._grow(decoding)
         for pattern in dict.fromkeys(r.pattern for r in decoding):
             self._decode([r for r in decoding if r.pattern == pattern], pattern)
         if self.metrics is not None:
@@ -357,10 +473,100 @@ class Engine:
             return
         for r, row in zip(batch, logits):
             r.cached += 1
+            self._register_blocks(r)
             try:
                 self._accept(r, row)
             except Exception as exc:
                 self._fail(r, exc)
+
+    # -------------------------------------------------------------------------------- paged KV blocks
+    def _hashes(self, req: EngineRequest, n_blocks: int) -> list[bytes]:
+        """Prefix hashes of req's first n_blocks full blocks (prompt + output), extended incrementally."""
+        bs = self.pool.block_size
+        while len(req.block_hashes) < n_blocks:
+            i = len(req.block_hashes)
+            prev = req.block_hashes[-1] if req.block_hashes else None
+            req.block_hashes.append(chain_hash(prev, req.tokens(i * bs, (i + 1) * bs), req.pattern))
+        return req.block_hashes[:n_blocks]
+
+    def _take_blocks(self, req: EngineRequest) -> bool:
+        """Give the head of the queue its blocks: the longest cached prefix of what it must prefill (whole
+        blocks before its last token: that token's logits are needed, and every block it writes is its
+        own), plus fresh blocks for the rest. Keeps one free block per running request for its next
+        decode position, so admitting does not force an immediate preemption. Caller holds the lock."""
+        pool, n = self.pool, req.prefill_len
+        hit = pool.lookup(self._hashes(req, (n - 1) // pool.block_size))
+        need = pool.blocks_for(n) - len(hit)
+        if need > pool.num_free - len(self.running):
+            pool.release(hit)
+            return False
+        req.blocks = hit + pool.allocate(need)
+        req.cached = req.n_registered = len(hit)
+        req.cached *= pool.block_size
+        if self.metrics is not None:
+            self.metrics.prefix_queries.inc(n)
+            self.metrics.prefix_hits.inc(req.cached)
+        return True
+
+    def _release_indexer_pools(self, in_use: set[str]) -> None:
+        """After a pattern switch, once no request runs or waits on the old pattern: free the indexer-key
+        pools of layers F in no pattern in use (the pool was sized for the pattern's F layers), forget
+        the prefixes cached under patterns not in use (their indexer keys are gone), and drop those
+        patterns' CUDA graphs (they read the freed pools)."""
+        if in_use == self._patterns_in_use:
+            return
+        self._patterns_in_use = in_use
+        freed = self.cache.release_indexer_layers(in_use)
+        if freed:
+            forgotten = self.pool.drop_prefixes(in_use)
+            if self.graphs is not None:
+                self.graphs.drop_patterns(in_use)
+            log.info("pattern switch: freed the indexer-key pools of layers %s, forgot %d cached prefix blocks",
+                     freed, forgotten)
+
+    def _register_blocks(self, req: EngineRequest) -> None:
+        """Enter req's newly full blocks in the prefix table (their tokens are all in the cache now)."""
+        if self.pool is None or not self.pool.prefix_caching:
+            return
+        full = req.cached // self.pool.block_size
+        if full > req.n_registered:
+            for i, h in enumerate(self._hashes(req, full)[req.n_registered:], start=req.n_registered):
+                self.pool.register(req.blocks[i], h, req.pattern)
+            req.n_registered = full
+
+    def _grow(self, decoding: list[EngineRequest]) -> list[EngineRequest]:
+        """A block for each decoding request whose next position starts one. Out of blocks: preempt the
+        youngest running request (latest arrival; it frees its blocks and is recomputed from the queue
+        later, its generated tokens kept). Returns the requests that decode this step."""
+        preempted: set[int] = set()
+        for r in sorted(decoding, key=lambda r: r.arrival):
+            if id(r) in preempted:
+                continue
+            need = r.cached // self.pool.block_size + 1 - len(r.blocks)
+            while need > self.pool.num_free:
+                with self._lock:
+                    victim = max((v for v in self.running if not v.finished), key=lambda v: v.arrival)
+                    self._preempt(victim)
+                preempted.add(id(victim))
+                if victim is r:
+                    break
+            if id(r) not in preempted and need > 0:
+                r.blocks += self.pool.allocate(need)
+        return [r for r in decoding if id(r) not in preempted]
+
+    def _preempt(self, req: EngineRequest) -> None:
+        """Free req's blocks and slot, queue it first in line to be recomputed (caller holds the lock)."""
+        log.info("KV pool out of blocks: preempting request %s (%d tokens cached) for recompute", req.id, req.cached)
+        self.running.remove(req)
+        self.free_slots.append(req.slot)
+        self.free_slots.sort()
+        req.slot = None
+        self.pool.release(req.blocks)
+        req.blocks, req.cached, req.n_registered = [], 0, 0
+        req.preemptions += 1
+        self.waiting.appendleft(req)
+        if self.metrics is not None:
+            self.metrics.preemptions.inc()
 
     def _fail(self, req: EngineRequest, exc: BaseException) -> None:
         """End one request with finish_reason "error"; its slot is freed, the others keep running."""
@@ -369,15 +575,30 @@ class Engine:
             self._finish(req, "error", error=f"generation failed inside the engine ({type(exc).__name__}); "
                                             f"request {req.id}, see the replica log")
 
+    def _block_table(self, batch: list[EngineRequest], width: int) -> torch.Tensor:
+        """(B, width) int32 block ids, unused entries the null block 0."""
+        table = torch.zeros(len(batch), width, dtype=torch.int32)
+        for i, r in enumerate(batch):
+            table[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
+        return table.to(self.device)
+
     def _forward(self, tokens: torch.Tensor, starts: list[int], slots: list[int], pattern: str,
                  logits_at: torch.Tensor) -> torch.Tensor:
-        """One eager forward; starts and slots go in as host lists (no device sync inside the model)."""
+        """One eager forward; starts and slots go in as host lists (no device sync inside the model). Paged:
+        the block tables of the requests in those slots."""
         t0 = time.monotonic()
         if self.cpu_fast is not None:
             logits = self.cpu_fast(tokens, starts, slots, pattern, self.cache, logits_at)
+            self._observe_forward(t0, starts, tokens.shape[1], pattern)
+            return logits
+        if self.pool is not None:
+            by_slot = {r.slot: r for r in self.running}
+            batch = [by_slot[s] for s in slots]
+            where = {"block_tables": self._block_table(batch, max(len(r.blocks) for r in batch))}
         else:
-            logits = self.model(tokens, start_pos=starts, cache=self.cache, slots=slots, pattern=pattern,
-                                logits_at=logits_at)
+            where = {"slots": slots}
+        logits = self.model(tokens, start_pos=starts, cache=self.cache, pattern=pattern, logits_at=logits_at,
+                            **where)
         self._observe_forward(t0, starts, tokens.shape[1], pattern)
         return logits
 
@@ -385,7 +606,8 @@ class Engine:
         """One decode position for `batch` through its CUDA graph (captured on first use)."""
         t0 = time.monotonic()
         starts = [r.cached for r in batch]
-        logits = self.graphs.run([r.output[-1] for r in batch], starts, [r.slot for r in batch], pattern)
+        logits = self.graphs.run([r.output[-1] for r in batch], starts, [r.slot for r in batch], pattern,
+                                 tables=[r.blocks for r in batch] if self.pool is not None else None)
         self._observe_forward(t0, starts, 1, pattern)
         return logits
 
@@ -429,6 +651,9 @@ class Engine:
         if req.slot is not None:
             self.free_slots.append(req.slot)
             self.free_slots.sort()
+        if self.pool is not None:
+            self.pool.release(req.blocks)
+            req.blocks = []
         if not emitted:
             try:
                 req.emit(TokenChunk(None, reason, req.pattern, req.pattern_version, error=error))
@@ -453,4 +678,5 @@ class Engine:
             self.metrics.running.set(len(self.running))
             self.metrics.waiting.set(len(self.waiting))
             used = sum(r.cached for r in self.running)
-        self.metrics.kv_usage.set(used / (self.max_batch_size * self.max_model_len))
+            usage = self.pool.usage() if self.pool is not None else used / (self.max_batch_size * self.max_model_len)
+        self.metrics.kv_usage.set(usage)

@@ -138,13 +138,18 @@ def quantize_indexer_fp8(q, k, weights):
     return ref_quantize_indexer_fp8(q, k, weights)
 
 
-def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, k_slots=None):
+def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, k_slots=None, k_rows=None):
     """(B, T, topk) int32 indices of the top-k keys of the lightning indexer; -1 pads.
     k_slots (B,): k / k_scale hold every cache slot and query row b reads slot k_slots[b] (in place on
-    the GPU; the reference gathers the rows first)."""
+    the GPU; the reference gathers the rows first).
+    k_rows (B, S): paged cache; k (n_rows, D) / k_scale (n_rows,) are the pool and key s of query row b is
+    pool row k_rows[b, s] (read through the table on the GPU; the reference gathers first)."""
     if backend(q.device) == "triton":
         from .indexer import indexer_topk as fast
-        return fast(q, k, weights, topk, q_start, kv_len, k_scale=k_scale, k_slots=k_slots)
+        return fast(q, k, weights, topk, q_start, kv_len, k_scale=k_scale, k_slots=k_slots, k_rows=k_rows)
+    if k_rows is not None:
+        k = k[k_rows]
+        k_scale = None if k_scale is None else k_scale[k_rows]
     if k_slots is not None:
         k = k[k_slots]
         k_scale = None if k_scale is None else k_scale[k_slots]

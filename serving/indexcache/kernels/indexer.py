@@ -46,8 +46,9 @@ DECODE_ROWS_MIN_KEYS = int(os.environ.get("INDEXCACHE_DECODE_TOPK_MIN_S", str(1 
 def _indexer_scores_kernel(
     q_ptr, k_ptr, w_ptr, ks_ptr, out_ptr, qstart_ptr, kvlen_ptr, kslot_ptr,
     t0, T_chunk, S,
-    sq_b, sq_t, sq_h, sk_b, sk_s, sw_b, sw_t, sks_b, so_b, so_t,
-    H: tl.constexpr, D: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_KSLOT: tl.constexpr, WRITE_ALL: tl.constexpr,
+    sq_b, sq_t, sq_h, sk_b, sk_s, sw_b, sw_t, sks_b, so_b, so_t, sr_b,
+    H: tl.constexpr, D: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_KSLOT: tl.constexpr, HAS_KROW: tl.constexpr,
+    WRITE_ALL: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_s = tl.program_id(0)   # key blocks vary fastest: programs sharing a q tile run together (L2)
@@ -70,7 +71,11 @@ def _indexer_scores_kernel(
             tl.store(out_ptrs, tl.full((BLOCK_T, BLOCK_S), float("-inf"), tl.float32), mask=store_mask)
         return
     offs_d = tl.arange(0, D)
-    k_tile = tl.load(k_ptr + kb * sk_b + offs_s[None, :] * sk_s + offs_d[:, None],
+    if HAS_KROW:   # paged cache: key s of row b lives at pool row rows[b, s] (kslot_ptr holds the rows)
+        key = tl.load(kslot_ptr + b * sr_b + offs_s, mask=offs_s < S, other=0).to(tl.int64)
+    else:
+        key = offs_s
+    k_tile = tl.load(k_ptr + kb * sk_b + key[None, :] * sk_s + offs_d[:, None],
                      mask=offs_s[None, :] < S, other=0.0)       # (D, BLOCK_S)
     acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
     q_base = q_ptr + b * sq_b + (t0 + offs_t.to(tl.int64)[:, None]) * sq_t + offs_d[None, :]
@@ -81,7 +86,7 @@ def _indexer_scores_kernel(
         logits = tl.dot(q_tile, k_tile)                                      # (BLOCK_T, BLOCK_S) fp32
         acc += tl.maximum(logits, 0.0) * w_h[:, None]
     if HAS_KSCALE:
-        ks = tl.load(ks_ptr + kb * sks_b + offs_s, mask=offs_s < S, other=0.0)
+        ks = tl.load(ks_ptr + kb * sks_b + key, mask=offs_s < S, other=0.0)
         acc = acc * ks[None, :]
     valid = (offs_s[None, :] <= pos_t[:, None]) & (offs_s[None, :] < kv_len)
     acc = tl.where(valid, acc, float("-inf"))
@@ -92,9 +97,9 @@ def _indexer_scores_kernel(
 def _indexer_decode_kernel(
     q_ptr, k_ptr, w_ptr, ks_ptr, out_ptr, qstart_ptr, kvlen_ptr, kslot_ptr,
     t0, S,
-    sq_b, sq_t, sq_h, sk_b, sk_s, sw_b, sw_t, sks_b, so_b, so_t,
+    sq_b, sq_t, sq_h, sk_b, sk_s, sw_b, sw_t, sks_b, so_b, so_t, sr_b,
     H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_KSLOT: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    HAS_KROW: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One query per program row: the heads are the product's M side, (H, D) x (D, BLOCK_S)."""
     pid_s = tl.program_id(0)
@@ -106,18 +111,22 @@ def _indexer_decode_kernel(
     if HAS_KSLOT:
         kb = tl.load(kslot_ptr + b).to(tl.int64)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    if HAS_KROW:   # paged cache: key s of row b lives at pool row rows[b, s] (kslot_ptr holds the rows)
+        key = tl.load(kslot_ptr + b * sr_b + offs_s, mask=offs_s < S, other=0).to(tl.int64)
+    else:
+        key = offs_s
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, D)
     h_ok = offs_h < H
     q_tile = tl.load(q_ptr + b * sq_b + (t0 + t) * sq_t + offs_h[:, None] * sq_h + offs_d[None, :],
                      mask=h_ok[:, None], other=0.0)                          # (H_PAD, D)
     w = tl.load(w_ptr + b * sw_b + (t0 + t) * sw_t + offs_h, mask=h_ok, other=0.0)
-    k_tile = tl.load(k_ptr + kb * sk_b + offs_s[None, :] * sk_s + offs_d[:, None],
+    k_tile = tl.load(k_ptr + kb * sk_b + key[None, :] * sk_s + offs_d[:, None],
                      mask=offs_s[None, :] < S, other=0.0)                    # (D, BLOCK_S)
     logits = tl.dot(q_tile, k_tile)                                          # (H_PAD, BLOCK_S)
     score = tl.sum(tl.maximum(logits, 0.0) * w[:, None], axis=0)             # (BLOCK_S,)
     if HAS_KSCALE:
-        score = score * tl.load(ks_ptr + kb * sks_b + offs_s, mask=offs_s < S, other=0.0)
+        score = score * tl.load(ks_ptr + kb * sks_b + key, mask=offs_s < S, other=0.0)
     valid = (offs_s <= q_start + t0 + t) & (offs_s < kv_len)
     score = tl.where(valid, score, float("-inf"))
     tl.store(out_ptr + b * so_b + t * so_t + offs_s, score, mask=offs_s < S)
@@ -278,30 +287,38 @@ def _check_device(*tensors) -> None:
 
 
 def indexer_scores_into(q, k, weights, q_start, kv_len, k_scale, t0, t1, out, write_all,
-                        block_t=64, block_s=128, num_warps=8, num_stages=3, k_slots=None):
+                        block_t=64, block_s=128, num_warps=8, num_stages=3, k_slots=None, k_rows=None):
     """Scores of queries t0..t1 into out (B, t1-t0, >=S) fp32 (stage 1 only).
-    k_slots (B,) int64: query row b reads K row k_slots[b] of k (n_slots, S, D), a cache read in place."""
+    k_slots (B,) int64: query row b reads K row k_slots[b] of k (n_slots, S, D), a cache read in place.
+    k_rows (B, S) int64: paged pool; k is (1, n_rows, D) (k_scale (1, n_rows)) and key s of query row b is
+    pool row k_rows[b, s]."""
     B, T, H, D = q.shape
-    S = k.shape[1]
+    S = k.shape[1] if k_rows is None else k_rows.shape[1]
+    table = k_rows if k_rows is not None else (k_slots if k_slots is not None else q_start)
+    sr_b = k_rows.stride(0) if k_rows is not None else 0
+    sk_b = 0 if k_rows is not None else k.stride(0)
     Tc = t1 - t0
     ks = k_scale if k_scale is not None else weights  # dummy pointer when unused
     sks_b = k_scale.stride(0) if k_scale is not None else 0
+    if k_rows is not None:   # one pool for every query row: the table alone says where each key is
+        sks_b = 0
     if Tc <= 16 and H <= 128:
         grid = (triton.cdiv(S, block_s), Tc, B)
         _indexer_decode_kernel[grid](
-            q, k, weights, ks, out, q_start, kv_len, k_slots if k_slots is not None else q_start, t0, S,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-            weights.stride(0), weights.stride(1), sks_b, out.stride(0), out.stride(1),
+            q, k, weights, ks, out, q_start, kv_len, table, t0, S,
+            q.stride(0), q.stride(1), q.stride(2), sk_b, k.stride(1),
+            weights.stride(0), weights.stride(1), sks_b, out.stride(0), out.stride(1), sr_b,
             H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, HAS_KSCALE=k_scale is not None,
-            HAS_KSLOT=k_slots is not None,
+            HAS_KSLOT=k_slots is not None, HAS_KROW=k_rows is not None,
             BLOCK_S=block_s, num_warps=4)
         return
     grid = (triton.cdiv(S, block_s), triton.cdiv(Tc, block_t), B)
     _indexer_scores_kernel[grid](
-        q, k, weights, ks, out, q_start, kv_len, k_slots if k_slots is not None else q_start, t0, Tc, S,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        weights.stride(0), weights.stride(1), sks_b, out.stride(0), out.stride(1),
-        H=H, D=D, HAS_KSCALE=k_scale is not None, HAS_KSLOT=k_slots is not None, WRITE_ALL=write_all,
+        q, k, weights, ks, out, q_start, kv_len, table, t0, Tc, S,
+        q.stride(0), q.stride(1), q.stride(2), sk_b, k.stride(1),
+        weights.stride(0), weights.stride(1), sks_b, out.stride(0), out.stride(1), sr_b,
+        H=H, D=D, HAS_KSCALE=k_scale is not None, HAS_KSLOT=k_slots is not None, HAS_KROW=k_rows is not None,
+        WRITE_ALL=write_all,
         BLOCK_T=block_t, BLOCK_S=block_s, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -340,12 +357,25 @@ def topk_rows_into(scores, out, q_start, kv_len, t0, topk, block=1024, num_warps
 
 
 def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, query_chunk: int | None = None,
-                 out=None, topk_method: str | None = None, k_slots=None):
+                 out=None, topk_method: str | None = None, k_slots=None, k_rows=None):
     """Triton twin of `ref_indexer_topk`: (B, T, topk) int32, -1 where fewer keys are valid.
     topk_method: "sampled" (default) or "radix" (see `topk_rows_into`).
     k_slots (B,) int64: k (and k_scale) hold every cache slot, (n_slots, S, D) / (n_slots, S), possibly a
-    strided view of a longer cache; query row b reads slot k_slots[b] in place (no gathered copy)."""
-    if k_slots is not None:
+    strided view of a longer cache; query row b reads slot k_slots[b] in place (no gathered copy).
+    k_rows (B, S) int64: k (and k_scale) are a paged pool's rows, (n_rows, D) / (n_rows,); key s of query
+    row b is pool row k_rows[b, s], read through the table in place (no gathered copy)."""
+    if k_rows is not None:
+        if k_slots is not None:
+            raise ValueError("pass k_slots (slot cache) or k_rows (paged cache), not both")
+        if k_rows.dim() != 2 or k_rows.shape[0] != q.shape[0]:
+            raise ValueError(f"k_rows: expected ({q.shape[0]}, S), got {tuple(k_rows.shape)}; "
+                             "pass one pool row per query row and visible key")
+        B_, S_ = k_rows.shape
+        check_indexer_inputs(q, k[:1][None].expand(B_, S_, -1), weights, q_start, kv_len,
+                             None if k_scale is None else k_scale[:1][None].expand(B_, S_), topk)
+        k, k_rows = k[None], k_rows.to(torch.int64).contiguous()          # (1, n_rows, D)
+        k_scale = None if k_scale is None else k_scale[None]
+    elif k_slots is not None:
         check_indexer_inputs(q, k[:1].expand(q.shape[0], -1, -1), weights, q_start, kv_len,
                              None if k_scale is None else k_scale[:1].expand(q.shape[0], -1), topk)
         if tuple(k_slots.shape) != (q.shape[0],):
@@ -356,7 +386,7 @@ def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, query_
         check_indexer_inputs(q, k, weights, q_start, kv_len, k_scale, topk)
     _check_device(q, k, weights, q_start, kv_len, k_scale)
     B, T, H, D = q.shape
-    S = k.shape[1]
+    S = k.shape[1] if k_rows is None else k_rows.shape[1]
     if D & (D - 1) or D < 16:
         raise ValueError(f"q: head_dim {D} must be a power of two >= 16 for the Triton indexer; "
                          "use INDEXCACHE_KERNELS=torch for this model")
@@ -384,7 +414,7 @@ def indexer_topk(q, k, weights, topk: int, q_start, kv_len, k_scale=None, query_
         radix = rows >= _MIN_ROWS_FOR_RADIX or S >= DECODE_ROWS_MIN_KEYS or INTERPRET
         buf = scores[:, : t1 - t0]
         indexer_scores_into(q, k, weights, q_start, kv_len, k_scale, t0, t1, buf, write_all=not radix,
-                            k_slots=k_slots)
+                            k_slots=k_slots, k_rows=k_rows)
         if radix:
             topk_rows_into(buf, out, q_start, kv_len, t0, topk, method=topk_method)
         else:

@@ -181,7 +181,7 @@ def dequant_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int | None = None,
                     offset: int | None = None, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", extra_state: dict[str, torch.Tensor] | None = None,
-                    fp8: str = "keep") -> tuple[DSAForCausalLM, str]:
+                    fp8: str = "keep", parallel=None) -> tuple[DSAForCausalLM, str]:
     """Build the model from a checkpoint directory. Returns (model, the IndexCache pattern to run).
 
     The pattern is `pattern` if given, else resolved from `freq`/`offset` if given, else the
@@ -191,6 +191,8 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
     (to dtype at load). Tensors stream one at a time from the shards into the parameters;
     `model.load_stats` holds the seconds, the peak host memory and the weight memory (`weights_mib`, and
     `weights_mib_dequantized`: what the same weights take with every FP8 one dequantised to dtype).
+    parallel: a parallel.ParallelContext: build rank parallel.rank's shard (parallel.shard_model) and read
+    only its slices of the files (its heads, FFN columns, experts, vocabulary rows; FP8 scales with them).
     """
     if fp8 not in FP8_MODES:
         raise ValueError(f"fp8={fp8!r}: use 'keep' (FP8 weights stay e4m3 in memory) or 'dequantize'")
@@ -217,6 +219,14 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
     kept_fp8: set[str] = set()          # file weights loaded as e4m3 with their scales (FP8 modules)
     if fp8 == "keep":
         kept_fp8 = keep_fp8(model, {n for n, e in entries.items() if e[2] is not None and n not in extra_state})
+    tp = parallel is not None and parallel.world > 1
+    if tp:   # slice the (meta) parameters; keep only this rank's routed experts among the file tensors
+        from .parallel import routed_experts_of, shard_model
+        shard_model(model, parallel)
+        mine = routed_experts_of(args, parallel)
+        entries = {n: e for n, e in entries.items() if (t := expert_target(n, args.moe_inter_dim)) is None or t[1] in mine}
+        extra_state = {n: e for n, e in extra_state.items() if (t := expert_target(n, args.moe_inter_dim)) is None or t[1] in mine}
+        kept_fp8 = {n for n in kept_fp8 if n in entries}
     params = model.state_dict(keep_vars=True)
     if args.tie_word_embeddings:   # lm_head is embed_tokens: a file's lm_head.weight is not read
         params.pop("lm_head.weight", None)
@@ -228,6 +238,8 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
     targets = {}
     for name in sources:
         target = expert_target(name, args.moe_inter_dim)
+        if target is not None and tp:   # stacked rank-locally: expert e is row e - first
+            target = (target[0], target[1] - mine.start, target[2])
         targets[name] = target if target is not None else (name, None, None)
     covered = {t[0] for t in targets.values()}
     missing = sorted(set(params) - covered)
@@ -243,6 +255,14 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
     if args.tie_word_embeddings:   # filled through embed_tokens, the same tensor
         params.pop("lm_head.weight", None)
     filled: dict[str, int] = {}
+    if tp:
+        from .parallel import read_shard, shard_tensor
+
+        def read(f, raw_name, name):
+            return read_shard(f, raw_name, name, args, parallel)
+    else:
+        def read(f, raw_name, name):
+            return f.get_tensor(raw_name)
     with torch.no_grad():
         def put(name: str, tensor: torch.Tensor) -> None:
             pname, expert, rows = targets[name]
@@ -262,14 +282,14 @@ def load_checkpoint(path: str | Path, *, pattern: str | None = None, freq: int |
             with safe_open(str(file), framework="pt") as f:
                 for name in names:
                     _, raw_name, scale_name = entries[name]
-                    tensor = f.get_tensor(raw_name)
+                    tensor = read(f, raw_name, name)
                     if name in kept_fp8:
-                        put(name + "_scale_inv", f.get_tensor(scale_name))
+                        put(name + "_scale_inv", read(f, scale_name, name + "_scale_inv"))
                     elif scale_name is not None:
-                        tensor = dequant_fp8_blocks(tensor, f.get_tensor(scale_name))
+                        tensor = dequant_fp8_blocks(tensor, read(f, scale_name, name + "_scale_inv"))
                     put(name, tensor)
         for name, tensor in extra_state.items():
-            put(name, tensor)
+            put(name, tensor if not tp or ".mlp.experts." in name else shard_tensor(name, tensor, args, parallel.rank, parallel.world))
     partial = sorted(n for n, p in params.items() if filled.get(n, 0) != p.numel())
     if partial:
         raise ValueError(f"checkpoint {path}: tensors {partial[:8]} are only partly given "

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from . import paged
 from .config import ModelArgs
 from .pattern import validate_pattern
 
@@ -90,6 +91,10 @@ class ForwardContext:
     kv_bound: int = 0              # host-side bound on kv_len: how many cache rows a read covers
     slot_range: tuple[int, int] | None = None  # slots are first..last contiguous (known on the host)
     in_place: bool = False         # sparse attention reads the cache pool itself (no copy of the prefix)
+    # paged cache (model/paged.py): pool row of each visible logical position, and of each new token
+    rows: torch.Tensor | None = None        # (B, kv_bound) int64
+    new_rows: torch.Tensor | None = None    # (B, T) int64
+    mapped: tuple | None = None             # (indices, their pool rows): S layers reuse the F layer's mapping
 
 
 class KVCache:
@@ -136,13 +141,17 @@ class KVCache:
 
 
 def write_cache(cache_tensor: torch.Tensor, new: torch.Tensor, ctx: ForwardContext) -> None:
-    """Write new (B, T, ...) rows at their positions in the batch's slots."""
+    """Write new (B, T, ...) rows at their positions in the batch's slots (paged: at their pool rows)."""
+    if ctx.new_rows is not None:
+        return paged.write_rows(cache_tensor, new, ctx.new_rows)
     cache_tensor[ctx.slots[:, None], ctx.positions] = new.to(cache_tensor.dtype)
 
 
 def read_cache(cache_tensor: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
     """The visible prefix (B, kv_bound, ...) of the batch's slots: a view when the slots are one
-    contiguous range (a prefill chunk, a one-request decode), else a gather."""
+    contiguous range (a prefill chunk, a one-request decode), else a gather (paged: through the rows)."""
+    if ctx.rows is not None:
+        return paged.gather_rows(cache_tensor, ctx.rows)
     if ctx.slot_range is not None:
         first, last = ctx.slot_range
         return cache_tensor[first:last + 1, : ctx.kv_bound]
@@ -166,6 +175,10 @@ def pooled(q: torch.Tensor, cache_tensor: torch.Tensor, indices: torch.Tensor, c
     (-1 stays -1, "no key"), and the B requests' T queries become one batch row of B*T queries.
     q (B, T, H, D), indices (B, T, K) -> q (1, B*T, H, D), pool (1, n_slots * max_len, ...), idx (1, B*T, K)."""
     B, T = q.shape[:2]
+    if ctx.rows is not None:   # paged: logical top-k -> pool rows, once per F layer (S layers share it)
+        if ctx.mapped is None or ctx.mapped[0] is not indices:
+            ctx.mapped = (indices, paged.map_indices(indices, ctx.rows))
+        return q.reshape(1, B * T, *q.shape[2:]), cache_tensor.flatten(0, 1)[None], ctx.mapped[1].reshape(1, B * T, -1)
     shift = (ctx.slots.to(torch.int64) * cache_tensor.shape[1])[:, None, None]    # (B, 1, 1) first row of each slot
     idx = torch.where(indices >= 0, indices.to(torch.int64) + shift, -1)
     pool = cache_tensor.flatten(0, 1)[None]
@@ -244,7 +257,7 @@ def select_indices(attn: nn.Module, x: torch.Tensor, q_src: torch.Tensor, ctx: F
         raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no indexer weights for it")
     q, k, weights = attn.indexer(x, q_src, ctx)
     cache, capture = ctx.cache, ctx.capture
-    k_scale = k_slots = None
+    k_scale = k_slots = k_rows = None
     if cache is None:          # training, scoring a whole sequence: the new keys are all there is
         k_all = k
     else:
@@ -253,19 +266,23 @@ def select_indices(attn: nn.Module, x: torch.Tensor, q_src: torch.Tensor, ctx: F
             write_cache(cache.indexer_k_scale[layer], k_scale, ctx)
         write_cache(cache.indexer_k[layer], k, ctx)
         k_scale = cache.indexer_k_scale.get(layer)
-        if ctx.in_place:       # every slot's first kv_bound keys, a view: each query row reads its own slot
+        if ctx.in_place and ctx.rows is None:   # every slot's first kv_bound keys, a view: each query row reads its own slot
             k_all, k_slots = cache.indexer_k[layer][:, : ctx.kv_bound], ctx.slots
             k_scale = None if k_scale is None else k_scale[:, : ctx.kv_bound]
-        else:                  # the batch's prefixes, (B, S, D)
+        elif ctx.in_place:     # paged: the pool's rows (n_rows, D), read through the block tables in place
+            k_all, k_rows = cache.indexer_k[layer].flatten(0, 1), ctx.rows
+            k_scale = None if k_scale is None else k_scale.flatten(0, 1)
+        else:                  # the batch's prefixes, (B, S, D) (paged: gathered through the block tables)
             k_all = read_cache(cache.indexer_k[layer], ctx)
             k_all = k_all if cache.indexer_fp8 else k_all.to(q.dtype)
             k_scale = None if k_scale is None else read_cache(k_scale, ctx)
     if capture is not None and capture.index_scores and capture.wants(layer):
-        gathered = k_all if k_slots is None else k_all[k_slots]
-        scale = k_scale if k_slots is None or k_scale is None else k_scale[k_slots]
+        pick = k_slots if k_slots is not None else k_rows
+        gathered = k_all if pick is None else k_all[pick]
+        scale = k_scale if pick is None or k_scale is None else k_scale[pick]
         capture.scores[layer] = kernels.indexer_scores(q, gathered, weights, ctx.start_pos, ctx.kv_len, k_scale=scale)
     return kernels.indexer_topk(q, k_all, weights, topk, ctx.start_pos, ctx.kv_len, k_scale=k_scale,
-                                k_slots=k_slots)  # (B, T, topk) int32
+                                k_slots=k_slots, **({} if k_rows is None else {"k_rows": k_rows}))  # (B, T, topk) int32
 
 
 class GQAttention(nn.Module):
@@ -539,12 +556,14 @@ class DSAForCausalLM(nn.Module):
     def context(self, tokens: torch.Tensor, *, start_pos: torch.Tensor | list[int] | int = 0,
                 cache: KVCache | None = None, slots: torch.Tensor | list[int] | None = None,
                 pattern: str | None = None, attention: str = "sparse", capture: Capture | None = None,
-                kv_bound: int | None = None) -> tuple[ForwardContext, str]:
+                kv_bound: int | None = None, block_tables: torch.Tensor | None = None) -> tuple[ForwardContext, str]:
         """Validate the arguments of a forward and build its context. Returns (ctx, pattern).
 
         start_pos / slots as host lists (what the engine passes) cost no device sync; as tensors, the
         bound on the keys to read is taken from the device once. `kv_bound` (a host int >= every
-        start_pos + T) skips that and every other host-side check: what a CUDA-graph capture needs."""
+        start_pos + T) skips that and every other host-side check: what a CUDA-graph capture needs.
+        `block_tables` (B, max_blocks) int: a paged cache (model/paged.py) read and written through each
+        request's blocks; `slots` is then unused."""
         B, T = tokens.shape
         device = tokens.device
         if attention not in ("sparse", "dense"):
@@ -561,8 +580,21 @@ class DSAForCausalLM(nn.Module):
             if kv_bound > self.args.max_seq_len:
                 raise ValueError(f"sequence of {kv_bound} tokens exceeds max_position_embeddings "
                                  f"({self.args.max_seq_len})")
-        slot_range, in_place = None, False
-        if cache is not None:
+        slot_range, in_place, rows = None, False, None
+        if block_tables is not None:
+            if not getattr(cache, "paged", False):
+                raise ValueError("block_tables need a paged KV cache (model.paged.PagedKVCache)")
+            if block_tables.shape[0] != B:
+                raise ValueError(f"block_tables: expected {B} rows (one per request), got {block_tables.shape[0]}")
+            if block_tables.shape[1] * cache.block_size < kv_bound:
+                raise ValueError(f"block_tables cover {block_tables.shape[1] * cache.block_size} positions, "
+                                 f"fewer than the {kv_bound} this forward reads: give each request enough blocks")
+            cache.ensure_pattern(pattern)
+            rows = paged.logical_rows(block_tables, cache.block_size, kv_bound)     # (B, kv_bound)
+            in_place = kernels.backend(device) == "triton"
+        elif getattr(cache, "paged", False):
+            raise ValueError("a paged KV cache needs block_tables (each request's blocks)")
+        elif cache is not None:
             cache.ensure_pattern(pattern)
             if slots is None:
                 slot_range = (0, B - 1)
@@ -578,7 +610,8 @@ class DSAForCausalLM(nn.Module):
             angles[d] = (radians.cos(), radians.sin())
         ctx = ForwardContext(positions=positions, start_pos=start, kv_len=start + T, angles=angles,
                              attention=attention, cache=cache, slots=slots, capture=capture,
-                             kv_bound=kv_bound, slot_range=slot_range, in_place=in_place)
+                             kv_bound=kv_bound, slot_range=slot_range, in_place=in_place, rows=rows,
+                             new_rows=None if rows is None else rows.gather(1, positions))
         return ctx, pattern
 
     def run_layers(self, x: torch.Tensor, ctx: ForwardContext, pattern: str, start: int = 0, stop: int | None = None,
@@ -607,17 +640,19 @@ class DSAForCausalLM(nn.Module):
     def forward(self, tokens: torch.Tensor, *, start_pos: torch.Tensor | list[int] | int = 0,
                 cache: KVCache | None = None, slots: torch.Tensor | list[int] | None = None,
                 pattern: str | None = None, attention: str = "sparse", capture: Capture | None = None,
-                logits_at: torch.Tensor | None = None, kv_bound: int | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, kv_bound: int | None = None,
+                block_tables: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V), or (B, V) at the per-row positions `logits_at` (B,).
 
         start_pos: (B,) or int, position of tokens[:, 0]; with a cache, keys and values (and indexer keys
         of F layers) are written at start_pos + t into rows `slots` of the cache and attention reads the
         cache; without one, the forward sees only `tokens` (start_pos must be 0).
         pattern: F/S per layer (default: the checkpoint's); attention: "sparse" (DSA) or "dense".
-        kv_bound: see `context` (CUDA-graph capture).
+        kv_bound: see `context` (CUDA-graph capture). block_tables: see `context` (paged cache).
         """
         ctx, pattern = self.context(tokens, start_pos=start_pos, cache=cache, slots=slots, pattern=pattern,
-                                    attention=attention, capture=capture, kv_bound=kv_bound)
+                                    attention=attention, capture=capture, kv_bound=kv_bound,
+                                    block_tables=block_tables)
         x = self.model.embed_tokens(tokens)                                        # (B, T, dim)
         x, _ = self.run_layers(x, ctx, pattern)
         return self.logits(x, logits_at)

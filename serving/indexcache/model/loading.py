@@ -11,6 +11,17 @@ def bundled_model_dir() -> Path:
     return bundled_checkpoint()
 
 
+def load_tokenizer_of(model: str, cache_dir: str | None = None):
+    """The tokenizer and served name of `model` without its weights (a sharded replica's workers load those)."""
+    if model == "tiny":
+        from .tiny import TINY_MODEL_NAME, CharTokenizer
+        return CharTokenizer(), TINY_MODEL_NAME
+    from .storage import resolve
+    from .tokenizer import load_tokenizer
+    resolved = resolve(model, cache_dir)
+    return load_tokenizer(resolved.path), resolved.name
+
+
 def load_model(model: str, dtype: str = "auto", cache_dir: str | None = None, fp8: str = "keep"):
     """'tiny' | 'smollm2' | a checkpoint directory | a model URI -> (model, default pattern, tokenizer, name).
     cache_dir: the model cache (default INDEXCACHE_MODEL_CACHE); on Kubernetes the init container has

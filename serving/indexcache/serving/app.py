@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from indexcache_contracts.serve_app import INGRESS_DEPLOYMENT, INGRESS_HEADROOM, SERVER_DEPLOYMENT, parse_app_args
+from indexcache_contracts.serve_app import (INGRESS_DEPLOYMENT, INGRESS_HEADROOM, SERVER_DEPLOYMENT, parse_app_args,
+                                            server_resources)
 from ray import serve
 
 from .ingress import OpenAIIngress
@@ -36,9 +37,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     server = serve.deployment(IndexCacheServer, name=SERVER_DEPLOYMENT).options(
         num_replicas=a.num_replicas, user_config=user_config,
         # headroom over the ingress limit for /metrics and /healthz calls while saturated
-        max_ongoing_requests=a.max_ongoing_requests + 8,
-        ray_actor_options={"num_gpus": a.num_gpus, "num_cpus": a.num_cpus},
-        health_check_period_s=10)
+        max_ongoing_requests=a.max_ongoing_requests + 8, health_check_period_s=10,
+        **server_resources(a.tensor_parallel_size, a.num_gpus, a.num_cpus))
     # One ingress replica counts every request in flight, whichever server replica runs it; its limit
     # is the app's: the per-replica limit times the replicas (user_config, so it changes in place).
     app_limit = a.ingress_max_ongoing_requests or a.max_ongoing_requests * a.num_replicas
@@ -50,7 +50,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, chunk_size=a.chunk_size,
                     samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
                     metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache,
-                    enforce_eager=a.enforce_eager, threads=a.threads),
+                    enforce_eager=a.enforce_eager, kv_cache_tokens=a.kv_cache_tokens,
+                    gpu_memory_utilization=a.gpu_memory_utilization, block_size=a.block_size,
+                    prefix_caching=a.prefix_caching, tensor_parallel_size=a.tensor_parallel_size,
+                    threads=a.threads),
         max_ongoing_requests=app_limit, api_key=a.api_key, num_replicas=a.num_replicas)
 
 

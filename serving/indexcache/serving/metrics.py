@@ -154,7 +154,13 @@ class ServingMetrics:
             self._rejected.labels(**self.labels, reason=reason)
         self.running = g(contract.REQUESTS_RUNNING, "Requests in the running batch.")
         self.waiting = g(contract.REQUESTS_WAITING, "Requests queued for a KV cache slot.")
-        self.kv_usage = g(contract.KV_CACHE_USAGE, "Used / allocated KV cache token slots (0..1).")
+        self.kv_usage = g(contract.KV_CACHE_USAGE, "KV cache in use (0..1): blocks held by requests / pool blocks "
+                                                   "(paged), or cached tokens / slot rows (contiguous).")
+        self.prefix_hits = c(contract.PREFIX_CACHE_HITS, "Prompt tokens whose KV came from cached prefix blocks.")
+        self.prefix_queries = c(contract.PREFIX_CACHE_QUERIES,
+                                "Prompt tokens looked up in the prefix cache (hits / queries = hit rate).")
+        self.preemptions = c(contract.PREEMPTIONS,
+                             "Requests preempted when the KV pool ran out of blocks (recomputed later).")
         self.full_layers = g(contract.FULL_LAYERS, "F (indexer-running) layers in the active pattern.")
         self.layers = g(contract.LAYERS, "Layers in the model.")
         self.layers.set(n_layers)

@@ -107,6 +107,15 @@ class ServingEngine(Protocol):
     def stop(self) -> None: ...
 
 
+def paged_kv_args(kv_cache_tokens, gpu_memory_utilization, block_size, prefix_caching) -> dict:
+    """Engine keyword arguments of the paged KV cache; none when it is off (an injected engine class
+    without them keeps working)."""
+    if kv_cache_tokens is None and gpu_memory_utilization is None:
+        return {}
+    return dict(kv_cache_tokens=kv_cache_tokens, gpu_memory_utilization=gpu_memory_utilization,
+                block_size=block_size, prefix_caching=prefix_caching)
+
+
 class IndexCacheServer:
     """Owns the model, engine, metrics and sampler of one replica."""
 
@@ -114,8 +123,12 @@ class IndexCacheServer:
                  max_batch_size: int = 8, max_model_len: int | None = 2048, chunk_size: int = 256,
                  samples_dir: str | None = None, sample_rate: float = 0.0, gpu_hourly_usd: float = 0.0,
                  metrics_port: int | None = None, dtype: str = "auto", engine_class: type | None = None,
-                 model_cache: str | None = None, enforce_eager: bool = False, threads: int | None = None):
+                 model_cache: str | None = None, enforce_eager: bool = False, kv_cache_tokens: int | None = None,
+                 gpu_memory_utilization: float | None = None, block_size: int = 64, prefix_caching: bool = True,
+                 tensor_parallel_size: int = 1, threads: int | None = None):
         """engine_class: an Engine subclass (tests inject faults through it); default Engine.
+        tensor_parallel_size > 1: the model is sharded over that many Ray worker actors (engine/distributed.py)
+        in this replica's placement group (bundles 1..N; one is reserved when the replica has none).
         threads: torch CPU threads (default: every core this process may use; Ray would leave one per
         requested CPU)."""
         from ..engine import Engine
@@ -126,17 +139,35 @@ class IndexCacheServer:
         if metrics_port:   # first: the readiness probe answers "loading" while the model loads
             self.port = self._serve_replica_port(int(metrics_port))
         self.threads = configure_cpu(threads)
-        self.model, pattern, self.tokenizer, name = load_model(model, dtype, cache_dir=model_cache)
+        if tensor_parallel_size > 1:
+            self.model, pattern, self.tokenizer, name = self._start_workers(
+                model, tensor_parallel_size, dtype, model_cache, chunk_size=chunk_size, enforce_eager=enforce_eager)
+        else:
+            self.model, pattern, self.tokenizer, name = load_model(model, dtype, cache_dir=model_cache)
         self.served_model_name = served_model_name or name
         self.metrics = ServingMetrics(self.served_model_name, deployment, self.model.args.n_layers, gpu_hourly_usd)
         engine_class = engine_class or Engine
         self.engine: ServingEngine = engine_class(self.model, pattern=pattern, max_batch_size=max_batch_size,
                                                   max_model_len=max_model_len, chunk_size=chunk_size,
-                                                  metrics=self.metrics, enforce_eager=enforce_eager).start()
+                                                  metrics=self.metrics, enforce_eager=enforce_eager,
+                                                  **paged_kv_args(kv_cache_tokens, gpu_memory_utilization,
+                                                                  block_size, prefix_caching)).start()
         if sample_rate and not samples_dir:
             raise ValueError("sample_rate > 0 needs samples_dir (where the sample shards go)")
         self.sampler = TrafficSampler(SamplerConfig(samples_dir, rate=sample_rate)).start() if samples_dir else None
         self._token_text: dict[int, str] = {}
+
+    @staticmethod
+    def _start_workers(model: str, world: int, dtype: str, cache_dir: str | None, **engine_options):
+        import ray
+
+        from ..engine.distributed import start_ray_workers
+        from ..model.loading import load_tokenizer_of
+        group = ray.util.get_current_placement_group()   # Serve's placement_group_bundles (app.server_resources)
+        distributed = start_ray_workers(model, world, dtype=dtype, cache_dir=cache_dir, engine_options=engine_options,
+                                        placement_group=group, first_bundle=1)
+        tokenizer, name = load_tokenizer_of(model, cache_dir)
+        return distributed, distributed.loaded_pattern, tokenizer, name
 
     def _serve_replica_port(self, port: int) -> ReplicaPort | None:
         try:
@@ -357,6 +388,8 @@ class IndexCacheServer:
             if self.port is not None:
                 self.port.close()
             self.engine.stop()
+            if hasattr(self.model, "workers"):
+                self.model.stop()
             if self.sampler is not None:
                 self.sampler.stop()
         except Exception:
