@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .dsa import DSAForCausalLM, KVCache, rope_frequencies
 
@@ -42,6 +43,15 @@ def supports(model: DSAForCausalLM) -> str | None:
     for name, p in model.named_parameters():
         if p.dtype != weight.dtype:
             return f"parameter {name} is {p.dtype}, the LM head {weight.dtype}"
+    # a tensor-parallel shard (model/parallel.py) holds a slice of the heads, the MLP and the vocabulary
+    att = model.model.layers[0].self_attn
+    whole = {"lm_head": (model.lm_head, (a.vocab_size, a.dim)), "q_proj": (att.q_proj, (a.n_heads * a.head_dim, a.dim)),
+             "o_proj": (att.o_proj, (a.dim, a.n_heads * a.head_dim))}
+    for name, (module, shape) in whole.items():
+        if type(module) is not nn.Linear or tuple(module.weight.shape) != shape:
+            return f"{name} is a shard or a replaced module (tensor parallel), not the whole {shape} weight"
+    if tuple(model.model.embed_tokens.weight.shape) != (a.vocab_size, a.dim) or type(model.model.embed_tokens) is not nn.Embedding:
+        return "the embedding is a shard or a replaced module (tensor parallel)"
     return None
 
 

@@ -93,6 +93,17 @@ def configure_cpu(threads: int | None) -> int:
     return threads
 
 
+def replica_dtype(dtype: str) -> str:
+    """'auto' on a CPU machine -> the dtype the CPU probe picks (model/cpu_dtype.py), as a name, so that
+    the in-process model and tensor-parallel workers load the same; anything else unchanged."""
+    import torch
+
+    if dtype != "auto" or torch.cuda.is_available():
+        return dtype
+    from ..model.cpu_dtype import resolve_cpu_dtype
+    return str(resolve_cpu_dtype("auto")).removeprefix("torch.")
+
+
 class ServingEngine(Protocol):
     """What the server needs from an engine (`indexcache.engine.Engine` is one)."""
     pattern: str
@@ -139,6 +150,7 @@ class IndexCacheServer:
         if metrics_port:   # first: the readiness probe answers "loading" while the model loads
             self.port = self._serve_replica_port(int(metrics_port))
         self.threads = configure_cpu(threads)
+        dtype = replica_dtype(dtype)   # one concrete dtype for this replica and its tensor-parallel workers
         if tensor_parallel_size > 1:
             self.model, pattern, self.tokenizer, name = self._start_workers(
                 model, tensor_parallel_size, dtype, model_cache, chunk_size=chunk_size, enforce_eager=enforce_eager)
