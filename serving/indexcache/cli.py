@@ -245,7 +245,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     sample_rate=args.sample_rate, gpu_hourly_usd=args.gpu_hourly_usd, api_key=args.api_key,
                     pattern=pattern, enforce_eager=args.enforce_eager, kv_cache_tokens=args.kv_cache_tokens,
                     gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
-                    prefix_caching=not args.no_prefix_caching)
+                    prefix_caching=not args.no_prefix_caching, dtype=args.dtype, threads=args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     print(f"starting Ray Serve on {args.host}:{args.port} with model {uri} ...", file=sys.stderr, flush=True)
     url = start_local(app_args, host=args.host, port=args.port, num_cpus=args.num_cpus)
     print(f"IndexCache OpenAI-compatible API listening on {url}/v1  (metrics: {url}/metrics; Ctrl-C stops)",
@@ -443,7 +445,11 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--sample-rate", type=float, default=0.0, help="fraction of requests sampled (needs --samples-dir)")
     p.add_argument("--gpu-hourly-usd", type=float, default=0.0, help="price of the replica's hardware per hour")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env INDEXCACHE_API_KEY or none)")
-    p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs given to the local Ray (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of the replica (default: all cores)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="weights' dtype; auto: bf16 on GPUs, on a CPU the faster of bf16 and fp32 (measured once)")
     p.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs (debugging; GPUs only)")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="paged KV cache of this many tokens shared by all requests (default: off, one "

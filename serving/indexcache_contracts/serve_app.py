@@ -52,7 +52,8 @@ class AppArgs:
     # GPUs (ranks) of one replica: > 1 shards the model over that many worker actors in a placement group
     # of one node (tensor + expert parallel; the operator sets it from gpusPerReplica)
     tensor_parallel_size: int = 1
-    dtype: str = "auto"                    # auto: bf16 on CUDA, fp32 on the CPU
+    dtype: str = "auto"                    # auto: bf16 on CUDA; on a CPU the faster of bf16/fp32 (measured once)
+    threads: int | None = None             # torch CPU threads of the replica (default: every core it may use)
     enforce_eager: bool = False            # decode without CUDA graphs (debugging), like vLLM's --enforce-eager
     # paged KV cache (off: the contiguous max_batch_size x max_model_len slot cache): a token budget, or the
     # share of the GPU's memory the replica may fill (vLLM's --gpu-memory-utilization); blocks of block_size
@@ -72,7 +73,7 @@ _APP_ARG_TYPES: dict[str, tuple[str, float | None, float | None]] = {
     "num_replicas": ("int", 1, None), "num_gpus": ("number", 0, None), "num_cpus": ("number", 0, None),
     "dtype": ("str", None, None), "enforce_eager": ("bool", None, None), "tensor_parallel_size": ("int", 1, 16),
     "kv_cache_tokens": ("int", 1, None), "gpu_memory_utilization": ("number", 0, 1), "block_size": ("int", 1, None),
-    "prefix_caching": ("bool", None, None),
+    "prefix_caching": ("bool", None, None), "threads": ("int", 1, None),
 }
 _NULLABLE = {f.name for f in dataclasses.fields(AppArgs) if f.default is None}
 _DTYPES = ("auto", "float32", "bfloat16")

@@ -71,3 +71,18 @@ def test_the_pattern_rule_matches_the_documented_examples():
     assert [i for i, c in enumerate(p) if c == "F"] == [0, 1, 2] + list(range(6, 78, 4))
     assert pattern_from_freq(5) == "FFFFF"
     assert "model.numLayers is 8" in pattern_problem("FFSS", 8, field="pattern", num_layers_field="model.numLayers")
+
+
+def test_app_args_threads_and_dtype_are_checked():
+    """`threads` (the replica's torch CPU threads; default all cores) and `dtype` are app args the operator
+    may write; bad values are refused naming the field."""
+    import pytest
+
+    from indexcache_contracts.serve_app import parse_app_args
+    assert parse_app_args({}).threads is None
+    assert parse_app_args({"threads": 4, "dtype": "bfloat16"}).threads == 4
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads"):
+            parse_app_args({"threads": bad})
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16"):
+        parse_app_args({"dtype": "fp16"})

@@ -180,3 +180,35 @@ def test_warm_up_leaves_no_trace_in_what_requests_get(model, random_prompts):
     chunks = run_all(engine, jobs)
     for i, p in enumerate(prompts):
         assert tokens(chunks[i]) == naive_generate(model, p, jobs[i][2]), f"request {i}"
+
+
+def test_a_lagging_stream_gets_the_waiting_tokens_in_one_batch(model, random_prompts):
+    """generate_batches: each item is everything already waiting, at once (never an empty item, never a
+    wait for more); tokens produced while the consumer was away arrive together; concatenated, the same
+    tokens as the request alone."""
+    engine = Engine(model, max_batch_size=1)
+    prompt, params = random_prompts(1, seed=8)[0], SamplingParams(max_new_tokens=9)
+
+    async def consume():
+        agen = engine.generate_batches(prompt, params)
+        task = asyncio.ensure_future(agen.__anext__())
+        await asyncio.sleep(0)
+        engine.step()                      # the prefill's token and one decode position
+        first = await task
+        waiting = asyncio.ensure_future(agen.__anext__())
+        with pytest.raises(asyncio.TimeoutError):   # nothing produced: nothing returned, no empty batch
+            await asyncio.wait_for(asyncio.shield(waiting), 0.05)
+        for _ in range(4):                 # the consumer lags: four more steps, four tokens wait
+            engine.step()
+        lagged = await waiting
+        rest = []
+        while not (rest and rest[-1][-1].finish_reason):
+            engine.step()
+            rest.append(await agen.__anext__())
+        return first, lagged, rest
+
+    first, lagged, rest = asyncio.run(consume())
+    assert len(first) == 2 and len(lagged) == 4
+    got = [c.token_id for batch in [first, lagged, *rest] for c in batch]
+    assert got == naive_generate(model, prompt, params)
+    assert [c for batch in rest for c in batch][-1].finish_reason == "length"

@@ -116,7 +116,9 @@ class Engine:
                  metrics: ServingMetrics | None = None, enforce_eager: bool = False,
                  indexer_fp8: bool | None = None, warm_up: bool | None = None,
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float | None = None,
-                 block_size: int = 64, prefix_caching: bool = True):
+                 block_size: int = 64, prefix_caching: bool = True, cpu_fast_path: bool | None = None):
+        """cpu_fast_path: run forwards through model/cpu_forward.py (CPU, GQA, dense MLPs, the contiguous
+        slot cache); None = whenever it can, False = always the readable reference forward of dsa.py."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if chunk_size < 1:
@@ -164,6 +166,7 @@ class Engine:
                                     pad_slot=max_batch_size if padded else 0,
                                     max_blocks=self.max_blocks if self.pool is not None else None)
                        if self.cuda_graphs else None)
+        self.cpu_fast = self._cpu_fast_forward(model, cpu_fast_path)
         self.flops = FlopModel.of(self.args)
         self.metrics = metrics
         if metrics is not None:
@@ -180,6 +183,20 @@ class Engine:
         self._graph_patterns_in_use: set[str] | None = None
         self._patterns_in_use: set[str] | None = None   # paged: patterns whose indexer-key pools are kept
         self.warm_up_s = self.warm_up() if (on_cuda if warm_up is None else warm_up) else 0.0
+
+    def _cpu_fast_forward(self, model: DSAForCausalLM, wanted: bool | None):
+        if wanted is False or self.device.type != "cpu" or self.indexer_fp8:
+            return None
+        if type(self.cache) is not KVCache:   # the paged pool or a sharded model's caches: the reference
+            if wanted:
+                raise ValueError("cpu_fast_path=True needs the contiguous slot KV cache (no kv_cache_tokens / "
+                                 "gpu_memory_utilization, tensor_parallel_size 1)")
+            return None
+        from ..model.cpu_forward import CPUFastForward, supports
+        why = supports(model)
+        if why is not None and wanted:
+            raise ValueError(f"cpu_fast_path=True but the CPU fast forward cannot run this model: {why}")
+        return None if why is not None else CPUFastForward(model)
 
     @torch.no_grad()
     def _pool_blocks(self, tokens: int | None, utilization: float | None, block_size: int, dtype) -> int:
@@ -304,6 +321,21 @@ class Engine:
                        on_submit: Callable[[EngineRequest], None] | None = None) -> AsyncIterator[TokenChunk]:
         """Async generator of chunks. Closing it early (client gone) aborts the request and frees its slot.
         `on_submit` receives the request (to abort it with another reason, e.g. a stop string)."""
+        batches = self.generate_batches(prompt, params, on_submit)
+        try:
+            async for batch in batches:
+                for chunk in batch:
+                    yield chunk
+        finally:
+            await batches.aclose()
+
+    async def generate_batches(self, prompt: list[int], params: SamplingParams,
+                               on_submit: Callable[[EngineRequest], None] | None = None
+                               ) -> AsyncIterator[list[TokenChunk]]:
+        """As generate(), but each item is every chunk that is already waiting (at least one; it never waits
+        for more): a consumer that lags behind the engine (one message per token through Ray costs
+        milliseconds on a CPU) catches up with one message for several tokens, and the first token still
+        goes out alone the moment it exists."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
         req = self.submit(prompt, params, lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, chunk))
@@ -311,9 +343,11 @@ class Engine:
             on_submit(req)
         try:
             while True:
-                chunk = await queue.get()
-                yield chunk
-                if chunk.finish_reason is not None:
+                batch = [await queue.get()]
+                while batch[-1].finish_reason is None and not queue.empty():
+                    batch.append(queue.get_nowait())
+                yield batch
+                if batch[-1].finish_reason is not None:
                     return
         finally:
             self.abort(req)   # no-op when it already finished
@@ -553,6 +587,10 @@ class Engine:
         """One eager forward; starts and slots go in as host lists (no device sync inside the model). Paged:
         the block tables of the requests in those slots."""
         t0 = time.monotonic()
+        if self.cpu_fast is not None:
+            logits = self.cpu_fast(tokens, starts, slots, pattern, self.cache, logits_at)
+            self._observe_forward(t0, starts, tokens.shape[1], pattern)
+            return logits
         if self.pool is not None:
             by_slot = {r.slot: r for r in self.running}
             batch = [by_slot[s] for s in slots]

@@ -38,7 +38,11 @@ def load_model(model: str, dtype: str = "auto", cache_dir: str | None = None, fp
     from .tokenizer import load_tokenizer
     resolved = resolve(model, cache_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # "auto": bf16 weights on CUDA, fp32 on the CPU (load_checkpoint's default)
-    m, pattern = load_checkpoint(resolved.path, dtype=None if dtype == "auto" else getattr(torch, dtype), device=device,
-                                 fp8=fp8)
+    # "auto": bf16 weights on CUDA; on the CPU whichever of bf16 and fp32 multiplies faster (cpu_dtype.py)
+    if device == "cpu":
+        from .cpu_dtype import resolve_cpu_dtype
+        torch_dtype = resolve_cpu_dtype(dtype)
+    else:
+        torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    m, pattern = load_checkpoint(resolved.path, dtype=torch_dtype, device=device, fp8=fp8)
     return m, pattern, load_tokenizer(resolved.path), resolved.name

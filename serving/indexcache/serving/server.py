@@ -69,6 +69,41 @@ class ReplicaPort:
         self.server.shutdown()
         self.server.server_close()
 
+def configure_cpu(threads: int | None) -> int:
+    """The replica's CPU settings: torch intra-op threads = `threads` (default: the cores in this process's
+    affinity mask), one inter-op thread (the engine runs one forward at a time), and normal priority: Ray
+    starts workers at nice 15, which loses every core to anything else on the machine. Returns threads."""
+    import torch
+
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:   # only settable before the first inter-op work; a second replica in-process
+        pass
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (OSError, AttributeError) as exc:   # lowering the niceness needs CAP_SYS_NICE
+        log.warning("the replica runs at nice %d and cannot go back to 0 (%s)", os.getpriority(os.PRIO_PROCESS, 0), exc)
+    return threads
+
+
+def replica_dtype(dtype: str) -> str:
+    """'auto' on a CPU machine -> the dtype the CPU probe picks (model/cpu_dtype.py), as a name, so that
+    the in-process model and tensor-parallel workers load the same; anything else unchanged."""
+    import torch
+
+    if dtype != "auto" or torch.cuda.is_available():
+        return dtype
+    from ..model.cpu_dtype import resolve_cpu_dtype
+    return str(resolve_cpu_dtype("auto")).removeprefix("torch.")
+
+
 class ServingEngine(Protocol):
     """What the server needs from an engine (`indexcache.engine.Engine` is one)."""
     pattern: str
@@ -77,7 +112,7 @@ class ServingEngine(Protocol):
 
     def check_prompt(self, prompt: list[int]) -> None: ...                 # raises ValueError / ContextLengthError
     def set_pattern(self, pattern: str, version: int) -> None: ...
-    def generate(self, prompt: list[int], params, on_submit: Callable | None = None) -> AsyncIterator: ...
+    def generate_batches(self, prompt: list[int], params, on_submit: Callable | None = None) -> AsyncIterator: ...
     def abort(self, request, reason: str = "abort") -> None: ...            # `request`: what on_submit received
     def is_alive(self) -> bool: ...
     def stop(self) -> None: ...
@@ -101,10 +136,12 @@ class IndexCacheServer:
                  metrics_port: int | None = None, dtype: str = "auto", engine_class: type | None = None,
                  model_cache: str | None = None, enforce_eager: bool = False, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, block_size: int = 64, prefix_caching: bool = True,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, threads: int | None = None):
         """engine_class: an Engine subclass (tests inject faults through it); default Engine.
         tensor_parallel_size > 1: the model is sharded over that many Ray worker actors (engine/distributed.py)
-        in this replica's placement group (bundles 1..N; one is reserved when the replica has none)."""
+        in this replica's placement group (bundles 1..N; one is reserved when the replica has none).
+        threads: torch CPU threads (default: every core this process may use; Ray would leave one per
+        requested CPU)."""
         from ..engine import Engine
         from .metrics import ServingMetrics
         from .sampler import SamplerConfig, TrafficSampler
@@ -112,6 +149,8 @@ class IndexCacheServer:
         self.metrics = self.engine = self.sampler = self.port = None
         if metrics_port:   # first: the readiness probe answers "loading" while the model loads
             self.port = self._serve_replica_port(int(metrics_port))
+        self.threads = configure_cpu(threads)
+        dtype = replica_dtype(dtype)   # one concrete dtype for this replica and its tensor-parallel workers
         if tensor_parallel_size > 1:
             self.model, pattern, self.tokenizer, name = self._start_workers(
                 model, tensor_parallel_size, dtype, model_cache, chunk_size=chunk_size, enforce_eager=enforce_eager)
@@ -282,28 +321,36 @@ class IndexCacheServer:
             elif request.messages is not None:
                 self.sampler.offer(messages=request.messages)
         holder = []
-        agen = self.engine.generate(ids, params, on_submit=holder.append)
+        # lists of the chunks ready at once: a lagging stream (Ray's per-message cost) sends one delta for
+        # several tokens instead of falling further behind
+        agen = self.engine.generate_batches(ids, params, on_submit=holder.append)
         text = TextStream(self.tokenizer.decode, list(request.stop))
         want_logprobs = request.logprobs is not None
         pending: list[TokenLogprob] = []   # logprobs of tokens whose text has not been sent yet
         first = True
         try:
-            async for chunk in agen:
+            async for batch in agen:
                 if first:
-                    yield StreamHead(prompt_tokens=len(ids), pattern=chunk.pattern,
-                                     pattern_version=chunk.pattern_version)
+                    yield StreamHead(prompt_tokens=len(ids), pattern=batch[0].pattern,
+                                     pattern_version=batch[0].pattern_version)
                     first = False
-                token = chunk.token_id if chunk.token_id not in params.stop_token_ids else None
-                delta, stopped = text.push(token, final=chunk.finish_reason is not None)
-                if token is not None:
-                    self.metrics.generation_tokens.inc()
-                    if want_logprobs and chunk.logprob is not None:
-                        pending.append(self._token_logprob(chunk))
-                reason = "stop" if stopped else chunk.finish_reason
-                if stopped and chunk.finish_reason is None:
-                    self.engine.abort(holder[0], "stop")
+                deltas, reason, error = [], None, None
+                for chunk in batch:
+                    token = chunk.token_id if chunk.token_id not in params.stop_token_ids else None
+                    delta, stopped = text.push(token, final=chunk.finish_reason is not None)
+                    deltas.append(delta)
+                    if token is not None:
+                        self.metrics.generation_tokens.inc()
+                        if want_logprobs and chunk.logprob is not None:
+                            pending.append(self._token_logprob(chunk))
+                    reason, error = ("stop" if stopped else chunk.finish_reason), chunk.error
+                    if stopped and chunk.finish_reason is None:
+                        self.engine.abort(holder[0], "stop")
+                    if reason:   # nothing after a stop string or the end counts
+                        break
+                delta = "".join(deltas)
                 if delta or reason:
-                    yield TextDelta(delta, finish_reason=reason, completion_tokens=len(text.ids), error=chunk.error,
+                    yield TextDelta(delta, finish_reason=reason, completion_tokens=len(text.ids), error=error,
                                     logprobs=tuple(pending) if want_logprobs else None)
                     pending = []
                 if reason:

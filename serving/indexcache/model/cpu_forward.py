@@ -1,0 +1,237 @@
+"""The CPU fast forward of GQA DSA models (the bundled SmolLM2 DSA model): the same numbers as
+`DSAForCausalLM.forward` with the engine's KV cache, in far fewer and larger operations.
+
+What makes it fast on a CPU, where every PyTorch op costs microseconds of Python and dispatch:
+  - weights prepacked once: q, k, v and the indexer's projections of the same normed hidden state in
+    one GEMM per layer ([q | k | v | indexer k | indexer q | indexer weights] rows), gate and up in one;
+  - RoPE from cos/sin tables computed once per forward and shared by all layers and both rotary dims;
+  - K/V (and indexer keys) written into the preallocated cache in place, attention by one
+    `scaled_dot_product_attention` per layer reading the cache (a view for one request);
+  - the sparse step as a mask: while top-k >= the keys a query can see, the top-k selects every visible
+    key and sparse attention is exactly dense causal attention, so the indexer scores nothing (F layers
+    still write their indexer keys: later positions need them). Past top-k, each F layer scores and
+    selects as the reference does (fp32 scores, `torch.topk`) and its boolean selection mask serves the
+    S layers that follow, with no index tensors in between.
+
+The reference (dsa.py, kernels/) stays the readable twin: `Engine(cpu_fast_path=False)` runs it, and
+tests/model/test_cpu_forward.py compares both on fresh random models (logits and greedy tokens, fp32
+and bf16). Supported: GQA attention, dense MLPs, bf16/fp32 weights, CPU tensors (`supports()`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dsa import DSAForCausalLM, KVCache, rope_frequencies
+
+
+def supports(model: DSAForCausalLM) -> str | None:
+    """None when the fast forward can run this model; else why not."""
+    a = model.args
+    if a.attention != "gqa":
+        return f"attention {a.attention!r} (the CPU fast forward is for GQA models)"
+    if any(a.is_moe_layer(i) for i in range(a.n_layers)):
+        return "MoE layers (the CPU fast forward runs dense MLPs only)"
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu":
+        return f"weights on {weight.device} (the fast forward is for the CPU)"
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return f"weights in {weight.dtype} (bf16 or fp32 only)"
+    for name, p in model.named_parameters():
+        if p.dtype != weight.dtype:
+            return f"parameter {name} is {p.dtype}, the LM head {weight.dtype}"
+    # a tensor-parallel shard (model/parallel.py) holds a slice of the heads, the MLP and the vocabulary
+    att = model.model.layers[0].self_attn
+    whole = {"lm_head": (model.lm_head, (a.vocab_size, a.dim)), "q_proj": (att.q_proj, (a.n_heads * a.head_dim, a.dim)),
+             "o_proj": (att.o_proj, (a.dim, a.n_heads * a.head_dim))}
+    for name, (module, shape) in whole.items():
+        if type(module) is not nn.Linear or tuple(module.weight.shape) != shape:
+            return f"{name} is a shard or a replaced module (tensor parallel), not the whole {shape} weight"
+    if tuple(model.model.embed_tokens.weight.shape) != (a.vocab_size, a.dim) or type(model.model.embed_tokens) is not nn.Embedding:
+        return "the embedding is a shard or a replaced module (tensor parallel)"
+    return None
+
+
+@dataclass
+class PackedLayer:
+    attn_norm: torch.Tensor          # (dim,)
+    w_in: torch.Tensor               # (Hq*Dh + 2*Hkv*Dh [+ Di + Hi*Di + Hi], dim): q|k|v[|ik|iq|iw]
+    w_o: torch.Tensor                # (dim, Hq*Dh)
+    mlp_norm: torch.Tensor           # (dim,)
+    w_gate_up: torch.Tensor          # (2*I, dim)
+    w_down: torch.Tensor             # (dim, I)
+    k_norm: tuple[torch.Tensor, torch.Tensor] | None   # the indexer's LayerNorm (weight, bias)
+
+
+class CPUFastForward:
+    """`fast(tokens, starts, slots, pattern, cache, logits_at)` -> (B, V) fp32 logits, writing the cache
+    exactly where `model(tokens, start_pos=starts, cache=cache, slots=slots, ...)` writes it."""
+
+    def __init__(self, model: DSAForCausalLM):
+        why = supports(model)
+        if why is not None:
+            raise ValueError(f"the CPU fast forward cannot run this model: {why}; use Engine(cpu_fast_path=False)")
+        a = self.args = model.args
+        self.model = model
+        self.dtype = model.lm_head.weight.dtype
+        self.hq, self.hkv, self.dh = a.n_heads, a.n_kv_heads, a.head_dim
+        self.hi, self.di, self.ri = a.index_n_heads, a.index_head_dim, a.index_rope_head_dim
+        self.q_end = self.hq * self.dh
+        self.k_end = self.q_end + self.hkv * self.dh
+        self.v_end = self.k_end + self.hkv * self.dh             # S layers: rows [0, v_end)
+        self.ik_end = self.v_end + self.di                         # F layers before top-k binds: [0, ik_end)
+        self.iq_end = self.ik_end + self.hi * self.di              # then iq, then iw (all rows)
+        self.scale = self.dh ** -0.5
+        self.w_scale = (self.hi ** -0.5) * (self.di ** -0.5)
+        self.layers: list[PackedLayer] = []
+        with torch.no_grad():
+            for block in model.model.layers:
+                att, mlp = block.self_attn, block.mlp
+                rows = [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]
+                k_norm = None
+                if att.indexer is not None:
+                    ix = att.indexer
+                    rows += [ix.wk.weight, ix.wq_b.weight, ix.weights_proj.weight]
+                    k_norm = (ix.k_norm.weight.detach().clone(), ix.k_norm.bias.detach().clone())
+                self.layers.append(PackedLayer(
+                    attn_norm=block.input_layernorm.weight.detach().clone(),
+                    w_in=torch.cat(rows).contiguous(), w_o=att.o_proj.weight.detach().clone(),
+                    mlp_norm=block.post_attention_layernorm.weight.detach().clone(),
+                    w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
+                    w_down=mlp.down_proj.weight.detach().clone(), k_norm=k_norm))
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.final_norm = model.model.norm.weight.detach()
+        self.lm_head = model.lm_head.weight.detach()
+        self.inter = self.layers[0].w_gate_up.shape[0] // 2
+        # fp32 tables (max_seq_len, d) for the attention and the indexer rotary dims: [cos | cos] and
+        # [-sin | sin], so that rotate-half RoPE is x * cos + swap_halves(x) * sin (exactly the reference's
+        # x1 cos - x2 sin, x2 cos + x1 sin; fewer ops per layer)
+        self.rope = {d: (torch.cat([ang.cos(), ang.cos()], -1), torch.cat([-ang.sin(), ang.sin()], -1))
+                     for d in {self.dh, self.ri} for ang in [rope_frequencies(d, a)]}
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.args.norm_eps).to(x.dtype) * w
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE in fp32 on x (B, T, H, d) -> fp32; cos = [cos | cos], sin = [-sin | sin]
+        (B, T, 1, d)."""
+        xf = x.float()
+        swapped = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)                          # [x2 | x1]
+        return xf * cos + swapped * sin
+
+    # ---------------------------------------------------------------------------------------- forward
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, starts: list[int], slots: list[int], pattern: str,
+                 cache: KVCache, logits_at: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) at positions starts[b] + t of cache rows slots[b]; B == 1 or T == 1 (what the
+        engine runs: one prefill chunk, or one decode position for a batch). Returns (B, V) fp32 logits
+        at the per-row positions logits_at (B,)."""
+        B, T = tokens.shape
+        if B > 1 and T > 1:
+            raise ValueError("the CPU fast forward runs one request's chunk (B=1) or one decode position (T=1)")
+        pattern = self.model.check_pattern(pattern)
+        cache.ensure_pattern(pattern)
+        a, dt = self.args, self.dtype
+        kv_lens = [s + T for s in starts]
+        S = max(kv_lens)
+        if S > a.max_seq_len:
+            raise ValueError(f"sequence of {S} tokens exceeds max_position_embeddings ({a.max_seq_len})")
+        positions = torch.tensor(starts)[:, None] + torch.arange(T)[None, :]              # (B, T)
+        cos, sin = (t[positions][:, :, None, :] for t in self.rope[self.dh])             # (B, T, 1, Dh)
+        icos, isin = (t[positions][:, :, None, :] for t in self.rope[self.ri])           # (B, T, 1, Ri)
+        one = B == 1
+        slot_t = torch.tensor(slots)
+        # keys a query may see: s <= its position (and < its kv_len)
+        keys = torch.arange(S)
+        visible = keys[None, None, :] <= positions[:, :, None]                           # (B, T, S)
+        # the sparse step selects every visible key while top-k >= the keys any query sees
+        dense = S <= a.index_topk
+        if dense:
+            # one request from position 0: plain causal; one decode position: every key; else a mask
+            causal = one and starts[0] == 0 and T > 1
+            mask = None if (causal or (one and T == 1)) else visible[:, None]             # (B, 1, T, S)
+        else:
+            causal, mask = False, None
+        x = self.embed[tokens]                                                            # (B, T, dim)
+        for layer, (p, kind) in enumerate(zip(self.layers, pattern)):
+            kc, vc = cache.layers[layer]["k"], cache.layers[layer]["v"]
+            h = self._rms(x, p.attn_norm)
+            is_f = kind == "F"
+            rows = self.v_end if not is_f else (self.ik_end if dense else p.w_in.shape[0])
+            proj = F.linear(h, p.w_in[:rows])                                             # (B, T, rows)
+            qk = self._rotate(proj[..., : self.k_end].view(B, T, self.hq + self.hkv, self.dh),
+                              cos, sin).to(dt)                                            # (B, T, Hq+Hkv, Dh)
+            q, k = qk[:, :, : self.hq], qk[:, :, self.hq:]
+            v = proj[..., self.k_end: self.v_end].view(B, T, self.hkv, self.dh)
+            if one:
+                kc[slots[0], starts[0]: starts[0] + T] = k[0]
+                vc[slots[0], starts[0]: starts[0] + T] = v[0]
+                k_all, v_all = kc[slots[0]: slots[0] + 1, :S], vc[slots[0]: slots[0] + 1, :S]  # (1, S, Hkv, Dh)
+            else:
+                kc[slot_t, positions[:, 0]] = k[:, 0]
+                vc[slot_t, positions[:, 0]] = v[:, 0]
+                k_all, v_all = kc[slot_t, :S], vc[slot_t, :S]                            # (B, S, Hkv, Dh)
+            if is_f:
+                if p.k_norm is None:
+                    raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no "
+                                       "indexer weights for it")
+                selected = self._indexer(proj, p, layer, cache, B, T, starts, slots, slot_t, positions,
+                                         icos, isin, visible, dense)
+                if not dense:
+                    mask = selected[:, None]                                              # (B, 1, T, S)
+            elif not dense and mask is None:
+                raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask,
+                is_causal=causal, scale=self.scale, enable_gqa=True)                      # (B, Hq, T, Dh)
+            x = x + F.linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o)
+            h = self._rms(x, p.mlp_norm)
+            gu = F.linear(h, p.w_gate_up)                                                 # (B, T, 2I)
+            x = x + F.linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down)
+        x = x[torch.arange(B), logits_at]                                                 # (B, dim)
+        return F.linear(self._rms(x, self.final_norm), self.lm_head).float()               # (B, V)
+
+    def _indexer(self, proj, p: PackedLayer, layer: int, cache: KVCache, B: int, T: int, starts, slots, slot_t,
+                 positions, icos, isin, visible, dense: bool) -> torch.Tensor | None:
+        """Write this F layer's indexer keys; past top-k, return its selection (B, T, S) bool."""
+        dt, ri = self.dtype, self.ri
+        ik = F.layer_norm(proj[..., self.v_end: self.ik_end], (self.di,), *p.k_norm, eps=1e-6)  # (B, T, Di)
+        ik = torch.cat([self._rotate(ik[:, :, None, :ri], icos, isin)[:, :, 0].to(dt), ik[..., ri:]], -1)
+        ikc = cache.indexer_k[layer]
+        if cache.indexer_fp8:
+            raise ValueError("the CPU fast forward keeps bf16/fp32 indexer keys; build the cache without indexer_fp8")
+        S = visible.shape[-1]
+        if B == 1:
+            ikc[slots[0], starts[0]: starts[0] + T] = ik[0]
+            k_all = ikc[slots[0]: slots[0] + 1, :S]                                       # (1, S, Di)
+        else:
+            ikc[slot_t, positions[:, 0]] = ik[:, 0]
+            k_all = ikc[slot_t, :S]
+        if dense:
+            return None
+        # queries that see at most top-k keys select them all; only the rest are scored (in a prefill chunk
+        # from position 0 that is every query past top-k, about half of a 1K prompt)
+        topk = self.args.index_topk
+        first = max(0, topk - starts[0]) if B == 1 else 0                                # first row scored
+        selected = visible.clone()                                                        # (B, T, S)
+        if first >= T:
+            return selected
+        rows = slice(first, T)
+        iq = proj[:, rows, self.ik_end: self.iq_end].view(B, T - first, self.hi, self.di)
+        iq = torch.cat([self._rotate(iq[..., :ri], icos[:, rows], isin[:, rows]).to(dt), iq[..., ri:]], -1)
+        w = proj[:, rows, self.iq_end:].float() * self.w_scale                            # (B, t, Hi)
+        # score[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s]), fp32 as the reference scores
+        logits = torch.matmul(iq.float().flatten(1, 2), k_all.float().transpose(1, 2))    # (B, t*Hi, S)
+        logits = logits.relu_().view(B, T - first, self.hi, S)
+        scores = (logits * w[..., None]).sum(2)                                           # (B, t, S)
+        scores = scores.masked_fill_(~visible[:, rows], float("-inf"))
+        values, idx = scores.topk(min(topk, S), dim=-1, sorted=False)                     # (B, t, k)
+        chosen = torch.zeros(B, T - first, S, dtype=torch.bool)
+        chosen.scatter_(2, idx, values != float("-inf"))
+        selected[:, rows] = chosen
+        return selected

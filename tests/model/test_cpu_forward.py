@@ -1,0 +1,123 @@
+"""The CPU fast forward (model/cpu_forward.py) against its twin, the reference forward of dsa.py, on fresh
+random GQA models: the same logits and the same KV cache contents, through what the engine runs (prefill
+chunks of one request, batched decode across slots), short of top-k (dense) and past it (the indexer
+selects); and the same greedy tokens through the engine.
+
+Tolerances: fp32 logits within 1e-4 absolute (summation order only; seen: identical), top-k 8 so that
+the script crosses it. bf16 logits within 0.1 absolute for logits of magnitude ~2 (seen: up to 0.06;
+8 mantissa bits, and the fast path attends in bf16 where the reference upcasts to fp32), with top-k above
+the script's context: past top-k such a rounding difference can flip a near-tie selection, a discrete
+change no tolerance covers, so the selection itself is checked in fp32 only. Greedy tokens identical in fp32.
+"""
+import pytest
+import torch
+
+from indexcache.engine import Engine
+from indexcache.engine.sampling import SamplingParams
+from indexcache.model.cpu_forward import CPUFastForward, supports
+from indexcache.model.dsa import KVCache
+
+PATTERN = "FSSFSF"
+
+
+def run_script(forward, steps):
+    """steps: (tokens (B, T), starts, slots) -> list of (B, V) logits at each row's last position."""
+    out = []
+    for tokens, starts, slots in steps:
+        at = torch.full((tokens.shape[0],), tokens.shape[1] - 1)
+        out.append(forward(tokens, starts, slots, at))
+    return out
+
+
+def engine_like_steps(gen, vocab):
+    """Two requests prefilled in chunks (slots 2 and 0; the second chunk crosses top-k = 8), then batched
+    decode positions for both plus a third request, of different lengths."""
+    t = lambda *shape: torch.randint(0, vocab, shape, generator=gen)
+    steps = [(t(1, 5), [0], [2]), (t(1, 9), [5], [2]),      # 14 tokens in slot 2: past top-k
+             (t(1, 6), [0], [0]),                            # 6 tokens in slot 0: dense
+             (t(1, 3), [0], [1])]                            # 3 tokens in slot 1
+    lens = [14, 6, 3]
+    for _ in range(6):                                       # slot 0 crosses top-k during decode
+        steps.append((t(3, 1), list(lens), [2, 0, 1]))
+        lens = [n + 1 for n in lens]
+    steps.append((t(1, 1), [lens[1]], [0]))                  # one-request decode
+    return steps
+
+
+@pytest.mark.parametrize("dtype,topk,atol", [(torch.float32, 8, 1e-4), (torch.bfloat16, 64, 0.1)])
+def test_fast_forward_matches_reference(make_model, dtype, topk, atol):
+    torch.manual_seed(1)
+    model = make_model("gqa", seed=3, projection_std=0.2, index_topk=topk).to(dtype)
+    fast = CPUFastForward(model)
+    steps = engine_like_steps(torch.Generator().manual_seed(7), model.args.vocab_size)
+    caches = [KVCache(model.args, 3, 64, PATTERN, dtype=dtype) for _ in range(2)]
+
+    def ref(tokens, starts, slots, at):
+        with torch.no_grad():
+            return model(tokens, start_pos=starts, cache=caches[0], slots=slots, pattern=PATTERN, logits_at=at)
+
+    got = run_script(lambda tk, st, sl, at: fast(tk, st, sl, PATTERN, caches[1], at), steps)
+    want = run_script(ref, steps)
+    spread = max(float(w.max() - w.min()) for w in want)
+    assert spread > 2.0, "the random model's logits are too flat to tell the paths apart"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == torch.float32 and g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=atol, rtol=0, msg=f"step {i}: logits differ")
+    # what later steps read, written at the same places: elementwise in fp32; in bf16 the error norm within
+    # two bf16 ulps (2^-8) of the tensor's norm per layer below (seen: 0 at layer 0, then ~1.6 ulps per layer:
+    # the attention rounds in bf16 here, in fp32 in the reference)
+    for layer in range(model.args.n_layers):
+        pairs = [(caches[1].layers[layer][n], caches[0].layers[layer][n]) for n in ("k", "v")]
+        if PATTERN[layer] == "F":
+            pairs.append((caches[1].indexer_k[layer], caches[0].indexer_k[layer]))
+        for g, w in pairs:
+            g, w = g.float(), w.float()
+            assert w.norm() > 0
+            if dtype == torch.float32:
+                torch.testing.assert_close(g, w, atol=atol, rtol=0)
+            else:
+                assert (g - w).norm() <= 2 * 2 ** -8 * (layer + 1) * w.norm(), f"layer {layer}: cache differs"
+
+
+def test_past_topk_the_indexer_selects(make_model):
+    """Past top-k the fast forward must really select: with the indexer's selection replaced by every key
+    (dense attention), its logits move away from the reference's."""
+    model = make_model("gqa", seed=4, projection_std=0.3)
+    tokens = torch.randint(0, model.args.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    at = torch.tensor([39])
+    with torch.no_grad():
+        sparse = model(tokens, cache=KVCache(model.args, 1, 64, PATTERN), slots=[0], pattern=PATTERN, logits_at=at)
+        dense = model(tokens, cache=KVCache(model.args, 1, 64, PATTERN), slots=[0], pattern=PATTERN, logits_at=at,
+                      attention="dense")
+    fast = CPUFastForward(model)(tokens, [0], [0], PATTERN, KVCache(model.args, 1, 64, PATTERN), at)
+    assert (sparse - dense).abs().max() > 1e-2
+    torch.testing.assert_close(fast, sparse, atol=1e-4, rtol=0)
+
+
+def test_engine_greedy_tokens_match(make_model):
+    """Greedy generation through the engine, fast path on and off: the same tokens (fp32), with prompts
+    short of top-k and past it, several requests decoded together."""
+    model = make_model("gqa", seed=5, projection_std=0.2)
+    prompts = [[3, 4, 5], list(range(10, 30)), [7] * 11]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    outputs = []
+    for fast_path in (True, False):
+        engine = Engine(model, pattern=PATTERN, max_batch_size=4, max_model_len=64, chunk_size=8,
+                        cpu_fast_path=fast_path)
+        assert (engine.cpu_fast is not None) == fast_path
+        reqs = [engine.submit(p, params, lambda chunk: None) for p in prompts]
+        while engine.step():
+            pass
+        outputs.append([r.output for r in reqs])
+    assert all(len(o) == 12 for o in outputs[0])
+    assert outputs[0] == outputs[1]
+
+
+def test_unsupported_models_are_refused(make_model):
+    assert supports(make_model("gqa")) is None
+    mla = make_model("mla")
+    assert "GQA" in supports(mla)
+    with pytest.raises(ValueError, match="cpu_fast_path=False"):
+        CPUFastForward(mla)
+    engine = Engine(mla, max_batch_size=1, max_model_len=32)   # auto: the reference path, no error
+    assert engine.cpu_fast is None
