@@ -58,7 +58,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "w+")
         args = ["--tiny", "--host", "127.0.0.1", "--port", str(self.port), "--gpu-hourly-usd", str(GPU_HOURLY_USD),
-                "--freq", str(SERVE_FREQ)]
+                "--freq", str(SERVE_FREQ), "--kv-cache-tokens", "8192"]   # the paged pool: its prefix-cache panel
         self.proc = subprocess.Popen(SERVE + args, stdout=self.log, stderr=subprocess.STDOUT, env=_env())
         self._healthy = False
 
