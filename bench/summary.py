@@ -9,7 +9,7 @@ point the row here at it, then
 
 A number is addressed by a path of keys: `rows[context=200000,pattern=all-F].prefill_s` takes the first
 element of the list `rows` whose `context` is 200000 and whose `pattern` is "all-F", then its `prefill_s`.
-A path starting with `[...]` selects from a file whose top level is a list.
+A path starting with `[...]` selects from a file whose top level is a list; a number indexes a list.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def lookup(data, path: str):
         if match is None:
             raise KeyError(f"{path}: bad segment {segment!r}")
         if match["key"]:
-            node = node[match["key"]]
+            key = match["key"]
+            node = node[int(key)] if isinstance(node, list) and key.isdigit() else node[key]
         if match["cond"] is not None:
             wanted = dict(pair.split("=", 1) for pair in match["cond"].split(","))
             hits = [item for item in node if all(str(item.get(k)) == v for k, v in wanted.items())]
@@ -141,6 +142,22 @@ ROWS = [
         lambda g: (f"{g('runs[full_layers=8].plain_wall_s') / g('runs[full_layers=8].search_wall_s'):.2f}x faster "
                    f"({g('runs[full_layers=8].search_wall_s'):.0f} s vs {g('runs[full_layers=8].plain_wall_s'):.0f} s)"),
         "", "python bench/calibration_quality.py --device cpu --search-only --compare-plain", commit="2c3e5c0"),
+    Row("`indexcache serve` vs transformers on 2 CPU cores (SmolLM2 DSA, bf16 auto vs fp32 peer): TTFT 1K, decode, 8 streams",
+        "bench/results/serve_vs_peer_2.json",
+        lambda g: (f"{g('ours.ttft_long_s'):.2f} s ({g('transformers_float32.ratios.ttft')}x the peer); "
+                   f"{g('ours.decode_tok_s')} tok/s ({g('transformers_float32.ratios.decode')}x); "
+                   f"{g('ours.streams8_tok_s')} tok/s ({g('transformers_float32.ratios.streams8')}x)"),
+        "<= 1.0 s and <= 0.5x; >= 30 tok/s and >= 2x; >= 2x (#20)", "python bench/serve_vs_peer.py --repeats 3"),
+    Row("serve_load on 2 CPU cores before / after the CPU fast path, 1 / 16 clients",
+        "bench/results/serve_load_cpu_before_after_cpuperf.json",
+        lambda g: (f"{g('before.runs.0.[clients=1].output_tok_per_s')} / {g('before.runs.0.[clients=16].output_tok_per_s')} -> "
+                   f"{g('after.runs.0.[clients=1].output_tok_per_s')} / {g('after.runs.0.[clients=16].output_tok_per_s')} "
+                   f"output tok/s"), "not slower (#14)", "python bench/serve_load.py --clients 1 4 16", commit="39d26c0"),
+    Row("prefix caching on the CPU paged pool, shared 1K-token system prompt: TTFT p50 at 1 / 4 clients, on vs off",
+        "bench/results/serve_load_prefix_cache_cpu.json",
+        lambda g: (f"{g('prefix_on.[clients=1].ttft_p50_ms'):.0f} vs {g('prefix_off.[clients=1].ttft_p50_ms'):.0f} ms; "
+                   f"{g('prefix_on.[clients=4].ttft_p50_ms'):.0f} vs {g('prefix_off.[clients=4].ttft_p50_ms'):.0f} ms"),
+        "", "python bench/serve_load.py --system-prompt-words 980 ...", commit="650a7d6"),
     Row("serving on 2 CPU cores, SmolLM2 DSA (fp32, all-F), 1 / 16 clients", "bench/results/serve_load_cpu_smollm2.json",
         lambda g: (f"{g('[clients=1].output_tok_per_s'):.1f} / {g('[clients=16].output_tok_per_s'):.1f} output tok/s; "
                    f"TTFT p50 {g('[clients=1].ttft_p50_ms'):.0f} / {g('[clients=16].ttft_p50_ms'):.0f} ms"),
