@@ -2,9 +2,12 @@
 through the MoE kernels) against the same loaded model on the reference kernels, on fresh random weights.
 
 Marked gpu: natively on the H200, in CI under Triton's interpreter (tests/kernels/test_triton_interpreted.py).
-Both runs quantise activations per 1x128 block the same way, so what differs is the kernels' summation
-order (and TF32 in the attention kernels on CUDA): tolerance 2e-4 relative on the CPU, 1e-2 on CUDA (the
-tolerances of test_model_fast_path.py). index_topk covers the whole context, so a top-k tie flipped by
+Both runs quantise activations to e4m3 per 1x128 block by the same rule, but not always to the same
+values: the kernels sum in another order, and an fp32 difference in the last bits of an activation that
+sits at an e4m3 rounding boundary moves it by a whole e4m3 step (1/8 relative, 1/16 on average). A few such
+flips in a 4-layer model of width 64 move the logits by 1-3 % (seen: 1.8e-2 under the interpreter in about
+one run of five, 2.7e-2 on an H100), where a wrong scale, layout or expert gives errors of order one. Hence
+5e-2 relative on both devices (it was 2e-4 / 1e-2, which assumed the quantised activations were identical). index_topk covers the whole context, so a top-k tie flipped by
 rounding cannot change which keys are read. Two expert widths: moe_inter_dim 32 (ragged 128-blocks: the
 grouped path) and 128 (one decode token on CUDA takes the FP8 gather kernels).
 """
@@ -23,7 +26,7 @@ from tiny_models import random_model
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = 1e-2 if DEVICE == "cuda" else 2e-4
+TOL = 5e-2    # e4m3 rounding flips of the activations, see the module docstring
 WIDTHS = {"ragged": {}, "aligned": {"dim": 128, "moe_inter_dim": 128, "inter_dim": 256}}
 if DEVICE == "cpu":       # under the interpreter (30 s a case): the aligned case adds only the CUDA gather path
     del WIDTHS["aligned"]
