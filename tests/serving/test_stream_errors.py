@@ -96,3 +96,44 @@ def test_an_engine_fault_ends_only_its_own_stream_with_an_error_event(faulty_url
     sync = openai.OpenAI(base_url=faulty_url + "/v1", api_key="unused", max_retries=0)
     assert sync.completions.create(model=MODEL, prompt="alive", max_tokens=4, temperature=0).usage.completion_tokens == 4
     assert httpx.get(f"{faulty_url}/healthz").json()["status"] == "ok"
+
+
+def _events(stream_items, chat):
+    """The data lines sse_events writes for these TextDeltas, parsed ([DONE] kept as the string)."""
+    import json
+
+    from indexcache.serving.ingress import sse_events
+
+    released = []
+
+    async def deltas():
+        for d in stream_items:
+            yield d
+
+    async def run():
+        return [e async for e in sse_events(deltas(), {"id": "x", "model": MODEL}, chat, 5,
+                                            lambda: released.append(1))]
+    raw = asyncio.run(run())
+    assert released == [1]   # the ingress's ongoing-request slot is given back
+    return [json.loads(e[len("data: "):]) if e != "data: [DONE]\n\n" else "[DONE]" for e in raw]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_text_that_arrives_with_the_failure_is_sent_before_the_error_event(chat):
+    """A lagging stream gets several tokens in one message; when the last of them carries the failure, the
+    tokens the engine produced before it still reach the client (CI saw 'xy' instead of 'xyz' when the
+    third token and the fault travelled together)."""
+    from indexcache.serving.protocol import TextDelta
+
+    events = _events([TextDelta("xy", None, 2), TextDelta("z", "error", 3, error="generation failed inside the "
+                                                                               "engine (RuntimeError)")], chat)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == 500 and "inside the engine" in events[-2]["error"]["message"]
+    choices = [e["choices"][0] for e in events[:-2] if e.get("choices")]
+    text = "".join((c["delta"].get("content") or "") if chat else c["text"] for c in choices)
+    assert text == "xyz"
+    assert all(c["finish_reason"] is None for c in choices)   # an error is not a "stop"
+    # a failure with no text of its own: the error event right after the text sent so far
+    events = _events([TextDelta("xy", None, 2), TextDelta("", "error", 2, error="boom")], chat)
+    assert events[-2]["error"]["message"] == "boom" and events[-1] == "[DONE]"
+    assert len([e for e in events if isinstance(e, dict) and e.get("choices")]) == (2 if chat else 1)

@@ -182,6 +182,59 @@ class AdminPatternRequest(_Strict):
     offset: int | None = None
 
 
+async def sse_events(stream, meta: dict, chat: bool, prompt_tokens: int, release,
+                     usage_chunk: bool = True) -> AsyncIterator[str]:
+    """OpenAI server-sent events for one streamed request (`stream`: the server's TextDeltas after its head);
+    `release` runs once the stream ends however it ends. A vanished client cancels this generator, which
+    cancels the server call."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    try:
+        if chat:
+            yield _event({**meta, "object": obj, "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        n_out, offset = 0, 0
+        async for chunk in stream:
+            failed = chunk.finish_reason == "error"
+            if failed and not chunk.text and chunk.logprobs is None:   # end the stream the way OpenAI and vLLM do
+                yield _error_event(chunk.error)
+                yield "data: [DONE]\n\n"
+                return
+            n_out = chunk.completion_tokens
+            # the text that arrived with the failure (tokens produced before it, sent in one message) still
+            # goes out first, without a finish_reason, then the error event
+            reason = None if chunk.finish_reason in (None, "error") else (
+                "length" if chunk.finish_reason == "length" else "stop")
+            if chat:
+                choice = {"index": 0, "delta": {"content": chunk.text} if chunk.text else {},
+                          "finish_reason": reason}
+                if chunk.logprobs is not None:
+                    choice["logprobs"] = chat_logprobs(chunk.logprobs)
+            else:
+                choice = {"index": 0, "text": chunk.text, "finish_reason": reason, "logprobs": None}
+                if chunk.logprobs is not None:
+                    choice["logprobs"] = completion_logprobs(chunk.logprobs, offset)
+                    offset += sum(len(e.token) for e in chunk.logprobs)
+            yield _event({**meta, "object": obj, "choices": [choice]})
+            if failed:
+                yield _error_event(chunk.error)
+                yield "data: [DONE]\n\n"
+                return
+        if usage_chunk:
+            yield _event({**meta, "object": obj, "choices": [], "usage": {
+                "prompt_tokens": prompt_tokens, "completion_tokens": n_out,
+                "total_tokens": prompt_tokens + n_out}})
+        yield "data: [DONE]\n\n"
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    except Exception:   # the server call itself failed (e.g. its replica died): tell the client, in band
+        log.exception("a streaming request failed")
+        yield _error_event(None)
+        yield "data: [DONE]\n\n"
+    finally:
+        release()
+
+
 # ---------------------------------------------------------------------------------------------------
 # the deployment
 # ---------------------------------------------------------------------------------------------------
@@ -403,7 +456,7 @@ class OpenAIIngress:
                     "system_fingerprint": f"indexcache-v{head.pattern_version}-{head.pattern}"}
             if body.streaming:
                 usage_chunk = body.stream_options is None or body.stream_options.include_usage is not False
-                return StreamingResponse(self._sse(stream, meta, chat, head.prompt_tokens, release, usage_chunk),
+                return StreamingResponse(sse_events(stream, meta, chat, head.prompt_tokens, release, usage_chunk),
                                          media_type="text/event-stream")
             text, reason, n_out, failure, logprobs = [], None, 0, None, []
             try:
@@ -431,46 +484,3 @@ class OpenAIIngress:
         except BaseException:
             release()
             raise
-
-    async def _sse(self, stream, meta: dict, chat: bool, prompt_tokens: int, release,
-                   usage_chunk: bool = True) -> AsyncIterator[str]:
-        """OpenAI server-sent events; a vanished client cancels this generator, which cancels the server call."""
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        try:
-            if chat:
-                yield _event({**meta, "object": obj, "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-            n_out, offset = 0, 0
-            async for chunk in stream:
-                if chunk.finish_reason == "error":   # end the stream the way OpenAI and vLLM do
-                    yield _error_event(chunk.error)
-                    yield "data: [DONE]\n\n"
-                    return
-                n_out = chunk.completion_tokens
-                reason = None if chunk.finish_reason in (None,) else (
-                    "length" if chunk.finish_reason == "length" else "stop")
-                if chat:
-                    choice = {"index": 0, "delta": {"content": chunk.text} if chunk.text else {},
-                              "finish_reason": reason}
-                    if chunk.logprobs is not None:
-                        choice["logprobs"] = chat_logprobs(chunk.logprobs)
-                else:
-                    choice = {"index": 0, "text": chunk.text, "finish_reason": reason, "logprobs": None}
-                    if chunk.logprobs is not None:
-                        choice["logprobs"] = completion_logprobs(chunk.logprobs, offset)
-                        offset += sum(len(e.token) for e in chunk.logprobs)
-                yield _event({**meta, "object": obj, "choices": [choice]})
-            if usage_chunk:
-                yield _event({**meta, "object": obj, "choices": [], "usage": {
-                    "prompt_tokens": prompt_tokens, "completion_tokens": n_out,
-                    "total_tokens": prompt_tokens + n_out}})
-            yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            stream.cancel()
-            raise
-        except Exception:   # the server call itself failed (e.g. its replica died): tell the client, in band
-            log.exception("a streaming request failed")
-            yield _error_event(None)
-            yield "data: [DONE]\n\n"
-        finally:
-            release()
