@@ -6,31 +6,9 @@ import pytest
 from indexcache.engine import ContextLengthError, Engine, SamplingParams
 from indexcache.engine.generate import generate, naive_generate
 from indexcache.serving.metrics import ServingMetrics
+from engine_jobs import run_all, tokens
 
 SPARSE = "FSSFSS"
-
-
-def run_all(engine, jobs):
-    """jobs: list of (step_index, prompt, params, pattern|None). Submits each at its step, runs to the end."""
-    chunks = {i: [] for i in range(len(jobs))}
-    step = 0
-    pending = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
-    while True:
-        while pending and jobs[pending[0]][0] <= step:
-            i = pending.pop(0)
-            _, prompt, params, pattern = jobs[i]
-            if pattern is not None:
-                engine.set_pattern(pattern, version=step)
-            engine.submit(prompt, params, chunks[i].append)
-        worked = engine.step()
-        step += 1
-        if not worked and not pending:
-            break
-    return chunks
-
-
-def tokens(chunks):
-    return [c.token_id for c in chunks if c.token_id is not None]
 
 
 def test_batched_greedy_equals_each_request_alone(model, random_prompts):

@@ -9,32 +9,9 @@ import pytest
 from indexcache.engine import ContextLengthError, Engine, SamplingParams
 from indexcache.engine.generate import naive_generate
 from indexcache.serving.metrics import ServingMetrics
+from engine_jobs import run_all, tokens
 
 BS = 8
-
-
-def run_all(engine, jobs, watch=None):
-    """jobs: list of (step, prompt, params, pattern|None), each submitted at its step; runs to the end.
-    watch(engine) is called after every step."""
-    chunks = {i: [] for i in range(len(jobs))}
-    step, pending = 0, sorted(range(len(jobs)), key=lambda i: jobs[i][0])
-    while True:
-        while pending and jobs[pending[0]][0] <= step:
-            i = pending.pop(0)
-            _, prompt, params, pattern = jobs[i]
-            if pattern is not None:
-                engine.set_pattern(pattern, version=step)
-            engine.submit(prompt, params, chunks[i].append)
-        worked = engine.step()
-        if watch is not None:
-            watch(engine)
-        step += 1
-        if not worked and not pending:
-            return chunks
-
-
-def tokens(chunks):
-    return [c.token_id for c in chunks if c.token_id is not None]
 
 
 def sample(metrics, name):

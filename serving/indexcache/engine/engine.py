@@ -8,7 +8,13 @@ A scheduler step (run by one background thread, or by hand with `step()` in test
   2. admit waiting requests into free slots (FIFO);
   3. prefill: up to `chunk_size` prompt tokens in total, one request after another (chunked prefill:
      a long prompt spreads over several steps, so running requests keep decoding between its chunks);
-     a prompt's last chunk yields its first token;
+     a prompt's last chunk yields its first token. Who gets the budget (`_prefill_order`): requests with
+     at most `long_prefill_token_threshold` prompt tokens left to prefill ("short", default 4 chunks) go
+     first, FIFO among them; long ones get the rest, FIFO, except that the oldest long one goes first
+     when it got less than a full chunk in each of the last `long_prefill_max_wait` steps. So a short
+     prompt does not wait for a long one's whole prefill, and a stream of short prompts cannot starve a
+     long one: it gets a full chunk at least once every long_prefill_max_wait + 1 steps.
+     `long_prefill_token_threshold=0`: plain FIFO (one request after another in admission order);
   4. decode: every running request with a token waiting to enter the cache advances one position,
      one batched forward per distinct IndexCache pattern among them.
 
@@ -93,6 +99,7 @@ class EngineRequest:
     block_hashes: list[bytes] = field(default_factory=list)
     n_registered: int = 0                # leading blocks already entered in the prefix table
     preemptions: int = 0
+    prefill_skips: int = 0               # steps in a row that gave this prefilling request less than a full chunk
 
     @property
     def prefill_len(self) -> int:
@@ -116,17 +123,32 @@ class Engine:
                  metrics: ServingMetrics | None = None, enforce_eager: bool = False,
                  indexer_fp8: bool | None = None, warm_up: bool | None = None,
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float | None = None,
-                 block_size: int = 64, prefix_caching: bool = True, cpu_fast_path: bool | None = None):
+                 block_size: int = 64, prefix_caching: bool = True, cpu_fast_path: bool | None = None,
+                 long_prefill_token_threshold: int | None = None, long_prefill_max_wait: int = 4):
         """cpu_fast_path: run forwards through model/cpu_forward.py (CPU, GQA, dense MLPs, the contiguous
-        slot cache); None = whenever it can, False = always the readable reference forward of dsa.py."""
+        slot cache); None = whenever it can, False = always the readable reference forward of dsa.py.
+        long_prefill_token_threshold: a request with more prompt tokens than this left to prefill is "long"
+        and yields the step's prefill budget to short ones (None: 4 x chunk_size; 0: off, FIFO);
+        long_prefill_max_wait: steps the oldest long request can be given less than a full chunk before
+        it goes first (its guaranteed share: one full chunk in every long_prefill_max_wait + 1 steps)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if long_prefill_token_threshold is None:
+            # a prompt that needs at most 4 steps is short: among short ones (FIFO) a request waits at most
+            # 4 steps for each one ahead of it; only prompts that would hold the budget longer yield
+            long_prefill_token_threshold = 4 * chunk_size
+        if long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0 (0 turns short-first prefill off), "
+                             f"got {long_prefill_token_threshold}")
+        if long_prefill_max_wait < 1:
+            raise ValueError(f"long_prefill_max_wait must be >= 1 (steps), got {long_prefill_max_wait}")
         self.model = model
         self.args = model.args
         self.max_model_len = min(max_model_len or self.args.max_seq_len, self.args.max_seq_len)
         self.max_batch_size, self.chunk_size = max_batch_size, chunk_size
+        self.long_prefill_token_threshold, self.long_prefill_max_wait = long_prefill_token_threshold, long_prefill_max_wait
         self.device = model.lm_head.weight.device
         self.pattern = model.check_pattern(pattern or model.default_pattern)
         self.pattern_version = pattern_version
@@ -418,9 +440,11 @@ class Engine:
         busy_start = time.monotonic()
 
         budget = self.chunk_size
-        for req in [r for r in running if r.prefilling]:
+        for req in self._prefill_order([r for r in running if r.prefilling]):
+            full = min(self.chunk_size, req.prefill_len - req.cached)   # what the request could use this step
+            req.prefill_skips = 0 if budget >= full else req.prefill_skips + 1
             if budget <= 0:
-                break
+                continue
             start = req.cached
             chunk = req.tokens(start, min(start + budget, req.prefill_len))
             budget -= len(chunk)
@@ -447,6 +471,22 @@ class Engine:
             self._update_gauges()
         log.debug("step: %d running, %.1f ms", len(running), 1000 * (time.monotonic() - busy_start))
         return True
+
+    def _prefill_order(self, prefilling: list[EngineRequest]) -> list[EngineRequest]:
+        """The order in which prefilling requests (admission order) take this step's prefill budget: short
+        ones (at most long_prefill_token_threshold tokens left) first, then long ones; the oldest long one
+        first of all when it has been short of a full chunk for long_prefill_max_wait steps in a row.
+        Only this one request can jump the queue, and after it does (a full chunk) it needs that many steps
+        again: short requests keep the whole budget in at least long_prefill_max_wait of every
+        long_prefill_max_wait + 1 steps."""
+        threshold = self.long_prefill_token_threshold
+        if not threshold:
+            return prefilling
+        short = [r for r in prefilling if r.prefill_len - r.cached <= threshold]
+        long = [r for r in prefilling if r.prefill_len - r.cached > threshold]
+        if long and long[0].prefill_skips >= self.long_prefill_max_wait:
+            return long[:1] + short + long[1:]
+        return short + long
 
     def _decode(self, batch: list[EngineRequest], pattern: str) -> None:
         """One decode position for `batch` (one pattern) in one forward. If the batched forward raises, run
@@ -562,7 +602,7 @@ class Engine:
         self.free_slots.sort()
         req.slot = None
         self.pool.release(req.blocks)
-        req.blocks, req.cached, req.n_registered = [], 0, 0
+        req.blocks, req.cached, req.n_registered, req.prefill_skips = [], 0, 0, 0
         req.preemptions += 1
         self.waiting.appendleft(req)
         if self.metrics is not None:
