@@ -245,9 +245,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     sample_rate=args.sample_rate, gpu_hourly_usd=args.gpu_hourly_usd, api_key=args.api_key,
                     pattern=pattern, enforce_eager=args.enforce_eager, kv_cache_tokens=args.kv_cache_tokens,
                     gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
-                    prefix_caching=not args.no_prefix_caching, dtype=args.dtype, threads=args.threads)
+                    prefix_caching=not args.no_prefix_caching, dtype=args.dtype, threads=args.threads,
+                    long_prefill_token_threshold=args.long_prefill_token_threshold)
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if args.long_prefill_token_threshold is not None and args.long_prefill_token_threshold < 0:
+        raise SystemExit(f"--long-prefill-token-threshold must be >= 0 (0: first come, first served), "
+                         f"got {args.long_prefill_token_threshold}")
     print(f"starting Ray Serve on {args.host}:{args.port} with model {uri} ...", file=sys.stderr, flush=True)
     url = start_local(app_args, host=args.host, port=args.port, num_cpus=args.num_cpus)
     print(f"IndexCache OpenAI-compatible API listening on {url}/v1  (metrics: {url}/metrics; Ctrl-C stops)",
@@ -460,6 +464,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--block-size", type=int, default=64, help="tokens per KV block of the paged cache")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="paged cache: do not reuse the KV blocks of earlier requests' identical prefixes")
+    p.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                   help="prompts with more tokens than this left to prefill yield each step's prefill budget "
+                        "to shorter ones, keeping a full chunk every 5 steps (default: 4 prefill chunks; "
+                        "0: first come, first served)")
     add_pattern_args(p)
     p.set_defaults(func=cmd_serve)
 

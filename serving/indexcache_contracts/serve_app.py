@@ -40,6 +40,9 @@ class AppArgs:
     max_batch_size: int = 8                # KV cache slots: requests decoded together
     max_model_len: int | None = 2048
     chunk_size: int = 256                  # prefill tokens per engine step
+    # prompts with more tokens than this left to prefill yield each step's budget to shorter ones (vLLM's
+    # --long-prefill-token-threshold); None: 4 x chunk_size; 0: first come, first served
+    long_prefill_token_threshold: int | None = None
     samples_dir: str | None = None
     sample_rate: float = 0.0
     gpu_hourly_usd: float = 0.0
@@ -74,6 +77,7 @@ _APP_ARG_TYPES: dict[str, tuple[str, float | None, float | None]] = {
     "dtype": ("str", None, None), "enforce_eager": ("bool", None, None), "tensor_parallel_size": ("int", 1, 16),
     "kv_cache_tokens": ("int", 1, None), "gpu_memory_utilization": ("number", 0, 1), "block_size": ("int", 1, None),
     "prefix_caching": ("bool", None, None), "threads": ("int", 1, None),
+    "long_prefill_token_threshold": ("int", 0, None),
 }
 _NULLABLE = {f.name for f in dataclasses.fields(AppArgs) if f.default is None}
 _DTYPES = ("auto", "float32", "bfloat16")

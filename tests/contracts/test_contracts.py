@@ -86,3 +86,16 @@ def test_app_args_threads_and_dtype_are_checked():
             parse_app_args({"threads": bad})
     with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16"):
         parse_app_args({"dtype": "fp16"})
+
+
+def test_app_args_long_prefill_token_threshold_is_checked():
+    """`long_prefill_token_threshold` (short-first prefill; None: the engine's default, 0: FIFO): a count of
+    tokens, refused naming the field otherwise."""
+    import pytest
+
+    from indexcache_contracts.serve_app import parse_app_args
+    assert parse_app_args({}).long_prefill_token_threshold is None
+    assert parse_app_args({"long_prefill_token_threshold": 0}).long_prefill_token_threshold == 0
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+            parse_app_args({"long_prefill_token_threshold": bad})

@@ -69,6 +69,18 @@ def test_a_chat_request_without_a_limit_may_run_to_the_end_of_the_context():
         GenerateRequest(max_tokens=1)
 
 
+def test_the_long_prefill_threshold_reaches_the_engine():
+    """`indexcache serve --long-prefill-token-threshold` / the app arg: the replica's engine schedules with
+    it (0: first come, first served); unset, the engine's default of 4 prefill chunks."""
+    for given, expected in ((0, 0), (100, 100), (None, 4 * 32)):
+        s = IndexCacheServer(model="tiny", max_model_len=64, max_batch_size=1, chunk_size=32,
+                             long_prefill_token_threshold=given)
+        try:
+            assert s.engine.long_prefill_token_threshold == expected
+        finally:
+            s.engine.stop()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the crash is the point
 def test_health_check_fails_once_the_engine_thread_has_died():
     class DyingEngine(Engine):

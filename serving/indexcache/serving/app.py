@@ -48,6 +48,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return ingress.bind(
         server.bind(model=a.model, served_model_name=a.served_model_name, deployment=a.deployment,
                     max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, chunk_size=a.chunk_size,
+                    long_prefill_token_threshold=a.long_prefill_token_threshold,
                     samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
                     metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache,
                     enforce_eager=a.enforce_eager, kv_cache_tokens=a.kv_cache_tokens,

@@ -136,7 +136,8 @@ class IndexCacheServer:
                  metrics_port: int | None = None, dtype: str = "auto", engine_class: type | None = None,
                  model_cache: str | None = None, enforce_eager: bool = False, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, block_size: int = 64, prefix_caching: bool = True,
-                 tensor_parallel_size: int = 1, threads: int | None = None):
+                 tensor_parallel_size: int = 1, threads: int | None = None,
+                 long_prefill_token_threshold: int | None = None):
         """engine_class: an Engine subclass (tests inject faults through it); default Engine.
         tensor_parallel_size > 1: the model is sharded over that many Ray worker actors (engine/distributed.py)
         in this replica's placement group (bundles 1..N; one is reserved when the replica has none).
@@ -161,6 +162,7 @@ class IndexCacheServer:
         engine_class = engine_class or Engine
         self.engine: ServingEngine = engine_class(self.model, pattern=pattern, max_batch_size=max_batch_size,
                                                   max_model_len=max_model_len, chunk_size=chunk_size,
+                                                  long_prefill_token_threshold=long_prefill_token_threshold,
                                                   metrics=self.metrics, enforce_eager=enforce_eager,
                                                   **paged_kv_args(kv_cache_tokens, gpu_memory_utilization,
                                                                   block_size, prefix_caching)).start()
