@@ -11,6 +11,12 @@ paged pool sized from free GPU memory (`gpu_memory_utilization`, like vLLM). It 
     served together: the long request's TTFT, the short ones' TTFT p50/p99 and their TPOT, preemptions.
 With the slot cache the same replica would need max_batch_size x max_model_len rows for this.
 
+`--compare-fifo`: the same mix (fresh prompts) served a second time by the same engine with
+long_prefill_token_threshold=0 (first come, first served: the short requests wait for the long prefill),
+after the run with the engine's short-first order ("mixed" in the output; the FIFO run is "mixed_fifo"):
+
+    PYTHONPATH=serving python3 bench/paged_mixed.py --long 131072 --compare-fifo --out $OUT/paged_mixed.json
+
 CPU smoke test (no timing meaning):
     BENCH_DEVICE=cpu PYTHONPATH=serving python3 bench/paged_mixed.py --tiny --out /tmp/paged_mixed.json
 """
@@ -46,6 +52,10 @@ def main():
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                    help="the engine's (default 4 x --chunk; 0: first come, first served)")
+    ap.add_argument("--compare-fifo", action="store_true",
+                    help="then serve the same mix again first come, first served (before/after in one run)")
     a = ap.parse_args()
     if a.tiny:
         a.long, a.short, a.short_len, a.gen, a.chunk, a.delay = 150, 4, 20, 4, 32, 0.0
@@ -64,7 +74,8 @@ def main():
             else {"kv_cache_tokens": a.long + a.short * (a.short_len + a.gen) + 4 * a.block_size})
     t0 = time.perf_counter()
     engine = Engine(model, pattern=pattern, max_batch_size=a.short + 1, max_model_len=a.long + a.gen + 2,
-                    chunk_size=a.chunk, block_size=a.block_size, **pool)
+                    chunk_size=a.chunk, block_size=a.block_size,
+                    long_prefill_token_threshold=a.long_prefill_token_threshold, **pool)
     out["engine_start_s"] = time.perf_counter() - t0
     per_token = out["kv_bytes_per_token"][a.pattern]
     pool_bytes = (engine.pool.usable) * a.block_size * per_token
@@ -74,7 +85,21 @@ def main():
                    "tokens_if_all_F": int(pool_bytes // out["kv_bytes_per_token"]["all-F"])}
     print(json.dumps(out), flush=True)
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)   # one stream: the second run's prompts are new (no prefix hits)
+    engine.start()
+    out["mixed"] = serve_mix(engine, a, args, gen, per_token)
+    print(json.dumps(out["mixed"]), flush=True)
+    if a.compare_fifo:
+        engine.long_prefill_token_threshold = 0   # read by the engine thread at each step; it is idle now
+        out["mixed_fifo"] = serve_mix(engine, a, args, gen, per_token)
+        print(json.dumps(out["mixed_fifo"]), flush=True)
+    engine.stop()
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=2)
+
+
+def serve_mix(engine: Engine, a, args: ModelArgs, gen: torch.Generator, per_token: float) -> dict:
+    """One long request, then --short ones --delay s later, all to the end: TTFTs, TPOT, preemptions."""
     stamps: dict[int, list[float]] = {}
     arrivals: dict[int, float] = {}
     errors: list[str] = []
@@ -94,7 +119,6 @@ def main():
                     done.set()
         return emit
 
-    engine.start()
     params = SamplingParams(max_new_tokens=a.gen)
     arrivals[0] = time.perf_counter()
     reqs = [engine.submit(random_prompt(a.long, args.vocab_size, gen), params, emitter(0))]
@@ -109,11 +133,11 @@ def main():
             errors.append("timed out after 180 s")
             break
     wall = time.perf_counter() - arrivals[0]
-    engine.stop()
     short_ttft = sorted(stamps[i][0] - arrivals[i] for i in range(1, n) if i in stamps)
     short_tpot = sorted((s[-1] - s[0]) / (len(s) - 1) for i, s in stamps.items() if i > 0 and len(s) > 1)
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None  # noqa: E731
-    out["mixed"] = {
+    return {
+        "long_prefill_token_threshold": engine.long_prefill_token_threshold,
         "long_tokens": a.long, "short_requests": a.short, "short_tokens": a.short_len, "generated": a.gen,
         "wall_s": wall, "errors": errors, "preemptions": sum(r.preemptions for r in reqs),
         "long_ttft_s": stamps[0][0] - arrivals[0] if 0 in stamps else None,
@@ -122,9 +146,6 @@ def main():
         "short_tpot_p50_s": pct(short_tpot, 0.5), "peak_pool_usage": peak_usage,
         "slot_cache_gb_for_the_same": (a.short + 1) * (a.long + a.gen + 2) * per_token / 1e9,
     }
-    print(json.dumps(out["mixed"]), flush=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

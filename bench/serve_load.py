@@ -11,6 +11,15 @@ unless the server held text back for a stop string or an incomplete UTF-8 charac
 `--system-prompt-words N`: every request starts with the same N-word "system prompt" (seeded, fixed per
 run) before its own random words, the traffic a prefix cache serves (`indexcache serve --kv-cache-tokens
 ... [--no-prefix-caching]`): compare TTFT with and without it.
+
+`--long-prompt-words N` (instead of the clients loop): one request of N words, then, `--delay` s later while
+its prefill runs, `--short-requests` requests of `--prompt-words` words at once; reports the long request's
+TTFT and the short ones' TTFT percentiles, over `--repeats` rounds (fresh words each round). Run it against
+`indexcache serve --long-prefill-token-threshold 0` (first come, first served) and without the flag (short
+prompts first) to see what the short ones wait:
+
+    python bench/serve_load.py --url http://127.0.0.1:8000 --long-prompt-words 7000 --short-requests 8 \
+        --max-tokens 16 --repeats 2 --label short-first --json mixed.json
 """
 from __future__ import annotations
 
@@ -57,6 +66,45 @@ async def client_loop(client: openai.AsyncOpenAI, model: str, args, deadline: fl
                         "tpot": (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None})
 
 
+async def timed_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed completion: TTFT and end-to-end seconds from the moment it is sent."""
+    t0 = time.monotonic()
+    stamps = []
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.monotonic())
+    return {"ttft": stamps[0] - t0 if stamps else None, "e2e": time.monotonic() - t0, "tokens": len(stamps)}
+
+
+async def run_mixed(url: str, args) -> dict:
+    """One long prompt in flight, short ones arriving during its prefill: what the short ones wait."""
+    client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=args.api_key or "none",
+                                max_retries=0, timeout=1800)
+    model = (await client.models.list()).data[0].id
+    words = lambda rng, n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    longs, shorts = [], []
+    for round_ in range(args.repeats):
+        rng = random.Random(1000 + round_)   # fresh words each round: no cached prefix between rounds
+        long_task = asyncio.create_task(timed_request(client, model, words(rng, args.long_prompt_words),
+                                                      args.max_tokens))
+        await asyncio.sleep(args.delay)
+        shorts += await asyncio.gather(*(timed_request(client, model, words(rng, args.prompt_words), args.max_tokens)
+                                         for _ in range(args.short_requests)))
+        longs.append(await long_task)
+    ttft = [r["ttft"] for r in shorts if r["ttft"] is not None]
+    return {
+        "label": args.label, "url": url, "model": model, "rounds": args.repeats,
+        "long_prompt_words": args.long_prompt_words, "short_requests": args.short_requests,
+        "short_prompt_words": args.prompt_words, "max_tokens": args.max_tokens, "delay_s": args.delay,
+        "long_ttft_s": [round(r["ttft"], 2) for r in longs], "long_e2e_s": [round(r["e2e"], 2) for r in longs],
+        **{f"short_ttft_p{int(q * 100)}_ms": round(1000 * percentile(ttft, q), 1) for q in (0.5, 0.9)},
+        "short_ttft_max_ms": round(1000 * max(ttft), 1),
+        "short_e2e_p50_s": round(percentile([r["e2e"] for r in shorts], 0.5), 2),
+    }
+
+
 async def run(url: str, clients: int, args) -> dict:
     client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=args.api_key or "none",
                                 max_retries=0, timeout=600)
@@ -91,7 +139,20 @@ def main() -> None:
                    help="a shared prefix of this many words before every request's own words (prefix caching)")
     p.add_argument("--api-key")
     p.add_argument("--json", help="also write the results here")
+    mixed = p.add_argument_group("one long prompt + short ones (instead of the clients loop)")
+    mixed.add_argument("--long-prompt-words", type=int, default=0, help="words of the long prompt (0: off)")
+    mixed.add_argument("--short-requests", type=int, default=8, help="short requests sent during its prefill")
+    mixed.add_argument("--delay", type=float, default=2.0, help="seconds between the long and the short requests")
+    mixed.add_argument("--repeats", type=int, default=1, help="rounds, one after the other")
+    mixed.add_argument("--label", default="", help="names the server setting in the output")
     args = p.parse_args()
+    if args.long_prompt_words:
+        r = asyncio.run(run_mixed(args.url, args))
+        print(json.dumps(r), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=2)
+        return
     shared = random.Random(1234)
     args.system_prompt = "".join(shared.choice(WORDS) + " " for _ in range(args.system_prompt_words))
     results = []
