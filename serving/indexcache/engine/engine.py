@@ -13,7 +13,7 @@ A scheduler step (run by one background thread, or by hand with `step()` in test
      first, FIFO among them; long ones get the rest, FIFO, except that the oldest long one goes first
      when it got less than a full chunk in each of the last `long_prefill_max_wait` steps. So a short
      prompt does not wait for a long one's whole prefill, and a stream of short prompts cannot starve a
-     long one: it gets a full chunk at least once every long_prefill_max_wait + 1 steps.
+     long one: the oldest gets a full chunk at least once every long_prefill_max_wait + 1 steps.
      `long_prefill_token_threshold=0`: plain FIFO (one request after another in admission order);
   4. decode: every running request with a token waiting to enter the cache advances one position,
      one batched forward per distinct IndexCache pattern among them.
@@ -476,9 +476,10 @@ class Engine:
         """The order in which prefilling requests (admission order) take this step's prefill budget: short
         ones (at most long_prefill_token_threshold tokens left) first, then long ones; the oldest long one
         first of all when it has been short of a full chunk for long_prefill_max_wait steps in a row.
-        Only this one request can jump the queue, and after it does (a full chunk) it needs that many steps
-        again: short requests keep the whole budget in at least long_prefill_max_wait of every
-        long_prefill_max_wait + 1 steps."""
+        Bounds: the oldest long request gets a full chunk in at least one of every long_prefill_max_wait + 1
+        steps (so it finishes); it is the only one that can jump the queue, and after a jump (a full chunk)
+        it waits long_prefill_max_wait steps before the next, so short requests lose at most one step in
+        long_prefill_max_wait + 1 to it (plus one when the next long request becomes the oldest)."""
         threshold = self.long_prefill_token_threshold
         if not threshold:
             return prefilling
