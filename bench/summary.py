@@ -158,6 +158,13 @@ ROWS = [
         lambda g: (f"{g('prefix_on.[clients=1].ttft_p50_ms'):.0f} vs {g('prefix_off.[clients=1].ttft_p50_ms'):.0f} ms; "
                    f"{g('prefix_on.[clients=4].ttft_p50_ms'):.0f} vs {g('prefix_off.[clients=4].ttft_p50_ms'):.0f} ms"),
         "", "python bench/serve_load.py --system-prompt-words 980 ...", commit="650a7d6"),
+    Row("short requests behind a long prompt, `indexcache serve` on 2 CPU cores (SmolLM2 DSA): 8 x 62 tokens sent "
+        "during a ~7.3K-token prefill, short TTFT p50, first come first served vs short-first (two runs each)",
+        "bench/results/prefill_order_cpu.json",
+        lambda g: (f"{g('runs.0.short_ttft_p50_ms') / 1000:.1f} / {g('runs.2.short_ttft_p50_ms') / 1000:.1f} s -> "
+                   f"{g('runs.1.short_ttft_p50_ms') / 1000:.2f} / {g('runs.3.short_ttft_p50_ms') / 1000:.2f} s"),
+        "short requests do not wait for a long prefill (#15)",
+        "python bench/serve_load.py --long-prompt-words 7000 --short-requests 8 ..."),
     Row("serving on 2 CPU cores, SmolLM2 DSA (fp32, all-F), 1 / 16 clients", "bench/results/serve_load_cpu_smollm2.json",
         lambda g: (f"{g('[clients=1].output_tok_per_s'):.1f} / {g('[clients=16].output_tok_per_s'):.1f} output tok/s; "
                    f"TTFT p50 {g('[clients=1].ttft_p50_ms'):.0f} / {g('[clients=16].ttft_p50_ms'):.0f} ms"),
