@@ -15,7 +15,10 @@ With the slot cache the same replica would need max_batch_size x max_model_len r
 long_prefill_token_threshold=0 (first come, first served: the short requests wait for the long prefill),
 after the run with the engine's short-first order ("mixed" in the output; the FIFO run is "mixed_fifo"):
 
-    PYTHONPATH=serving python3 bench/paged_mixed.py --long 131072 --compare-fifo --out $OUT/paged_mixed.json
+    PYTHONPATH=serving python3 bench/paged_mixed.py --long 131072 --short 12 --compare-fifo --out $OUT/paged_mixed.json
+
+(12 short requests: on an H100 the pool left beside the 131K prompt admits about 14 at once; more wait for blocks,
+whatever the prefill order.)
 
 CPU smoke test (no timing meaning):
     BENCH_DEVICE=cpu PYTHONPATH=serving python3 bench/paged_mixed.py --tiny --out /tmp/paged_mixed.json
