@@ -258,9 +258,7 @@ def mla_indices(kind, n_queries, s, k_sel, g):
 
 MLA_LAYOUT_CONFIGS = (("heads_m", dict(block_k=32, num_warps=4, num_stages=2)),
                       ("keys_m", dict(block_k=64, num_warps=8, num_stages=2)),
-                      ("keys_m", dict(block_k=64, num_warps=4, num_stages=2)),
-                      ("keys_m", dict(block_k=64, num_warps=8, num_stages=3)),
-                      ("heads_m", dict(block_k=64, num_warps=8, num_stages=2)))
+                      ("keys_m", dict(block_k=64, num_warps=4, num_stages=2)))
 
 
 def mla_layout_rows(n_queries=8192, s=200000, heads=20, dc=512, dr=64, k_sel=TOPK, budget_s=120.0):
