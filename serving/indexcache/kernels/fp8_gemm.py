@@ -73,10 +73,8 @@ def _quantize_act_kernel(x_ptr, q_ptr, s_ptr, K, sx_m, sq_m, ss_m, ss_k,
     cols = offs_b[:, None] * GROUP + tl.arange(0, GROUP)[None, :]       # (BLOCKS, GROUP)
     ok = cols < K
     x = tl.load(x_ptr + m * sx_m + cols, mask=ok, other=0.0).to(tl.float32)
-    # IEEE divisions (div_rn), as torch divides in the twin: Triton's `/` on fp32 is the approximate
-    # div.full.f32, whose last-bit differences move a value across an e4m3 rounding boundary now and then
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), FP8_MAX)     # (BLOCKS,)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FP8_MAX), FP8_MAX)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / FP8_MAX     # (BLOCKS,)
+    q = tl.minimum(tl.maximum(x / scale[:, None], -FP8_MAX), FP8_MAX)
     q = _round_to_e4m3_grid(q)
     tl.store(q_ptr + m * sq_m + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
     tl.store(s_ptr + m * ss_m + offs_b * ss_k, scale, mask=offs_b * GROUP < K)
