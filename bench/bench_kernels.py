@@ -241,6 +241,58 @@ def bench_mla_kv_formats(n_queries, batch, heads=20, dc=512, dr=64, s=65536, k_s
     return row
 
 
+def mla_indices(kind, n_queries, s, k_sel, g):
+    """(1, n_queries, k_sel) int32 indices for the last n_queries positions of an s-token context.
+    "uniform": distinct random keys over the whole causal range (no locality between queries);
+    "clustered": like a trained indexer's choice, 3/4 from a shared hot set of 2 x k_sel keys (neighbouring
+    queries pick mostly the same rows, so many gathers hit L2) and 1/4 spread over the context."""
+    if kind == "uniform":
+        r = torch.rand(n_queries, s, device="cuda", generator=g)
+        return r.topk(k_sel, dim=1).indices.to(torch.int32)[None]
+    hot = torch.randperm(s, device="cuda", generator=g)[:2 * k_sel]
+    n_hot = 3 * k_sel // 4
+    pick = torch.rand(n_queries, 2 * k_sel, device="cuda", generator=g).topk(n_hot, dim=1).indices
+    far = torch.randint(0, s, (n_queries, k_sel - n_hot), device="cuda", generator=g)
+    return torch.cat([hot[pick], far], dim=1).to(torch.int32)[None]
+
+
+MLA_LAYOUT_CONFIGS = (("heads_m", dict(block_k=32, num_warps=4, num_stages=2)),
+                      ("keys_m", dict(block_k=64, num_warps=8, num_stages=2)),
+                      ("keys_m", dict(block_k=64, num_warps=4, num_stages=2)))
+
+
+def mla_layout_rows(n_queries=8192, s=200000, heads=20, dc=512, dr=64, k_sel=TOPK, budget_s=120.0):
+    """Sparse MLA prefill at the 200K shape (the last n_queries of a 200K context, the 30B shape's 20 heads),
+    every prefill layout/tile config of MLA_LAYOUT_CONFIGS on uniform and clustered indices: time, TFLOP/s,
+    gather rate, and each config's output against the first config's."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(1, n_queries, heads, dc + dr, device="cuda", generator=g, dtype=torch.bfloat16) * 0.5
+    kv = torch.randn(1, s, dc + dr, device="cuda", generator=g, dtype=torch.bfloat16)
+    flops = n_queries * heads * k_sel * (dc + dr + dc) * 2
+    bytes_ = n_queries * k_sel * (dc + dr) * 2
+    rows, t0 = [], time.time()
+    for kind in ("uniform", "clustered"):
+        idx = mla_indices(kind, n_queries, s, k_sel, g)
+        first = None
+        for layout, cfg in MLA_LAYOUT_CONFIGS:
+            if time.time() - t0 > budget_s:
+                break
+            row = {"indices": kind, "layout": layout, **cfg, "queries": n_queries, "context": s}
+            try:
+                out = sparse_attention_mla(q, kv, idx, 0.0625, dc, layout=layout, **cfg)
+                t = bench(lambda: sparse_attention_mla(q, kv, idx, 0.0625, dc, layout=layout, **cfg), warmup=2, rep=5)
+                if first is None:
+                    first = out.float()
+                row.update(s=t, tflops=flops / t / 1e12, gather_tbps=bytes_ / t / 1e12,
+                           rel_diff_vs_first=float((out.float() - first).norm() / first.norm()),
+                           per_layer_200k_s=t * 200000 / n_queries)
+            except Exception as e:
+                row["error"] = repr(e)[:300]
+            rows.append(row)
+            print("mla_layout", json.dumps(row), flush=True)
+    return rows
+
+
 MLA_KV_CASES = ((4096, 1), (1, 1), (1, 32))     # a 4K-token prefill chunk; decode at batch 1 and 32
 
 
@@ -363,6 +415,8 @@ def main():
                     help="only the top-k tile sweep and the MLA decode cases (short run)")
     ap.add_argument("--only-mla", action="store_true",
                     help="only the peaks and sparse MLA, bf16 vs FP8 latent cache (short run)")
+    ap.add_argument("--only-mla-layouts", action="store_true",
+                    help="only sparse MLA prefill at the 200K shape: heads-on-M vs keys-on-M layouts and tiles")
     ap.add_argument("--only-decode-topk", action="store_true",
                     help="only the decode indexer + top-k: torch.topk vs the one-program-per-row kernel")
     ap.add_argument("--only-served", action="store_true",
@@ -383,6 +437,12 @@ def main():
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
         print("DECODE_TOPK_MIN_S", ok[0] if ok else "none", flush=True)
+        return
+    if args.only_mla_layouts:
+        res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("BENCH_COMMIT", "?"),
+               "mla_layouts": mla_layout_rows()}
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
         return
     if args.only_served:
         res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("BENCH_COMMIT", "?"), **served_cases()}

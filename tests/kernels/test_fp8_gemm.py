@@ -211,7 +211,11 @@ def test_switch_runs_the_fast_fp8_linear_on_device(dev, gen):
         got = kernels.fp8_block_linear(x, w8, s, out_dtype=torch.float32)
     finally:
         kernels.use_triton(None)
-    assert rel_err(got.cpu(), ref.ref_fp8_block_linear(x.cpu(), w8.cpu(), s.cpu(), torch.float32)) < (1e-5 if SMALL else 1e-3)
+    # the twin on the same device, as in the other tests: the host's and the GPU's fp32 divisions in the
+    # activation quantiser can differ in the last bit, which moves a value across an e4m3 rounding boundary
+    # now and then (1.6e-3 against a host twin on an H100; a quantiser with IEEE division matched the GPU
+    # twin worse, 2.7e-3, so the GPU twin is the reference the kernels are built against)
+    assert rel_err(got, ref.ref_fp8_block_linear(x, w8, s, torch.float32)) < (1e-5 if SMALL else 1e-3)
 
 
 # DeepSeek-V3.2's FP8 linears (out, in): kv_a_proj_with_mqa (576, 7168), indexer.wq_b (8192, 1536), indexer.wk

@@ -164,13 +164,16 @@ def test_sparse_gqa_matches_reference(dev, gen):
     assert torch.count_nonzero(got[1, 2]) == 0
 
 
-@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
-def test_sparse_mla_matches_reference(dev, gen, decode):
+@pytest.mark.parametrize("decode, layout", [(False, "heads_m"), (False, "keys_m"), (True, None)],
+                         ids=["prefill-heads_m", "prefill-keys_m", "decode"])
+def test_sparse_mla_matches_reference(dev, gen, decode, layout):
+    """Both prefill layouts (heads on the M side of the products, or the gathered keys) and the decode path."""
     from indexcache.kernels.sparse_attention import sparse_attention_mla
-    # the 30B shape: 20 heads, latent 512 + rope 64, top-2048 (smaller under the interpreter)
+    # the 30B shape: 20 heads, latent 512 + rope 64, top-2048 (smaller under the interpreter; 100 keys
+    # selected there so that the keys_m kernel's 64-key blocks run a full block and a partial one)
     H, Dc, Dr = (5, 32, 16) if SMALL else (20, 512, 64)
-    S, K = (100, 24) if SMALL else (20000, 2048)
-    B, T = (2, 1) if decode else (1, 3 if SMALL else 200)
+    S, K = (300, 100) if SMALL else (20000, 2048)
+    B, T = (2, 1) if decode else (2 if SMALL else 1, 3 if SMALL else 200)
     q = (torch.randn(B, T, H, Dc + Dr, generator=gen) * 0.5).to(LOW).to(dev)
     kv = torch.randn(B, S, Dc + Dr, generator=gen).to(LOW).to(dev)
     idx = torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(B * T)]).view(B, T, K)
@@ -178,11 +181,14 @@ def test_sparse_mla_matches_reference(dev, gen, decode):
     idx[0, 0, K // 2:] = -1
     idx = idx.to(dev)
     scale = (192 + 64) ** -0.5
+    idx[-1, -1, :] = -1                     # nothing selected -> zeros
     out = torch.full((B, T, H, Dc), float("nan"), dtype=LOW, device=dev)
-    got = sparse_attention_mla(q, kv, idx, scale, Dc, out=out)
+    got = sparse_attention_mla(q, kv, idx, scale, Dc, out=out, layout=layout)
     want = ref.ref_sparse_attention_mla(q, kv, idx, scale, Dc)
+    assert got.data_ptr() == out.data_ptr()
     assert not torch.isnan(got).any(), "unwritten output"
     assert rel_err(got, want) < 1e-2
+    assert torch.count_nonzero(got[-1, -1]) == 0, "a query with no valid index must give zeros"
     if decode:
         # the split-K path (used when few queries leave SMs idle) against the one-program path
         for n_split in (1, 3):

@@ -16,6 +16,8 @@ References: `reference.ref_sparse_attention_gqa` / `ref_sparse_attention_mla` / 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +32,10 @@ from .reference import (  # noqa: F401 (the twins these kernels are tested again
     ref_sparse_attention_mla,
     ref_sparse_attention_mla_fp8,
 )
+
+
+# Prefill layout of the bf16-cache MLA kernel: "heads_m" or "keys_m" (see sparse_attention_mla).
+MLA_PREFILL_LAYOUT = os.environ.get("INDEXCACHE_MLA_PREFILL", "heads_m")
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -156,6 +162,56 @@ def _sparse_attention_mla_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
 
 
+@triton.jit
+def _sparse_mla_prefill_keys_m_kernel(
+    q_ptr, kv_ptr, idx_ptr, out_ptr, scale, K_sel, S, H,
+    sq_b, sq_t, sq_h, skv_b, skv_s, si_b, si_t, so_b, so_t, so_h,
+    DC: tl.constexpr, DR: tl.constexpr, H_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr = "tf32",
+):
+    """Prefill layout of absorbed MLA with the gathered keys on the M side of both products and the
+    heads on N (the transpose of `_sparse_attention_mla_kernel`'s): per block of BLOCK_K (>= 64) keys,
+    s^T (BLOCK_K, H_PAD) = latent (BLOCK_K, DC) @ q_lat^T + rope (BLOCK_K, DR) @ q_rope^T, and
+    acc^T (DC, H_PAD) += latent^T (DC, BLOCK_K) @ p^T (BLOCK_K, H_PAD). Both M sides are multiples of 64,
+    which Hopper's warpgroup MMA needs; 20 heads pad to 32 on N instead of to 32 on M. bf16 cache only
+    (one (B, S, DC + DR) row per key); softmax per head = per column, in base 2."""
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    offs_h = tl.arange(0, H_PAD)
+    h_ok = offs_h < H
+    offs_c = tl.arange(0, DC)
+    offs_r = tl.arange(0, DR)
+    q_row = q_ptr + b * sq_b + t * sq_t + offs_h[None, :] * sq_h
+    qcT = tl.load(q_row + offs_c[:, None], mask=h_ok[None, :], other=0.0)            # (DC, H_PAD)
+    qrT = tl.load(q_row + DC + offs_r[:, None], mask=h_ok[None, :], other=0.0)       # (DR, H_PAD)
+    qk_scale = scale * 1.4426950408889634                                           # exp(x) = exp2(x log2 e)
+    m = tl.full((H_PAD,), float("-inf"), tl.float32)
+    l = tl.zeros((H_PAD,), tl.float32)
+    accT = tl.zeros((DC, H_PAD), tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for start in range(0, K_sel, BLOCK_K):
+        j = start + offs_k
+        idx = tl.load(idx_ptr + b * si_b + t * si_t + j, mask=j < K_sel, other=-1)
+        ok = (idx >= 0) & (idx < S)
+        row = kv_ptr + b * skv_b + tl.where(ok, idx, 0).to(tl.int64)[:, None] * skv_s   # (BLOCK_K, 1)
+        latent = tl.load(row + offs_c[None, :], mask=ok[:, None], other=0.0)          # (BLOCK_K, DC)
+        rope = tl.load(row + DC + offs_r[None, :], mask=ok[:, None], other=0.0)       # (BLOCK_K, DR)
+        sT = (tl.dot(latent, qcT, input_precision=PRECISION)
+              + tl.dot(rope, qrT, input_precision=PRECISION))                         # (BLOCK_K, H_PAD)
+        sT = tl.where(ok[:, None], sT * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sT, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                         # no key seen yet
+        pT = tl.exp2(sT - m_safe[None, :])
+        alpha = tl.exp2(m - m_safe)
+        l = l * alpha + tl.sum(pT, 0)
+        accT = accT * alpha[None, :] + tl.dot(tl.trans(latent), pT.to(latent.dtype),
+                                              input_precision=PRECISION)             # (DC, H_PAD)
+        m = m_new
+    outT = accT / tl.where(l > 0, l, 1.0)[None, :]
+    tl.store(out_ptr + b * so_b + t * so_t + offs_h[None, :] * so_h + offs_c[:, None],
+             outT.to(out_ptr.dtype.element_ty), mask=h_ok[None, :])
+
+
 def _combine_splits(acc, ml, out):
     """Merge per-slice softmax partials: acc (B, T, N, H, D) fp32, ml (B, T, N, H, 2) -> out."""
     m, l = ml[..., 0], ml[..., 1]
@@ -202,9 +258,15 @@ def sparse_attention_gqa(q, k, v, indices, scale: float, block_k: int = 64, out=
 
 
 def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int | None = None,
-                         block_k: int = 32, out=None, num_warps: int = 4, num_stages: int = 2,
-                         n_split: int | None = None):
-    """Triton twin of `ref_sparse_attention_mla`: (B, T, H, v_dim) in q's dtype."""
+                         block_k: int | None = None, out=None, num_warps: int | None = None,
+                         num_stages: int | None = None, n_split: int | None = None, layout: str | None = None):
+    """Triton twin of `ref_sparse_attention_mla`: (B, T, H, v_dim) in q's dtype.
+
+    layout (prefill only, i.e. when the queries alone fill the GPU): "heads_m" (the heads on the M side of
+    the products, `_sparse_attention_mla_kernel`) or "keys_m" (the gathered keys on M,
+    `_sparse_mla_prefill_keys_m_kernel`; needs power-of-two latent and RoPE widths); None takes
+    INDEXCACHE_MLA_PREFILL (default heads_m). Tiles left None take the layout's defaults
+    (heads_m: 32 keys, 4 warps, 2 stages; keys_m: 64 keys, 8 warps, 2 stages)."""
     check_sparse_inputs(q, indices, kv.shape[0], "kv")
     _check_device(q, kv, indices)
     Dq = q.shape[3]
@@ -219,9 +281,19 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int 
         kv = kv.to(q.dtype)
     if kv.stride(2) != 1:
         kv = kv.contiguous()
+    chosen = layout or MLA_PREFILL_LAYOUT
+    if chosen not in ("heads_m", "keys_m"):
+        raise _fail("layout", f"must be 'heads_m' or 'keys_m', got {chosen!r}",
+                    "set INDEXCACHE_MLA_PREFILL to one of them")
+    B, T, H, _ = q.shape
+    prefill = layout is not None or T * B * triton.cdiv(H, block_h or min(64, _pad(H))) >= 132   # asked, or fills the GPU
+    if (chosen == "keys_m" and prefill and n_split in (None, 1) and _is_pow2(v_dim) and _is_pow2(Dq - v_dim)
+            and H <= 64):
+        return _launch_mla_keys_m(q, kv, indices, scale, v_dim, out, block_k=max(64, block_k or 64),
+                                  num_warps=num_warps or 8, num_stages=num_stages or 2)
     # latent and rope are the two halves of one cache row; the scale pointer is unused
-    return _launch_mla(q, kv, kv[..., v_dim:], kv, indices, scale, v_dim, False, block_h, block_k, out,
-                       num_warps, num_stages, n_split)
+    return _launch_mla(q, kv, kv[..., v_dim:], kv, indices, scale, v_dim, False, block_h, block_k or 32, out,
+                       num_warps or 4, num_stages or 2, n_split)
 
 
 def sparse_attention_mla_fp8(q, latent8, latent_scale, k_rope, indices, scale: float,
@@ -245,6 +317,25 @@ def sparse_attention_mla_fp8(q, latent8, latent_scale, k_rope, indices, scale: f
         latent_scale = latent_scale.contiguous()
     return _launch_mla(q, latent8, k_rope, latent_scale, indices, scale, latent8.shape[2], True, block_h,
                        block_k, out, num_warps, num_stages, n_split)
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def _launch_mla_keys_m(q, kv, indices, scale, v_dim, out, block_k, num_warps, num_stages):
+    """q (B, T, H, Dc+Dr) contiguous, kv (B, S, Dc+Dr) with unit last stride: one program per query."""
+    B, T, H, Dq = q.shape
+    indices = indices.to(torch.int32).contiguous()
+    if out is None:
+        out = torch.empty(B, T, H, v_dim, dtype=q.dtype, device=q.device)
+    _sparse_mla_prefill_keys_m_kernel[(T, B)](
+        q, kv, indices, out, scale, indices.shape[2], kv.shape[1], H,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        DC=v_dim, DR=Dq - v_dim, H_PAD=_pad(H), BLOCK_K=block_k, PRECISION=_precision(q),
+        num_warps=num_warps, num_stages=num_stages)
+    return out
 
 
 def _launch_mla(q, latent, rope, latent_scale, indices, scale, v_dim, fp8_kv, block_h, block_k, out,

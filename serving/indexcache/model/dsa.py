@@ -32,6 +32,7 @@ from torch import nn
 from .. import kernels
 from . import paged
 from .config import ModelArgs
+from .kv_cache import KVCache  # noqa: F401 (the model's cache; imported from here by callers)
 from .pattern import validate_pattern
 
 
@@ -95,49 +96,6 @@ class ForwardContext:
     rows: torch.Tensor | None = None        # (B, kv_bound) int64
     new_rows: torch.Tensor | None = None    # (B, T) int64
     mapped: tuple | None = None             # (indices, their pool rows): S layers reuse the F layer's mapping
-
-
-class KVCache:
-    """Preallocated per-layer caches for `n_slots` sequences of up to `max_len` tokens.
-
-    GQA: k, v (slots, S, Hkv, Dh). MLA: kv (slots, S, kv_lora_rank + rope_dim), the normalised latent then
-    the RoPE key. Indexer K (slots, S, index_head_dim) exists only for F layers: an S layer runs no indexer
-    and needs none. A pattern switch that turns a layer F allocates its indexer cache then.
-    `indexer_fp8`: indexer keys stored as e4m3 with one fp32 scale per key (`indexer_k_scale`), what the
-    FP8 lightning indexer reads (DeepSeek-V3.2 runs its indexer in FP8); half the bytes of bf16 keys.
-    """
-
-    def __init__(self, args: ModelArgs, n_slots: int, max_len: int, pattern: str,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 indexer_fp8: bool = False):
-        self.args, self.n_slots, self.max_len, self.dtype, self.device = args, n_slots, max_len, dtype, device
-        self.indexer_fp8 = indexer_fp8
-        self.layers: list[dict[str, torch.Tensor]] = []
-        for _ in range(args.n_layers):
-            if args.attention == "gqa":
-                shape = (n_slots, max_len, args.n_kv_heads, args.head_dim)
-                self.layers.append({"k": torch.zeros(shape, dtype=dtype, device=device),
-                                    "v": torch.zeros(shape, dtype=dtype, device=device)})
-            else:
-                shape = (n_slots, max_len, args.kv_lora_rank + args.qk_rope_head_dim)
-                self.layers.append({"kv": torch.zeros(shape, dtype=dtype, device=device)})
-        self.indexer_k: dict[int, torch.Tensor] = {}
-        self.indexer_k_scale: dict[int, torch.Tensor] = {}
-        self.ensure_pattern(pattern)
-
-    def ensure_pattern(self, pattern: str) -> None:
-        for layer, kind in enumerate(pattern):
-            if kind == "F" and layer not in self.indexer_k:
-                k_dtype = torch.float8_e4m3fn if self.indexer_fp8 else self.dtype
-                self.indexer_k[layer] = torch.zeros(self.n_slots, self.max_len, self.args.index_head_dim,
-                                                    dtype=k_dtype, device=self.device)
-                if self.indexer_fp8:
-                    self.indexer_k_scale[layer] = torch.ones(self.n_slots, self.max_len, device=self.device)
-
-    def nbytes(self) -> int:
-        tensors = ([t for layer in self.layers for t in layer.values()] + list(self.indexer_k.values())
-                   + list(self.indexer_k_scale.values()))
-        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def write_cache(cache_tensor: torch.Tensor, new: torch.Tensor, ctx: ForwardContext) -> None:

@@ -18,53 +18,19 @@ from __future__ import annotations
 import torch
 
 from .config import ModelArgs
+from .kv_cache import KVCache
 
 
-class PagedKVCache:
+class PagedKVCache(KVCache):
+    """KVCache's tensors with (n_blocks, block_size) rows instead of (n_slots, max_len): a pool that the
+    engine's block tables address (pattern switches and byte counts as in KVCache)."""
     paged = True
 
     def __init__(self, args: ModelArgs, n_blocks: int, block_size: int, pattern: str,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  indexer_fp8: bool = False):
-        self.args, self.n_blocks, self.block_size, self.dtype, self.device = args, n_blocks, block_size, dtype, device
-        self.indexer_fp8 = indexer_fp8
-        self.layers: list[dict[str, torch.Tensor]] = []
-        for _ in range(args.n_layers):
-            if args.attention == "gqa":
-                shape = (n_blocks, block_size, args.n_kv_heads, args.head_dim)
-                self.layers.append({"k": torch.zeros(shape, dtype=dtype, device=device),
-                                    "v": torch.zeros(shape, dtype=dtype, device=device)})
-            else:
-                shape = (n_blocks, block_size, args.kv_lora_rank + args.qk_rope_head_dim)
-                self.layers.append({"kv": torch.zeros(shape, dtype=dtype, device=device)})
-        self.indexer_k: dict[int, torch.Tensor] = {}
-        self.indexer_k_scale: dict[int, torch.Tensor] = {}
-        self.ensure_pattern(pattern)
-
-    def ensure_pattern(self, pattern: str) -> None:
-        """Indexer-key blocks for every F layer of `pattern` (allocated on a switch that turns a layer F)."""
-        for layer, kind in enumerate(pattern):
-            if kind == "F" and layer not in self.indexer_k:
-                k_dtype = torch.float8_e4m3fn if self.indexer_fp8 else self.dtype
-                self.indexer_k[layer] = torch.zeros(self.n_blocks, self.block_size, self.args.index_head_dim,
-                                                    dtype=k_dtype, device=self.device)
-                if self.indexer_fp8:
-                    self.indexer_k_scale[layer] = torch.ones(self.n_blocks, self.block_size, device=self.device)
-
-    def release_indexer_layers(self, patterns: set[str]) -> list[int]:
-        """Free the indexer-key pools of layers that are F in none of `patterns` (after a pattern switch
-        once no request runs the old pattern). Returns the layers freed."""
-        keep = {layer for p in patterns for layer, kind in enumerate(p) if kind == "F"}
-        gone = [layer for layer in self.indexer_k if layer not in keep]
-        for layer in gone:
-            del self.indexer_k[layer]
-            self.indexer_k_scale.pop(layer, None)
-        return gone
-
-    def nbytes(self) -> int:
-        tensors = ([t for layer in self.layers for t in layer.values()] + list(self.indexer_k.values())
-                   + list(self.indexer_k_scale.values()))
-        return sum(t.numel() * t.element_size() for t in tensors)
+        self.n_blocks, self.block_size = n_blocks, block_size
+        self._allocate(args, (n_blocks, block_size), pattern, dtype, device, indexer_fp8)
 
 
 def kv_bytes_per_token(args: ModelArgs, pattern: str, dtype: torch.dtype, indexer_fp8: bool) -> int:
