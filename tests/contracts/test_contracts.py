@@ -86,3 +86,13 @@ def test_app_args_threads_and_dtype_are_checked():
             parse_app_args({"threads": bad})
     with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16"):
         parse_app_args({"dtype": "fp16"})
+
+
+def test_app_args_quantization():
+    from indexcache_contracts.serve_app import parse_app_args
+    assert parse_app_args({}).quantization == "none"
+    assert parse_app_args({"quantization": "int8"}).quantization == "int8"
+    with pytest.raises(ValueError, match="quantization must be one of none, int8, got 'int4'"):
+        parse_app_args({"quantization": "int4"})
+    with pytest.raises(ValueError, match="quantization must be a string"):
+        parse_app_args({"quantization": 8})

@@ -33,6 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dsa import DSAForCausalLM, KVCache, rope_frequencies
+from .int8 import Int8Weight, linear, quantize_int8
+
+QUANTIZATIONS = ("none", "int8")
 
 
 def supports(model: DSAForCausalLM) -> str | None:
@@ -65,11 +68,11 @@ def supports(model: DSAForCausalLM) -> str | None:
 @dataclass
 class PackedLayer:
     attn_norm: torch.Tensor          # (dim,)
-    w_in: torch.Tensor               # (Hq*Dh + 2*Hkv*Dh [+ Di + Hi*Di + Hi], dim): q|k|v[|ik|iq|iw]
-    w_o: torch.Tensor                # (dim, Hq*Dh)
+    w_in: torch.Tensor | Int8Weight  # (Hq*Dh + 2*Hkv*Dh [+ Di + Hi*Di + Hi], dim): q|k|v[|ik|iq|iw]
+    w_o: torch.Tensor | Int8Weight   # (dim, Hq*Dh)
     mlp_norm: torch.Tensor           # (dim,)
-    w_gate_up: torch.Tensor          # (2*I, dim)
-    w_down: torch.Tensor             # (dim, I)
+    w_gate_up: torch.Tensor | Int8Weight  # (2*I, dim)
+    w_down: torch.Tensor | Int8Weight     # (dim, I)
     k_norm: tuple[torch.Tensor, torch.Tensor] | None   # the indexer's LayerNorm (weight, bias)
 
 
@@ -77,10 +80,16 @@ class CPUFastForward:
     """`fast(tokens, starts, slots, pattern, cache, logits_at)` -> (B, V) fp32 logits, writing the cache
     exactly where `model(tokens, start_pos=starts, cache=cache, slots=slots, ...)` writes it."""
 
-    def __init__(self, model: DSAForCausalLM):
+    def __init__(self, model: DSAForCausalLM, quantization: str = "none"):
+        """quantization: "none" (the model's weights) or "int8" (weight-only int8 of every linear layer and
+        the LM head, one scale per output channel: model/int8.py; norms and the embedding lookup unchanged)."""
         why = supports(model)
         if why is not None:
             raise ValueError(f"the CPU fast forward cannot run this model: {why}; use Engine(cpu_fast_path=False)")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        self.quantization = quantization
+        pack = quantize_int8 if quantization == "int8" else (lambda w: w)
         a = self.args = model.args
         self.model = model
         self.dtype = model.lm_head.weight.dtype
@@ -105,13 +114,13 @@ class CPUFastForward:
                     k_norm = (ix.k_norm.weight.detach().clone(), ix.k_norm.bias.detach().clone())
                 self.layers.append(PackedLayer(
                     attn_norm=block.input_layernorm.weight.detach().clone(),
-                    w_in=torch.cat(rows).contiguous(), w_o=att.o_proj.weight.detach().clone(),
+                    w_in=pack(torch.cat(rows).contiguous()), w_o=pack(att.o_proj.weight.detach().clone()),
                     mlp_norm=block.post_attention_layernorm.weight.detach().clone(),
-                    w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
-                    w_down=mlp.down_proj.weight.detach().clone(), k_norm=k_norm))
-        self.embed = model.model.embed_tokens.weight.detach()
+                    w_gate_up=pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()),
+                    w_down=pack(mlp.down_proj.weight.detach().clone()), k_norm=k_norm))
+            self.lm_head = pack(model.lm_head.weight.detach())    # int8: its own copy, even when tied
+        self.embed = model.model.embed_tokens.weight.detach()    # a lookup reads a few rows: kept as is
         self.final_norm = model.model.norm.weight.detach()
-        self.lm_head = model.lm_head.weight.detach()
         self.inter = self.layers[0].w_gate_up.shape[0] // 2
         # fp32 tables (max_seq_len, d) for the attention and the indexer rotary dims: [cos | cos] and
         # [-sin | sin], so that rotate-half RoPE is x * cos + swap_halves(x) * sin (exactly the reference's
@@ -193,7 +202,8 @@ class CPUFastForward:
             h = self._rms(x, p.attn_norm)
             is_f = kind == "F"
             rows = self.v_end if not is_f else (self.ik_end if dense else p.w_in.shape[0])
-            proj = F.linear(h, p.w_in[:rows])                                             # (B, T, rows)
+            w_in = p.w_in.rows(rows) if isinstance(p.w_in, Int8Weight) else p.w_in[:rows]
+            proj = linear(h, w_in)                                                        # (B, T, rows)
             qk = self._rotate(proj[..., : self.k_end].view(B, T, self.hq + self.hkv, self.dh),
                               cos, sin).to(dt)                                            # (B, T, Hq+Hkv, Dh)
             q, k = qk[:, :, : self.hq], qk[:, :, self.hq:]
@@ -218,12 +228,12 @@ class CPUFastForward:
                 raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
             out = self._attend(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), allowed,
                                n_causal)                                                  # (B, Hq, T, Dh)
-            x = x + F.linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o)
+            x = x + linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o)
             h = self._rms(x, p.mlp_norm)
-            gu = F.linear(h, p.w_gate_up)                                                 # (B, T, 2I)
-            x = x + F.linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down)
+            gu = linear(h, p.w_gate_up)                                                   # (B, T, 2I)
+            x = x + linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down)
         x = x[torch.arange(B), logits_at]                                                 # (B, dim)
-        return F.linear(self._rms(x, self.final_norm), self.lm_head).float()               # (B, V)
+        return linear(self._rms(x, self.final_norm), self.lm_head).float()                 # (B, V)
 
     def _indexer(self, proj, p: PackedLayer, layer: int, cache: KVCache, B: int, T: int, starts, slots, slot_t,
                  positions, icos, isin, visible, dense: bool, n_causal: int) -> torch.Tensor | None:

@@ -136,12 +136,13 @@ class IndexCacheServer:
                  metrics_port: int | None = None, dtype: str = "auto", engine_class: type | None = None,
                  model_cache: str | None = None, enforce_eager: bool = False, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, block_size: int = 64, prefix_caching: bool = True,
-                 tensor_parallel_size: int = 1, threads: int | None = None):
+                 tensor_parallel_size: int = 1, threads: int | None = None, quantization: str = "none"):
         """engine_class: an Engine subclass (tests inject faults through it); default Engine.
         tensor_parallel_size > 1: the model is sharded over that many Ray worker actors (engine/distributed.py)
         in this replica's placement group (bundles 1..N; one is reserved when the replica has none).
         threads: torch CPU threads (default: every core this process may use; Ray would leave one per
-        requested CPU)."""
+        requested CPU).
+        quantization: "int8" = weight-only int8 in the CPU fast forward (a CPU replica, one rank)."""
         from ..engine import Engine
         from .metrics import ServingMetrics
         from .sampler import SamplerConfig, TrafficSampler
@@ -159,9 +160,11 @@ class IndexCacheServer:
         self.served_model_name = served_model_name or name
         self.metrics = ServingMetrics(self.served_model_name, deployment, self.model.args.n_layers, gpu_hourly_usd)
         engine_class = engine_class or Engine
+        # only when asked: an injected engine class without the argument keeps working
+        quantized = {} if quantization == "none" else {"quantization": quantization}
         self.engine: ServingEngine = engine_class(self.model, pattern=pattern, max_batch_size=max_batch_size,
                                                   max_model_len=max_model_len, chunk_size=chunk_size,
-                                                  metrics=self.metrics, enforce_eager=enforce_eager,
+                                                  metrics=self.metrics, enforce_eager=enforce_eager, **quantized,
                                                   **paged_kv_args(kv_cache_tokens, gpu_memory_utilization,
                                                                   block_size, prefix_caching)).start()
         if sample_rate and not samples_dir:
