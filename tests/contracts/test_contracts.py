@@ -89,6 +89,9 @@ def test_app_args_threads_and_dtype_are_checked():
 
 
 def test_app_args_quantization():
+    """`quantization` (int8 weights on a CPU replica) is refused naming the field and the allowed values."""
+    import pytest
+
     from indexcache_contracts.serve_app import parse_app_args
     assert parse_app_args({}).quantization == "none"
     assert parse_app_args({"quantization": "int8"}).quantization == "int8"
