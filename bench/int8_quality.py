@@ -12,7 +12,9 @@ Quality:
     prompts: how many of the first N tokens agree, and where the first difference is.
 Speed, in-process (no server): prefill of a --long-prompt-tokens prompt, decode tok/s of one request and of
 8 requests decoded together, bf16 then int8 then bf16 again (the machine is shared: the load average is
-recorded, and the two bf16 runs bracket the int8 one).
+recorded, and the two bf16 runs bracket the int8 one); also the CPU seconds the process spent (all threads;
+the 1-request figure per token includes its 20-token prompt), which other jobs on the machine inflate far
+less than wall time.
 """
 from __future__ import annotations
 
@@ -102,27 +104,35 @@ def speed(engine, long_ids, decode_ids, batch, decode_tokens: int, repeats: int)
         stamps = [[] for _ in prompts]
         reqs = [engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0),
                               lambda c, s=s: s.append(time.perf_counter())) for p, s in zip(prompts, stamps)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         while engine.step():
             pass
+        cpu.append(time.process_time() - c0)
         return t0, stamps, reqs
 
-    prefill, one, eight = [], [], []
+    prefill, one, eight, cpu = [], [], [], []
+    prefill_cpu, one_cpu = [], []
     for rep in range(repeats + 1):
         t0, stamps, _ = run([long_ids], 1)
         t_prefill = stamps[0][0] - t0
+        c_prefill = cpu[-1]
         _, stamps, reqs = run([decode_ids], decode_tokens)
         s = stamps[0]
         t_one = (len(reqs[0].output) - 1) / (s[-1] - s[0])
+        c_one = cpu[-1] / len(reqs[0].output)
         _, stamps, reqs = run(batch, decode_tokens)
         start, end = max(s[0] for s in stamps), min(s[-1] for s in stamps)   # all 8 decoding together
         steps = min(sum(start <= t <= end for t in s) for s in stamps)
         t_eight = 8 * (steps - 1) / (end - start)
         if rep:
             prefill.append(t_prefill), one.append(t_one), eight.append(t_eight)
+            prefill_cpu.append(c_prefill), one_cpu.append(c_one)
     return {"prefill_long_s": round(statistics.median(prefill), 3), "prefill_all": [round(x, 3) for x in prefill],
             "decode1_tok_s": round(statistics.median(one), 1), "decode1_all": [round(x, 1) for x in one],
-            "decode8_tok_s": round(statistics.median(eight), 1), "decode8_all": [round(x, 1) for x in eight]}
+            "decode8_tok_s": round(statistics.median(eight), 1), "decode8_all": [round(x, 1) for x in eight],
+            # CPU seconds of this process (all threads): what the work costs, whatever else runs on the machine
+            "prefill_long_cpu_s": round(statistics.median(prefill_cpu), 3),
+            "decode1_cpu_ms_per_token": round(1000 * statistics.median(one_cpu), 1)}
 
 
 def main() -> None:
