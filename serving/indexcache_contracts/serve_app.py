@@ -39,7 +39,7 @@ class AppArgs:
     ingress_max_ongoing_requests: int | None = None
     max_batch_size: int = 8                # KV cache slots: requests decoded together
     max_model_len: int | None = 2048
-    chunk_size: int = 256                  # prefill tokens per engine step
+    chunk_size: int | None = None          # prefill tokens per engine step (default: 256 on a GPU, 1024 on a CPU)
     samples_dir: str | None = None
     sample_rate: float = 0.0
     gpu_hourly_usd: float = 0.0

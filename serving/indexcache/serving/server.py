@@ -93,6 +93,15 @@ def configure_cpu(threads: int | None) -> int:
     return threads
 
 
+def default_chunk_size() -> int:
+    """Prefill tokens per engine step when the app does not say: 256 on a GPU; 1024 on a CPU, where a 1K-token
+    prompt in chunks of 256 took 2.5x the wall time of one chunk (4.79 s vs 1.91 s, 1.85 vs 1.38 CPU-seconds;
+    bench/cpu_prefill.py, bench/RESULTS.md) at the price of decode steps of other requests waiting for it."""
+    import torch
+
+    return 256 if torch.cuda.is_available() else 1024
+
+
 def replica_dtype(dtype: str) -> str:
     """'auto' on a CPU machine -> the dtype the CPU probe picks (model/cpu_dtype.py), as a name, so that
     the in-process model and tensor-parallel workers load the same; anything else unchanged."""
@@ -131,7 +140,7 @@ class IndexCacheServer:
     """Owns the model, engine, metrics and sampler of one replica."""
 
     def __init__(self, model: str = "smollm2", served_model_name: str | None = None, deployment: str = "local",
-                 max_batch_size: int = 8, max_model_len: int | None = 2048, chunk_size: int = 256,
+                 max_batch_size: int = 8, max_model_len: int | None = 2048, chunk_size: int | None = None,
                  samples_dir: str | None = None, sample_rate: float = 0.0, gpu_hourly_usd: float = 0.0,
                  metrics_port: int | None = None, dtype: str = "auto", engine_class: type | None = None,
                  model_cache: str | None = None, enforce_eager: bool = False, kv_cache_tokens: int | None = None,
@@ -151,6 +160,7 @@ class IndexCacheServer:
         if metrics_port:   # first: the readiness probe answers "loading" while the model loads
             self.port = self._serve_replica_port(int(metrics_port))
         self.threads = configure_cpu(threads)
+        chunk_size = chunk_size or default_chunk_size()
         dtype = replica_dtype(dtype)   # one concrete dtype for this replica and its tensor-parallel workers
         if tensor_parallel_size > 1:
             self.model, pattern, self.tokenizer, name = self._start_workers(
