@@ -196,7 +196,6 @@ class CPUFastForward:
         else:       # past top-k: the first F layer's selection
             allowed = None
         x = self.embed[tokens]                                                            # (B, T, dim)
-        x = self.embed[tokens]                                                            # (B, T, dim)
         for layer, (p, kind) in enumerate(zip(self.layers, pattern)):
             kc, vc = cache.layers[layer]["k"], cache.layers[layer]["v"]
             h = self._rms(x, p.attn_norm)
