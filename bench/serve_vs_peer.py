@@ -114,6 +114,8 @@ def start_server(args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "indexcache.cli", "serve", "--port", str(args.port), "--dtype", args.dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.quantization != "none":
+        cmd += ["--quantization", args.quantization]
     env = {**os.environ, "PYTHONPATH": str(REPO / "serving")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"))
     deadline = time.monotonic() + 300
@@ -216,6 +218,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--dtype", default="auto", help="our server's --dtype")
     p.add_argument("--threads", type=int, help="our server's --threads and the peer's torch threads")
+    p.add_argument("--quantization", choices=("none", "int8"), default="none", help="our server's --quantization")
     p.add_argument("--peer-dtypes", nargs="*", default=["float32", "bfloat16"])
     p.add_argument("--long-prompt-tokens", type=int, default=1000)
     p.add_argument("--decode-tokens", type=int, default=128)
@@ -240,6 +243,7 @@ def main() -> None:
     try:
         result["ours"] = asyncio.run(measure_ours(url, long_ids, decode_ids, batch, args))
         result["ours"]["dtype"] = args.dtype
+        result["ours"]["quantization"] = args.quantization
     finally:
         if proc is not None:
             stop_server(proc)

@@ -150,11 +150,26 @@ ROWS = [
                    f"({g('runs[full_layers=8].search_wall_s'):.0f} s vs {g('runs[full_layers=8].plain_wall_s'):.0f} s)"),
         "", "python bench/calibration_quality.py --device cpu --search-only --compare-plain", commit="2c3e5c0"),
     Row("`indexcache serve` vs transformers on 2 CPU cores (SmolLM2 DSA, bf16 auto vs fp32 peer): TTFT 1K, decode, 8 streams",
-        "bench/results/serve_vs_peer_2.json",
+        "bench/results/serve_vs_peer_4.json",
         lambda g: (f"{g('ours.ttft_long_s'):.2f} s ({g('transformers_float32.ratios.ttft')}x the peer); "
                    f"{g('ours.decode_tok_s')} tok/s ({g('transformers_float32.ratios.decode')}x); "
                    f"{g('ours.streams8_tok_s')} tok/s ({g('transformers_float32.ratios.streams8')}x)"),
-        "<= 1.0 s and <= 0.5x; >= 30 tok/s and >= 2x; >= 2x (#20)", "python bench/serve_vs_peer.py --repeats 3"),
+        "<= 1.0 s and <= 0.5x; >= 30 tok/s and >= 2x; >= 2x (#20)",
+        "python bench/serve_vs_peer.py --repeats 3"),
+    Row("the same with `--quantization int8` (weight-only int8, opt-in): TTFT 1K, decode, 8 streams",
+        "bench/results/serve_vs_peer_int8_2.json",
+        lambda g: (f"{g('ours.ttft_long_s'):.2f} s ({g('transformers_float32.ratios.ttft')}x the peer); "
+                   f"{g('ours.decode_tok_s')} tok/s ({g('transformers_float32.ratios.decode')}x); "
+                   f"{g('ours.streams8_tok_s')} tok/s ({g('transformers_float32.ratios.streams8')}x)"),
+        "<= 1.0 s and <= 0.5x; >= 30 tok/s and >= 2x; >= 2x (#20)",
+        "python bench/serve_vs_peer.py --repeats 3 --quantization int8 --peer-dtypes float32"),
+    Row("int8 vs bf16 weights, bundled SmolLM2 DSA: perplexity at 1K, essays / Shakespeare; greedy tokens equal before the first difference",
+        "bench/results/int8_quality.json",
+        lambda g: (f"{100 * g('perplexity.essays.relative_change'):+.2f} % / "
+                   f"{100 * g('perplexity.shakespeare.relative_change'):+.2f} %; "
+                   f"{g('greedy.0.equal_prefix')}, {g('greedy.1.equal_prefix')}, {g('greedy.2.equal_prefix')} of "
+                   f"{g('greedy.0.tokens')}"), "opt-in unless quality is kept (#20)",
+        "python bench/int8_quality.py --windows 2 --repeats 3"),
     Row("serve_load on 2 CPU cores before / after the CPU fast path, 1 / 16 clients",
         "bench/results/serve_load_cpu_before_after_cpuperf.json",
         lambda g: (f"{g('before.runs.0.[clients=1].output_tok_per_s')} / {g('before.runs.0.[clients=16].output_tok_per_s')} -> "

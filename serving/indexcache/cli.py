@@ -246,7 +246,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     pattern=pattern, enforce_eager=args.enforce_eager, kv_cache_tokens=args.kv_cache_tokens,
                     gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
                     prefix_caching=not args.no_prefix_caching, dtype=args.dtype, threads=args.threads,
-                    long_prefill_token_threshold=args.long_prefill_token_threshold)
+                    long_prefill_token_threshold=args.long_prefill_token_threshold,
+                    quantization=args.quantization)
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     if args.long_prefill_token_threshold is not None and args.long_prefill_token_threshold < 0:
@@ -454,6 +455,9 @@ def add_serve_parser(sub) -> None:
                    help="torch CPU threads of the replica (default: all cores)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="weights' dtype; auto: bf16 on GPUs, on a CPU the faster of bf16 and fp32 (measured once)")
+    p.add_argument("--quantization", choices=("none", "int8"), default="none",
+                   help="int8: weight-only int8 linear layers and LM head on a CPU replica (half the bytes a "
+                        "decode step reads; perplexity and greedy agreement in bench/RESULTS.md)")
     p.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs (debugging; GPUs only)")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="paged KV cache of this many tokens shared by all requests (default: off, one "

@@ -39,7 +39,7 @@ class AppArgs:
     ingress_max_ongoing_requests: int | None = None
     max_batch_size: int = 8                # KV cache slots: requests decoded together
     max_model_len: int | None = 2048
-    chunk_size: int = 256                  # prefill tokens per engine step
+    chunk_size: int | None = None          # prefill tokens per engine step (default: 256 on a GPU, 1024 on a CPU)
     # prompts with more tokens than this left to prefill yield each step's budget to shorter ones (vLLM's
     # --long-prefill-token-threshold); None: 4 x chunk_size; 0: first come, first served
     long_prefill_token_threshold: int | None = None
@@ -57,6 +57,7 @@ class AppArgs:
     tensor_parallel_size: int = 1
     dtype: str = "auto"                    # auto: bf16 on CUDA; on a CPU the faster of bf16/fp32 (measured once)
     threads: int | None = None             # torch CPU threads of the replica (default: every core it may use)
+    quantization: str = "none"             # "int8": weight-only int8 on a CPU replica (the CPU fast forward)
     enforce_eager: bool = False            # decode without CUDA graphs (debugging), like vLLM's --enforce-eager
     # paged KV cache (off: the contiguous max_batch_size x max_model_len slot cache): a token budget, or the
     # share of the GPU's memory the replica may fill (vLLM's --gpu-memory-utilization); blocks of block_size
@@ -77,10 +78,11 @@ _APP_ARG_TYPES: dict[str, tuple[str, float | None, float | None]] = {
     "dtype": ("str", None, None), "enforce_eager": ("bool", None, None), "tensor_parallel_size": ("int", 1, 16),
     "kv_cache_tokens": ("int", 1, None), "gpu_memory_utilization": ("number", 0, 1), "block_size": ("int", 1, None),
     "prefix_caching": ("bool", None, None), "threads": ("int", 1, None),
-    "long_prefill_token_threshold": ("int", 0, None),
+    "long_prefill_token_threshold": ("int", 0, None), "quantization": ("str", None, None),
 }
 _NULLABLE = {f.name for f in dataclasses.fields(AppArgs) if f.default is None}
 _DTYPES = ("auto", "float32", "bfloat16")
+_QUANTIZATIONS = ("none", "int8")
 
 
 def _check_value(where: str, name: str, value: Any, kind: str, lo: float | None, hi: float | None) -> str | None:
@@ -112,6 +114,9 @@ def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
             raise ValueError(why)
     if args.get("dtype", "auto") not in _DTYPES:
         raise ValueError(f"build_app args.dtype must be one of {', '.join(_DTYPES)}, got {args['dtype']!r}")
+    if args.get("quantization", "none") not in _QUANTIZATIONS:
+        raise ValueError(f"build_app args.quantization must be one of {', '.join(_QUANTIZATIONS)}, "
+                         f"got {args['quantization']!r}")
     if args.get("pattern") is not None and (why := pattern_problem(args["pattern"], field="build_app args.pattern")):
         raise ValueError(why)
     return AppArgs(**args)

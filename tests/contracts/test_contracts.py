@@ -99,3 +99,16 @@ def test_app_args_long_prefill_token_threshold_is_checked():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="long_prefill_token_threshold"):
             parse_app_args({"long_prefill_token_threshold": bad})
+
+
+def test_app_args_quantization():
+    """`quantization` (int8 weights on a CPU replica) is refused naming the field and the allowed values."""
+    import pytest
+
+    from indexcache_contracts.serve_app import parse_app_args
+    assert parse_app_args({}).quantization == "none"
+    assert parse_app_args({"quantization": "int8"}).quantization == "int8"
+    with pytest.raises(ValueError, match="quantization must be one of none, int8, got 'int4'"):
+        parse_app_args({"quantization": "int4"})
+    with pytest.raises(ValueError, match="quantization must be a string"):
+        parse_app_args({"quantization": 8})

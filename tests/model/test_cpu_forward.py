@@ -17,32 +17,7 @@ from indexcache.engine.sampling import SamplingParams
 from indexcache.model.cpu_forward import CPUFastForward, supports
 from indexcache.model.dsa import KVCache
 
-PATTERN = "FSSFSF"
-
-
-def run_script(forward, steps):
-    """steps: (tokens (B, T), starts, slots) -> list of (B, V) logits at each row's last position."""
-    out = []
-    for tokens, starts, slots in steps:
-        at = torch.full((tokens.shape[0],), tokens.shape[1] - 1)
-        out.append(forward(tokens, starts, slots, at))
-    return out
-
-
-def engine_like_steps(gen, vocab):
-    """Two requests prefilled in chunks (slots 2 and 0; the second chunk crosses top-k = 8), then batched
-    decode positions for both plus a third request, of different lengths."""
-    t = lambda *shape: torch.randint(0, vocab, shape, generator=gen)
-    steps = [(t(1, 5), [0], [2]), (t(1, 9), [5], [2]),      # 14 tokens in slot 2: past top-k
-             (t(1, 6), [0], [0]),                            # 6 tokens in slot 0: dense
-             (t(1, 3), [0], [1])]                            # 3 tokens in slot 1
-    lens = [14, 6, 3]
-    for _ in range(6):                                       # slot 0 crosses top-k during decode
-        steps.append((t(3, 1), list(lens), [2, 0, 1]))
-        lens = [n + 1 for n in lens]
-    steps.append((t(1, 1), [lens[1]], [0]))                  # one-request decode
-    return steps
-
+from cpu_forward_scripts import PATTERN, engine_like_steps, run_script
 
 @pytest.mark.parametrize("dtype,topk,atol", [(torch.float32, 8, 1e-4), (torch.bfloat16, 64, 0.1)])
 def test_fast_forward_matches_reference(make_model, dtype, topk, atol):

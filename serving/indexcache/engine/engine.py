@@ -124,13 +124,15 @@ class Engine:
                  indexer_fp8: bool | None = None, warm_up: bool | None = None,
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float | None = None,
                  block_size: int = 64, prefix_caching: bool = True, cpu_fast_path: bool | None = None,
-                 long_prefill_token_threshold: int | None = None, long_prefill_max_wait: int = 4):
+                 long_prefill_token_threshold: int | None = None, long_prefill_max_wait: int = 4,
+                 quantization: str = "none"):
         """cpu_fast_path: run forwards through model/cpu_forward.py (CPU, GQA, dense MLPs, the contiguous
         slot cache); None = whenever it can, False = always the readable reference forward of dsa.py.
         long_prefill_token_threshold: a request with more prompt tokens than this left to prefill is "long"
         and yields the step's prefill budget to short ones (None: 4 x chunk_size; 0: off, FIFO);
         long_prefill_max_wait: steps the oldest long request can be given less than a full chunk before
-        it goes first (its guaranteed share: one full chunk in every long_prefill_max_wait + 1 steps)."""
+        it goes first (its guaranteed share: one full chunk in every long_prefill_max_wait + 1 steps).
+        quantization: "int8" = weight-only int8 in the CPU fast forward (model/int8.py; it needs that path)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if chunk_size < 1:
@@ -188,7 +190,7 @@ class Engine:
                                     pad_slot=max_batch_size if padded else 0,
                                     max_blocks=self.max_blocks if self.pool is not None else None)
                        if self.cuda_graphs else None)
-        self.cpu_fast = self._cpu_fast_forward(model, cpu_fast_path)
+        self.cpu_fast = self._cpu_fast_forward(model, cpu_fast_path, quantization)
         self.flops = FlopModel.of(self.args)
         self.metrics = metrics
         if metrics is not None:
@@ -206,19 +208,30 @@ class Engine:
         self._patterns_in_use: set[str] | None = None   # paged: patterns whose indexer-key pools are kept
         self.warm_up_s = self.warm_up() if (on_cuda if warm_up is None else warm_up) else 0.0
 
-    def _cpu_fast_forward(self, model: DSAForCausalLM, wanted: bool | None):
+    def _cpu_fast_forward(self, model: DSAForCausalLM, wanted: bool | None, quantization: str):
+        from ..model.cpu_forward import QUANTIZATIONS, CPUFastForward, supports
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        if quantization != "none":   # only the fast forward quantises: without it, say so rather than ignore it
+            wanted = True if wanted is None else wanted
+            if not wanted:
+                raise ValueError(f"quantization={quantization!r} runs in the CPU fast forward; "
+                                 "cpu_fast_path=False turns that off: use quantization='none'")
+            if self.device.type != "cpu":
+                raise ValueError(f"quantization={quantization!r} is for CPU replicas (the CPU fast forward); "
+                                 f"this model is on {self.device}")
         if wanted is False or self.device.type != "cpu" or self.indexer_fp8:
             return None
         if type(self.cache) is not KVCache:   # the paged pool or a sharded model's caches: the reference
             if wanted:
-                raise ValueError("cpu_fast_path=True needs the contiguous slot KV cache (no kv_cache_tokens / "
-                                 "gpu_memory_utilization, tensor_parallel_size 1)")
+                raise ValueError("cpu_fast_path=True (or quantization='int8') needs the contiguous slot KV cache "
+                                 "(no kv_cache_tokens / gpu_memory_utilization, tensor_parallel_size 1)")
             return None
-        from ..model.cpu_forward import CPUFastForward, supports
         why = supports(model)
         if why is not None and wanted:
-            raise ValueError(f"cpu_fast_path=True but the CPU fast forward cannot run this model: {why}")
-        return None if why is not None else CPUFastForward(model)
+            raise ValueError(f"the CPU fast forward (cpu_fast_path=True or quantization='int8') cannot run this "
+                             f"model: {why}")
+        return None if why is not None else CPUFastForward(model, quantization)
 
     @torch.no_grad()
     def _pool_blocks(self, tokens: int | None, utilization: float | None, block_size: int, dtype) -> int:

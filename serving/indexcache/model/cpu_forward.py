@@ -10,8 +10,15 @@ What makes it fast on a CPU, where every PyTorch op costs microseconds of Python
   - the sparse step as a mask: while top-k >= the keys a query can see, the top-k selects every visible
     key and sparse attention is exactly dense causal attention, so the indexer scores nothing (F layers
     still write their indexer keys: later positions need them). Past top-k, each F layer scores and
-    selects as the reference does (fp32 scores, `torch.topk`) and its boolean selection mask serves the
-    S layers that follow, with no index tensors in between.
+    selects as the reference does (`torch.topk` over fp32 scores; the q . k products by one GEMM in the
+    model dtype) and its selection, as an additive mask in the model dtype, serves the S layers that
+    follow, with no index tensors in between;
+  - in a prefill chunk from position 0, the queries that see at most top-k keys (the first top-k) attend
+    by plain causal flash attention with no mask; only the rest read the (T - top-k, S) mask.
+
+Measured on 2 shared cores (a 1K-token prefill of the bundled model, all F, top-512): the masked (T, S)
+attention, `torch.topk` over the scored rows and the GEMMs dominate; a bool mask costs ~1.4x an additive
+one in CPU flash attention and the fp32 indexer GEMM ~2.7x the bf16 one.
 
 The reference (dsa.py, kernels/) stays the readable twin: `Engine(cpu_fast_path=False)` runs it, and
 tests/model/test_cpu_forward.py compares both on fresh random models (logits and greedy tokens, fp32
@@ -26,6 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dsa import DSAForCausalLM, KVCache, rope_frequencies
+from .int8 import Int8Weight, linear, quantize_int8
+
+QUANTIZATIONS = ("none", "int8")
 
 
 def supports(model: DSAForCausalLM) -> str | None:
@@ -58,11 +68,11 @@ def supports(model: DSAForCausalLM) -> str | None:
 @dataclass
 class PackedLayer:
     attn_norm: torch.Tensor          # (dim,)
-    w_in: torch.Tensor               # (Hq*Dh + 2*Hkv*Dh [+ Di + Hi*Di + Hi], dim): q|k|v[|ik|iq|iw]
-    w_o: torch.Tensor                # (dim, Hq*Dh)
+    w_in: torch.Tensor | Int8Weight  # (Hq*Dh + 2*Hkv*Dh [+ Di + Hi*Di + Hi], dim): q|k|v[|ik|iq|iw]
+    w_o: torch.Tensor | Int8Weight   # (dim, Hq*Dh)
     mlp_norm: torch.Tensor           # (dim,)
-    w_gate_up: torch.Tensor          # (2*I, dim)
-    w_down: torch.Tensor             # (dim, I)
+    w_gate_up: torch.Tensor | Int8Weight  # (2*I, dim)
+    w_down: torch.Tensor | Int8Weight     # (dim, I)
     k_norm: tuple[torch.Tensor, torch.Tensor] | None   # the indexer's LayerNorm (weight, bias)
 
 
@@ -70,10 +80,16 @@ class CPUFastForward:
     """`fast(tokens, starts, slots, pattern, cache, logits_at)` -> (B, V) fp32 logits, writing the cache
     exactly where `model(tokens, start_pos=starts, cache=cache, slots=slots, ...)` writes it."""
 
-    def __init__(self, model: DSAForCausalLM):
+    def __init__(self, model: DSAForCausalLM, quantization: str = "none"):
+        """quantization: "none" (the model's weights) or "int8" (weight-only int8 of every linear layer and
+        the LM head, one scale per output channel: model/int8.py; norms and the embedding lookup unchanged)."""
         why = supports(model)
         if why is not None:
             raise ValueError(f"the CPU fast forward cannot run this model: {why}; use Engine(cpu_fast_path=False)")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        self.quantization = quantization
+        pack = quantize_int8 if quantization == "int8" else (lambda w: w)
         a = self.args = model.args
         self.model = model
         self.dtype = model.lm_head.weight.dtype
@@ -98,13 +114,13 @@ class CPUFastForward:
                     k_norm = (ix.k_norm.weight.detach().clone(), ix.k_norm.bias.detach().clone())
                 self.layers.append(PackedLayer(
                     attn_norm=block.input_layernorm.weight.detach().clone(),
-                    w_in=torch.cat(rows).contiguous(), w_o=att.o_proj.weight.detach().clone(),
+                    w_in=pack(torch.cat(rows).contiguous()), w_o=pack(att.o_proj.weight.detach().clone()),
                     mlp_norm=block.post_attention_layernorm.weight.detach().clone(),
-                    w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
-                    w_down=mlp.down_proj.weight.detach().clone(), k_norm=k_norm))
-        self.embed = model.model.embed_tokens.weight.detach()
+                    w_gate_up=pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()),
+                    w_down=pack(mlp.down_proj.weight.detach().clone()), k_norm=k_norm))
+            self.lm_head = pack(model.lm_head.weight.detach())    # int8: its own copy, even when tied
+        self.embed = model.model.embed_tokens.weight.detach()    # a lookup reads a few rows: kept as is
         self.final_norm = model.model.norm.weight.detach()
-        self.lm_head = model.lm_head.weight.detach()
         self.inter = self.layers[0].w_gate_up.shape[0] // 2
         # fp32 tables (max_seq_len, d) for the attention and the indexer rotary dims: [cos | cos] and
         # [-sin | sin], so that rotate-half RoPE is x * cos + swap_halves(x) * sin (exactly the reference's
@@ -115,6 +131,27 @@ class CPUFastForward:
     # ---------------------------------------------------------------------------------------- helpers
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.args.norm_eps).to(x.dtype) * w
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """(B, T, S) bool -> (B, 1, T, S) additive mask in the model dtype (0 where allowed, -inf elsewhere):
+        CPU flash attention reads it as is, where a bool mask is first converted on every call."""
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+        return mask[:, None]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                n_causal: int) -> torch.Tensor:
+        """q (B, Hq, T, Dh), k/v (B, Hkv, S, Dh) -> (B, Hq, T, Dh). Queries [0, n_causal) attend causally to
+        keys [0, n_causal) (B == 1, the chunk starts at 0); the rest to the keys `allowed` (B, 1, T-n_causal,
+        S) admits, or to every key when it is None (one decode position, all keys visible)."""
+        T = q.shape[2]
+        attend = lambda q_, k_, v_, **kw: F.scaled_dot_product_attention(q_, k_, v_, scale=self.scale,
+                                                                          enable_gqa=True, **kw)
+        if n_causal == 0:
+            return attend(q, k, v, attn_mask=allowed)
+        head = attend(q[:, :, :n_causal], k[:, :, :n_causal], v[:, :, :n_causal], is_causal=True)
+        if n_causal == T:
+            return head
+        return torch.cat([head, attend(q[:, :, n_causal:], k, v, attn_mask=allowed)], 2)
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,19 +188,21 @@ class CPUFastForward:
         visible = keys[None, None, :] <= positions[:, :, None]                           # (B, T, S)
         # the sparse step selects every visible key while top-k >= the keys any query sees
         dense = S <= a.index_topk
-        if dense:
-            # one request from position 0: plain causal; one decode position: every key; else a mask
-            causal = one and starts[0] == 0 and T > 1
-            mask = None if (causal or (one and T == 1)) else visible[:, None]             # (B, 1, T, S)
-        else:
-            causal, mask = False, None
+        # one request's chunk from position 0: its first `n_causal` queries see at most top-k keys, so they
+        # attend causally to the first n_causal keys (flash attention with no mask); the rest use `allowed`
+        n_causal = min(T, a.index_topk) if one and starts[0] == 0 and T > 1 else 0
+        if dense:   # every visible key: no mask for a chunk from 0 or one decode position, else `visible`
+            allowed = None if n_causal == T or (one and T == 1) else self._additive(visible)  # (B, 1, T, S)
+        else:       # past top-k: the first F layer's selection
+            allowed = None
         x = self.embed[tokens]                                                            # (B, T, dim)
         for layer, (p, kind) in enumerate(zip(self.layers, pattern)):
             kc, vc = cache.layers[layer]["k"], cache.layers[layer]["v"]
             h = self._rms(x, p.attn_norm)
             is_f = kind == "F"
             rows = self.v_end if not is_f else (self.ik_end if dense else p.w_in.shape[0])
-            proj = F.linear(h, p.w_in[:rows])                                             # (B, T, rows)
+            w_in = p.w_in.rows(rows) if isinstance(p.w_in, Int8Weight) else p.w_in[:rows]
+            proj = linear(h, w_in)                                                        # (B, T, rows)
             qk = self._rotate(proj[..., : self.k_end].view(B, T, self.hq + self.hkv, self.dh),
                               cos, sin).to(dt)                                            # (B, T, Hq+Hkv, Dh)
             q, k = qk[:, :, : self.hq], qk[:, :, self.hq:]
@@ -181,24 +220,24 @@ class CPUFastForward:
                     raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no "
                                        "indexer weights for it")
                 selected = self._indexer(proj, p, layer, cache, B, T, starts, slots, slot_t, positions,
-                                         icos, isin, visible, dense)
+                                         icos, isin, visible, dense, n_causal)
                 if not dense:
-                    mask = selected[:, None]                                              # (B, 1, T, S)
-            elif not dense and mask is None:
+                    allowed = self._additive(selected)                                    # (B, 1, T', S)
+            elif not dense and allowed is None:
                 raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask,
-                is_causal=causal, scale=self.scale, enable_gqa=True)                      # (B, Hq, T, Dh)
-            x = x + F.linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o)
+            out = self._attend(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), allowed,
+                               n_causal)                                                  # (B, Hq, T, Dh)
+            x = x + linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o)
             h = self._rms(x, p.mlp_norm)
-            gu = F.linear(h, p.w_gate_up)                                                 # (B, T, 2I)
-            x = x + F.linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down)
+            gu = linear(h, p.w_gate_up)                                                   # (B, T, 2I)
+            x = x + linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down)
         x = x[torch.arange(B), logits_at]                                                 # (B, dim)
-        return F.linear(self._rms(x, self.final_norm), self.lm_head).float()               # (B, V)
+        return linear(self._rms(x, self.final_norm), self.lm_head).float()                 # (B, V)
 
     def _indexer(self, proj, p: PackedLayer, layer: int, cache: KVCache, B: int, T: int, starts, slots, slot_t,
-                 positions, icos, isin, visible, dense: bool) -> torch.Tensor | None:
-        """Write this F layer's indexer keys; past top-k, return its selection (B, T, S) bool."""
+                 positions, icos, isin, visible, dense: bool, n_causal: int) -> torch.Tensor | None:
+        """Write this F layer's indexer keys; past top-k, return its selection (B, T - n_causal, S) bool for
+        the queries from n_causal on (the first n_causal attend causally, see `_attend`)."""
         dt, ri = self.dtype, self.ri
         ik = F.layer_norm(proj[..., self.v_end: self.ik_end], (self.di,), *p.k_norm, eps=1e-6)  # (B, T, Di)
         ik = torch.cat([self._rotate(ik[:, :, None, :ri], icos, isin)[:, :, 0].to(dt), ik[..., ri:]], -1)
@@ -218,20 +257,22 @@ class CPUFastForward:
         # from position 0 that is every query past top-k, about half of a 1K prompt)
         topk = self.args.index_topk
         first = max(0, topk - starts[0]) if B == 1 else 0                                # first row scored
-        selected = visible.clone()                                                        # (B, T, S)
+        selected = visible[:, n_causal:].clone()                                          # (B, T - n_causal, S)
         if first >= T:
             return selected
         rows = slice(first, T)
         iq = proj[:, rows, self.ik_end: self.iq_end].view(B, T - first, self.hi, self.di)
         iq = torch.cat([self._rotate(iq[..., :ri], icos[:, rows], isin[:, rows]).to(dt), iq[..., ri:]], -1)
         w = proj[:, rows, self.iq_end:].float() * self.w_scale                            # (B, t, Hi)
-        # score[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s]), fp32 as the reference scores
-        logits = torch.matmul(iq.float().flatten(1, 2), k_all.float().transpose(1, 2))    # (B, t*Hi, S)
+        # score[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s]); q . k as one GEMM in the model
+        # dtype (bf16: fp32 accumulation, the product rounded to bf16 once; the reference multiplies in fp32,
+        # DeepSeek's indexer in FP8), weights, sum and top-k in fp32
+        logits = torch.matmul(iq.flatten(1, 2), k_all.transpose(1, 2)).float()            # (B, t*Hi, S)
         logits = logits.relu_().view(B, T - first, self.hi, S)
-        scores = (logits * w[..., None]).sum(2)                                           # (B, t, S)
+        scores = (logits.mul_(w[..., None])).sum(2)                                       # (B, t, S)
         scores = scores.masked_fill_(~visible[:, rows], float("-inf"))
         values, idx = scores.topk(min(topk, S), dim=-1, sorted=False)                     # (B, t, k)
         chosen = torch.zeros(B, T - first, S, dtype=torch.bool)
         chosen.scatter_(2, idx, values != float("-inf"))
-        selected[:, rows] = chosen
+        selected[:, first - n_causal:] = chosen
         return selected

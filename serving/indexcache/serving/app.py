@@ -54,7 +54,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     enforce_eager=a.enforce_eager, kv_cache_tokens=a.kv_cache_tokens,
                     gpu_memory_utilization=a.gpu_memory_utilization, block_size=a.block_size,
                     prefix_caching=a.prefix_caching, tensor_parallel_size=a.tensor_parallel_size,
-                    threads=a.threads),
+                    threads=a.threads, quantization=a.quantization),
         max_ongoing_requests=app_limit, api_key=a.api_key, num_replicas=a.num_replicas)
 
 

@@ -93,6 +93,15 @@ def configure_cpu(threads: int | None) -> int:
     return threads
 
 
+def default_chunk_size() -> int:
+    """Prefill tokens per engine step when the app does not say: 256 on a GPU; 1024 on a CPU, where a 1K-token
+    prompt in chunks of 256 took 2.5x the wall time of one chunk (4.79 s vs 1.91 s, 1.85 vs 1.38 CPU-seconds;
+    bench/cpu_prefill.py, bench/RESULTS.md) at the price of decode steps of other requests waiting for it."""
+    import torch
+
+    return 256 if torch.cuda.is_available() else 1024
+
+
 def replica_dtype(dtype: str) -> str:
     """'auto' on a CPU machine -> the dtype the CPU probe picks (model/cpu_dtype.py), as a name, so that
     the in-process model and tensor-parallel workers load the same; anything else unchanged."""
@@ -131,18 +140,19 @@ class IndexCacheServer:
     """Owns the model, engine, metrics and sampler of one replica."""
 
     def __init__(self, model: str = "smollm2", served_model_name: str | None = None, deployment: str = "local",
-                 max_batch_size: int = 8, max_model_len: int | None = 2048, chunk_size: int = 256,
+                 max_batch_size: int = 8, max_model_len: int | None = 2048, chunk_size: int | None = None,
                  samples_dir: str | None = None, sample_rate: float = 0.0, gpu_hourly_usd: float = 0.0,
                  metrics_port: int | None = None, dtype: str = "auto", engine_class: type | None = None,
                  model_cache: str | None = None, enforce_eager: bool = False, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float | None = None, block_size: int = 64, prefix_caching: bool = True,
                  tensor_parallel_size: int = 1, threads: int | None = None,
-                 long_prefill_token_threshold: int | None = None):
+                 long_prefill_token_threshold: int | None = None, quantization: str = "none"):
         """engine_class: an Engine subclass (tests inject faults through it); default Engine.
         tensor_parallel_size > 1: the model is sharded over that many Ray worker actors (engine/distributed.py)
         in this replica's placement group (bundles 1..N; one is reserved when the replica has none).
         threads: torch CPU threads (default: every core this process may use; Ray would leave one per
-        requested CPU)."""
+        requested CPU).
+        quantization: "int8" = weight-only int8 in the CPU fast forward (a CPU replica, one rank)."""
         from ..engine import Engine
         from .metrics import ServingMetrics
         from .sampler import SamplerConfig, TrafficSampler
@@ -151,6 +161,7 @@ class IndexCacheServer:
         if metrics_port:   # first: the readiness probe answers "loading" while the model loads
             self.port = self._serve_replica_port(int(metrics_port))
         self.threads = configure_cpu(threads)
+        chunk_size = chunk_size or default_chunk_size()
         dtype = replica_dtype(dtype)   # one concrete dtype for this replica and its tensor-parallel workers
         if tensor_parallel_size > 1:
             self.model, pattern, self.tokenizer, name = self._start_workers(
@@ -160,10 +171,12 @@ class IndexCacheServer:
         self.served_model_name = served_model_name or name
         self.metrics = ServingMetrics(self.served_model_name, deployment, self.model.args.n_layers, gpu_hourly_usd)
         engine_class = engine_class or Engine
+        # only when asked: an injected engine class without the argument keeps working
+        quantized = {} if quantization == "none" else {"quantization": quantization}
         self.engine: ServingEngine = engine_class(self.model, pattern=pattern, max_batch_size=max_batch_size,
                                                   max_model_len=max_model_len, chunk_size=chunk_size,
                                                   long_prefill_token_threshold=long_prefill_token_threshold,
-                                                  metrics=self.metrics, enforce_eager=enforce_eager,
+                                                  metrics=self.metrics, enforce_eager=enforce_eager, **quantized,
                                                   **paged_kv_args(kv_cache_tokens, gpu_memory_utilization,
                                                                   block_size, prefix_caching)).start()
         if sample_rate and not samples_dir:
