@@ -28,12 +28,7 @@ if [ -n "${GPU_ROUND_DECODE_TOPK:-}" ]; then    # pick the decode top-k path fro
 fi
 if [ -n "${GPU_ROUND_MLA_LAYOUT:-}" ]; then
     timeout 180 python3 bench/bench_kernels.py --only-mla-layouts --out "$OUT/mla_layouts.json" 2>&1 | tail -12
-    layout=$(python3 -c "
-import json
-rows = [r for r in json.load(open('$OUT/mla_layouts.json'))['mla_layouts'] if r['indices'] == 'clustered' and 's' in r]
-default = {'heads_m': dict(block_k=32, num_warps=4, num_stages=2), 'keys_m': dict(block_k=64, num_warps=8, num_stages=2)}
-ok = [r for r in rows if r['rel_diff_vs_first'] < 1e-2 and all(r[k] == v for k, v in default[r['layout']].items())]
-print(min(ok, key=lambda r: r['s'])['layout'] if ok else '')" 2>/dev/null)
+    layout=$(python3 -c "import json; print(json.load(open('$OUT/mla_layouts.json'))['fastest_layout'] or '')" 2>/dev/null)
     [ -n "$layout" ] && export INDEXCACHE_MLA_PREFILL=$layout
     echo "INDEXCACHE_MLA_PREFILL=${INDEXCACHE_MLA_PREFILL:-unset}" | tee "$OUT/mla_layout_choice.txt"
 fi

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,33 +30,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "serving"))
 
+from serve_vs_peer import git_commit  # noqa: E402 (bench/ is the script's directory)
+
 PROMPTS = ["Write a long story about a lighthouse keeper who finds a message in a bottle. Once upon a time,",
            "The three most important things to know about compound interest are",
            "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def dequantized_copy(model):
-    """A deep copy whose nn.Linear weights (and the LM head, untied) are their int8 dequantised values."""
-    import copy
-
-    import torch
-    from torch import nn
-
-    from indexcache.model.int8 import quantize_int8
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for module in twin.modules():
-            if isinstance(module, nn.Linear):
-                module.weight = nn.Parameter(quantize_int8(module.weight).dequantized.clone(), requires_grad=False)
-    return twin
 
 
 def perplexities(model, twin, tokenizer, pattern: str, context: int, windows: int) -> dict:
@@ -158,8 +135,11 @@ def main() -> None:
               "tied_embeddings": model.args.tie_word_embeddings}
     if not args.skip_perplexity:
         t0 = time.perf_counter()
-        result["perplexity"] = perplexities(model, dequantized_copy(model), tokenizer, pattern, args.context,
-                                            args.windows)
+        import copy
+
+        from indexcache.model.int8 import dequantize_linears
+        result["perplexity"] = perplexities(model, dequantize_linears(copy.deepcopy(model)), tokenizer, pattern,
+                                            args.context, args.windows)
         result["perplexity"]["context"] = args.context
         print("perplexity:", json.dumps(result["perplexity"]), f"({time.perf_counter() - t0:.0f} s)", flush=True)
 

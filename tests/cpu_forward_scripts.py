@@ -27,3 +27,20 @@ def engine_like_steps(gen, vocab):
         lens = [n + 1 for n in lens]
     steps.append((t(1, 1), [lens[1]], [0]))                  # one-request decode
     return steps
+
+
+GREEDY_PROMPTS = [[3, 4, 5], list(range(10, 30)), [7] * 11]   # short of top-k = 8 and past it
+
+
+def greedy_engine_outputs(model, **engine_options):
+    """(the engine, each GREEDY_PROMPTS request's 12 greedy tokens), the requests decoded together through an
+    Engine stepped by hand (slot cache, chunks of 8)."""
+    from indexcache.engine import Engine
+    from indexcache.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    engine = Engine(model, pattern=PATTERN, max_batch_size=4, max_model_len=64, chunk_size=8, **engine_options)
+    reqs = [engine.submit(p, params, lambda chunk: None) for p in GREEDY_PROMPTS]
+    while engine.step():
+        pass
+    return engine, [r.output for r in reqs]

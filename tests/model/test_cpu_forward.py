@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from indexcache.engine import Engine
-from indexcache.engine.sampling import SamplingParams
 from indexcache.model.cpu_forward import CPUFastForward, supports
 from indexcache.model.dsa import KVCache
 
-from cpu_forward_scripts import PATTERN, engine_like_steps, run_script
+from cpu_forward_scripts import PATTERN, engine_like_steps, greedy_engine_outputs, run_script
 
 @pytest.mark.parametrize("dtype,topk,atol", [(torch.float32, 8, 1e-4), (torch.bfloat16, 64, 0.1)])
 def test_fast_forward_matches_reference(make_model, dtype, topk, atol):
@@ -73,17 +72,11 @@ def test_engine_greedy_tokens_match(make_model):
     """Greedy generation through the engine, fast path on and off: the same tokens (fp32), with prompts
     short of top-k and past it, several requests decoded together."""
     model = make_model("gqa", seed=5, projection_std=0.2)
-    prompts = [[3, 4, 5], list(range(10, 30)), [7] * 11]
-    params = SamplingParams(max_new_tokens=12, temperature=0.0)
     outputs = []
     for fast_path in (True, False):
-        engine = Engine(model, pattern=PATTERN, max_batch_size=4, max_model_len=64, chunk_size=8,
-                        cpu_fast_path=fast_path)
+        engine, tokens = greedy_engine_outputs(model, cpu_fast_path=fast_path)
         assert (engine.cpu_fast is not None) == fast_path
-        reqs = [engine.submit(p, params, lambda chunk: None) for p in prompts]
-        while engine.step():
-            pass
-        outputs.append([r.output for r in reqs])
+        outputs.append(tokens)
     assert all(len(o) == 12 for o in outputs[0])
     assert outputs[0] == outputs[1]
 

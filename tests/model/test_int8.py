@@ -14,15 +14,14 @@
 """
 import pytest
 import torch
-from torch import nn
 
 from indexcache.engine import Engine
-from indexcache.engine.sampling import SamplingParams
 from indexcache.model.cpu_forward import CPUFastForward
 from indexcache.model.dsa import KVCache
-from indexcache.model.int8 import INT8_KERNEL_MAX_ROWS, int8_linear, quantize_int8, ref_int8_linear
+from indexcache.model.int8 import (INT8_KERNEL_MAX_ROWS, dequantize_linears, int8_linear, quantize_int8,
+                                   ref_int8_linear)
 
-from cpu_forward_scripts import PATTERN, engine_like_steps, run_script
+from cpu_forward_scripts import PATTERN, engine_like_steps, greedy_engine_outputs, run_script
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -6)])
@@ -52,21 +51,11 @@ def test_quantisation_is_within_half_a_step_per_channel():
         quantize_int8(torch.randn(3, 4, 5))
 
 
-def dequantized_twin(model):
-    """The same model with every linear weight of the fast forward and the LM head replaced by their int8
-    dequantised values (the LM head untied from the embedding, which stays as it is)."""
-    with torch.no_grad():
-        for module in list(model.modules()):
-            if isinstance(module, nn.Linear):
-                module.weight = nn.Parameter(quantize_int8(module.weight).dequantized.clone(), requires_grad=False)
-    return model
-
-
 def test_int8_fast_forward_matches_the_dequantised_reference(make_model):
     torch.manual_seed(1)
     model = make_model("gqa", seed=3, projection_std=0.2, index_topk=8)
     fast = CPUFastForward(model, quantization="int8")
-    twin = dequantized_twin(make_model("gqa", seed=3, projection_std=0.2, index_topk=8))
+    twin = dequantize_linears(make_model("gqa", seed=3, projection_std=0.2, index_topk=8))
     plain = CPUFastForward(make_model("gqa", seed=3, projection_std=0.2, index_topk=8))
     steps = engine_like_steps(torch.Generator().manual_seed(7), model.args.vocab_size)
     caches = [KVCache(model.args, 3, 64, PATTERN) for _ in range(3)]
@@ -85,18 +74,11 @@ def test_int8_fast_forward_matches_the_dequantised_reference(make_model):
 
 
 def test_int8_engine_greedy_tokens_match_the_dequantised_reference(make_model):
-    prompts = [[3, 4, 5], list(range(10, 30)), [7] * 11]
-    params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    outputs = []
-    for model, options in [(make_model("gqa", seed=5, projection_std=0.2), {"quantization": "int8"}),
-                           (dequantized_twin(make_model("gqa", seed=5, projection_std=0.2)), {"cpu_fast_path": False})]:
-        engine = Engine(model, pattern=PATTERN, max_batch_size=4, max_model_len=64, chunk_size=8, **options)
-        reqs = [engine.submit(p, params, lambda chunk: None) for p in prompts]
-        while engine.step():
-            pass
-        outputs.append([r.output for r in reqs])
-    assert all(len(o) == 12 for o in outputs[0])
-    assert outputs[0] == outputs[1]
+    fast = greedy_engine_outputs(make_model("gqa", seed=5, projection_std=0.2), quantization="int8")[1]
+    twin = greedy_engine_outputs(dequantize_linears(make_model("gqa", seed=5, projection_std=0.2)),
+                                 cpu_fast_path=False)[1]
+    assert all(len(o) == 12 for o in fast)
+    assert fast == twin
 
 
 def test_int8_refuses_what_it_cannot_do(make_model):

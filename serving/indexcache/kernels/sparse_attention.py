@@ -34,8 +34,11 @@ from .reference import (  # noqa: F401 (the twins these kernels are tested again
 )
 
 
-# Prefill layout of the bf16-cache MLA kernel: "heads_m" or "keys_m" (see sparse_attention_mla).
+# Prefill layout of the bf16-cache MLA kernel: "heads_m" or "keys_m" (see sparse_attention_mla), and each
+# layout's tiles when the caller names none.
 MLA_PREFILL_LAYOUT = os.environ.get("INDEXCACHE_MLA_PREFILL", "heads_m")
+MLA_PREFILL_TILES = {"heads_m": dict(block_k=32, num_warps=4, num_stages=2),
+                     "keys_m": dict(block_k=64, num_warps=8, num_stages=2)}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -265,8 +268,7 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int 
     layout (prefill only, i.e. when the queries alone fill the GPU): "heads_m" (the heads on the M side of
     the products, `_sparse_attention_mla_kernel`) or "keys_m" (the gathered keys on M,
     `_sparse_mla_prefill_keys_m_kernel`; needs power-of-two latent and RoPE widths); None takes
-    INDEXCACHE_MLA_PREFILL (default heads_m). Tiles left None take the layout's defaults
-    (heads_m: 32 keys, 4 warps, 2 stages; keys_m: 64 keys, 8 warps, 2 stages)."""
+    INDEXCACHE_MLA_PREFILL (default heads_m). Tiles left None take the layout's MLA_PREFILL_TILES."""
     check_sparse_inputs(q, indices, kv.shape[0], "kv")
     _check_device(q, kv, indices)
     Dq = q.shape[3]
@@ -282,18 +284,22 @@ def sparse_attention_mla(q, kv, indices, scale: float, v_dim: int, block_h: int 
     if kv.stride(2) != 1:
         kv = kv.contiguous()
     chosen = layout or MLA_PREFILL_LAYOUT
-    if chosen not in ("heads_m", "keys_m"):
+    if chosen not in MLA_PREFILL_TILES:
         raise _fail("layout", f"must be 'heads_m' or 'keys_m', got {chosen!r}",
                     "set INDEXCACHE_MLA_PREFILL to one of them")
     B, T, H, _ = q.shape
     prefill = layout is not None or T * B * triton.cdiv(H, block_h or min(64, _pad(H))) >= 132   # asked, or fills the GPU
     if (chosen == "keys_m" and prefill and n_split in (None, 1) and _is_pow2(v_dim) and _is_pow2(Dq - v_dim)
             and H <= 64):
-        return _launch_mla_keys_m(q, kv, indices, scale, v_dim, out, block_k=max(64, block_k or 64),
-                                  num_warps=num_warps or 8, num_stages=num_stages or 2)
+        tiles = MLA_PREFILL_TILES["keys_m"]
+        return _launch_mla_keys_m(q, kv, indices, scale, v_dim, out, block_k=max(64, block_k or tiles["block_k"]),
+                                  num_warps=num_warps or tiles["num_warps"],
+                                  num_stages=num_stages or tiles["num_stages"])
+    tiles = MLA_PREFILL_TILES["heads_m"]   # also decode's, whatever the prefill layout
     # latent and rope are the two halves of one cache row; the scale pointer is unused
-    return _launch_mla(q, kv, kv[..., v_dim:], kv, indices, scale, v_dim, False, block_h, block_k or 32, out,
-                       num_warps or 4, num_stages or 2, n_split)
+    return _launch_mla(q, kv, kv[..., v_dim:], kv, indices, scale, v_dim, False, block_h,
+                       block_k or tiles["block_k"], out, num_warps or tiles["num_warps"],
+                       num_stages or tiles["num_stages"], n_split)
 
 
 def sparse_attention_mla_fp8(q, latent8, latent_scale, k_rope, indices, scale: float,

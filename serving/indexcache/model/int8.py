@@ -67,3 +67,14 @@ def ref_int8_linear(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
     """F.linear for a plain weight or an Int8Weight."""
     return int8_linear(x, w) if isinstance(w, Int8Weight) else F.linear(x, w)
+
+
+def dequantize_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """The slow twin of an int8 model, in place: every nn.Linear weight (the LM head included, untied from the
+    embedding, which stays as it is) replaced by its int8 dequantised value. Returns the model."""
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(quantize_int8(module.weight).dequantized.clone(),
+                                                   requires_grad=False)
+    return model
