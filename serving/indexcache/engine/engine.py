@@ -125,14 +125,16 @@ class Engine:
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float | None = None,
                  block_size: int = 64, prefix_caching: bool = True, cpu_fast_path: bool | None = None,
                  long_prefill_token_threshold: int | None = None, long_prefill_max_wait: int = 4,
-                 quantization: str = "none"):
+                 quantization: str = "none", cpu_gemv: bool | None = None):
         """cpu_fast_path: run forwards through model/cpu_forward.py (CPU, GQA, dense MLPs, the contiguous
         slot cache); None = whenever it can, False = always the readable reference forward of dsa.py.
         long_prefill_token_threshold: a request with more prompt tokens than this left to prefill is "long"
         and yields the step's prefill budget to short ones (None: 4 x chunk_size; 0: off, FIFO);
         long_prefill_max_wait: steps the oldest long request can be given less than a full chunk before
         it goes first (its guaranteed share: one full chunk in every long_prefill_max_wait + 1 steps).
-        quantization: "int8" = weight-only int8 in the CPU fast forward (model/int8.py; it needs that path)."""
+        quantization: "int8" = weight-only int8 in the CPU fast forward (model/int8.py; it needs that path).
+        cpu_gemv: the CPU fast forward's bf16 decode projections through the streaming GEMV kernel
+        (kernels/cpu_gemv.py); None = whenever it runs, False = F.linear (the slow twin)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if chunk_size < 1:
@@ -190,7 +192,7 @@ class Engine:
                                     pad_slot=max_batch_size if padded else 0,
                                     max_blocks=self.max_blocks if self.pool is not None else None)
                        if self.cuda_graphs else None)
-        self.cpu_fast = self._cpu_fast_forward(model, cpu_fast_path, quantization)
+        self.cpu_fast = self._cpu_fast_forward(model, cpu_fast_path, quantization, cpu_gemv)
         self.flops = FlopModel.of(self.args)
         self.metrics = metrics
         if metrics is not None:
@@ -208,7 +210,7 @@ class Engine:
         self._patterns_in_use: set[str] | None = None   # paged: patterns whose indexer-key pools are kept
         self.warm_up_s = self.warm_up() if (on_cuda if warm_up is None else warm_up) else 0.0
 
-    def _cpu_fast_forward(self, model: DSAForCausalLM, wanted: bool | None, quantization: str):
+    def _cpu_fast_forward(self, model: DSAForCausalLM, wanted: bool | None, quantization: str, gemv: bool | None):
         from ..model.cpu_forward import QUANTIZATIONS, CPUFastForward, supports
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
@@ -231,7 +233,7 @@ class Engine:
         if why is not None and wanted:
             raise ValueError(f"the CPU fast forward (cpu_fast_path=True or quantization='int8') cannot run this "
                              f"model: {why}")
-        return None if why is not None else CPUFastForward(model, quantization)
+        return None if why is not None else CPUFastForward(model, quantization, gemv=gemv)
 
     @torch.no_grad()
     def _pool_blocks(self, tokens: int | None, utilization: float | None, block_size: int, dtype) -> int:

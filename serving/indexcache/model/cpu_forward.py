@@ -32,10 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu_gemv
 from .dsa import DSAForCausalLM, KVCache, rope_frequencies
 from .int8 import Int8Weight, linear, quantize_int8
 
 QUANTIZATIONS = ("none", "int8")
+# decode rows (requests in a batched decode step) up to which bf16 projections run through the streaming GEMV
+# (kernels/cpu_gemv.py); above it F.linear (oneDNN) is as fast or faster (bench/cpu_decode.py)
+GEMV_MAX_ROWS = 2
 
 
 def supports(model: DSAForCausalLM) -> str | None:
@@ -80,9 +84,12 @@ class CPUFastForward:
     """`fast(tokens, starts, slots, pattern, cache, logits_at)` -> (B, V) fp32 logits, writing the cache
     exactly where `model(tokens, start_pos=starts, cache=cache, slots=slots, ...)` writes it."""
 
-    def __init__(self, model: DSAForCausalLM, quantization: str = "none"):
+    def __init__(self, model: DSAForCausalLM, quantization: str = "none", gemv: bool | None = None):
         """quantization: "none" (the model's weights) or "int8" (weight-only int8 of every linear layer and
-        the LM head, one scale per output channel: model/int8.py; norms and the embedding lookup unchanged)."""
+        the LM head, one scale per output channel: model/int8.py; norms and the embedding lookup unchanged).
+        gemv: bf16 projections of at most GEMV_MAX_ROWS rows through the streaming GEMV kernel
+        (kernels/cpu_gemv.py); None = whenever it runs here (bf16 weights, no quantization, the kernel
+        built), False = always F.linear (its slow twin), True = required (an error if it cannot run)."""
         why = supports(model)
         if why is not None:
             raise ValueError(f"the CPU fast forward cannot run this model: {why}; use Engine(cpu_fast_path=False)")
@@ -127,6 +134,27 @@ class CPUFastForward:
         # x1 cos - x2 sin, x2 cos + x1 sin; fewer ops per layer)
         self.rope = {d: (torch.cat([ang.cos(), ang.cos()], -1), torch.cat([-ang.sin(), ang.sin()], -1))
                      for d in {self.dh, self.ri} for ang in [rope_frequencies(d, a)]}
+        why_not = self._why_no_gemv() if gemv is not False else "off"
+        if gemv and why_not is not None:
+            raise ValueError(f"gemv=True but the CPU bf16 GEMV cannot run: {why_not}")
+        self.gemv = why_not is None
+        self.threads = torch.get_num_threads()   # the replica's (configure_cpu); the engine thread's may differ
+
+    def _why_no_gemv(self) -> str | None:
+        if self.dtype != torch.bfloat16:
+            return f"weights in {self.dtype} (the kernel is bf16)"
+        if self.quantization != "none":
+            return f"quantization {self.quantization!r}"
+        weights = [self.lm_head] + [w for p in self.layers for w in (p.w_in, p.w_o, p.w_gate_up, p.w_down)]
+        if any(w.shape[1] % cpu_gemv.K_MULTIPLE for w in weights):
+            return f"an input width not a multiple of {cpu_gemv.K_MULTIPLE}"
+        return cpu_gemv.available()
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
+        """x (..., K) @ w.T -> (..., N): the streaming GEMV for few rows of bf16, else F.linear / int8."""
+        if self.gemv and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
+            return cpu_gemv.gemv_bf16(x, w, self.threads)
+        return linear(x, w)
 
     # ---------------------------------------------------------------------------------------- helpers
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -202,7 +230,7 @@ class CPUFastForward:
             is_f = kind == "F"
             rows = self.v_end if not is_f else (self.ik_end if dense else p.w_in.shape[0])
             w_in = p.w_in.rows(rows) if isinstance(p.w_in, Int8Weight) else p.w_in[:rows]
-            proj = linear(h, w_in)                                                        # (B, T, rows)
+            proj = self._linear(h, w_in)                                                        # (B, T, rows)
             qk = self._rotate(proj[..., : self.k_end].view(B, T, self.hq + self.hkv, self.dh),
                               cos, sin).to(dt)                                            # (B, T, Hq+Hkv, Dh)
             q, k = qk[:, :, : self.hq], qk[:, :, self.hq:]
@@ -227,12 +255,12 @@ class CPUFastForward:
                 raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
             out = self._attend(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), allowed,
                                n_causal)                                                  # (B, Hq, T, Dh)
-            x = x + linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o)
+            x = x + self._linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o)
             h = self._rms(x, p.mlp_norm)
-            gu = linear(h, p.w_gate_up)                                                   # (B, T, 2I)
-            x = x + linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down)
+            gu = self._linear(h, p.w_gate_up)                                                   # (B, T, 2I)
+            x = x + self._linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down)
         x = x[torch.arange(B), logits_at]                                                 # (B, dim)
-        return linear(self._rms(x, self.final_norm), self.lm_head).float()                 # (B, V)
+        return self._linear(self._rms(x, self.final_norm), self.lm_head).float()               # (B, V)
 
     def _indexer(self, proj, p: PackedLayer, layer: int, cache: KVCache, B: int, T: int, starts, slots, slot_t,
                  positions, icos, isin, visible, dense: bool, n_causal: int) -> torch.Tensor | None:
