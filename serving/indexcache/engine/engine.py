@@ -125,7 +125,7 @@ class Engine:
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float | None = None,
                  block_size: int = 64, prefix_caching: bool = True, cpu_fast_path: bool | None = None,
                  long_prefill_token_threshold: int | None = None, long_prefill_max_wait: int = 4,
-                 quantization: str = "none", cpu_gemv: bool | None = None):
+                 quantization: str = "none", cpu_decode_kernels: bool | None = None):
         """cpu_fast_path: run forwards through model/cpu_forward.py (CPU, GQA, dense MLPs, the contiguous
         slot cache); None = whenever it can, False = always the readable reference forward of dsa.py.
         long_prefill_token_threshold: a request with more prompt tokens than this left to prefill is "long"
@@ -192,7 +192,7 @@ class Engine:
                                     pad_slot=max_batch_size if padded else 0,
                                     max_blocks=self.max_blocks if self.pool is not None else None)
                        if self.cuda_graphs else None)
-        self.cpu_fast = self._cpu_fast_forward(model, cpu_fast_path, quantization, cpu_gemv)
+        self.cpu_fast = self._cpu_fast_forward(model, cpu_fast_path, quantization, cpu_decode_kernels)
         self.flops = FlopModel.of(self.args)
         self.metrics = metrics
         if metrics is not None:
@@ -210,7 +210,7 @@ class Engine:
         self._patterns_in_use: set[str] | None = None   # paged: patterns whose indexer-key pools are kept
         self.warm_up_s = self.warm_up() if (on_cuda if warm_up is None else warm_up) else 0.0
 
-    def _cpu_fast_forward(self, model: DSAForCausalLM, wanted: bool | None, quantization: str, gemv: bool | None):
+    def _cpu_fast_forward(self, model: DSAForCausalLM, wanted: bool | None, quantization: str, decode_kernels: bool | None):
         from ..model.cpu_forward import QUANTIZATIONS, CPUFastForward, supports
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
@@ -233,7 +233,7 @@ class Engine:
         if why is not None and wanted:
             raise ValueError(f"the CPU fast forward (cpu_fast_path=True or quantization='int8') cannot run this "
                              f"model: {why}")
-        return None if why is not None else CPUFastForward(model, quantization, gemv=gemv)
+        return None if why is not None else CPUFastForward(model, quantization, decode_kernels=decode_kernels)
 
     @torch.no_grad()
     def _pool_blocks(self, tokens: int | None, utilization: float | None, block_size: int, dtype) -> int:

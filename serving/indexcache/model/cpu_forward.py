@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu_gemv
+from ..kernels import cpu_decode
 from .dsa import DSAForCausalLM, KVCache, rope_frequencies
 from .int8 import Int8Weight, linear, quantize_int8
 
 QUANTIZATIONS = ("none", "int8")
 # decode rows (requests in a batched decode step) up to which bf16 projections run through the streaming GEMV
-# (kernels/cpu_gemv.py); above it F.linear (oneDNN) is as fast or faster (bench/cpu_decode.py)
+# (kernels/cpu_decode.py); above it F.linear (oneDNN) is as fast or faster (bench/cpu_decode.py)
 GEMV_MAX_ROWS = 2
 
 
@@ -84,12 +84,14 @@ class CPUFastForward:
     """`fast(tokens, starts, slots, pattern, cache, logits_at)` -> (B, V) fp32 logits, writing the cache
     exactly where `model(tokens, start_pos=starts, cache=cache, slots=slots, ...)` writes it."""
 
-    def __init__(self, model: DSAForCausalLM, quantization: str = "none", gemv: bool | None = None):
+    def __init__(self, model: DSAForCausalLM, quantization: str = "none", decode_kernels: bool | None = None):
         """quantization: "none" (the model's weights) or "int8" (weight-only int8 of every linear layer and
         the LM head, one scale per output channel: model/int8.py; norms and the embedding lookup unchanged).
-        gemv: bf16 projections of at most GEMV_MAX_ROWS rows through the streaming GEMV kernel
-        (kernels/cpu_gemv.py); None = whenever it runs here (bf16 weights, no quantization, the kernel
-        built), False = always F.linear (its slow twin), True = required (an error if it cannot run)."""
+        decode_kernels: decode positions (T = 1) through `_decode`, the C kernels of kernels/cpu_decode.py (a
+        streaming GEMV for projections of at most GEMV_MAX_ROWS rows, fused RMSNorm / RoPE + cache write /
+        attention / SiLU-multiply / residual adds); None = whenever they run here (bf16 weights, no
+        quantization, the kernels built), False = never (the PyTorch path below, their slow twin), True =
+        required (an error if they cannot run)."""
         why = supports(model)
         if why is not None:
             raise ValueError(f"the CPU fast forward cannot run this model: {why}; use Engine(cpu_fast_path=False)")
@@ -134,26 +136,26 @@ class CPUFastForward:
         # x1 cos - x2 sin, x2 cos + x1 sin; fewer ops per layer)
         self.rope = {d: (torch.cat([ang.cos(), ang.cos()], -1), torch.cat([-ang.sin(), ang.sin()], -1))
                      for d in {self.dh, self.ri} for ang in [rope_frequencies(d, a)]}
-        why_not = self._why_no_gemv() if gemv is not False else "off"
-        if gemv and why_not is not None:
-            raise ValueError(f"gemv=True but the CPU bf16 GEMV cannot run: {why_not}")
-        self.gemv = why_not is None
+        why_not = self._why_no_kernels() if decode_kernels is not False else "off"
+        if decode_kernels and why_not is not None:
+            raise ValueError(f"decode_kernels=True but the CPU decode kernels cannot run: {why_not}")
+        self.decode_kernels = why_not is None
         self.threads = torch.get_num_threads()   # the replica's (configure_cpu); the engine thread's may differ
 
-    def _why_no_gemv(self) -> str | None:
+    def _why_no_kernels(self) -> str | None:
         if self.dtype != torch.bfloat16:
             return f"weights in {self.dtype} (the kernel is bf16)"
         if self.quantization != "none":
             return f"quantization {self.quantization!r}"
         weights = [self.lm_head] + [w for p in self.layers for w in (p.w_in, p.w_o, p.w_gate_up, p.w_down)]
-        if any(w.shape[1] % cpu_gemv.K_MULTIPLE for w in weights):
-            return f"an input width not a multiple of {cpu_gemv.K_MULTIPLE}"
-        return cpu_gemv.available()
+        if any(w.shape[1] % cpu_decode.K_MULTIPLE for w in weights):
+            return f"an input width not a multiple of {cpu_decode.K_MULTIPLE}"
+        return cpu_decode.available()
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
         """x (..., K) @ w.T -> (..., N): the streaming GEMV for few rows of bf16, else F.linear / int8."""
-        if self.gemv and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
-            return cpu_gemv.gemv_bf16(x, w, self.threads)
+        if self.decode_kernels and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
+            return cpu_decode.gemv_bf16(x, w, self.threads)
         return linear(x, w)
 
     # ---------------------------------------------------------------------------------------- helpers
@@ -201,6 +203,8 @@ class CPUFastForward:
             raise ValueError("the CPU fast forward runs one request's chunk (B=1) or one decode position (T=1)")
         pattern = self.model.check_pattern(pattern)
         cache.ensure_pattern(pattern)
+        if T == 1 and self.decode_kernels:
+            return self._decode(tokens, starts, slots, pattern, cache)
         a, dt = self.args, self.dtype
         kv_lens = [s + T for s in starts]
         S = max(kv_lens)
@@ -261,6 +265,60 @@ class CPUFastForward:
             x = x + self._linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down)
         x = x[torch.arange(B), logits_at]                                                 # (B, dim)
         return self._linear(self._rms(x, self.final_norm), self.lm_head).float()               # (B, V)
+
+    def _decode(self, tokens: torch.Tensor, starts: list[int], slots: list[int], pattern: str,
+                cache: KVCache) -> torch.Tensor:
+        """One decode position per row (tokens (B, 1)) through the C kernels: per layer RMSNorm, one GEMV,
+        RoPE + K/V cache write, attention over the slot's cache (every visible key while top-k >= the keys,
+        else the F layer's selection), GEMV + residual, RMSNorm, GEMV, SiLU-multiply, GEMV + residual. The
+        indexer (F layers: its keys; past top-k, its selection) is `_indexer`, shared with the path above.
+        Returns (B, V) fp32 logits."""
+        a, B = self.args, tokens.shape[0]
+        kv_lens = [s + 1 for s in starts]
+        S = max(kv_lens)
+        if S > min(a.max_seq_len, cache.layers[0]["k"].shape[1]):
+            raise ValueError(f"sequence of {S} tokens exceeds max_position_embeddings ({a.max_seq_len}) or the cache")
+        pos, slot_t, lens = torch.tensor(starts), torch.tensor(slots), torch.tensor(kv_lens)        # (B,) int64
+        cos, sin = self.rope[self.dh]
+        icos, isin = (t[pos][:, None, None, :] for t in self.rope[self.ri])                     # (B, 1, 1, Ri)
+        visible = torch.arange(S)[None, None, :] <= pos[:, None, None]                         # (B, 1, S)
+        dense = S <= a.index_topk
+        small = B <= GEMV_MAX_ROWS          # projections by the streaming GEMV, else F.linear
+        eps, th = a.norm_eps, self.threads
+        allowed = None                      # (B, S) bool past top-k: the last F layer's selection
+        x = self.embed[tokens[:, 0]]                                                            # (B, dim)
+        for layer, (p, kind) in enumerate(zip(self.layers, pattern)):
+            kc, vc = cache.layers[layer]["k"], cache.layers[layer]["v"]
+            is_f = kind == "F"
+            rows = self.v_end if not is_f else (self.ik_end if dense else p.w_in.shape[0])
+            h = cpu_decode.rms_norm_bf16(x, p.attn_norm, eps)                                   # (B, dim)
+            proj = cpu_decode.gemv_bf16(h, p.w_in[:rows], th) if small else F.linear(h, p.w_in[:rows])  # (B, rows)
+            q = cpu_decode.rope_qkv_bf16(proj, self.hq, self.hkv, cos, sin, pos, slot_t, kc, vc)  # (B, Hq*Dh)
+            if is_f:
+                if p.k_norm is None:
+                    raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no "
+                                       "indexer weights for it")
+                selected = self._indexer(proj[:, None], p, layer, cache, B, 1, starts, slots, slot_t, pos[:, None],
+                                         icos, isin, visible, dense, 0)
+                if not dense:
+                    allowed = selected[:, 0]                                                    # (B, S)
+            elif not dense and allowed is None:
+                raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
+            out = cpu_decode.attend_bf16(q, kc, vc, slot_t, lens, allowed, self.scale, th)     # (B, Hq*Dh)
+            if small:
+                cpu_decode.gemv_add_bf16(out, p.w_o, x, th)                                     # x += out @ w_o.T
+            else:
+                x.add_(F.linear(out, p.w_o))
+            h = cpu_decode.rms_norm_bf16(x, p.mlp_norm, eps)
+            gu = cpu_decode.gemv_bf16(h, p.w_gate_up, th) if small else F.linear(h, p.w_gate_up)  # (B, 2I)
+            act = cpu_decode.silu_mul_bf16(gu)                                                  # (B, I)
+            if small:
+                cpu_decode.gemv_add_bf16(act, p.w_down, x, th)
+            else:
+                x.add_(F.linear(act, p.w_down))
+        h = cpu_decode.rms_norm_bf16(x, self.final_norm, eps)
+        logits = cpu_decode.gemv_bf16(h, self.lm_head, th) if small else F.linear(h, self.lm_head)
+        return logits.float()                                                                   # (B, V)
 
     def _indexer(self, proj, p: PackedLayer, layer: int, cache: KVCache, B: int, T: int, starts, slots, slot_t,
                  positions, icos, isin, visible, dense: bool, n_causal: int) -> torch.Tensor | None:

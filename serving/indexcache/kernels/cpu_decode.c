@@ -1,0 +1,206 @@
+/* The CPU decode step's kernels (bf16 tensors, fp32 arithmetic), called through ctypes by kernels/cpu_decode.py:
+ *   gemv_bf16      y (M, N) = x (M, K) @ w (N, K)^T for few rows M, optionally added to a residual;
+ *   rms_norm_bf16  y = bf16(x * rsqrt(mean(x^2) + eps)) * w, per row;
+ *   silu_mul_bf16  y = bf16(silu(g)) * u for gu = [g | u] per row;
+ *   rope_qkv_bf16  rotate-half RoPE of q and k from the packed projection, q to a buffer, k and v into the
+ *                  KV cache at (slot, position) per row;
+ *   attend_bf16    one query position per row against its slot's cached keys (all up to its length, or
+ *                  those a mask allows), softmax in fp32.
+ * Each rounds where its PyTorch twin (the CPU fast forward's F.linear / torch path) rounds to bf16.
+ *
+ * gemv_bf16, why: at M <= 8 PyTorch's bf16 CPU GEMM streams a weight at 7-12 GB/s on 2 cores where a plain read runs
+ * at ~19: a decode step reads every weight once, so the GEMV is the step. This streams each weight row once
+ * with AVX-512 BF16 dot products (_mm512_dpbf16_ps: 32 bf16 products into 16 fp32 lanes), sums in fp32 as
+ * F.linear does, and rounds the sum to bf16 once (round to nearest even) or keeps it in fp32.
+ * Rows of w are split over `threads` OpenMP threads (the libgomp PyTorch has loaded: one thread pool).
+ * K must be a multiple of 32; x, w, y contiguous. Built and called by kernels/cpu_gemv.py. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define ROWS 4   /* weight rows per block: ROWS x MB accumulators + ROWS weight vectors stay in registers */
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                               /* nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static inline void store(void *y, size_t at, float s, int out_f32) {
+    if (out_f32) ((float *)y)[at] = s;
+    else ((uint16_t *)y)[at] = to_bf16(s);
+}
+
+/* sums[i * ROWS + r] = x[m0 + i] . w[n0 + r] for i < MB, r < nrows; MB a compile-time constant so that the
+ * accumulators live in registers (a block of w is re-read from L1 by the next group of input rows) */
+#define DEFINE_BLOCK(MB)                                                                                  \
+static void block_##MB(const uint16_t *x, int m0, int K, const uint16_t *w, int n0, int nrows, float *sums) { \
+    __m512 acc[MB][ROWS];                                                                                 \
+    for (int i = 0; i < MB; i++)                                                                          \
+        for (int r = 0; r < ROWS; r++) acc[i][r] = _mm512_setzero_ps();                                   \
+    const uint16_t *wr[ROWS];                                                                             \
+    for (int r = 0; r < ROWS; r++) wr[r] = w + (size_t)(n0 + (r < nrows ? r : 0)) * K;                    \
+    for (int k = 0; k < K; k += 32) {                                                                     \
+        __m512bh wv[ROWS];                                                                                \
+        for (int r = 0; r < ROWS; r++) wv[r] = (__m512bh)_mm512_loadu_si512((const void *)(wr[r] + k));  \
+        for (int i = 0; i < MB; i++) {                                                                    \
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + (size_t)(m0 + i) * K + k));     \
+            for (int r = 0; r < ROWS; r++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);            \
+        }                                                                                                 \
+    }                                                                                                     \
+    for (int i = 0; i < MB; i++)                                                                          \
+        for (int r = 0; r < ROWS; r++) sums[i * ROWS + r] = _mm512_reduce_add_ps(acc[i][r]);             \
+}
+DEFINE_BLOCK(1)
+DEFINE_BLOCK(2)
+DEFINE_BLOCK(3)
+DEFINE_BLOCK(4)
+
+static inline float f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* the sums of rows m0..m0+mb-1 (mb <= 4) of x against weight rows n0..n0+nrows-1 */
+static inline void sums_of(const uint16_t *x, int m0, int mb, int K, const uint16_t *w, int n0, int nrows,
+                           float *sums) {
+    switch (mb) {
+        case 4: block_4(x, m0, K, w, n0, nrows, sums); break;
+        case 3: block_3(x, m0, K, w, n0, nrows, sums); break;
+        case 2: block_2(x, m0, K, w, n0, nrows, sums); break;
+        default: block_1(x, m0, K, w, n0, nrows, sums); break;
+    }
+}
+
+void gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, void *y, int out_f32, int threads) {
+    int nblocks = (N + ROWS - 1) / ROWS;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int b = 0; b < nblocks; b++) {
+        int n0 = b * ROWS, nrows = N - n0 < ROWS ? N - n0 : ROWS;
+        float sums[4 * ROWS];
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            int mb = M - m0 < 4 ? M - m0 : 4;
+            sums_of(x, m0, mb, K, w, n0, nrows, sums);
+            for (int i = 0; i < mb; i++)
+                for (int r = 0; r < nrows; r++)
+                    store(y, (size_t)(m0 + i) * N + n0 + r, sums[i * ROWS + r], out_f32);
+        }
+    }
+}
+
+/* y (M, N) += bf16(x @ w^T): the residual add of `h + linear(a, w)` in bf16, rounding as PyTorch does (the
+ * product to bf16, then the sum in fp32 rounded to bf16). y is read and written in place. */
+void gemv_add_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, uint16_t *y, int threads) {
+    int nblocks = (N + ROWS - 1) / ROWS;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int b = 0; b < nblocks; b++) {
+        int n0 = b * ROWS, nrows = N - n0 < ROWS ? N - n0 : ROWS;
+        float sums[4 * ROWS];
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            int mb = M - m0 < 4 ? M - m0 : 4;
+            sums_of(x, m0, mb, K, w, n0, nrows, sums);
+            for (int i = 0; i < mb; i++)
+                for (int r = 0; r < nrows; r++) {
+                    size_t at = (size_t)(m0 + i) * N + n0 + r;
+                    y[at] = to_bf16(f32(y[at]) + f32(to_bf16(sums[i * ROWS + r])));
+                }
+        }
+    }
+}
+
+/* y (M, D) = bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w): F.rms_norm in fp32, rounded, times the bf16 weight. */
+void rms_norm_bf16(const uint16_t *x, int M, int D, const uint16_t *w, float eps, uint16_t *y) {
+    for (int m = 0; m < M; m++) {
+        const uint16_t *xr = x + (size_t)m * D;
+        float ss = 0.f;
+        for (int d = 0; d < D; d++) { float v = f32(xr[d]); ss += v * v; }
+        float inv = 1.f / sqrtf(ss / (float)D + eps);
+        for (int d = 0; d < D; d++)
+            y[(size_t)m * D + d] = to_bf16(f32(to_bf16(f32(xr[d]) * inv)) * f32(w[d]));
+    }
+}
+
+/* y (M, I) = bf16(silu(g)) * u, gu (M, 2I) = [g | u], each product rounded to bf16 (F.silu(g) * u in bf16). */
+void silu_mul_bf16(const uint16_t *gu, int M, int I, uint16_t *y) {
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < I; i++) {
+            float g = f32(gu[(size_t)m * 2 * I + i]), u = f32(gu[(size_t)m * 2 * I + I + i]);
+            y[(size_t)m * I + i] = to_bf16(f32(to_bf16(g / (1.f + expf(-g)))) * u);
+        }
+}
+
+/* For each row m (one request, one position): proj (M, P) holds [q (Hq*Dh) | k (Hkv*Dh) | v (Hkv*Dh) | ...].
+ * Rotate-half RoPE of q and k in fp32 with the tables cos_t = [cos | cos], sin_t = [-sin | sin] (max_len, Dh)
+ * at pos[m]: r[i] = x[i] * cos_t[i] + x[i ^ half] * sin_t[i], rounded to bf16; q -> q_out (M, Hq*Dh), k and v
+ * -> kc / vc (slots, max_len, Hkv, Dh) at [slot[m], pos[m]]. */
+void rope_qkv_bf16(const uint16_t *proj, int M, int P, int Hq, int Hkv, int Dh, const float *cos_t,
+                   const float *sin_t, const int64_t *pos, const int64_t *slot, int max_len, uint16_t *q_out,
+                   uint16_t *kc, uint16_t *vc) {
+    int half = Dh / 2;
+    for (int m = 0; m < M; m++) {
+        const uint16_t *pr = proj + (size_t)m * P;
+        const float *c = cos_t + (size_t)pos[m] * Dh, *s = sin_t + (size_t)pos[m] * Dh;
+        size_t row = ((size_t)slot[m] * max_len + (size_t)pos[m]) * Hkv * Dh;
+        for (int h = 0; h < Hq + Hkv; h++) {
+            const uint16_t *xh = pr + (size_t)h * Dh;
+            uint16_t *out = h < Hq ? q_out + (size_t)m * Hq * Dh + (size_t)h * Dh : kc + row + (size_t)(h - Hq) * Dh;
+            for (int i = 0; i < Dh; i++) {
+                int j = i < half ? i + half : i - half;
+                float a = f32(xh[i]) * c[i], b = f32(xh[j]) * s[i];
+                out[i] = to_bf16(a + b);
+            }
+        }
+        memcpy(vc + row, pr + (size_t)(Hq + Hkv) * Dh, (size_t)Hkv * Dh * sizeof(uint16_t));
+    }
+}
+
+/* out (M, Hq*Dh) = softmax(q k^T * scale) v for one query per row m against the keys of slot[m]: positions
+ * [0, kv_len[m]) where allowed is NULL, else those with allowed[m * S + s] != 0 (S = its row stride). Query head
+ * h reads kv head h / (Hq / Hkv) (GQA). Scores, softmax and the weighted sum in fp32; out rounded to bf16. */
+void attend_bf16(const uint16_t *q, int M, int Hq, int Hkv, int Dh, const uint16_t *kc, const uint16_t *vc,
+                 int max_len, const int64_t *slot, const int64_t *kv_len, const uint8_t *allowed, int S,
+                 float scale, uint16_t *out, float *scratch, int threads) {
+    int group = Hq / Hkv;
+    int tasks = M * Hq;
+    long work = 0;
+    for (int m = 0; m < M; m++) work += kv_len[m];
+    int nt = work * Hq * Dh > 200000 ? threads : 1;   /* short contexts: one thread, no wake-up */
+    #pragma omp parallel for schedule(dynamic) num_threads(nt)
+    for (int t = 0; t < tasks; t++) {
+        int m = t / Hq, h = t % Hq, g = h / group;
+        const uint16_t *qh = q + (size_t)m * Hq * Dh + (size_t)h * Dh;
+        const uint16_t *kb = kc + (size_t)slot[m] * max_len * Hkv * Dh + (size_t)g * Dh;
+        const uint16_t *vb = vc + (size_t)slot[m] * max_len * Hkv * Dh + (size_t)g * Dh;
+        float *p = scratch + (size_t)t * max_len;
+        float qf[512];
+        for (int d = 0; d < Dh; d++) qf[d] = f32(qh[d]);
+        int n = (int)kv_len[m];
+        const uint8_t *ok = allowed ? allowed + (size_t)m * S : 0;
+        float mx = -INFINITY;
+        for (int s = 0; s < n; s++) {
+            if (ok && !ok[s]) { p[s] = -INFINITY; continue; }
+            const uint16_t *ks = kb + (size_t)s * Hkv * Dh;
+            float dot = 0.f;
+            for (int d = 0; d < Dh; d++) dot += qf[d] * f32(ks[d]);
+            p[s] = dot * scale;
+            if (p[s] > mx) mx = p[s];
+        }
+        float acc[512];
+        for (int d = 0; d < Dh; d++) acc[d] = 0.f;
+        float sum = 0.f;
+        for (int s = 0; s < n; s++) {
+            if (p[s] == -INFINITY) continue;
+            float e = expf(p[s] - mx);
+            sum += e;
+            const uint16_t *vs = vb + (size_t)s * Hkv * Dh;
+            for (int d = 0; d < Dh; d++) acc[d] += e * f32(vs[d]);
+        }
+        uint16_t *o = out + (size_t)m * Hq * Dh + (size_t)h * Dh;
+        for (int d = 0; d < Dh; d++) o[d] = to_bf16(acc[d] / sum);
+    }
+}

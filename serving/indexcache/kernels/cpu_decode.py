@@ -1,0 +1,259 @@
+"""Kernels of the CPU decode step (bf16): a streaming GEMV, and the small per-layer operations fused so that a
+layer is a handful of calls instead of ~100 PyTorch ops.
+
+A CPU decode step reads every weight of the model once and multiplies it by one row per request. On the
+2-core development machine (Xeon with AVX-512 BF16 and AMX, torch 2.13) PyTorch's bf16 GEMM streams
+weights from memory at 7-12 GB/s at M = 1, well below the ~19 GB/s a plain read reaches; the bundled model
+reads 269 MB per token, so a decode step was ~30 ms of GEMV alone (bench/cpu_decode.py, bench/RESULTS.md).
+`cpu_decode.c` holds the kernels: the GEMV (AVX-512 BF16 dot products with fp32 sums, rounded to bf16 once,
+rows of w split over the OpenMP threads PyTorch uses; `gemv_add_bf16` adds it to a residual in place), RMSNorm,
+SiLU-and-multiply, RoPE of q and k with the KV cache write, and one-position attention over a slot's cache.
+After the GEMV, per-op cost was the step: ~3,000 PyTorch calls per decode token at 3-10 us each.
+
+The kernel is C, compiled on first use with the system C compiler (`cc`, gcc 12 on Debian 12) into
+$INDEXCACHE_HOME/kernels (default ~/.cache/indexcache/kernels, keyed by the source's digest; ~0.6 s once),
+and loaded with ctypes: no PyTorch headers, no ninja. Where it cannot run (no compiler, no AVX-512 BF16
+in /proc/cpuinfo, a shape it does not take) `available()` says why and callers keep F.linear.
+Each kernel has a `ref_` twin in plain PyTorch that rounds to bf16 where the kernel does.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+# -ffp-contract=off: no fused multiply-adds the twins do not make
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-ffp-contract=off", "-fopenmp", "-shared",
+         "-fPIC", "-lm"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+K_MULTIPLE = 32          # one AVX-512 BF16 dot product covers 32 values of K
+
+_lib: ctypes.CDLL | None = None
+_why_not: str | None = None
+_loaded = False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build() -> Path:
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("INDEXCACHE_HOME") or Path.home() / ".cache" / "indexcache") / "kernels"
+    target = root / f"cpu_decode-{digest}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, text=True)
+        built.replace(target)    # atomic: a concurrent build of the same source writes the same bytes
+    return target
+
+
+def _load() -> None:
+    global _lib, _why_not, _loaded
+    _loaded = True
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        _why_not = f"this CPU lacks {', '.join(missing)}"
+        return
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or ""
+        _why_not = f"the kernel could not be built or loaded ({exc}{': ' + detail[-500:] if detail else ''})"
+        log.warning("CPU decode kernels unavailable, decode runs PyTorch ops: %s", _why_not)
+        return
+    P, I, F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    signatures = {"gemv_bf16": [P, I, I, P, I, P, I, I], "gemv_add_bf16": [P, I, I, P, I, P, I],
+                  "rms_norm_bf16": [P, I, I, P, F32, P], "silu_mul_bf16": [P, I, I, P],
+                  "rope_qkv_bf16": [P, I, I, I, I, I, P, P, P, P, I, P, P, P],
+                  "attend_bf16": [P, I, I, I, I, P, P, I, P, P, P, I, F32, P, P, I]}
+    for name, argtypes in signatures.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    _lib = lib
+
+
+def available() -> str | None:
+    """None when the kernel runs here; else why not (built and loaded on the first call)."""
+    if not _loaded:
+        _load()
+    return _why_not
+
+
+def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether gemv_bf16 takes these operands: bf16 CPU tensors, w (N, K) contiguous, K a multiple of 32."""
+    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and w.dim() == 2 and x.device.type == "cpu"
+            and w.device.type == "cpu" and w.is_contiguous() and w.shape[1] % K_MULTIPLE == 0
+            and x.shape[-1] == w.shape[1])
+
+
+def gemv_bf16(x: torch.Tensor, w: torch.Tensor, threads: int, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x (..., K) bf16 @ w (N, K)^T -> (..., N) in out_dtype (bf16 or fp32); fp32 sums. Needs available()
+    is None and takes(x, w)."""
+    if _lib is None:
+        raise RuntimeError(f"the CPU decode kernels are not available: {available()}")
+    if not takes(x, w):
+        raise ValueError(f"gemv_bf16 takes bf16 CPU x (..., K) and contiguous w (N, K), K % {K_MULTIPLE} == 0; "
+                         f"got x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"out_dtype must be bf16 or fp32, got {out_dtype}")
+    lead, K, N = x.shape[:-1], w.shape[1], w.shape[0]
+    x2 = x.reshape(-1, K).contiguous()                                                    # (M, K)
+    y = torch.empty(x2.shape[0], N, dtype=out_dtype)                                      # (M, N)
+    _lib.gemv_bf16(x2.data_ptr(), x2.shape[0], K, w.data_ptr(), N, y.data_ptr(), int(out_dtype == torch.float32),
+                   threads)
+    return y.view(*lead, N)
+
+
+def ref_gemv_bf16(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The twin: the product in fp32, rounded once to out_dtype."""
+    return F.linear(x.float(), w.float()).to(out_dtype)
+
+
+def _check_rows(name: str, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name} takes contiguous bf16 CPU tensors, got {t.dtype} {tuple(t.shape)} "
+                             f"contiguous={t.is_contiguous()}")
+
+
+def gemv_add_bf16(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, threads: int) -> torch.Tensor:
+    """residual (M, N) += bf16(x (M, K) @ w (N, K)^T), in place, rounded as `residual + F.linear(x, w)`."""
+    if _lib is None:
+        raise RuntimeError(f"the CPU decode kernels are not available: {available()}")
+    if not takes(x, w):
+        raise ValueError(f"gemv_add_bf16: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
+    x = x.contiguous()
+    _check_rows("gemv_add_bf16", residual)
+    if residual.shape != (x.shape[0], w.shape[0]) or x.dim() != 2:
+        raise ValueError(f"gemv_add_bf16: residual {tuple(residual.shape)} for x {tuple(x.shape)}, w {tuple(w.shape)}")
+    _lib.gemv_add_bf16(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), w.shape[0], residual.data_ptr(), threads)
+    return residual
+
+
+def ref_gemv_add_bf16(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return residual + ref_gemv_bf16(x, w)
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (M, D) -> bf16(F.rms_norm(x in fp32)) * weight (D,), per row."""
+    _check_rows("rms_norm_bf16", x, weight)
+    y = torch.empty_like(x)
+    _lib.rms_norm_bf16(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def ref_rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (M, 2I) = [g | u] -> silu(g) * u (M, I), each in bf16."""
+    _check_rows("silu_mul_bf16", gate_up)
+    M, I2 = gate_up.shape
+    y = torch.empty(M, I2 // 2, dtype=torch.bfloat16)
+    _lib.silu_mul_bf16(gate_up.data_ptr(), M, I2 // 2, y.data_ptr())
+    return y
+
+
+def ref_silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
+    g, u = gate_up.chunk(2, -1)
+    return F.silu(g) * u
+
+
+def rope_qkv_bf16(proj: torch.Tensor, hq: int, hkv: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """proj (M, P) = [q (Hq*Dh) | k (Hkv*Dh) | v (Hkv*Dh) | ...] of one position per row; cos/sin (max_len, Dh) fp32
+    tables [cos | cos], [-sin | sin]; positions, slots (M,) int64. Writes rotated k and v into the caches
+    (slots, max_len, Hkv, Dh) at [slots[m], positions[m]]; returns rotated q (M, Hq*Dh)."""
+    _check_rows("rope_qkv_bf16", proj, k_cache, v_cache)
+    n_slots, max_len, h, dh = k_cache.shape
+    if (h != hkv or v_cache.shape != k_cache.shape or proj.shape[1] < (hq + 2 * hkv) * dh or cos.shape[1] != dh
+            or cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous())
+            or positions.dtype != torch.int64 or slots.dtype != torch.int64 or len(positions) != proj.shape[0]
+            or len(slots) != proj.shape[0]):
+        raise ValueError("rope_qkv_bf16: inconsistent shapes or dtypes")
+    if int(positions.max()) >= min(max_len, cos.shape[0]) or int(slots.max()) >= n_slots or int(positions.min()) < 0:
+        raise ValueError("rope_qkv_bf16: a position or slot outside the cache")
+    q = torch.empty(proj.shape[0], hq * dh, dtype=torch.bfloat16)
+    _lib.rope_qkv_bf16(proj.data_ptr(), proj.shape[0], proj.shape[1], hq, hkv, dh, cos.data_ptr(), sin.data_ptr(),
+                       positions.data_ptr(), slots.data_ptr(), max_len, q.data_ptr(), k_cache.data_ptr(),
+                       v_cache.data_ptr())
+    return q
+
+
+def ref_rope_qkv_bf16(proj, hq, hkv, cos, sin, positions, slots, k_cache, v_cache) -> torch.Tensor:
+    dh = k_cache.shape[-1]
+    M = proj.shape[0]
+    qk = proj[:, : (hq + hkv) * dh].float().view(M, hq + hkv, dh)
+    swapped = qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    qk = (qk * cos[positions][:, None] + swapped * sin[positions][:, None]).to(torch.bfloat16)
+    k_cache[slots, positions] = qk[:, hq:]
+    v_cache[slots, positions] = proj[:, (hq + hkv) * dh: (hq + 2 * hkv) * dh].view(M, hkv, dh)
+    return qk[:, :hq].reshape(M, hq * dh)
+
+
+def attend_bf16(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                kv_lens: torch.Tensor, allowed: torch.Tensor | None, scale: float, threads: int) -> torch.Tensor:
+    """q (M, Hq*Dh) one position per row -> (M, Hq*Dh): softmax(q k^T * scale) v over the keys [0, kv_lens[m]) of
+    slot slots[m] in the caches (slots, max_len, Hkv, Dh), or those allowed (M, S) bool admits; GQA."""
+    _check_rows("attend_bf16", q, k_cache, v_cache)
+    n_slots, max_len, hkv, dh = k_cache.shape
+    M, hq = q.shape[0], q.shape[1] // dh
+    if (hq % hkv or dh > 512 or slots.dtype != torch.int64 or kv_lens.dtype != torch.int64 or len(slots) != M
+            or len(kv_lens) != M or int(kv_lens.max()) > max_len or int(kv_lens.min()) < 1 or int(slots.max()) >= n_slots):
+        raise ValueError("attend_bf16: inconsistent shapes, lengths or slots")
+    S = 0
+    if allowed is not None:
+        if allowed.dtype != torch.bool or allowed.shape[0] != M or allowed.shape[1] < int(kv_lens.max()):
+            raise ValueError(f"attend_bf16: allowed must be (M, >= max kv_len) bool, got {tuple(allowed.shape)}")
+        allowed = allowed.contiguous()
+        S = allowed.shape[1]
+    out = torch.empty(M, hq * dh, dtype=torch.bfloat16)
+    scratch = torch.empty(M * hq, max_len, dtype=torch.float32)
+    _lib.attend_bf16(q.data_ptr(), M, hq, hkv, dh, k_cache.data_ptr(), v_cache.data_ptr(), max_len, slots.data_ptr(),
+                     kv_lens.data_ptr(), allowed.data_ptr() if allowed is not None else None, S, scale, out.data_ptr(),
+                     scratch.data_ptr(), threads)
+    return out
+
+
+def ref_attend_bf16(q, k_cache, v_cache, slots, kv_lens, allowed, scale) -> torch.Tensor:
+    """One request at a time: fp32 softmax attention over its visible (and allowed) keys."""
+    dh = k_cache.shape[-1]
+    out = []
+    for m in range(q.shape[0]):
+        n = int(kv_lens[m])
+        k = k_cache[slots[m], :n].float()                                        # (n, Hkv, Dh)
+        v = v_cache[slots[m], :n].float()
+        qm = q[m].float().view(-1, dh)                                           # (Hq, Dh)
+        group = qm.shape[0] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)      # (n, Hq, Dh)
+        scores = torch.einsum("hd,nhd->hn", qm, k) * scale                       # (Hq, n)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed[m, :n], float("-inf"))
+        out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v).reshape(-1))
+    return torch.stack(out).to(torch.bfloat16)

@@ -1,0 +1,123 @@
+"""The streaming bf16 GEMV of CPU decode (kernels/cpu_decode.py) against its twin, the fp32 product rounded
+once, on fresh random operands: every row count the decode path can send (1-8, remainders of the 4-row
+blocks), output widths that are not multiples of the kernel's 4-row blocks, both output dtypes, 1 and 2
+threads. Tolerance: fp32 output within 1e-5 of the output's scale (only the summation order differs); bf16
+output within one bf16 rounding step (2^-8 relative) where the two sums straddle a rounding boundary.
+The fused small ops (RMSNorm, SiLU-multiply, RoPE + cache write, one-position attention) round where their
+twins round, so they agree to one bf16 step (2^-8 relative) elementwise, attention to 2e-2 absolute on unit-
+scale values (fp32 softmax on both sides, different summation order and the reference's einsum)."""
+import pytest
+import torch
+
+from indexcache.kernels import cpu_decode
+
+if cpu_decode.available() is not None and "lacks" in cpu_decode.available():
+    pytest.skip(f"CPU without AVX-512 BF16: {cpu_decode.available()}", allow_module_level=True)
+
+
+def test_kernel_builds_here():
+    """On a CPU with AVX-512 BF16 the kernel must build (a C compiler is part of setup): otherwise CPU decode
+    silently falls back to the slower F.linear."""
+    assert cpu_decode.available() is None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n,k", [(37, 64), (576, 576), (130, 1536)])
+def test_gemv_matches_twin(rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).bfloat16()
+    for threads in (1, 2):
+        got32 = cpu_decode.gemv_bf16(x, w, threads, torch.float32)
+        want32 = cpu_decode.ref_gemv_bf16(x, w, torch.float32)
+        assert got32.dtype == torch.float32 and got32.shape == (rows, n)
+        torch.testing.assert_close(got32, want32, atol=1e-5 * float(want32.abs().max()), rtol=0)
+        got = cpu_decode.gemv_bf16(x, w, threads)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want32, rtol=2 ** -8, atol=1e-6)
+        # identical to the twin wherever the fp32 sums round to the same bf16 (nearly everywhere)
+        assert (got == cpu_decode.ref_gemv_bf16(x, w)).float().mean() > 0.95
+
+
+def test_leading_dims_and_noncontiguous_input():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 2, generator=g).bfloat16().t()[:, None, :]        # (2, 1, 64), not contiguous
+    w = torch.randn(40, 64, generator=g).bfloat16()
+    got = cpu_decode.gemv_bf16(x, w, 2)
+    assert got.shape == (2, 1, 40)
+    torch.testing.assert_close(got.float(), cpu_decode.ref_gemv_bf16(x, w, torch.float32), rtol=2 ** -8, atol=1e-6)
+
+
+def test_refuses_what_it_cannot_take():
+    w = torch.randn(8, 48).bfloat16()
+    with pytest.raises(ValueError, match="K % 32"):
+        cpu_decode.gemv_bf16(torch.randn(1, 48).bfloat16(), w, 1)
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_decode.gemv_bf16(torch.randn(1, 64), torch.randn(8, 64), 1)
+
+
+def _bf16(g, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).bfloat16()
+
+
+def test_gemv_add_matches_twin():
+    g = torch.Generator().manual_seed(11)
+    for rows in (1, 3, 6):
+        x, w, res = _bf16(g, rows, 192), _bf16(g, 70, 192, scale=192 ** -0.5), _bf16(g, rows, 70)
+        want = cpu_decode.ref_gemv_add_bf16(x, w, res)
+        got = cpu_decode.gemv_add_bf16(x, w, res.clone(), 2)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
+        assert (got == want).float().mean() > 0.95
+
+
+def test_rms_norm_and_silu_mul_match_twins():
+    g = torch.Generator().manual_seed(12)
+    x, w = _bf16(g, 5, 576, scale=3.0), _bf16(g, 576) + 1
+    torch.testing.assert_close(cpu_decode.rms_norm_bf16(x, w, 1e-5).float(),
+                               cpu_decode.ref_rms_norm_bf16(x, w, 1e-5).float(), rtol=2 ** -7, atol=1e-6)
+    gu = _bf16(g, 3, 2 * 96, scale=3.0)
+    torch.testing.assert_close(cpu_decode.silu_mul_bf16(gu).float(), cpu_decode.ref_silu_mul_bf16(gu).float(),
+                               rtol=2 ** -7, atol=1e-6)
+
+
+def _rope_tables(max_len, dh):
+    ang = torch.arange(max_len)[:, None] * (10000 ** (-torch.arange(dh // 2) / (dh // 2)))[None]
+    return torch.cat([ang.cos(), ang.cos()], -1), torch.cat([-ang.sin(), ang.sin()], -1)
+
+
+def test_rope_writes_the_cache_like_its_twin():
+    g = torch.Generator().manual_seed(13)
+    hq, hkv, dh, slots_n, max_len = 9, 3, 64, 4, 40
+    cos, sin = _rope_tables(max_len, dh)
+    proj = _bf16(g, 3, (hq + 2 * hkv) * dh + 24)            # [q | k | v | indexer rows]
+    positions, slots = torch.tensor([0, 17, 39]), torch.tensor([2, 0, 3])
+    caches = [[torch.zeros(slots_n, max_len, hkv, dh, dtype=torch.bfloat16) for _ in range(2)] for _ in range(2)]
+    q = cpu_decode.rope_qkv_bf16(proj, hq, hkv, cos, sin, positions, slots, *caches[0])
+    want_q = cpu_decode.ref_rope_qkv_bf16(proj, hq, hkv, cos, sin, positions, slots, *caches[1])
+    torch.testing.assert_close(q.float(), want_q.float(), rtol=2 ** -7, atol=1e-6)
+    for got, want in zip(caches[0], caches[1]):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    with pytest.raises(ValueError, match="outside the cache"):
+        cpu_decode.rope_qkv_bf16(proj, hq, hkv, cos, sin, torch.tensor([0, 1, 40]), slots, *caches[0])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_matches_twin(masked):
+    g = torch.Generator().manual_seed(14 + masked)
+    hq, hkv, dh, max_len = 9, 3, 64, 700
+    kc, vc = _bf16(g, 4, max_len, hkv, dh), _bf16(g, 4, max_len, hkv, dh)
+    q = _bf16(g, 3, hq * dh)
+    slots, kv_lens = torch.tensor([3, 0, 1]), torch.tensor([1, 650, 37])
+    allowed = None
+    if masked:
+        allowed = torch.rand(3, 650, generator=g) < 0.3
+        allowed[torch.arange(3), kv_lens - 1] = True                 # a query always sees itself
+    for threads in (1, 2):
+        got = cpu_decode.attend_bf16(q, kc, vc, slots, kv_lens, allowed, 0.125, threads)
+        want = cpu_decode.ref_attend_bf16(q, kc, vc, slots, kv_lens, allowed, 0.125)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
+    # the mask matters: without it the long row's output moves
+    if masked:
+        free = cpu_decode.attend_bf16(q, kc, vc, slots, kv_lens, None, 0.125, 2)
+        assert (free[1].float() - got[1].float()).abs().max() > 0.05
