@@ -20,6 +20,10 @@
 #include <math.h>
 
 #define ROWS 4   /* weight rows per block: ROWS x MB accumulators + ROWS weight vectors stay in registers */
+/* software prefetch of the same bytes PREFETCH_BLOCKS blocks ahead: a block's rows are only K * 2 bytes each,
+ * too short for the hardware prefetcher to ramp up; on 2 cores it took the 30-layer GEMVs at M = 1 from 23 to
+ * 35 GB/s (M = 8: 7 to 11). Prefetches past the end of w are harmless (they never fault). */
+#define PREFETCH_BLOCKS 2
 
 static inline uint16_t to_bf16(float f) {
     uint32_t u;
@@ -45,7 +49,10 @@ static void block_##MB(const uint16_t *x, int m0, int K, const uint16_t *w, int 
     for (int r = 0; r < ROWS; r++) wr[r] = w + (size_t)(n0 + (r < nrows ? r : 0)) * K;                    \
     for (int k = 0; k < K; k += 32) {                                                                     \
         __m512bh wv[ROWS];                                                                                \
-        for (int r = 0; r < ROWS; r++) wv[r] = (__m512bh)_mm512_loadu_si512((const void *)(wr[r] + k));  \
+        for (int r = 0; r < ROWS; r++) {                                                                  \
+            wv[r] = (__m512bh)_mm512_loadu_si512((const void *)(wr[r] + k));                              \
+            _mm_prefetch((const char *)(wr[r] + k + (size_t)PREFETCH_BLOCKS * ROWS * K), _MM_HINT_T0);   \
+        }                                                                                                 \
         for (int i = 0; i < MB; i++) {                                                                    \
             __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + (size_t)(m0 + i) * K + k));     \
             for (int r = 0; r < ROWS; r++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);            \
@@ -159,13 +166,19 @@ void rope_qkv_bf16(const uint16_t *proj, int M, int P, int Hq, int Hkv, int Dh, 
     }
 }
 
+/* 16 bf16 -> 16 fp32 (exact: a bf16 is the top half of an fp32) */
+static inline __m512 load16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
 /* out (M, Hq*Dh) = softmax(q k^T * scale) v for one query per row m against the keys of slot[m]: positions
  * [0, kv_len[m]) where allowed is NULL, else those with allowed[m * S + s] != 0 (S = its row stride). Query head
- * h reads kv head h / (Hq / Hkv) (GQA). Scores, softmax and the weighted sum in fp32; out rounded to bf16. */
+ * h reads kv head h / (Hq / Hkv) (GQA). Scores, softmax and the weighted sum in fp32 (AVX-512, Dh a multiple
+ * of 16, at most 256); out rounded to bf16. scratch: (M * Hq, max_len) fp32. */
 void attend_bf16(const uint16_t *q, int M, int Hq, int Hkv, int Dh, const uint16_t *kc, const uint16_t *vc,
                  int max_len, const int64_t *slot, const int64_t *kv_len, const uint8_t *allowed, int S,
                  float scale, uint16_t *out, float *scratch, int threads) {
-    int group = Hq / Hkv;
+    int group = Hq / Hkv, nv = Dh / 16;
     int tasks = M * Hq;
     long work = 0;
     for (int m = 0; m < M; m++) work += kv_len[m];
@@ -173,34 +186,40 @@ void attend_bf16(const uint16_t *q, int M, int Hq, int Hkv, int Dh, const uint16
     #pragma omp parallel for schedule(dynamic) num_threads(nt)
     for (int t = 0; t < tasks; t++) {
         int m = t / Hq, h = t % Hq, g = h / group;
-        const uint16_t *qh = q + (size_t)m * Hq * Dh + (size_t)h * Dh;
-        const uint16_t *kb = kc + (size_t)slot[m] * max_len * Hkv * Dh + (size_t)g * Dh;
-        const uint16_t *vb = vc + (size_t)slot[m] * max_len * Hkv * Dh + (size_t)g * Dh;
+        size_t kv_row = (size_t)Hkv * Dh;
+        const uint16_t *kb = kc + (size_t)slot[m] * max_len * kv_row + (size_t)g * Dh;
+        const uint16_t *vb = vc + (size_t)slot[m] * max_len * kv_row + (size_t)g * Dh;
         float *p = scratch + (size_t)t * max_len;
-        float qf[512];
-        for (int d = 0; d < Dh; d++) qf[d] = f32(qh[d]);
+        __m512 qv[16], acc[16];
+        for (int j = 0; j < nv; j++) {
+            qv[j] = load16(q + (size_t)m * Hq * Dh + (size_t)h * Dh + 16 * j);
+            acc[j] = _mm512_setzero_ps();
+        }
         int n = (int)kv_len[m];
         const uint8_t *ok = allowed ? allowed + (size_t)m * S : 0;
         float mx = -INFINITY;
         for (int s = 0; s < n; s++) {
             if (ok && !ok[s]) { p[s] = -INFINITY; continue; }
-            const uint16_t *ks = kb + (size_t)s * Hkv * Dh;
-            float dot = 0.f;
-            for (int d = 0; d < Dh; d++) dot += qf[d] * f32(ks[d]);
-            p[s] = dot * scale;
+            const uint16_t *ks = kb + (size_t)s * kv_row;
+            __m512 d = _mm512_mul_ps(qv[0], load16(ks));
+            for (int j = 1; j < nv; j++) d = _mm512_add_ps(d, _mm512_mul_ps(qv[j], load16(ks + 16 * j)));
+            p[s] = _mm512_reduce_add_ps(d) * scale;
             if (p[s] > mx) mx = p[s];
         }
-        float acc[512];
-        for (int d = 0; d < Dh; d++) acc[d] = 0.f;
         float sum = 0.f;
         for (int s = 0; s < n; s++) {
             if (p[s] == -INFINITY) continue;
             float e = expf(p[s] - mx);
             sum += e;
-            const uint16_t *vs = vb + (size_t)s * Hkv * Dh;
-            for (int d = 0; d < Dh; d++) acc[d] += e * f32(vs[d]);
+            __m512 ev = _mm512_set1_ps(e);
+            const uint16_t *vs = vb + (size_t)s * kv_row;
+            for (int j = 0; j < nv; j++) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(ev, load16(vs + 16 * j)));
         }
         uint16_t *o = out + (size_t)m * Hq * Dh + (size_t)h * Dh;
-        for (int d = 0; d < Dh; d++) o[d] = to_bf16(acc[d] / sum);
+        float tmp[16];
+        for (int j = 0; j < nv; j++) {
+            _mm512_storeu_ps(tmp, _mm512_div_ps(acc[j], _mm512_set1_ps(sum)));
+            for (int i = 0; i < 16; i++) o[16 * j + i] = to_bf16(tmp[i]);
+        }
     }
 }

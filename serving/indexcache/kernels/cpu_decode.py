@@ -111,22 +111,25 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.shape[-1] == w.shape[1])
 
 
-def gemv_bf16(x: torch.Tensor, w: torch.Tensor, threads: int, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """x (..., K) bf16 @ w (N, K)^T -> (..., N) in out_dtype (bf16 or fp32); fp32 sums. Needs available()
-    is None and takes(x, w)."""
-    if _lib is None:
-        raise RuntimeError(f"the CPU decode kernels are not available: {available()}")
-    if not takes(x, w):
-        raise ValueError(f"gemv_bf16 takes bf16 CPU x (..., K) and contiguous w (N, K), K % {K_MULTIPLE} == 0; "
-                         f"got x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
-    if out_dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"out_dtype must be bf16 or fp32, got {out_dtype}")
-    lead, K, N = x.shape[:-1], w.shape[1], w.shape[0]
-    x2 = x.reshape(-1, K).contiguous()                                                    # (M, K)
-    y = torch.empty(x2.shape[0], N, dtype=out_dtype)                                      # (M, N)
-    _lib.gemv_bf16(x2.data_ptr(), x2.shape[0], K, w.data_ptr(), N, y.data_ptr(), int(out_dtype == torch.float32),
-                   threads)
-    return y.view(*lead, N)
+def gemv_bf16(x: torch.Tensor, w: torch.Tensor, threads: int, out_dtype: torch.dtype = torch.bfloat16,
+              check: bool = True) -> torch.Tensor:
+    """x (..., K) bf16 @ w (N, K)^T -> (..., N) in out_dtype (bf16 or fp32); fp32 sums. Needs available() is None
+    and takes(x, w); check=False: the caller has checked takes(x, w) and that x is a contiguous (M, K) bf16 CPU
+    tensor (the decode step, ~120 calls per token, checks its weights once)."""
+    if check:
+        if _lib is None:
+            raise RuntimeError(f"the CPU decode kernels are not available: {available()}")
+        if not takes(x, w):
+            raise ValueError(f"gemv_bf16 takes bf16 CPU x (..., K) and contiguous w (N, K), K % {K_MULTIPLE} == 0; "
+                             f"got x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
+        if out_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"out_dtype must be bf16 or fp32, got {out_dtype}")
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).contiguous()                                          # (M, K)
+    M, K, N = x.shape[0], x.shape[1], w.shape[0]
+    y = torch.empty(M, N, dtype=out_dtype)                                                   # (M, N)
+    _lib.gemv_bf16(x.data_ptr(), M, K, w.data_ptr(), N, y.data_ptr(), int(out_dtype == torch.float32), threads)
+    return y.view(*lead, N) if check else y
 
 
 def ref_gemv_bf16(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -141,16 +144,19 @@ def _check_rows(name: str, *tensors: torch.Tensor) -> None:
                              f"contiguous={t.is_contiguous()}")
 
 
-def gemv_add_bf16(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, threads: int) -> torch.Tensor:
-    """residual (M, N) += bf16(x (M, K) @ w (N, K)^T), in place, rounded as `residual + F.linear(x, w)`."""
-    if _lib is None:
-        raise RuntimeError(f"the CPU decode kernels are not available: {available()}")
-    if not takes(x, w):
-        raise ValueError(f"gemv_add_bf16: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
-    x = x.contiguous()
-    _check_rows("gemv_add_bf16", residual)
-    if residual.shape != (x.shape[0], w.shape[0]) or x.dim() != 2:
-        raise ValueError(f"gemv_add_bf16: residual {tuple(residual.shape)} for x {tuple(x.shape)}, w {tuple(w.shape)}")
+def gemv_add_bf16(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, threads: int,
+                  check: bool = True) -> torch.Tensor:
+    """residual (M, N) += bf16(x (M, K) @ w (N, K)^T), in place, rounded as `residual + F.linear(x, w)`.
+    check=False: the caller has checked the operands (as for gemv_bf16)."""
+    if check:
+        if _lib is None:
+            raise RuntimeError(f"the CPU decode kernels are not available: {available()}")
+        if not takes(x, w) or x.dim() != 2:
+            raise ValueError(f"gemv_add_bf16: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
+        x = x.contiguous()
+        _check_rows("gemv_add_bf16", residual)
+        if residual.shape != (x.shape[0], w.shape[0]):
+            raise ValueError(f"gemv_add_bf16: residual {tuple(residual.shape)} for x {tuple(x.shape)}, w {tuple(w.shape)}")
     _lib.gemv_add_bf16(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), w.shape[0], residual.data_ptr(), threads)
     return residual
 
@@ -186,10 +192,11 @@ def ref_silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_qkv_bf16(proj: torch.Tensor, hq: int, hkv: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                  slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                  slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, check: bool = True) -> torch.Tensor:
     """proj (M, P) = [q (Hq*Dh) | k (Hkv*Dh) | v (Hkv*Dh) | ...] of one position per row; cos/sin (max_len, Dh) fp32
     tables [cos | cos], [-sin | sin]; positions, slots (M,) int64. Writes rotated k and v into the caches
-    (slots, max_len, Hkv, Dh) at [slots[m], positions[m]]; returns rotated q (M, Hq*Dh)."""
+    (slots, max_len, Hkv, Dh) at [slots[m], positions[m]]; returns rotated q (M, Hq*Dh). check=False: the caller
+    has checked positions and slots against the cache (they index memory unchecked in the kernel)."""
     _check_rows("rope_qkv_bf16", proj, k_cache, v_cache)
     n_slots, max_len, h, dh = k_cache.shape
     if (h != hkv or v_cache.shape != k_cache.shape or proj.shape[1] < (hq + 2 * hkv) * dh or cos.shape[1] != dh
@@ -197,7 +204,8 @@ def rope_qkv_bf16(proj: torch.Tensor, hq: int, hkv: int, cos: torch.Tensor, sin:
             or positions.dtype != torch.int64 or slots.dtype != torch.int64 or len(positions) != proj.shape[0]
             or len(slots) != proj.shape[0]):
         raise ValueError("rope_qkv_bf16: inconsistent shapes or dtypes")
-    if int(positions.max()) >= min(max_len, cos.shape[0]) or int(slots.max()) >= n_slots or int(positions.min()) < 0:
+    if check and (int(positions.max()) >= min(max_len, cos.shape[0]) or int(slots.max()) >= n_slots
+                  or int(positions.min()) < 0 or int(slots.min()) < 0):
         raise ValueError("rope_qkv_bf16: a position or slot outside the cache")
     q = torch.empty(proj.shape[0], hq * dh, dtype=torch.bfloat16)
     _lib.rope_qkv_bf16(proj.data_ptr(), proj.shape[0], proj.shape[1], hq, hkv, dh, cos.data_ptr(), sin.data_ptr(),
@@ -218,18 +226,23 @@ def ref_rope_qkv_bf16(proj, hq, hkv, cos, sin, positions, slots, k_cache, v_cach
 
 
 def attend_bf16(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                kv_lens: torch.Tensor, allowed: torch.Tensor | None, scale: float, threads: int) -> torch.Tensor:
+                kv_lens: torch.Tensor, allowed: torch.Tensor | None, scale: float, threads: int,
+                check: bool = True) -> torch.Tensor:
     """q (M, Hq*Dh) one position per row -> (M, Hq*Dh): softmax(q k^T * scale) v over the keys [0, kv_lens[m]) of
-    slot slots[m] in the caches (slots, max_len, Hkv, Dh), or those allowed (M, S) bool admits; GQA."""
+    slot slots[m] in the caches (slots, max_len, Hkv, Dh), or those allowed (M, S) bool admits; GQA.
+    check=False: the caller has checked slots and kv_lens against the cache."""
     _check_rows("attend_bf16", q, k_cache, v_cache)
     n_slots, max_len, hkv, dh = k_cache.shape
     M, hq = q.shape[0], q.shape[1] // dh
-    if (hq % hkv or dh > 512 or slots.dtype != torch.int64 or kv_lens.dtype != torch.int64 or len(slots) != M
-            or len(kv_lens) != M or int(kv_lens.max()) > max_len or int(kv_lens.min()) < 1 or int(slots.max()) >= n_slots):
-        raise ValueError("attend_bf16: inconsistent shapes, lengths or slots")
+    if (hq % hkv or dh > 256 or dh % 16 or slots.dtype != torch.int64 or kv_lens.dtype != torch.int64 or len(slots) != M
+            or len(kv_lens) != M):
+        raise ValueError("attend_bf16: inconsistent shapes or dtypes")
+    if check and (int(kv_lens.max()) > max_len or int(kv_lens.min()) < 1 or int(slots.max()) >= n_slots
+                  or int(slots.min()) < 0):
+        raise ValueError("attend_bf16: a length or slot outside the cache")
     S = 0
     if allowed is not None:
-        if allowed.dtype != torch.bool or allowed.shape[0] != M or allowed.shape[1] < int(kv_lens.max()):
+        if allowed.dtype != torch.bool or allowed.shape[0] != M or (check and allowed.shape[1] < int(kv_lens.max())):
             raise ValueError(f"attend_bf16: allowed must be (M, >= max kv_len) bool, got {tuple(allowed.shape)}")
         allowed = allowed.contiguous()
         S = allowed.shape[1]

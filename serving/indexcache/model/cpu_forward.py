@@ -38,8 +38,9 @@ from .int8 import Int8Weight, linear, quantize_int8
 
 QUANTIZATIONS = ("none", "int8")
 # decode rows (requests in a batched decode step) up to which bf16 projections run through the streaming GEMV
-# (kernels/cpu_decode.py); above it F.linear (oneDNN) is as fast or faster (bench/cpu_decode.py)
-GEMV_MAX_ROWS = 2
+# (kernels/cpu_decode.py): the 30 layers' and the LM head's GEMVs took 10.9/12.2/14.2/17.6/23.9 ms at 1/2/4/6/8
+# rows against F.linear's 19.2/20.0/20.8/20.1/26.4 (2 cores, best of 5); above it F.linear
+GEMV_MAX_ROWS = 8
 
 
 def supports(model: DSAForCausalLM) -> str | None:
@@ -140,6 +141,7 @@ class CPUFastForward:
         if decode_kernels and why_not is not None:
             raise ValueError(f"decode_kernels=True but the CPU decode kernels cannot run: {why_not}")
         self.decode_kernels = why_not is None
+        self.gemv_max_rows = GEMV_MAX_ROWS
         self.threads = torch.get_num_threads()   # the replica's (configure_cpu); the engine thread's may differ
 
     def _why_no_kernels(self) -> str | None:
@@ -150,11 +152,15 @@ class CPUFastForward:
         weights = [self.lm_head] + [w for p in self.layers for w in (p.w_in, p.w_o, p.w_gate_up, p.w_down)]
         if any(w.shape[1] % cpu_decode.K_MULTIPLE for w in weights):
             return f"an input width not a multiple of {cpu_decode.K_MULTIPLE}"
+        if not all(w.is_contiguous() for w in weights):   # the decode step passes them to the kernels unchecked
+            return "a non-contiguous weight"
+        if self.dh % 16 or self.dh > 256:
+            return f"head dim {self.dh} (the attention kernel takes multiples of 16 up to 256)"
         return cpu_decode.available()
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
         """x (..., K) @ w.T -> (..., N): the streaming GEMV for few rows of bf16, else F.linear / int8."""
-        if self.decode_kernels and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
+        if self.decode_kernels and x.numel() <= self.gemv_max_rows * x.shape[-1]:
             return cpu_decode.gemv_bf16(x, w, self.threads)
         return linear(x, w)
 
@@ -278,12 +284,14 @@ class CPUFastForward:
         S = max(kv_lens)
         if S > min(a.max_seq_len, cache.layers[0]["k"].shape[1]):
             raise ValueError(f"sequence of {S} tokens exceeds max_position_embeddings ({a.max_seq_len}) or the cache")
+        if min(starts) < 0 or not 0 <= min(slots) <= max(slots) < cache.layers[0]["k"].shape[0]:
+            raise ValueError(f"positions {starts} or slots {slots} outside the cache")
         pos, slot_t, lens = torch.tensor(starts), torch.tensor(slots), torch.tensor(kv_lens)        # (B,) int64
         cos, sin = self.rope[self.dh]
         icos, isin = (t[pos][:, None, None, :] for t in self.rope[self.ri])                     # (B, 1, 1, Ri)
         visible = torch.arange(S)[None, None, :] <= pos[:, None, None]                         # (B, 1, S)
         dense = S <= a.index_topk
-        small = B <= GEMV_MAX_ROWS          # projections by the streaming GEMV, else F.linear
+        small = B <= self.gemv_max_rows     # projections by the streaming GEMV, else F.linear
         eps, th = a.norm_eps, self.threads
         allowed = None                      # (B, S) bool past top-k: the last F layer's selection
         x = self.embed[tokens[:, 0]]                                                            # (B, dim)
@@ -292,8 +300,9 @@ class CPUFastForward:
             is_f = kind == "F"
             rows = self.v_end if not is_f else (self.ik_end if dense else p.w_in.shape[0])
             h = cpu_decode.rms_norm_bf16(x, p.attn_norm, eps)                                   # (B, dim)
-            proj = cpu_decode.gemv_bf16(h, p.w_in[:rows], th) if small else F.linear(h, p.w_in[:rows])  # (B, rows)
-            q = cpu_decode.rope_qkv_bf16(proj, self.hq, self.hkv, cos, sin, pos, slot_t, kc, vc)  # (B, Hq*Dh)
+            proj = cpu_decode.gemv_bf16(h, p.w_in[:rows], th, check=False) if small else F.linear(h, p.w_in[:rows])  # (B, rows)
+            q = cpu_decode.rope_qkv_bf16(proj, self.hq, self.hkv, cos, sin, pos, slot_t, kc, vc,
+                                         check=False)                                   # (B, Hq*Dh)
             if is_f:
                 if p.k_norm is None:
                     raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no "
@@ -304,20 +313,20 @@ class CPUFastForward:
                     allowed = selected[:, 0]                                                    # (B, S)
             elif not dense and allowed is None:
                 raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
-            out = cpu_decode.attend_bf16(q, kc, vc, slot_t, lens, allowed, self.scale, th)     # (B, Hq*Dh)
+            out = cpu_decode.attend_bf16(q, kc, vc, slot_t, lens, allowed, self.scale, th, check=False)  # (B, Hq*Dh)
             if small:
-                cpu_decode.gemv_add_bf16(out, p.w_o, x, th)                                     # x += out @ w_o.T
+                cpu_decode.gemv_add_bf16(out, p.w_o, x, th, check=False)                                     # x += out @ w_o.T
             else:
                 x.add_(F.linear(out, p.w_o))
             h = cpu_decode.rms_norm_bf16(x, p.mlp_norm, eps)
-            gu = cpu_decode.gemv_bf16(h, p.w_gate_up, th) if small else F.linear(h, p.w_gate_up)  # (B, 2I)
+            gu = cpu_decode.gemv_bf16(h, p.w_gate_up, th, check=False) if small else F.linear(h, p.w_gate_up)  # (B, 2I)
             act = cpu_decode.silu_mul_bf16(gu)                                                  # (B, I)
             if small:
-                cpu_decode.gemv_add_bf16(act, p.w_down, x, th)
+                cpu_decode.gemv_add_bf16(act, p.w_down, x, th, check=False)
             else:
                 x.add_(F.linear(act, p.w_down))
         h = cpu_decode.rms_norm_bf16(x, self.final_norm, eps)
-        logits = cpu_decode.gemv_bf16(h, self.lm_head, th) if small else F.linear(h, self.lm_head)
+        logits = cpu_decode.gemv_bf16(h, self.lm_head, th, check=False) if small else F.linear(h, self.lm_head)
         return logits.float()                                                                   # (B, V)
 
     def _indexer(self, proj, p: PackedLayer, layer: int, cache: KVCache, B: int, T: int, starts, slots, slot_t,
