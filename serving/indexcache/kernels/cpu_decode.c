@@ -132,12 +132,38 @@ void rms_norm_bf16(const uint16_t *x, int M, int D, const uint16_t *w, float eps
     }
 }
 
-/* y (M, I) = bf16(silu(g)) * u, gu (M, 2I) = [g | u], each product rounded to bf16 (F.silu(g) * u in bf16). */
+/* exp(x) for 16 lanes: 2^n * 2^f, n = round(x log2 e), |f| <= 1/2, 2^f by its Taylor series to degree 7
+ * (relative error < 1e-8, far below a bf16 step); x clamped to [-87, 88] (exp(-87) ~ 1.6e-38, not 0). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));   /* f ln 2 */
+    static const float c[8] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
+    __m512 p = _mm512_set1_ps(c[7]);
+    for (int i = 6; i >= 0; i--) p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* 16 fp32 -> 16 bf16, round to nearest even (NaN stays NaN) */
+static inline __m256i round16(__m512 x) {
+    return (__m256i)_mm512_cvtneps_pbh(x);
+}
+
+static inline __m512 widen16(__m256i b) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+/* y (M, I) = bf16(silu(g)) * u for gu (M, 2I) = [g | u], each product rounded to bf16 (F.silu(g) * u in bf16).
+ * I a multiple of 16 (the caller checks). */
 void silu_mul_bf16(const uint16_t *gu, int M, int I, uint16_t *y) {
     for (int m = 0; m < M; m++)
-        for (int i = 0; i < I; i++) {
-            float g = f32(gu[(size_t)m * 2 * I + i]), u = f32(gu[(size_t)m * 2 * I + I + i]);
-            y[(size_t)m * I + i] = to_bf16(f32(to_bf16(g / (1.f + expf(-g)))) * u);
+        for (int i = 0; i < I; i += 16) {
+            __m512 g = widen16(_mm256_loadu_si256((const __m256i *)(gu + (size_t)m * 2 * I + i)));
+            __m512 u = widen16(_mm256_loadu_si256((const __m256i *)(gu + (size_t)m * 2 * I + I + i)));
+            __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            __m512 prod = _mm512_mul_ps(widen16(round16(sg)), u);
+            _mm256_storeu_si256((__m256i *)(y + (size_t)m * I + i), round16(prod));
         }
 }
 
@@ -172,54 +198,73 @@ static inline __m512 load16(const uint16_t *p) {
 }
 
 /* out (M, Hq*Dh) = softmax(q k^T * scale) v for one query per row m against the keys of slot[m]: positions
- * [0, kv_len[m]) where allowed is NULL, else those with allowed[m * S + s] != 0 (S = its row stride). Query head
- * h reads kv head h / (Hq / Hkv) (GQA). Scores, softmax and the weighted sum in fp32 (AVX-512, Dh a multiple
- * of 16, at most 256); out rounded to bf16. scratch: (M * Hq, max_len) fp32. */
+ * [0, kv_len[m]) where allowed is NULL, else those with allowed[m * S + s] != 0 (S = its row stride). The
+ * Hq / Hkv query heads that share kv head g (GQA) are one task, so each key and value row is read once for
+ * them. Scores, softmax and the weighted sum in fp32 (AVX-512; Dh a multiple of 16 up to 256, Hq / Hkv <= 16);
+ * out rounded to bf16. scratch: (M * Hq, S_max) fp32, S_max >= every kv_len. */
 void attend_bf16(const uint16_t *q, int M, int Hq, int Hkv, int Dh, const uint16_t *kc, const uint16_t *vc,
                  int max_len, const int64_t *slot, const int64_t *kv_len, const uint8_t *allowed, int S,
-                 float scale, uint16_t *out, float *scratch, int threads) {
+                 float scale, uint16_t *out, float *scratch, int s_max, int threads) {
     int group = Hq / Hkv, nv = Dh / 16;
-    int tasks = M * Hq;
+    int tasks = M * Hkv;
     long work = 0;
     for (int m = 0; m < M; m++) work += kv_len[m];
-    int nt = work * Hq * Dh > 200000 ? threads : 1;   /* short contexts: one thread, no wake-up */
+    int nt = work * Hq * Dh > 400000 ? threads : 1;   /* short contexts: one thread, no wake-up */
     #pragma omp parallel for schedule(dynamic) num_threads(nt)
     for (int t = 0; t < tasks; t++) {
-        int m = t / Hq, h = t % Hq, g = h / group;
+        int m = t / Hkv, g = t % Hkv;
         size_t kv_row = (size_t)Hkv * Dh;
         const uint16_t *kb = kc + (size_t)slot[m] * max_len * kv_row + (size_t)g * Dh;
         const uint16_t *vb = vc + (size_t)slot[m] * max_len * kv_row + (size_t)g * Dh;
-        float *p = scratch + (size_t)t * max_len;
-        __m512 qv[16], acc[16];
-        for (int j = 0; j < nv; j++) {
-            qv[j] = load16(q + (size_t)m * Hq * Dh + (size_t)h * Dh + 16 * j);
-            acc[j] = _mm512_setzero_ps();
-        }
         int n = (int)kv_len[m];
         const uint8_t *ok = allowed ? allowed + (size_t)m * S : 0;
-        float mx = -INFINITY;
-        for (int s = 0; s < n; s++) {
-            if (ok && !ok[s]) { p[s] = -INFINITY; continue; }
-            const uint16_t *ks = kb + (size_t)s * kv_row;
-            __m512 d = _mm512_mul_ps(qv[0], load16(ks));
-            for (int j = 1; j < nv; j++) d = _mm512_add_ps(d, _mm512_mul_ps(qv[j], load16(ks + 16 * j)));
-            p[s] = _mm512_reduce_add_ps(d) * scale;
-            if (p[s] > mx) mx = p[s];
+        for (int j = 0; j < group; j++) {
+            int h = g * group + j;
+            const uint16_t *qh = q + (size_t)m * Hq * Dh + (size_t)h * Dh;
+            float *p = scratch + ((size_t)m * Hq + h) * s_max;
+            __m512 qv[16];
+            for (int i = 0; i < nv; i++) qv[i] = load16(qh + 16 * i);
+            float mx = -INFINITY;
+            for (int s = 0; s < n; s++) {
+                if (ok && !ok[s]) { p[s] = -INFINITY; continue; }
+                const uint16_t *ks = kb + (size_t)s * kv_row;
+                __m512 d = _mm512_mul_ps(qv[0], load16(ks));
+                for (int i = 1; i < nv; i++) d = _mm512_add_ps(d, _mm512_mul_ps(qv[i], load16(ks + 16 * i)));
+                p[s] = _mm512_reduce_add_ps(d) * scale;
+                if (p[s] > mx) mx = p[s];
+            }
+            /* p[s] <- exp(p[s] - mx), masked keys exactly 0 */
+            __m512 mxv = _mm512_set1_ps(mx);
+            int s = 0;
+            for (; s + 16 <= n; s += 16) {
+                __m512 x = _mm512_loadu_ps(p + s);
+                __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+                _mm512_storeu_ps(p + s, _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(x, mxv))));
+            }
+            for (; s < n; s++) p[s] = p[s] == -INFINITY ? 0.f : expf(p[s] - mx);
         }
-        float sum = 0.f;
+        /* out[h] = sum_s p_h[s] v[s] / sum_h, the value row read once for the group's heads */
+        __m512 acc[16][16];
+        for (int j = 0; j < group; j++)
+            for (int i = 0; i < nv; i++) acc[j][i] = _mm512_setzero_ps();
+        const float *p0 = scratch + ((size_t)m * Hq + (size_t)g * group) * s_max;
         for (int s = 0; s < n; s++) {
-            if (p[s] == -INFINITY) continue;
-            float e = expf(p[s] - mx);
-            sum += e;
-            __m512 ev = _mm512_set1_ps(e);
+            if (ok && !ok[s]) continue;
             const uint16_t *vs = vb + (size_t)s * kv_row;
-            for (int j = 0; j < nv; j++) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(ev, load16(vs + 16 * j)));
+            __m512 vv[16];
+            for (int i = 0; i < nv; i++) vv[i] = load16(vs + 16 * i);
+            for (int j = 0; j < group; j++) {
+                __m512 e = _mm512_set1_ps(p0[(size_t)j * s_max + s]);
+                for (int i = 0; i < nv; i++) acc[j][i] = _mm512_add_ps(acc[j][i], _mm512_mul_ps(e, vv[i]));
+            }
         }
-        uint16_t *o = out + (size_t)m * Hq * Dh + (size_t)h * Dh;
-        float tmp[16];
-        for (int j = 0; j < nv; j++) {
-            _mm512_storeu_ps(tmp, _mm512_div_ps(acc[j], _mm512_set1_ps(sum)));
-            for (int i = 0; i < 16; i++) o[16 * j + i] = to_bf16(tmp[i]);
+        for (int j = 0; j < group; j++) {
+            const float *pj = p0 + (size_t)j * s_max;
+            float sum = 0.f;
+            for (int s = 0; s < n; s++) sum += pj[s];
+            __m512 inv = _mm512_set1_ps(1.f / sum);
+            uint16_t *o = out + (size_t)m * Hq * Dh + (size_t)(g * group + j) * Dh;
+            for (int i = 0; i < nv; i++) _mm256_storeu_si256((__m256i *)(o + 16 * i), round16(_mm512_mul_ps(acc[j][i], inv)));
         }
     }
 }

@@ -90,7 +90,7 @@ def _load() -> None:
     signatures = {"gemv_bf16": [P, I, I, P, I, P, I, I], "gemv_add_bf16": [P, I, I, P, I, P, I],
                   "rms_norm_bf16": [P, I, I, P, F32, P], "silu_mul_bf16": [P, I, I, P],
                   "rope_qkv_bf16": [P, I, I, I, I, I, P, P, P, P, I, P, P, P],
-                  "attend_bf16": [P, I, I, I, I, P, P, I, P, P, P, I, F32, P, P, I]}
+                  "attend_bf16": [P, I, I, I, I, P, P, I, P, P, P, I, F32, P, P, I, I]}
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
@@ -178,9 +178,11 @@ def ref_rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 
 def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up (M, 2I) = [g | u] -> silu(g) * u (M, I), each in bf16."""
+    """gate_up (M, 2I) = [g | u] -> silu(g) * u (M, I), each in bf16; I a multiple of 16."""
     _check_rows("silu_mul_bf16", gate_up)
     M, I2 = gate_up.shape
+    if I2 % 32:
+        raise ValueError(f"silu_mul_bf16 takes (M, 2I) with I a multiple of 16, got {tuple(gate_up.shape)}")
     y = torch.empty(M, I2 // 2, dtype=torch.bfloat16)
     _lib.silu_mul_bf16(gate_up.data_ptr(), M, I2 // 2, y.data_ptr())
     return y
@@ -234,7 +236,7 @@ def attend_bf16(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, s
     _check_rows("attend_bf16", q, k_cache, v_cache)
     n_slots, max_len, hkv, dh = k_cache.shape
     M, hq = q.shape[0], q.shape[1] // dh
-    if (hq % hkv or dh > 256 or dh % 16 or slots.dtype != torch.int64 or kv_lens.dtype != torch.int64 or len(slots) != M
+    if (hq % hkv or hq // hkv > 16 or dh > 256 or dh % 16 or slots.dtype != torch.int64 or kv_lens.dtype != torch.int64 or len(slots) != M
             or len(kv_lens) != M):
         raise ValueError("attend_bf16: inconsistent shapes or dtypes")
     if check and (int(kv_lens.max()) > max_len or int(kv_lens.min()) < 1 or int(slots.max()) >= n_slots
@@ -247,10 +249,11 @@ def attend_bf16(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, s
         allowed = allowed.contiguous()
         S = allowed.shape[1]
     out = torch.empty(M, hq * dh, dtype=torch.bfloat16)
-    scratch = torch.empty(M * hq, max_len, dtype=torch.float32)
+    s_max = S or int(kv_lens.max())                     # allowed covers every kv_len (checked above)
+    scratch = torch.empty(M * hq, s_max, dtype=torch.float32)
     _lib.attend_bf16(q.data_ptr(), M, hq, hkv, dh, k_cache.data_ptr(), v_cache.data_ptr(), max_len, slots.data_ptr(),
                      kv_lens.data_ptr(), allowed.data_ptr() if allowed is not None else None, S, scale, out.data_ptr(),
-                     scratch.data_ptr(), threads)
+                     scratch.data_ptr(), s_max, threads)
     return out
 
 

@@ -154,8 +154,10 @@ class CPUFastForward:
             return f"an input width not a multiple of {cpu_decode.K_MULTIPLE}"
         if not all(w.is_contiguous() for w in weights):   # the decode step passes them to the kernels unchecked
             return "a non-contiguous weight"
-        if self.dh % 16 or self.dh > 256:
-            return f"head dim {self.dh} (the attention kernel takes multiples of 16 up to 256)"
+        if self.dh % 16 or self.dh > 256 or self.hq // self.hkv > 16:
+            return f"head dim {self.dh} / GQA group {self.hq // self.hkv} (the attention kernel takes multiples of 16 up to 256, groups up to 16)"
+        if self.inter % 16:
+            return f"MLP width {self.inter} (SiLU-multiply takes multiples of 16)"
         return cpu_decode.available()
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
