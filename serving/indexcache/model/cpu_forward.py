@@ -26,6 +26,7 @@ and bf16). Supported: GQA attention, dense MLPs, bf16/fp32 weights, CPU tensors 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from ..kernels import cpu_decode
 from .dsa import DSAForCausalLM, KVCache, rope_frequencies
 from .int8 import Int8Weight, linear, quantize_int8
 
+log = logging.getLogger(__name__)
 QUANTIZATIONS = ("none", "int8")
 # decode rows (requests in a batched decode step) up to which bf16 projections run through the streaming GEMV
 # (kernels/cpu_decode.py): the 30 layers' and the LM head's GEMVs took 10.9/12.2/14.2/17.6/23.9 ms at 1/2/4/6/8
@@ -142,6 +144,7 @@ class CPUFastForward:
             raise ValueError(f"decode_kernels=True but the CPU decode kernels cannot run: {why_not}")
         self.decode_kernels = why_not is None
         self.gemv_max_rows = GEMV_MAX_ROWS
+        log.info("CPU decode kernels: %s", "on" if self.decode_kernels else f"off ({why_not})")
         self.threads = torch.get_num_threads()   # the replica's (configure_cpu); the engine thread's may differ
 
     def _why_no_kernels(self) -> str | None:
