@@ -121,3 +121,27 @@ def test_attend_matches_twin(masked):
     if masked:
         free = cpu_decode.attend_bf16(q, kc, vc, slots, kv_lens, None, 0.125, 2)
         assert (free[1].float() - got[1].float()).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 16])
+def test_amx_gemv_matches_twin(rows):
+    """The AMX GEMV (weights packed once into tiles) against the fp32 product rounded once, plain and added to a
+    residual; a prefix of the packed tiles is the packing of the weight's first rows (what the decode step
+    uses for the projections of S layers). Tolerances as for the AVX-512 GEMV."""
+    if cpu_decode.amx_available() is not None:
+        pytest.skip(f"no AMX here: {cpu_decode.amx_available()}")
+    g = torch.Generator().manual_seed(20 + rows)
+    x, w = _bf16(g, rows, 576), _bf16(g, 96, 576, scale=576 ** -0.5)
+    packed = cpu_decode.pack_amx(w)
+    for threads in (1, 2):
+        got = cpu_decode.amx_gemv_bf16(x, packed, threads)
+        want = cpu_decode.ref_gemv_bf16(x, w, torch.float32)
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)
+        assert (got == cpu_decode.ref_gemv_bf16(x, w)).float().mean() > 0.95
+    head = cpu_decode.amx_gemv_bf16(x, packed[:2], 2)                     # the first 32 rows of w
+    torch.testing.assert_close(head.float(), cpu_decode.ref_gemv_bf16(x, w[:32], torch.float32), rtol=2 ** -8, atol=1e-6)
+    res = _bf16(g, rows, 96)
+    added = cpu_decode.amx_gemv_bf16(x, packed, 2, residual=res.clone())
+    torch.testing.assert_close(added.float(), cpu_decode.ref_gemv_add_bf16(x, w, res).float(), rtol=2 ** -7, atol=1e-3)
+    with pytest.raises(ValueError, match="N % 16"):
+        cpu_decode.pack_amx(w[:40])

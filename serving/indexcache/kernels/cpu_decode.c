@@ -5,7 +5,10 @@
  *   rope_qkv_bf16  rotate-half RoPE of q and k from the packed projection, q to a buffer, k and v into the
  *                  KV cache at (slot, position) per row;
  *   attend_bf16    one query position per row against its slot's cached keys (all up to its length, or
- *                  those a mask allows), softmax in fp32.
+ *                  those a mask allows), softmax in fp32;
+ *   amx_gemv_bf16  the GEMV for 2-16 rows on AMX tiles, from a weight packed once into tiles (pack_amx in
+ *                  cpu_decode.py), optionally added to a residual: at 8 rows the AVX-512 dot products are
+ *                  compute-bound on 2 hyperthreads (~0.8 G dot-product instructions/s each), AMX is not.
  * Each rounds where its PyTorch twin (the CPU fast forward's F.linear / torch path) rounds to bf16.
  *
  * gemv_bf16, why: at M <= 8 PyTorch's bf16 CPU GEMM streams a weight at 7-12 GB/s on 2 cores where a plain read runs
@@ -18,6 +21,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define ROWS 4   /* weight rows per block: ROWS x MB accumulators + ROWS weight vectors stay in registers */
 /* software prefetch of the same bytes PREFETCH_BLOCKS blocks ahead: a block's rows are only K * 2 bytes each,
@@ -266,5 +271,53 @@ void attend_bf16(const uint16_t *q, int M, int Hq, int Hkv, int Dh, const uint16
             uint16_t *o = out + (size_t)m * Hq * Dh + (size_t)(g * group + j) * Dh;
             for (int i = 0; i < nv; i++) _mm256_storeu_si256((__m256i *)(o + 16 * i), round16(_mm512_mul_ps(acc[j][i], inv)));
         }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ AMX */
+
+/* Linux hands out AMX tile state only on request, once per process: 0 on success. */
+int amx_init(void) {
+    return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
+}
+
+typedef struct { uint8_t palette, start; uint8_t pad[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
+
+#define AMX_PREFETCH_TILES 8   /* B tiles (1 KB each, contiguous) prefetched ahead of the one multiplied */
+
+/* y (M, N) = x (M, K) @ w^T, or y += bf16(x @ w^T) when add (rounded as gemv_add_bf16). w packed as
+ * (N/16, K/32, 16, 16, 2): tile (nb, kb) holds w[nb*16 + n][kb*32 + 2*kk + j] at [kk][n][j] (the AMX B layout,
+ * k in pairs). M <= 16, N % 16 == 0, K % 32 == 0; column blocks of 16 split over the threads. */
+void amx_gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *wp, int N, uint16_t *y, int add, int threads) {
+    int nblocks = N / 16, kblocks = K / 32;
+    #pragma omp parallel num_threads(threads)
+    {
+        tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        cfg.rows[0] = M;  cfg.colsb[0] = 64;    /* C: M x 16 fp32 */
+        cfg.rows[1] = M;  cfg.colsb[1] = 64;    /* A: M x 32 bf16 */
+        cfg.rows[2] = 16; cfg.colsb[2] = 64;    /* B: 16 k-pairs x 16 columns x 2 */
+        _tile_loadconfig(&cfg);
+        float c[16 * 16];
+        #pragma omp for schedule(static)
+        for (int nb = 0; nb < nblocks; nb++) {
+            const uint16_t *wb = wp + (size_t)nb * kblocks * 512;
+            _tile_zero(0);
+            for (int kb = 0; kb < kblocks; kb++) {
+                const char *ahead = (const char *)(wb + (size_t)(kb + AMX_PREFETCH_TILES) * 512);
+                for (int line = 0; line < 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+                _tile_loadd(1, x + kb * 32, K * 2);
+                _tile_loadd(2, wb + (size_t)kb * 512, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, c, 64);
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < 16; n++) {
+                    size_t at = (size_t)m * N + nb * 16 + n;
+                    y[at] = add ? to_bf16(f32(y[at]) + f32(to_bf16(c[m * 16 + n]))) : to_bf16(c[m * 16 + n]);
+                }
+        }
+        _tile_release();
     }
 }

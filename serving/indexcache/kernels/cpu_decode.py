@@ -33,13 +33,16 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 # -ffp-contract=off: no fused multiply-adds the twins do not make
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-ffp-contract=off", "-fopenmp", "-shared",
-         "-fPIC", "-lm"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+         "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+AMX_FLAGS = ("amx_tile", "amx_bf16")
+AMX_MAX_ROWS = 16        # rows of an AMX tile
 K_MULTIPLE = 32          # one AVX-512 BF16 dot product covers 32 values of K
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
+_amx_why_not: str | None = "not loaded"
 _loaded = False
 
 
@@ -90,11 +93,21 @@ def _load() -> None:
     signatures = {"gemv_bf16": [P, I, I, P, I, P, I, I], "gemv_add_bf16": [P, I, I, P, I, P, I],
                   "rms_norm_bf16": [P, I, I, P, F32, P], "silu_mul_bf16": [P, I, I, P],
                   "rope_qkv_bf16": [P, I, I, I, I, I, P, P, P, P, I, P, P, P],
-                  "attend_bf16": [P, I, I, I, I, P, P, I, P, P, P, I, F32, P, P, I, I]}
+                  "attend_bf16": [P, I, I, I, I, P, P, I, P, P, P, I, F32, P, P, I, I],
+                  "amx_gemv_bf16": [P, I, I, P, I, P, I, I], "amx_init": []}
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
+    lib.amx_init.restype = ctypes.c_int
     _lib = lib
+    global _amx_why_not
+    missing = [f for f in AMX_FLAGS if f not in _cpu_flags()]
+    if missing:
+        _amx_why_not = f"this CPU lacks {', '.join(missing)}"
+    elif lib.amx_init() != 0:
+        _amx_why_not = "the kernel refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+    else:
+        _amx_why_not = None
 
 
 def available() -> str | None:
@@ -102,6 +115,11 @@ def available() -> str | None:
     if not _loaded:
         _load()
     return _why_not
+
+
+def amx_available() -> str | None:
+    """None when the AMX GEMV runs here (the kernels load, the CPU has AMX-BF16, Linux grants tile state)."""
+    return available() or _amx_why_not
 
 
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -273,3 +291,35 @@ def ref_attend_bf16(q, k_cache, v_cache, slots, kv_lens, allowed, scale) -> torc
             scores = scores.masked_fill(~allowed[m, :n], float("-inf"))
         out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v).reshape(-1))
     return torch.stack(out).to(torch.bfloat16)
+
+
+def pack_amx(w: torch.Tensor) -> torch.Tensor:
+    """A (N, K) bf16 weight, N % 16 == 0 and K % 32 == 0, as AMX B tiles (N/16, K/32, 16, 16, 2): tile (nb, kb)
+    holds w[nb*16 + n, kb*32 + 2*kk + j] at [kk, n, j]. The first r/16 tiles along N are the packing of w[:r]."""
+    N, K = w.shape
+    if w.dtype != torch.bfloat16 or N % 16 or K % 32:
+        raise ValueError(f"pack_amx takes a bf16 (N, K) weight with N % 16 == 0, K % 32 == 0, got {tuple(w.shape)} {w.dtype}")
+    return w.view(N // 16, 16, K // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def amx_gemv_bf16(x: torch.Tensor, packed: torch.Tensor, threads: int, residual: torch.Tensor | None = None,
+                  check: bool = True) -> torch.Tensor:
+    """x (M, K) bf16, M <= 16, @ w^T for w packed by pack_amx -> (M, N) bf16; with residual (M, N): residual +=
+    bf16(x @ w^T) in place, returned. check=False: the caller has checked the operands."""
+    N, K = packed.shape[0] * 16, packed.shape[1] * 32
+    if check:
+        if amx_available() is not None:
+            raise RuntimeError(f"the AMX GEMV is not available: {amx_available()}")
+        if packed.dim() != 5 or packed.shape[2:] != (16, 16, 2) or packed.dtype != torch.bfloat16 or not packed.is_contiguous():
+            raise ValueError(f"amx_gemv_bf16 takes a weight packed by pack_amx, got {tuple(packed.shape)}")
+        x = x.contiguous()
+        _check_rows("amx_gemv_bf16", x)
+        if x.dim() != 2 or x.shape[1] != K or not 1 <= x.shape[0] <= AMX_MAX_ROWS:
+            raise ValueError(f"amx_gemv_bf16: x {tuple(x.shape)} for K {K}, at most {AMX_MAX_ROWS} rows")
+        if residual is not None:
+            _check_rows("amx_gemv_bf16", residual)
+            if residual.shape != (x.shape[0], N):
+                raise ValueError(f"amx_gemv_bf16: residual {tuple(residual.shape)}, want {(x.shape[0], N)}")
+    y = residual if residual is not None else torch.empty(x.shape[0], N, dtype=torch.bfloat16)
+    _lib.amx_gemv_bf16(x.data_ptr(), x.shape[0], K, packed.data_ptr(), N, y.data_ptr(), int(residual is not None), threads)
+    return y

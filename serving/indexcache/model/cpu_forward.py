@@ -43,6 +43,11 @@ QUANTIZATIONS = ("none", "int8")
 # (kernels/cpu_decode.py): the 30 layers' and the LM head's GEMVs took 10.9/12.2/14.2/17.6/23.9 ms at 1/2/4/6/8
 # rows against F.linear's 19.2/20.0/20.8/20.1/26.4 (2 cores, best of 5); above it F.linear
 GEMV_MAX_ROWS = 8
+# decode rows from which projections run on AMX tiles where the CPU has them (kernels/cpu_decode.py, weights
+# packed once at start, ~270 MB more for the bundled model): at 8 rows the AVX-512 GEMV is compute-bound on
+# 2 hyperthreads, the AMX one streams the weights: 8 requests at ~64 tokens 48.7 -> 29.5 ms/step, 4: 36.0 -> 28.1,
+# 1: equal (21 ms), medians of 15 interleaved steps (bench/cpu_decode.py)
+AMX_MIN_ROWS = 2
 
 
 def supports(model: DSAForCausalLM) -> str | None:
@@ -144,6 +149,15 @@ class CPUFastForward:
             raise ValueError(f"decode_kernels=True but the CPU decode kernels cannot run: {why_not}")
         self.decode_kernels = why_not is None
         self.gemv_max_rows = GEMV_MAX_ROWS
+        self.amx_min_rows = AMX_MIN_ROWS
+        # AMX tiles of each layer's [w_in (its longest prefix of whole 16-row blocks), w_o, w_gate_up, w_down]
+        # and of the LM head; None where the weight's rows are not whole blocks (those take the AVX-512 GEMV)
+        self.amx: list[list[torch.Tensor | None]] | None = None
+        self.amx_lm_head: torch.Tensor | None = None
+        if self.decode_kernels and cpu_decode.amx_available() is None:
+            tiles = lambda w: cpu_decode.pack_amx(w[: w.shape[0] // 16 * 16]) if w.shape[0] >= 16 else None
+            self.amx = [[tiles(w) for w in (p.w_in, p.w_o, p.w_gate_up, p.w_down)] for p in self.layers]
+            self.amx_lm_head = tiles(self.lm_head) if self.lm_head.shape[0] % 16 == 0 else None
         log.info("CPU decode kernels: %s", "on" if self.decode_kernels else f"off ({why_not})")
         self.threads = torch.get_num_threads()   # the replica's (configure_cpu); the engine thread's may differ
 
@@ -296,7 +310,6 @@ class CPUFastForward:
         icos, isin = (t[pos][:, None, None, :] for t in self.rope[self.ri])                     # (B, 1, 1, Ri)
         visible = torch.arange(S)[None, None, :] <= pos[:, None, None]                         # (B, 1, S)
         dense = S <= a.index_topk
-        small = B <= self.gemv_max_rows     # projections by the streaming GEMV, else F.linear
         eps, th = a.norm_eps, self.threads
         allowed = None                      # (B, S) bool past top-k: the last F layer's selection
         x = self.embed[tokens[:, 0]]                                                            # (B, dim)
@@ -305,7 +318,8 @@ class CPUFastForward:
             is_f = kind == "F"
             rows = self.v_end if not is_f else (self.ik_end if dense else p.w_in.shape[0])
             h = cpu_decode.rms_norm_bf16(x, p.attn_norm, eps)                                   # (B, dim)
-            proj = cpu_decode.gemv_bf16(h, p.w_in[:rows], th, check=False) if small else F.linear(h, p.w_in[:rows])  # (B, rows)
+            tiles = self.amx[layer] if self.amx is not None else (None, None, None, None)
+            proj = self._project(h, p.w_in, tiles[0], rows)                                     # (B, rows)
             q = cpu_decode.rope_qkv_bf16(proj, self.hq, self.hkv, cos, sin, pos, slot_t, kc, vc,
                                          check=False)                                   # (B, Hq*Dh)
             if is_f:
@@ -319,20 +333,30 @@ class CPUFastForward:
             elif not dense and allowed is None:
                 raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
             out = cpu_decode.attend_bf16(q, kc, vc, slot_t, lens, allowed, self.scale, th, check=False)  # (B, Hq*Dh)
-            if small:
-                cpu_decode.gemv_add_bf16(out, p.w_o, x, th, check=False)                                     # x += out @ w_o.T
-            else:
-                x.add_(F.linear(out, p.w_o))
+            self._project(out, p.w_o, tiles[1], p.w_o.shape[0], residual=x)                    # x += out @ w_o.T
             h = cpu_decode.rms_norm_bf16(x, p.mlp_norm, eps)
-            gu = cpu_decode.gemv_bf16(h, p.w_gate_up, th, check=False) if small else F.linear(h, p.w_gate_up)  # (B, 2I)
+            gu = self._project(h, p.w_gate_up, tiles[2], p.w_gate_up.shape[0])                   # (B, 2I)
             act = cpu_decode.silu_mul_bf16(gu)                                                  # (B, I)
-            if small:
-                cpu_decode.gemv_add_bf16(act, p.w_down, x, th, check=False)
-            else:
-                x.add_(F.linear(act, p.w_down))
+            self._project(act, p.w_down, tiles[3], p.w_down.shape[0], residual=x)              # x += act @ w_down.T
         h = cpu_decode.rms_norm_bf16(x, self.final_norm, eps)
-        logits = cpu_decode.gemv_bf16(h, self.lm_head, th, check=False) if small else F.linear(h, self.lm_head)
+        logits = self._project(h, self.lm_head, self.amx_lm_head, self.lm_head.shape[0])         # (B, V)
         return logits.float()                                                                   # (B, V)
+
+    def _project(self, x: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor | None, rows: int,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, K) @ w[:rows].T -> (B, rows), or residual (B, rows) += that, in place: on AMX tiles for
+        amx_min_rows..16 rows when the first `rows` rows are whole packed blocks, else the AVX-512 GEMV up to
+        gemv_max_rows rows, else F.linear. Operands checked at init (weights) or made by `_decode`."""
+        B, th = x.shape[0], self.threads
+        if tiles is not None and self.amx_min_rows <= B <= cpu_decode.AMX_MAX_ROWS and rows % 16 == 0 \
+                and rows <= tiles.shape[0] * 16:
+            return cpu_decode.amx_gemv_bf16(x, tiles[: rows // 16], th, residual=residual, check=False)
+        w = w[:rows]
+        if B <= self.gemv_max_rows:
+            if residual is not None:
+                return cpu_decode.gemv_add_bf16(x, w, residual, th, check=False)
+            return cpu_decode.gemv_bf16(x, w, th, check=False)
+        return residual.add_(F.linear(x, w)) if residual is not None else F.linear(x, w)
 
     def _indexer(self, proj, p: PackedLayer, layer: int, cache: KVCache, B: int, T: int, starts, slots, slot_t,
                  positions, icos, isin, visible, dense: bool, n_causal: int) -> torch.Tensor | None:
