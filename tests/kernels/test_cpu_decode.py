@@ -123,9 +123,9 @@ def test_attend_matches_twin(masked):
         assert (free[1].float() - got[1].float()).abs().max() > 0.05
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 16, 17, 40, 64])
 def test_amx_gemv_matches_twin(rows):
-    """The AMX GEMV (weights packed once into tiles) against the fp32 product rounded once, plain and added to a
+    """The AMX GEMV (weights packed once into tiles; 1-4 row tiles, the last one partial or whole) against the fp32 product rounded once, plain and added to a
     residual; a prefix of the packed tiles is the packing of the weight's first rows (what the decode step
     uses for the projections of S layers). Tolerances as for the AVX-512 GEMV."""
     if cpu_decode.amx_available() is not None:

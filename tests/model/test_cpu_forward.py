@@ -108,7 +108,8 @@ def _recording_selections(fast: CPUFastForward) -> list:
 def test_decode_kernels_match_pytorch_path(make_model, topk, gemv_max_rows, amx_min_rows):
     """Decode positions through the C kernels (kernels/cpu_decode.py: streaming GEMV, fused RMSNorm, RoPE + cache
     write, attention, SiLU-multiply, residual adds) against the same fast forward's PyTorch path, their twin,
-    through the engine-like script (prefill chunks run the PyTorch path in both; decode steps of 1, 2 and 3
+    through the engine-like script (prefill chunks of 3-9 tokens: their projections on AMX tiles where the CPU
+    has them, the rest of the chunk the PyTorch path in both; decode steps of 1, 2 and 3
     rows; with gemv_max_rows 2 the 3-row steps take F.linear + in-place adds; amx_min_rows 2: steps of 2 and 3
     rows on AMX tiles, where the CPU has them; 17: the AVX-512 GEMV only): logits within 0.1 absolute (seen: up to 0.05; bf16 rounding differences compounding over the layers,
     as in the bf16 reference comparison above). Top-k 64: every step dense. Top-k 8: decode steps past top-k,

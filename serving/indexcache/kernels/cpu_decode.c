@@ -287,31 +287,44 @@ typedef struct { uint8_t palette, start; uint8_t pad[14]; uint16_t colsb[16]; ui
 
 /* y (M, N) = x (M, K) @ w^T, or y += bf16(x @ w^T) when add (rounded as gemv_add_bf16). w packed as
  * (N/16, K/32, 16, 16, 2): tile (nb, kb) holds w[nb*16 + n][kb*32 + 2*kk + j] at [kk][n][j] (the AMX B layout,
- * k in pairs). M <= 16, N % 16 == 0, K % 32 == 0; column blocks of 16 split over the threads. */
+ * k in pairs). M <= 64 (up to 4 accumulator tiles of 16 rows: each weight tile is loaded once for all rows),
+ * N % 16 == 0, K % 32 == 0; column blocks of 16 split over the threads. */
 void amx_gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *wp, int N, uint16_t *y, int add, int threads) {
-    int nblocks = N / 16, kblocks = K / 32;
+    int nblocks = N / 16, kblocks = K / 32, mtiles = (M + 15) / 16;
     #pragma omp parallel num_threads(threads)
     {
         tile_config cfg;
         memset(&cfg, 0, sizeof cfg);
         cfg.palette = 1;
-        cfg.rows[0] = M;  cfg.colsb[0] = 64;    /* C: M x 16 fp32 */
-        cfg.rows[1] = M;  cfg.colsb[1] = 64;    /* A: M x 32 bf16 */
-        cfg.rows[2] = 16; cfg.colsb[2] = 64;    /* B: 16 k-pairs x 16 columns x 2 */
+        int tail = M % 16;                       /* rows of a last, partial row tile (0: none) */
+        for (int t = 0; t < mtiles; t++) {       /* C tiles 0-3: the row tiles' rows x 16 fp32 */
+            cfg.rows[t] = (t == mtiles - 1 && tail) ? tail : 16;
+            cfg.colsb[t] = 64;
+        }
+        cfg.rows[4] = 16;   cfg.colsb[4] = 64;   /* A, a full row tile: 16 x 32 bf16 */
+        cfg.rows[5] = tail; cfg.colsb[5] = tail ? 64 : 0;   /* A, the partial row tile */
+        cfg.rows[6] = 16;   cfg.colsb[6] = 64;   /* B: 16 k-pairs x 16 columns x 2 */
         _tile_loadconfig(&cfg);
-        float c[16 * 16];
+        /* tile numbers must be immediates: one statement per row tile */
+        #define AMX_ZERO(t) if (mtiles > t) _tile_zero(t)
+        #define AMX_STEP(t) if (mtiles > t) {                                                              \
+            if (t == mtiles - 1 && tail) { _tile_loadd(5, x + (size_t)16 * t * K + kb * 32, K * 2); _tile_dpbf16ps(t, 5, 6); } \
+            else { _tile_loadd(4, x + (size_t)16 * t * K + kb * 32, K * 2); _tile_dpbf16ps(t, 4, 6); } }
+        float c[64 * 16];
         #pragma omp for schedule(static)
         for (int nb = 0; nb < nblocks; nb++) {
             const uint16_t *wb = wp + (size_t)nb * kblocks * 512;
-            _tile_zero(0);
+            AMX_ZERO(0); AMX_ZERO(1); AMX_ZERO(2); AMX_ZERO(3);
             for (int kb = 0; kb < kblocks; kb++) {
                 const char *ahead = (const char *)(wb + (size_t)(kb + AMX_PREFETCH_TILES) * 512);
                 for (int line = 0; line < 1024; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-                _tile_loadd(1, x + kb * 32, K * 2);
-                _tile_loadd(2, wb + (size_t)kb * 512, 64);
-                _tile_dpbf16ps(0, 1, 2);
+                _tile_loadd(6, wb + (size_t)kb * 512, 64);
+                AMX_STEP(0); AMX_STEP(1); AMX_STEP(2); AMX_STEP(3);
             }
-            _tile_stored(0, c, 64);
+            if (mtiles > 0) _tile_stored(0, c, 64);
+            if (mtiles > 1) _tile_stored(1, c + 16 * 16, 64);
+            if (mtiles > 2) _tile_stored(2, c + 32 * 16, 64);
+            if (mtiles > 3) _tile_stored(3, c + 48 * 16, 64);
             for (int m = 0; m < M; m++)
                 for (int n = 0; n < 16; n++) {
                     size_t at = (size_t)m * N + nb * 16 + n;

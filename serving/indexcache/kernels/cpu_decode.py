@@ -37,7 +37,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-
          "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 AMX_FLAGS = ("amx_tile", "amx_bf16")
-AMX_MAX_ROWS = 16        # rows of an AMX tile
+AMX_MAX_ROWS = 64        # 4 accumulator tiles of 16 rows
 K_MULTIPLE = 32          # one AVX-512 BF16 dot product covers 32 values of K
 
 _lib: ctypes.CDLL | None = None
@@ -304,7 +304,7 @@ def pack_amx(w: torch.Tensor) -> torch.Tensor:
 
 def amx_gemv_bf16(x: torch.Tensor, packed: torch.Tensor, threads: int, residual: torch.Tensor | None = None,
                   check: bool = True) -> torch.Tensor:
-    """x (M, K) bf16, M <= 16, @ w^T for w packed by pack_amx -> (M, N) bf16; with residual (M, N): residual +=
+    """x (M, K) bf16, M <= 64, @ w^T for w packed by pack_amx -> (M, N) bf16; with residual (M, N): residual +=
     bf16(x @ w^T) in place, returned. check=False: the caller has checked the operands."""
     N, K = packed.shape[0] * 16, packed.shape[1] * 32
     if check:

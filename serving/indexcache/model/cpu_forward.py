@@ -177,10 +177,19 @@ class CPUFastForward:
             return f"MLP width {self.inter} (SiLU-multiply takes multiples of 16)"
         return cpu_decode.available()
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor | Int8Weight) -> torch.Tensor:
-        """x (..., K) @ w.T -> (..., N): the streaming GEMV for few rows of bf16, else F.linear / int8."""
-        if self.decode_kernels and x.numel() <= self.gemv_max_rows * x.shape[-1]:
-            return cpu_decode.gemv_bf16(x, w, self.threads)
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | Int8Weight, tiles: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., K) @ w.T -> (..., N) in a prefill chunk: on AMX tiles (w's, packed at start) for
+        amx_min_rows..64 rows (short prompts: the weights stream once for all their tokens), the AVX-512 GEMV
+        up to gemv_max_rows rows, else F.linear / int8."""
+        rows = x.numel() // x.shape[-1]
+        if self.decode_kernels:
+            n = w.shape[0]
+            if (tiles is not None and self.amx_min_rows <= rows <= cpu_decode.AMX_MAX_ROWS and n % 16 == 0
+                    and n <= tiles.shape[0] * 16):
+                y = cpu_decode.amx_gemv_bf16(x.reshape(rows, x.shape[-1]), tiles[: n // 16], self.threads)
+                return y.view(*x.shape[:-1], n)
+            if rows <= self.gemv_max_rows:
+                return cpu_decode.gemv_bf16(x, w, self.threads)
         return linear(x, w)
 
     # ---------------------------------------------------------------------------------------- helpers
@@ -255,11 +264,12 @@ class CPUFastForward:
         x = self.embed[tokens]                                                            # (B, T, dim)
         for layer, (p, kind) in enumerate(zip(self.layers, pattern)):
             kc, vc = cache.layers[layer]["k"], cache.layers[layer]["v"]
+            tiles = self.amx[layer] if self.amx is not None else (None, None, None, None)
             h = self._rms(x, p.attn_norm)
             is_f = kind == "F"
             rows = self.v_end if not is_f else (self.ik_end if dense else p.w_in.shape[0])
             w_in = p.w_in.rows(rows) if isinstance(p.w_in, Int8Weight) else p.w_in[:rows]
-            proj = self._linear(h, w_in)                                                        # (B, T, rows)
+            proj = self._linear(h, w_in, tiles[0])                                                        # (B, T, rows)
             qk = self._rotate(proj[..., : self.k_end].view(B, T, self.hq + self.hkv, self.dh),
                               cos, sin).to(dt)                                            # (B, T, Hq+Hkv, Dh)
             q, k = qk[:, :, : self.hq], qk[:, :, self.hq:]
@@ -284,10 +294,10 @@ class CPUFastForward:
                 raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
             out = self._attend(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), allowed,
                                n_causal)                                                  # (B, Hq, T, Dh)
-            x = x + self._linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o)
+            x = x + self._linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o, tiles[1])
             h = self._rms(x, p.mlp_norm)
-            gu = self._linear(h, p.w_gate_up)                                                   # (B, T, 2I)
-            x = x + self._linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down)
+            gu = self._linear(h, p.w_gate_up, tiles[2])                                                   # (B, T, 2I)
+            x = x + self._linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down, tiles[3])
         x = x[torch.arange(B), logits_at]                                                 # (B, dim)
         return self._linear(self._rms(x, self.final_norm), self.lm_head).float()               # (B, V)
 
