@@ -4,10 +4,11 @@ SmolLM2 DSA model (bf16) in-process, no server.
     python bench/cpu_decode.py --json bench/results/cpu_decode.json
 
 1. GEMV: every projection of the 30 layers (S-layer rows of the packed q|k|v weight, o, gate|up, down) and the
-   LM head once, at 1..8 input rows, through the streaming kernel and through F.linear (oneDNN), best and
-   median of --repeats, interleaved; and F.linear in fp32 on fp32 copies (the other `--dtype`).
-2. The bandwidth floor: a plain read (sum) of 269 MB of bf16 weights, best of --repeats: the fastest a step
-   that reads every weight once can go here.
+   LM head once, at 1..8 input rows, through the AVX-512 kernel, the AMX kernel (packed tiles), F.linear
+   (oneDNN) in bf16 and F.linear in fp32 on fp32 copies (the other `--dtype`); best and median of --repeats,
+   interleaved.
+2. The bandwidth floor: a plain read (sum, as fp32 words) of as many bytes as those weights, best of
+   --repeats: the fastest a step that reads every weight once can go here.
 3. Engine decode steps: ms per step with the decode kernels on and off (the PyTorch path), batch 1 and 8,
    contexts ~30 (dense) and ~1,000 (past top-k 512: the indexer selects), medians of --steps steps after
    a warm-up; the greedy tokens of one request through both paths.
@@ -59,13 +60,15 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     result = {"commit": commit, "command": " ".join(sys.argv), "threads": torch.get_num_threads(),
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu": cpu_decode_cpu_name()}
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu": cpu_decode_cpu_name(),
+              "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
 
     # 1. GEMV sweep over the model's own weights
     probe = Engine(model, pattern=pattern, max_batch_size=1, max_model_len=64).cpu_fast
     weights = [w for layer in probe.layers for w in (layer.w_in[:probe.v_end], layer.w_o, layer.w_gate_up,
                                                      layer.w_down)] + [probe.lm_head]
     weights32 = [w.float() for w in weights]
+    tiles = [cpu_decode.pack_amx(w) for w in weights] if cpu_decode.amx_available() is None else None
     nbytes = sum(w.numel() * 2 for w in weights)
     result["weight_bytes_bf16"] = nbytes
     gemv_rows = []
@@ -74,6 +77,8 @@ def main() -> None:
         xs32 = {k: x.float() for k, x in xs.items()}
         runs = {"kernel": lambda: [cpu_decode.gemv_bf16(xs[w.shape[1]], w, torch.get_num_threads()) for w in weights],
                 "F.linear bf16": lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
+                **({"amx": lambda: [cpu_decode.amx_gemv_bf16(xs[w.shape[1]], t, torch.get_num_threads())
+                                    for w, t in zip(weights, tiles)]} if tiles is not None else {}),
                 "F.linear fp32": lambda: [F.linear(xs32[w.shape[1]], w) for w in weights32]}
         times = {name: [] for name in runs}
         for name, fn in runs.items():
@@ -84,13 +89,15 @@ def main() -> None:
         row = {"rows": rows}
         for name, t in times.items():
             row[name] = {"best_ms": round(1e3 * min(t), 2), "median_ms": round(1e3 * statistics.median(t), 2)}
-        row["kernel_GBps_best"] = round(nbytes / min(times["kernel"]) / 1e9, 1)
+        for name in ("kernel", "amx"):
+            if name in times:
+                row[name + "_GBps_best"] = round(nbytes / min(times[name]) / 1e9, 1)
         gemv_rows.append(row)
         print(json.dumps(row), flush=True)
     result["gemv"] = gemv_rows
 
     # 2. bandwidth floor: read the same number of bytes once
-    block = torch.ones(nbytes // 2, dtype=torch.bfloat16)
+    block = torch.ones(nbytes // 4, dtype=torch.float32)
     block.sum()
     t = timed(block.sum, args.repeats)
     result["read_floor"] = {"best_ms": round(1e3 * min(t), 2), "GBps_best": round(nbytes / min(t) / 1e9, 1)}
@@ -130,6 +137,7 @@ def main() -> None:
     same = next((i for i, (a, b) in enumerate(zip(*outs)) if a != b), len(outs[0]))
     result["greedy_64"] = {"equal_prefix": same, "tokens": len(outs[0])}
     print(json.dumps(result["greedy_64"]))
+    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
