@@ -45,9 +45,11 @@ QUANTIZATIONS = ("none", "int8")
 GEMV_MAX_ROWS = 8
 # decode rows from which projections run on AMX tiles where the CPU has them (kernels/cpu_decode.py, weights
 # packed once at start, ~270 MB more for the bundled model): at 8 rows the AVX-512 GEMV is compute-bound on
-# 2 hyperthreads, the AMX one streams the weights: 8 requests at ~64 tokens 48.7 -> 29.5 ms/step, 4: 36.0 -> 28.1,
-# 1: equal (21 ms), medians of 15 interleaved steps (bench/cpu_decode.py)
-AMX_MIN_ROWS = 2
+# 2 hyperthreads, the AMX one streams the weights. The model's GEMVs at 1/2/4/8 rows, best of 7: AMX 15.8/15.5/
+# 11.9/15.5 ms, AVX-512 18.5/18.6/15.9/30.2, F.linear 33.7/31.2/21.7/29.2 (bench/results/cpu_decode.json);
+# in the engine, 8 requests at ~64 tokens 48.7 -> 29.5 ms/step. The AVX-512 GEMV serves weights whose rows
+# are not whole 16-row tiles and CPUs without AMX.
+AMX_MIN_ROWS = 1
 
 
 def supports(model: DSAForCausalLM) -> str | None:
