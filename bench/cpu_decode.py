@@ -12,6 +12,8 @@ SmolLM2 DSA model (bf16) in-process, no server.
 3. Engine decode steps: ms per step with the decode kernels on and off (the PyTorch path), batch 1 and 8,
    contexts ~30 (dense) and ~1,000 (past top-k 512: the indexer selects), medians of --steps steps after
    a warm-up; the greedy tokens of one request through both paths.
+4. serve_vs_peer's 8-stream workload without the server: 8 prompts of 64 tokens submitted together, 64 greedy
+   tokens each, tokens / wall time (prefill included), median of --repeats // 2 + 1 runs, kernels on and off.
 """
 from __future__ import annotations
 
@@ -125,6 +127,28 @@ def main() -> None:
         steps.append(row)
         print(json.dumps(row), flush=True)
     result["steps"] = steps
+
+    # 4. 8 streams x 64 tokens in-process
+    streams = {}
+    for kernels in (True, False):
+        engine = Engine(model, pattern=pattern, max_batch_size=8, max_model_len=2048, chunk_size=1024,
+                        cpu_decode_kernels=kernels)
+        runs = []
+        for rep in range(args.repeats // 2 + 1):
+            t0 = time.perf_counter()
+            reqs = [engine.submit([(97 * i + j + rep) % 40000 + 100 for j in range(64)],
+                                  SamplingParams(max_new_tokens=64, temperature=0.0), lambda c: None) for i in range(8)]
+            prefilled = None
+            while engine.step():
+                if prefilled is None and all(r.output for r in reqs):
+                    prefilled = time.perf_counter() - t0
+            wall = time.perf_counter() - t0
+            runs.append((sum(len(r.output) for r in reqs) / wall, prefilled, wall))
+        tok_s, prefilled, wall = sorted(runs)[len(runs) // 2]
+        streams["kernels" if kernels else "pytorch"] = {"tok_s": round(tok_s, 1), "prefill_s": round(prefilled, 3),
+                                                        "wall_s": round(wall, 3)}
+    result["streams8x64"] = streams
+    print(json.dumps(streams), flush=True)
 
     # greedy tokens of one request, both paths
     outs = []

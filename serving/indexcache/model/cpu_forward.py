@@ -39,16 +39,17 @@ from .int8 import Int8Weight, linear, quantize_int8
 
 log = logging.getLogger(__name__)
 QUANTIZATIONS = ("none", "int8")
-# decode rows (requests in a batched decode step) up to which bf16 projections run through the streaming GEMV
-# (kernels/cpu_decode.py): the 30 layers' and the LM head's GEMVs took 10.9/12.2/14.2/17.6/23.9 ms at 1/2/4/6/8
-# rows against F.linear's 19.2/20.0/20.8/20.1/26.4 (2 cores, best of 5); above it F.linear
+# decode rows (requests in a batched decode step) up to which bf16 projections run through the AVX-512 GEMV
+# (kernels/cpu_decode.py) when AMX does not take them: the model's GEMVs at 1/2/4/8 rows took 13.1/14.0/16.1/
+# 24.9 ms against F.linear's 20.8/23.7/22.4/23.4 (2 cores, best of 7, bench/results/cpu_decode.json); above it
+# F.linear
 GEMV_MAX_ROWS = 8
 # decode rows from which projections run on AMX tiles where the CPU has them (kernels/cpu_decode.py, weights
 # packed once at start, ~270 MB more for the bundled model): at 8 rows the AVX-512 GEMV is compute-bound on
-# 2 hyperthreads, the AMX one streams the weights. The model's GEMVs at 1/2/4/8 rows, best of 7: AMX 15.8/15.5/
-# 11.9/15.5 ms, AVX-512 18.5/18.6/15.9/30.2, F.linear 33.7/31.2/21.7/29.2 (bench/results/cpu_decode.json);
-# in the engine, 8 requests at ~64 tokens 48.7 -> 29.5 ms/step. The AVX-512 GEMV serves weights whose rows
-# are not whole 16-row tiles and CPUs without AMX.
+# 2 hyperthreads, the AMX one streams the weights. The model's GEMVs at 1/2/4/8 rows, best of 7: AMX 12.2/12.6/
+# 12.5/13.2 ms, AVX-512 13.1/14.0/16.1/24.9 (bench/results/cpu_decode.json); in the engine, 8 requests at ~64
+# tokens 48.7 -> 29.5 ms/step. The AVX-512 GEMV serves weights whose rows are not whole 16-row tiles and CPUs
+# without AMX.
 AMX_MIN_ROWS = 1
 
 
