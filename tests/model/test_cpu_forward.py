@@ -156,3 +156,17 @@ def test_decode_kernels_match_pytorch_path(make_model, topk, gemv_max_rows, amx_
         outputs.append(tokens)
     assert all(len(o) == 12 for o in outputs[0])
     assert outputs[0] == outputs[1]
+
+
+def test_decode_kernels_refuse_a_cache_they_cannot_read(make_model):
+    """The kernels index the KV cache by raw pointers: a cache in another dtype is refused with a clear error
+    before any kernel runs, not read as bf16."""
+    from indexcache.kernels import cpu_decode
+
+    if cpu_decode.available() is not None:
+        pytest.skip(f"the decode kernels do not run here: {cpu_decode.available()}")
+    model = make_model("gqa", seed=6).to(torch.bfloat16)
+    fast = CPUFastForward(model, decode_kernels=True)
+    cache = KVCache(model.args, 1, 64, PATTERN, dtype=torch.float32)
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        fast(torch.tensor([[3]]), [0], [0], PATTERN, cache, torch.tensor([0]))

@@ -183,9 +183,13 @@ def ref_gemv_add_bf16(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) 
     return residual + ref_gemv_bf16(x, w)
 
 
-def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (M, D) -> bf16(F.rms_norm(x in fp32)) * weight (D,), per row."""
-    _check_rows("rms_norm_bf16", x, weight)
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, check: bool = True) -> torch.Tensor:
+    """x (M, D) -> bf16(F.rms_norm(x in fp32)) * weight (D,), per row. check=False: the caller has checked that
+    both are contiguous bf16 CPU tensors of matching width."""
+    if check:
+        _check_rows("rms_norm_bf16", x, weight)
+        if x.dim() != 2 or weight.shape != (x.shape[1],):
+            raise ValueError(f"rms_norm_bf16: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     y = torch.empty_like(x)
     _lib.rms_norm_bf16(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, y.data_ptr())
     return y
@@ -195,11 +199,13 @@ def ref_rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
-def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up (M, 2I) = [g | u] -> silu(g) * u (M, I), each in bf16; I a multiple of 16."""
-    _check_rows("silu_mul_bf16", gate_up)
+def silu_mul_bf16(gate_up: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """gate_up (M, 2I) = [g | u] -> silu(g) * u (M, I), each in bf16; I a multiple of 16. check=False: the caller
+    has checked that."""
+    if check:
+        _check_rows("silu_mul_bf16", gate_up)
     M, I2 = gate_up.shape
-    if I2 % 32:
+    if check and I2 % 32:
         raise ValueError(f"silu_mul_bf16 takes (M, 2I) with I a multiple of 16, got {tuple(gate_up.shape)}")
     y = torch.empty(M, I2 // 2, dtype=torch.bfloat16)
     _lib.silu_mul_bf16(gate_up.data_ptr(), M, I2 // 2, y.data_ptr())
@@ -216,10 +222,12 @@ def rope_qkv_bf16(proj: torch.Tensor, hq: int, hkv: int, cos: torch.Tensor, sin:
     """proj (M, P) = [q (Hq*Dh) | k (Hkv*Dh) | v (Hkv*Dh) | ...] of one position per row; cos/sin (max_len, Dh) fp32
     tables [cos | cos], [-sin | sin]; positions, slots (M,) int64. Writes rotated k and v into the caches
     (slots, max_len, Hkv, Dh) at [slots[m], positions[m]]; returns rotated q (M, Hq*Dh). check=False: the caller
-    has checked positions and slots against the cache (they index memory unchecked in the kernel)."""
-    _check_rows("rope_qkv_bf16", proj, k_cache, v_cache)
+    has checked the operands (contiguous bf16, shapes) and the positions and slots against the cache (the kernel
+    indexes memory with them unchecked)."""
     n_slots, max_len, h, dh = k_cache.shape
-    if (h != hkv or v_cache.shape != k_cache.shape or proj.shape[1] < (hq + 2 * hkv) * dh or cos.shape[1] != dh
+    if check:
+        _check_rows("rope_qkv_bf16", proj, k_cache, v_cache)
+    if check and (h != hkv or v_cache.shape != k_cache.shape or proj.shape[1] < (hq + 2 * hkv) * dh or cos.shape[1] != dh
             or cos.dtype != torch.float32 or not (cos.is_contiguous() and sin.is_contiguous())
             or positions.dtype != torch.int64 or slots.dtype != torch.int64 or len(positions) != proj.shape[0]
             or len(slots) != proj.shape[0]):
@@ -250,11 +258,12 @@ def attend_bf16(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, s
                 check: bool = True) -> torch.Tensor:
     """q (M, Hq*Dh) one position per row -> (M, Hq*Dh): softmax(q k^T * scale) v over the keys [0, kv_lens[m]) of
     slot slots[m] in the caches (slots, max_len, Hkv, Dh), or those allowed (M, S) bool admits; GQA.
-    check=False: the caller has checked slots and kv_lens against the cache."""
-    _check_rows("attend_bf16", q, k_cache, v_cache)
+    check=False: the caller has checked the operands (contiguous bf16, shapes), slots and kv_lens against the cache."""
     n_slots, max_len, hkv, dh = k_cache.shape
     M, hq = q.shape[0], q.shape[1] // dh
-    if (hq % hkv or hq // hkv > 16 or dh > 256 or dh % 16 or slots.dtype != torch.int64 or kv_lens.dtype != torch.int64 or len(slots) != M
+    if check:
+        _check_rows("attend_bf16", q, k_cache, v_cache)
+    if check and (hq % hkv or hq // hkv > 16 or dh > 256 or dh % 16 or slots.dtype != torch.int64 or kv_lens.dtype != torch.int64 or len(slots) != M
             or len(kv_lens) != M):
         raise ValueError("attend_bf16: inconsistent shapes or dtypes")
     if check and (int(kv_lens.max()) > max_len or int(kv_lens.min()) < 1 or int(slots.max()) >= n_slots

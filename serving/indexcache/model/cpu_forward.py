@@ -153,6 +153,7 @@ class CPUFastForward:
         self.decode_kernels = why_not is None
         self.gemv_max_rows = GEMV_MAX_ROWS
         self.amx_min_rows = AMX_MIN_ROWS
+        self._checked_cache: KVCache | None = None
         # AMX tiles of each layer's [w_in (its longest prefix of whole 16-row blocks), w_o, w_gate_up, w_down]
         # and of the LM head; None where the weight's rows are not whole blocks (those take the AVX-512 GEMV)
         self.amx: list[list[torch.Tensor | None]] | None = None
@@ -318,6 +319,12 @@ class CPUFastForward:
             raise ValueError(f"sequence of {S} tokens exceeds max_position_embeddings ({a.max_seq_len}) or the cache")
         if min(starts) < 0 or not 0 <= min(slots) <= max(slots) < cache.layers[0]["k"].shape[0]:
             raise ValueError(f"positions {starts} or slots {slots} outside the cache")
+        if cache is not self._checked_cache:   # the kernels take its K/V tensors unchecked below; a cache keeps them
+            shape = (cache.layers[0]["k"].shape[0], cache.layers[0]["k"].shape[1], self.hkv, self.dh)
+            if any(t.dtype != torch.bfloat16 or not t.is_contiguous() or t.shape != shape
+                   for kv in cache.layers for t in (kv["k"], kv["v"])):
+                raise ValueError("the decode kernels need the KV cache as contiguous bf16 (slots, len, Hkv, Dh) tensors")
+            self._checked_cache = cache
         pos, slot_t, lens = torch.tensor(starts), torch.tensor(slots), torch.tensor(kv_lens)        # (B,) int64
         cos, sin = self.rope[self.dh]
         icos, isin = (t[pos][:, None, None, :] for t in self.rope[self.ri])                     # (B, 1, 1, Ri)
@@ -330,7 +337,7 @@ class CPUFastForward:
             kc, vc = cache.layers[layer]["k"], cache.layers[layer]["v"]
             is_f = kind == "F"
             rows = self.v_end if not is_f else (self.ik_end if dense else p.w_in.shape[0])
-            h = cpu_decode.rms_norm_bf16(x, p.attn_norm, eps)                                   # (B, dim)
+            h = cpu_decode.rms_norm_bf16(x, p.attn_norm, eps, check=False)                      # (B, dim)
             tiles = self.amx[layer] if self.amx is not None else (None, None, None, None)
             proj = self._project(h, p.w_in, tiles[0], rows)                                     # (B, rows)
             q = cpu_decode.rope_qkv_bf16(proj, self.hq, self.hkv, cos, sin, pos, slot_t, kc, vc,
@@ -347,11 +354,11 @@ class CPUFastForward:
                 raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
             out = cpu_decode.attend_bf16(q, kc, vc, slot_t, lens, allowed, self.scale, th, check=False)  # (B, Hq*Dh)
             self._project(out, p.w_o, tiles[1], p.w_o.shape[0], residual=x)                    # x += out @ w_o.T
-            h = cpu_decode.rms_norm_bf16(x, p.mlp_norm, eps)
+            h = cpu_decode.rms_norm_bf16(x, p.mlp_norm, eps, check=False)
             gu = self._project(h, p.w_gate_up, tiles[2], p.w_gate_up.shape[0])                   # (B, 2I)
-            act = cpu_decode.silu_mul_bf16(gu)                                                  # (B, I)
+            act = cpu_decode.silu_mul_bf16(gu, check=False)                                     # (B, I)
             self._project(act, p.w_down, tiles[3], p.w_down.shape[0], residual=x)              # x += act @ w_down.T
-        h = cpu_decode.rms_norm_bf16(x, self.final_norm, eps)
+        h = cpu_decode.rms_norm_bf16(x, self.final_norm, eps, check=False)
         logits = self._project(h, self.lm_head, self.amx_lm_head, self.lm_head.shape[0])         # (B, V)
         return logits.float()                                                                   # (B, V)
 
