@@ -1,20 +1,22 @@
-"""Kernels of the CPU decode step (bf16): a streaming GEMV, and the small per-layer operations fused so that a
-layer is a handful of calls instead of ~100 PyTorch ops.
+"""Kernels of the CPU decode step (bf16): GEMVs that stream the weights, and the small per-layer operations fused
+so that a layer is ~10 calls instead of ~100 PyTorch ops.
 
 A CPU decode step reads every weight of the model once and multiplies it by one row per request. On the
-2-core development machine (Xeon with AVX-512 BF16 and AMX, torch 2.13) PyTorch's bf16 GEMM streams
-weights from memory at 7-12 GB/s at M = 1, well below the ~19 GB/s a plain read reaches; the bundled model
-reads 269 MB per token, so a decode step was ~30 ms of GEMV alone (bench/cpu_decode.py, bench/RESULTS.md).
-`cpu_decode.c` holds the kernels: the GEMV (AVX-512 BF16 dot products with fp32 sums, rounded to bf16 once,
-rows of w split over the OpenMP threads PyTorch uses; `gemv_add_bf16` adds it to a residual in place), RMSNorm,
-SiLU-and-multiply, RoPE of q and k with the KV cache write, and one-position attention over a slot's cache.
-After the GEMV, per-op cost was the step: ~3,000 PyTorch calls per decode token at 3-10 us each.
+2-core development machine (Xeon with AVX-512 BF16 and AMX, torch 2.13) PyTorch's bf16 GEMM streamed the
+bundled model's 269 MB of weights at 8-13 GB/s at one row, where a plain read reaches 24-30 GB/s
+(bench/cpu_decode.py, bench/RESULTS.md round 4). `cpu_decode.c` holds the kernels: the AVX-512 GEMV (BF16 dot
+products with fp32 sums, rounded to bf16 once, software prefetch, rows of w split over the OpenMP threads
+PyTorch uses; `gemv_add_bf16` adds it to a residual in place), the AMX GEMM for 1-64 rows from weights packed
+once into tiles (`pack_amx`), RMSNorm, SiLU-and-multiply, RoPE of q and k with the KV cache write, and
+one-position attention over a slot's cache. After the GEMV, per-op cost was the step: ~3,000 PyTorch calls per
+decode token at 3-10 us each.
 
-The kernel is C, compiled on first use with the system C compiler (`cc`, gcc 12 on Debian 12) into
-$INDEXCACHE_HOME/kernels (default ~/.cache/indexcache/kernels, keyed by the source's digest; ~0.6 s once),
-and loaded with ctypes: no PyTorch headers, no ninja. Where it cannot run (no compiler, no AVX-512 BF16
-in /proc/cpuinfo, a shape it does not take) `available()` says why and callers keep F.linear.
-Each kernel has a `ref_` twin in plain PyTorch that rounds to bf16 where the kernel does.
+The kernels are C, compiled on first use with the system C compiler (`cc`, gcc 12 on Debian 12) into
+$INDEXCACHE_HOME/kernels (default ~/.cache/indexcache/kernels, keyed by the source's digest; ~1.6 s once on
+2 cores), and loaded with ctypes: no PyTorch headers, no ninja. Where they cannot run (no compiler, no AVX-512
+BF16 in /proc/cpuinfo, a shape they do not take) `available()` says why and callers keep the PyTorch path;
+`amx_available()` likewise for the AMX GEMM. Each kernel has a `ref_` twin in plain PyTorch that rounds to
+bf16 where the kernel does (the AMX GEMM's twin is `ref_gemv_bf16`).
 """
 from __future__ import annotations
 
