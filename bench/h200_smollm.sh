@@ -129,13 +129,13 @@ issue23-calibrate)
   $IC convert smollm2 --out /tmp/ck23 --indexer bundled >/dev/null || exit 1
   mkdir -p "$OUT/issue23"
   python3 tools/calibration_samples.py --model /tmp/ck23 --out "$OUT/issue23/calib_samples.jsonl" \
-      --windows ${CALIB_WINDOWS:-4} --tokens ${CALIB_TOKENS:-2048} || exit 1
+      --windows ${CALIB_WINDOWS:-4} --tokens ${CALIB_TOKENS:-2048} --separator-id ${SEPARATOR_ID:-2} || exit 1
   CMD="indexcache calibrate --model /tmp/ck23 --samples calib_samples.jsonl --tokenizer-name smollm2-dsa --target-full 0.25 --seed 0 --device cuda --dtype float32 --fresh --out result.json"
   log "calibrate: $CMD"
   (cd "$OUT/issue23" && timeout ${CALIB_LIMIT:-150} $IC ${CMD#indexcache } --no-progress) 2>&1 | tail -25
   [ -f "$OUT/issue23/result.json" ] || { echo "no calibration result"; exit 1; }
   cp serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors /tmp/indexer23.safetensors
-  python3 tools/ship_pattern.py --result "$OUT/issue23/result.json" --command "python tools/calibration_samples.py --model <bundled checkpoint> --out calib_samples.jsonl --windows ${CALIB_WINDOWS:-4} --tokens ${CALIB_TOKENS:-2048}; $CMD" || exit 1
+  python3 tools/ship_pattern.py --result "$OUT/issue23/result.json" --command "python tools/calibration_samples.py --model <bundled checkpoint> --out calib_samples.jsonl --windows ${CALIB_WINDOWS:-4} --tokens ${CALIB_TOKENS:-2048} --separator-id ${SEPARATOR_ID:-2}; $CMD" || exit 1
   cp serving/indexcache/artifacts/smollm2-dsa/pattern.json "$OUT/issue23/pattern.json"
   log "quality table, fp32"
   timeout 280 $IC eval --model /tmp/ck23 --out "$OUT/issue23/eval" --contexts 2048,4096,8192 \
