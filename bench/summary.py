@@ -126,13 +126,23 @@ ROWS = [
                    f"(uniform indices {1000 * g('mla_layouts[indices=uniform,layout=heads_m].s'):.2f} / "
                    f"{1000 * g('mla_layouts[indices=uniform,layout=keys_m,num_warps=4].s'):.2f} ms)"),
         "floor ~111 ms per layer at 200K (#21)", "python3 bench/bench_kernels.py --only-mla-layouts"),
-    Row("shipped SmolLM2 pattern (greedy, 8 of 30 F, CPU-calibrated): perplexity at 8K vs all-F, essays / Shakespeare, greedy; uniform 8 F",
-        "docs/smollm2-results/issue23-cpu/perplexity.json",
+    Row("shipped SmolLM2 pattern (greedy, 8 of 30 F, calibrated on 2 x 8K tokens, **H100**): perplexity at 8K vs all-F, essays / Shakespeare, greedy; uniform 8 F",
+        "docs/smollm2-results/issue23-gpu/calib-2x8192/eval.json",
         lambda g: (f"{pct(g('perplexity.8192.greedy.essays'), g('perplexity.8192.dsa_all_f.essays'))} / "
                    f"{pct(g('perplexity.8192.greedy.shakespeare'), g('perplexity.8192.dsa_all_f.shakespeare'))}; "
                    f"uniform {pct(g('perplexity.8192.uniform.essays'), g('perplexity.8192.dsa_all_f.essays'))} / "
                    f"{pct(g('perplexity.8192.uniform.shakespeare'), g('perplexity.8192.dsa_all_f.shakespeare'))}"),
-        "greedy beats uniform (#23)", "indexcache eval --contexts 2048,4096,8192 --variant greedy=calibrated:... --variant uniform=uniform:8"),
+        "greedy beats uniform (#23)", "indexcache eval --contexts 2048,4096,8192 --variant greedy=calibrated:... --variant uniform=uniform:8",
+        commit="481cc6a"),
+    Row("needles kept at 4K + 8K x 10 depths (**H100**), passkey / real-prose retrieval: shipped pattern (8 F); all-F; uniform 8 F",
+        "docs/smollm2-results/issue23-gpu/depths-4k-8k/eval.json",
+        lambda g: (f"{g('passkey.shipped.correct')}/{g('passkey.shipped.total')} / "
+                   f"{g('retrieval.shipped.correct')}/{g('retrieval.shipped.total')}; "
+                   f"all-F {g('passkey.dsa_all_f.correct')} / {g('retrieval.dsa_all_f.correct')}; "
+                   f"uniform {g('passkey.uniform.correct')} / {g('retrieval.uniform.correct')}"),
+        "as many as all-F, more than uniform (#23)",
+        "indexcache eval --contexts 4096,8192 --tasks passkey,retrieval --depths 0.05,...,0.95 --variant ...",
+        commit="ed42ba8"),
     Row("SmolLM2 DSA (v6 indexer, top-512, all F), perplexity vs dense at 4K / 8K, essays",
         "docs/smollm2-results/v6-eval/eval.json",
         lambda g: (f"{pct(g('perplexity.4096.dsa_all_f.essays'), g('perplexity.4096.dense.essays'))} / "

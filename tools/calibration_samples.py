@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serving"))
 from indexcache.offline import corpora  # noqa: E402
 
 
-def calibration_windows(tokenizer, windows: int, tokens: int) -> list[list[int]]:
+def calibration_windows(tokenizer, windows: int, tokens: int, separator_id: int) -> list[list[int]]:
     return list(corpora.token_windows(corpora.training_documents(), tokenizer.encode, tokens,
-                                      separator_id=tokenizer.eos_token_id, max_windows=windows))
+                                      separator_id=separator_id, max_windows=windows))
 
 
 def main(argv=None) -> int:
@@ -32,12 +32,20 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=1024, help="tokens per window")
     p.add_argument("--model", help="checkpoint directory whose tokenizer to use (default: the bundled SmolLM2 "
                                    "checkpoint, converted if needed)")
+    p.add_argument("--separator-id", type=int,
+                   help="token id between documents (default: the checkpoint's eos_token_id from config.json; "
+                        "the tokenizer's own eos id differs between transformers versions, so a recorded "
+                        "command names it)")
     args = p.parse_args(argv)
     from indexcache.model.tokenizer import load_tokenizer
     from indexcache.offline.smollm2 import bundled_checkpoint
 
-    tokenizer = load_tokenizer(args.model or bundled_checkpoint())
-    rows = calibration_windows(tokenizer, args.windows, args.tokens)
+    checkpoint = Path(args.model or bundled_checkpoint())
+    tokenizer = load_tokenizer(checkpoint)
+    separator = args.separator_id
+    if separator is None:
+        separator = int(json.loads((checkpoint / "config.json").read_text())["eos_token_id"])
+    rows = calibration_windows(tokenizer, args.windows, args.tokens, separator)
     Path(args.out).write_text("".join(json.dumps({"token_ids": ids, "tokenizer": "smollm2-dsa"}) + "\n"
                                       for ids in rows))
     print(f"# {len(rows)} windows x {args.tokens} tokens of training text -> {args.out}", file=sys.stderr)

@@ -48,6 +48,20 @@ def test_eval_named_variants_and_selected_tasks(small_checkpoint, tmp_path):
     assert "Retrieval from real prose" in report and "| greedy | `FS` | 1 |" in report
 
 
+def test_eval_depths_place_the_needles(small_checkpoint, tmp_path, capsys):
+    """--depths: more needle positions per context, for a finer passkey/retrieval comparison."""
+    out = tmp_path / "eval"
+    argv = ["--model", str(small_checkpoint), "--out", str(out), "--contexts", "160", "--topk", "16",
+            "--tasks", "passkey,retrieval", "--depths", "0.2,0.4,0.8", "--dtype", "float32", "--device", "cpu"]
+    assert evaluate.main_eval(argv) == 0
+    result = json.loads((out / "eval.json").read_text())
+    for task in ("passkey", "retrieval"):
+        assert [t["depth"] for t in result[task]["dense"]["trials"]] == [0.2, 0.4, 0.8]
+    with pytest.raises(SystemExit):
+        evaluate.main_eval(argv[:-6] + ["--depths", "0.5,1.5"])
+    assert "expected fractions in [0, 1]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--variant", "nameonly"], "expected NAME=PATTERN"),
     (["--variant", "x=SF"], "must start with 'F'"),

@@ -108,9 +108,9 @@ def greedy(model: DSAForCausalLM, prompt: list[int], new_tokens: int, attention:
     return out
 
 
-def passkey_trials(contexts, seed: int = 0) -> list[dict]:
+def passkey_trials(contexts, seed: int = 0, depths=PASSKEY_DEPTHS) -> list[dict]:
     rng = random.Random(seed)
-    return [{"context": c, "depth": d, "key": rng.randint(10000, 99999)} for c in contexts for d in PASSKEY_DEPTHS]
+    return [{"context": c, "depth": d, "key": rng.randint(10000, 99999)} for c in contexts for d in depths]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,11 +144,11 @@ def retrieval_prompt(tokenizer, context: int, depth: float, key: int, offset: in
     return intro + hay[:cut] + needle + hay[cut:] + question
 
 
-def retrieval_trials(contexts, seed: int = 1) -> list[dict]:
+def retrieval_trials(contexts, seed: int = 1, depths=PASSKEY_DEPTHS) -> list[dict]:
     """One 7-digit key per (context, depth); each trial's haystack starts at a different place."""
     rng = random.Random(seed)
     return [{"context": c, "depth": d, "key": rng.randint(1_000_000, 9_999_999), "offset": 1000 * i}
-            for i, (c, d) in enumerate((c, d) for c in contexts for d in PASSKEY_DEPTHS)]
+            for i, (c, d) in enumerate((c, d) for c in contexts for d in depths)]
 
 
 def run_retrieval(model: DSAForCausalLM, tokenizer, trials: list[dict], attention: str, pattern: str) -> list[dict]:
@@ -226,10 +226,14 @@ DEFAULT_TASKS = ("perplexity", "passkey", "analysis")
 def evaluate(model: DSAForCausalLM, tokenizer, *, contexts=DEFAULT_CONTEXTS, topk: int | None = None,
              pattern: str | None = None, windows_per_source: int = 1, passkey_contexts=None,
              analysis_context: int | None = None, out_dir: Path | None = None, log=print,
-             variants: dict[str, str] | None = None, tasks=DEFAULT_TASKS, baselines: bool = True) -> dict:
+             variants: dict[str, str] | None = None, tasks=DEFAULT_TASKS, baselines: bool = True,
+             depths=PASSKEY_DEPTHS) -> dict:
     """tokenizer: anything with encode(text) -> ids and decode(ids) -> text (tokenizer.CheckpointTokenizer).
     variants: more named IndexCache patterns (name -> F/S string), each measured like `pattern`
-    ("indexcache"). tasks: which of TASKS to run. baselines: measure dense and all-F DSA too."""
+    ("indexcache"). tasks: which of TASKS to run. baselines: measure dense and all-F DSA too.
+    depths: where the passkey and retrieval needles go (fractions of the haystack, 0..1)."""
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must be fractions in [0, 1], got {list(depths)}: e.g. --depths 0.1,0.5,0.9")
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}: choose from {', '.join(TASKS)}")
@@ -267,7 +271,7 @@ def evaluate(model: DSAForCausalLM, tokenizer, *, contexts=DEFAULT_CONTEXTS, top
         log(f"[eval] perplexity @ {context}: {row} ({time.perf_counter() - t0:.0f} s)")
     key_contexts = passkey_contexts if passkey_contexts is not None else contexts
     if "passkey" in tasks:
-        trials = passkey_trials(key_contexts)
+        trials = passkey_trials(key_contexts, depths=depths)
         for name, (attention, pat) in runs.items():
             found = []
             for trial in trials:
@@ -277,7 +281,7 @@ def evaluate(model: DSAForCausalLM, tokenizer, *, contexts=DEFAULT_CONTEXTS, top
             result["passkey"][name] = {"correct": sum(t["ok"] for t in found), "total": len(found), "trials": found}
             log(f"[eval] passkey {name}: {sum(t['ok'] for t in found)}/{len(found)} ({time.perf_counter() - t0:.0f} s)")
     if "retrieval" in tasks:
-        trials = retrieval_trials(key_contexts)
+        trials = retrieval_trials(key_contexts, depths=depths)
         for name, (attention, pat) in runs.items():
             found = run_retrieval(model, tokenizer, trials, attention, pat)
             result["retrieval"][name] = {"correct": sum(t["ok"] for t in found), "total": len(found), "trials": found}
@@ -408,6 +412,16 @@ def markdown_report(r: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected fractions in [0, 1], e.g. 0.1,0.5,0.9; got {text!r}")
+    return values
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -459,6 +473,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, help="override the checkpoint's index_topk")
     parser.add_argument("--contexts", type=_int_list, default=list(DEFAULT_CONTEXTS), help="e.g. 1024,2048,4096,8192")
     parser.add_argument("--passkey-contexts", type=_int_list, help="default: --contexts")
+    parser.add_argument("--depths", type=_float_list, default=list(PASSKEY_DEPTHS),
+                        help="needle depths of the passkey and retrieval trials, fractions of the haystack "
+                             "(default 0.1,0.5,0.9)")
     parser.add_argument("--windows", type=int, default=1, help="held-out windows per source and context")
     parser.add_argument("--analysis-context", type=int, help="tokens for recall/overlap (default min(max context, 4096))")
     parser.add_argument("--indexer", help="trained indexer.safetensors to use instead of the checkpoint's")
@@ -506,7 +523,7 @@ def main_eval(args) -> int:
                           windows_per_source=args.windows, passkey_contexts=args.passkey_contexts,
                           analysis_context=args.analysis_context, out_dir=Path(args.out),
                           log=lambda m: print(m, file=sys.stderr), variants=variants, tasks=tasks,
-                          baselines=not args.no_baselines)
+                          baselines=not args.no_baselines, depths=args.depths)
     except (ValueError, FileNotFoundError) as err:
         print(f"indexcache eval: {err}", file=sys.stderr)
         return 2
