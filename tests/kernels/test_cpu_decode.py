@@ -128,8 +128,8 @@ def test_amx_gemv_matches_twin(rows):
     """The AMX GEMV (weights packed once into tiles; 1-4 row tiles, the last one partial or whole) against the fp32 product rounded once, plain and added to a
     residual; a prefix of the packed tiles is the packing of the weight's first rows (what the decode step
     uses for the projections of S layers). Tolerances as for the AVX-512 GEMV."""
-    if cpu_decode.amx_available() is not None:
-        pytest.skip(f"no AMX here: {cpu_decode.amx_available()}")
+    if cpu_decode.amx_available() is not None and "lacks" in cpu_decode.amx_available():
+        pytest.skip(f"no AMX here: {cpu_decode.amx_available()}")   # else: a build or OS failure fails the test
     g = torch.Generator().manual_seed(20 + rows)
     x, w = _bf16(g, rows, 576), _bf16(g, 96, 576, scale=576 ** -0.5)
     packed = cpu_decode.pack_amx(w)
