@@ -167,16 +167,24 @@ ROWS = [
                    f"({g('runs[full_layers=8].search_wall_s'):.0f} s vs {g('runs[full_layers=8].plain_wall_s'):.0f} s)"),
         "", "python bench/calibration_quality.py --device cpu --search-only --compare-plain", commit="2c3e5c0"),
     Row("`indexcache serve` vs transformers on 2 CPU cores (SmolLM2 DSA, bf16 auto vs fp32 peer): TTFT 1K, decode, 8 streams",
-        "bench/results/serve_vs_peer_6.json",
+        "bench/results/serve_vs_peer_7.json",
         lambda g: (f"{g('ours.ttft_long_s'):.2f} s ({g('transformers_float32.ratios.ttft')}x the peer's "
                    f"{g('transformers_float32.ttft_long_s')}); "
                    f"{g('ours.decode_tok_s')} tok/s ({g('transformers_float32.ratios.decode')}x its "
                    f"{g('transformers_float32.decode_tok_s')}); "
                    f"{g('ours.streams8_tok_s')} tok/s ({g('transformers_float32.ratios.streams8')}x its "
-                   f"{g('transformers_float32.streams8_tok_s')}, a peer slowed by other jobs: RESULTS round 4); "
+                   f"{g('transformers_float32.streams8_tok_s')}); "
                    f"load {g('load_before.0')}-{g('load_after.0')}"),
         "<= 1.0 s and <= 0.5x; >= 30 tok/s and >= 2x; >= 2x (#20)",
         "python bench/serve_vs_peer.py --repeats 3"),
+    Row("the same, CPU decode kernels with AMX (default) vs `INDEXCACHE_CPU_AMX=0`, back to back: TTFT 1K, decode, 8 streams",
+        "bench/results/serve_vs_peer_amx_ab.json",
+        lambda g: (f"AMX {g('amx_on.ours.ttft_long_s'):.2f} s / {g('amx_on.ours.decode_tok_s')} / "
+                   f"{g('amx_on.ours.streams8_tok_s')} tok/s; off {g('amx_off.ours.ttft_long_s'):.2f} s / "
+                   f"{g('amx_off.ours.decode_tok_s')} / {g('amx_off.ours.streams8_tok_s')} tok/s "
+                   f"(peer decode {g('amx_on.transformers_float32.decode_tok_s')} / {g('amx_off.transformers_float32.decode_tok_s')})"),
+        "", "INDEXCACHE_CPU_AMX=0|1 python bench/serve_vs_peer.py --repeats 3 --peer-dtypes float32",
+        commit="9a40592"),
     Row("CPU decode kernels (C: AVX-512 GEMV, AMX, fused glue) vs the PyTorch path, in-process engine steps, SmolLM2 DSA bf16: "
         "1 request at 30 / 1,000 tokens, 8 requests at 30 tokens", "bench/results/cpu_decode.json",
         lambda g: (f"{g('steps[batch=1,context=30].kernels_tok_s')} / {g('steps[batch=1,context=1000].kernels_tok_s')} / "

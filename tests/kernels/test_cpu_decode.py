@@ -145,3 +145,20 @@ def test_amx_gemv_matches_twin(rows):
     torch.testing.assert_close(added.float(), cpu_decode.ref_gemv_add_bf16(x, w, res).float(), rtol=2 ** -7, atol=1e-3)
     with pytest.raises(ValueError, match="N % 16"):
         cpu_decode.pack_amx(w[:40])
+
+
+def test_amx_can_be_turned_off_by_the_environment():
+    """INDEXCACHE_CPU_AMX=0: the decode kernels still run, on the AVX-512 GEMV instead of AMX tiles (the switch an
+    operator uses where AMX measures slower through the server, bench/RESULTS.md round 4)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if cpu_decode.amx_available() is not None and "lacks" in cpu_decode.amx_available():
+        pytest.skip(f"no AMX here: {cpu_decode.amx_available()}")
+    serving = Path(cpu_decode.__file__).resolve().parents[2]
+    code = "from indexcache.kernels import cpu_decode as c; print(c.available()); print(c.amx_available())"
+    env = {**os.environ, "INDEXCACHE_CPU_AMX": "0", "PYTHONPATH": str(serving)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["None", "turned off by INDEXCACHE_CPU_AMX=0"]

@@ -106,6 +106,8 @@ def _load() -> None:
     missing = [f for f in AMX_FLAGS if f not in _cpu_flags()]
     if missing:
         _amx_why_not = f"this CPU lacks {', '.join(missing)}"
+    elif os.environ.get("INDEXCACHE_CPU_AMX", "1") == "0":
+        _amx_why_not = "turned off by INDEXCACHE_CPU_AMX=0"
     elif lib.amx_init() != 0:
         _amx_why_not = "the kernel refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     else:
