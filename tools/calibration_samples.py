@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(checkpoint)
     separator = args.separator_id
     if separator is None:
-        separator = int(json.loads((checkpoint / "config.json").read_text())["eos_token_id"])
+        from indexcache.model.config import ModelArgs
+        eos = ModelArgs.from_dir(checkpoint).eos_token_id
+        separator = eos[0] if isinstance(eos, list) else eos
     rows = calibration_windows(tokenizer, args.windows, args.tokens, separator)
     Path(args.out).write_text("".join(json.dumps({"token_ids": ids, "tokenizer": "smollm2-dsa"}) + "\n"
                                       for ids in rows))

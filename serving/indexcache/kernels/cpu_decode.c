@@ -38,11 +38,6 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-static inline void store(void *y, size_t at, float s, int out_f32) {
-    if (out_f32) ((float *)y)[at] = s;
-    else ((uint16_t *)y)[at] = to_bf16(s);
-}
-
 /* sums[i * ROWS + r] = x[m0 + i] . w[n0 + r] for i < MB, r < nrows; MB a compile-time constant so that the
  * accumulators live in registers (a block of w is re-read from L1 by the next group of input rows) */
 #define DEFINE_BLOCK(MB)                                                                                  \
@@ -89,7 +84,17 @@ static inline void sums_of(const uint16_t *x, int m0, int mb, int K, const uint1
     }
 }
 
-void gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, void *y, int out_f32, int threads) {
+/* how a sum lands in y: bf16, fp32, or added to a bf16 residual in place, rounding as PyTorch does for
+ * `h + linear(a, w)` in bf16 (the product to bf16, then the sum in fp32 rounded to bf16) */
+enum { STORE_BF16 = 0, STORE_F32 = 1, ADD_BF16 = 2 };
+
+static inline void store(void *y, size_t at, float s, int how) {
+    if (how == STORE_F32) ((float *)y)[at] = s;
+    else if (how == ADD_BF16) ((uint16_t *)y)[at] = to_bf16(f32(((uint16_t *)y)[at]) + f32(to_bf16(s)));
+    else ((uint16_t *)y)[at] = to_bf16(s);
+}
+
+static void gemv_rows(const uint16_t *x, int M, int K, const uint16_t *w, int N, void *y, int how, int threads) {
     int nblocks = (N + ROWS - 1) / ROWS;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int b = 0; b < nblocks; b++) {
@@ -100,29 +105,18 @@ void gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, void *
             sums_of(x, m0, mb, K, w, n0, nrows, sums);
             for (int i = 0; i < mb; i++)
                 for (int r = 0; r < nrows; r++)
-                    store(y, (size_t)(m0 + i) * N + n0 + r, sums[i * ROWS + r], out_f32);
+                    store(y, (size_t)(m0 + i) * N + n0 + r, sums[i * ROWS + r], how);
         }
     }
 }
 
-/* y (M, N) += bf16(x @ w^T): the residual add of `h + linear(a, w)` in bf16, rounding as PyTorch does (the
- * product to bf16, then the sum in fp32 rounded to bf16). y is read and written in place. */
+void gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, void *y, int out_f32, int threads) {
+    gemv_rows(x, M, K, w, N, y, out_f32 ? STORE_F32 : STORE_BF16, threads);
+}
+
+/* y (M, N) += bf16(x @ w^T), y read and written in place */
 void gemv_add_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, uint16_t *y, int threads) {
-    int nblocks = (N + ROWS - 1) / ROWS;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < nblocks; b++) {
-        int n0 = b * ROWS, nrows = N - n0 < ROWS ? N - n0 : ROWS;
-        float sums[4 * ROWS];
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            int mb = M - m0 < 4 ? M - m0 : 4;
-            sums_of(x, m0, mb, K, w, n0, nrows, sums);
-            for (int i = 0; i < mb; i++)
-                for (int r = 0; r < nrows; r++) {
-                    size_t at = (size_t)(m0 + i) * N + n0 + r;
-                    y[at] = to_bf16(f32(y[at]) + f32(to_bf16(sums[i * ROWS + r])));
-                }
-        }
-    }
+    gemv_rows(x, M, K, w, N, y, ADD_BF16, threads);
 }
 
 /* y (M, D) = bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w): F.rms_norm in fp32, rounded, times the bf16 weight. */
