@@ -145,7 +145,11 @@ def test_killed_hub_fetch_keeps_the_files_it_finished(tmp_path, monkeypatch):
 
         def small_files_done_weights_begun():
             model = next(cache.glob("*.partial/model"), None)
-            return model is not None and all((model / n).is_file() for n in set(FILES) - {WEIGHTS}) \
+            # a finished file counts once huggingface_hub has written its metadata, which it does after moving
+            # the file into place; a file moved but not yet recorded is downloaded again by the next run
+            recorded = model / ".cache" / "huggingface" / "download" if model is not None else None
+            return model is not None and all((model / n).is_file() and (recorded / f"{n}.metadata").is_file()
+                                             for n in set(FILES) - {WEIGHTS}) \
                 and any(model.rglob("*.incomplete"))   # named after a hash of the file name
         kill_mid_transfer(uri, cache, hub, small_files_done_weights_begun, HF_ENDPOINT=hub.url, **hub_env)
         out, _ = restart_fetch(uri, cache, HF_ENDPOINT=hub.url, **hub_env)
