@@ -5,6 +5,7 @@ checkpoints whose config.json model_type transformers does not know.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 
@@ -26,11 +27,17 @@ class CheckpointTokenizer:
     @property
     def stop_token_ids(self) -> list[int]:
         """Generation ends at any of these (the template's end-of-turn and the end-of-text token)."""
+        return list(self._stop_token_ids)
+
+    @functools.cached_property
+    def _stop_token_ids(self) -> tuple[int, ...]:
+        # once per tokenizer: get_vocab() builds a dict of the whole vocabulary (50 ms for SmolLM2's 49K
+        # tokens here, holding the GIL the engine thread needs, on every request before this was cached)
         vocab = self.hf.get_vocab()
         ids = {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
         if self.eos_token_id is not None:
             ids.add(self.eos_token_id)
-        return sorted(ids)
+        return tuple(sorted(ids))
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids, no special tokens added (SmolLM2 adds no BOS)."""
