@@ -70,14 +70,15 @@ def test_gemv_add_matches_twin():
         assert (got == want).float().mean() > 0.95
 
 
-def test_rms_norm_and_silu_mul_match_twins():
-    g = torch.Generator().manual_seed(12)
-    x, w = _bf16(g, 5, 576, scale=3.0), _bf16(g, 576) + 1
-    torch.testing.assert_close(cpu_decode.rms_norm_bf16(x, w, 1e-5).float(),
+@pytest.mark.parametrize("rows,threads", [(5, 1), (3, 2), (97, 2)])   # 97: a prefill chunk, rows over 2 threads
+def test_rms_norm_and_silu_mul_match_twins(rows, threads):
+    g = torch.Generator().manual_seed(12 + rows)
+    x, w = _bf16(g, rows, 576, scale=3.0), _bf16(g, 576) + 1
+    torch.testing.assert_close(cpu_decode.rms_norm_bf16(x, w, 1e-5, threads=threads).float(),
                                cpu_decode.ref_rms_norm_bf16(x, w, 1e-5).float(), rtol=2 ** -7, atol=1e-6)
-    gu = _bf16(g, 3, 2 * 96, scale=3.0)
-    torch.testing.assert_close(cpu_decode.silu_mul_bf16(gu).float(), cpu_decode.ref_silu_mul_bf16(gu).float(),
-                               rtol=2 ** -7, atol=1e-6)
+    gu = _bf16(g, rows, 2 * 96, scale=3.0)
+    torch.testing.assert_close(cpu_decode.silu_mul_bf16(gu, threads=threads).float(),
+                               cpu_decode.ref_silu_mul_bf16(gu).float(), rtol=2 ** -7, atol=1e-6)
 
 
 def _rope_tables(max_len, dh):
@@ -100,6 +101,22 @@ def test_rope_writes_the_cache_like_its_twin():
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
     with pytest.raises(ValueError, match="outside the cache"):
         cpu_decode.rope_qkv_bf16(proj, hq, hkv, cos, sin, torch.tensor([0, 1, 40]), slots, *caches[0])
+
+
+def test_rope_of_a_prefill_chunk_matches_its_twin():
+    """A prefill chunk: 70 consecutive positions of one slot from position 5, rows split over 2 threads."""
+    g = torch.Generator().manual_seed(16)
+    hq, hkv, dh, slots_n, max_len, T = 9, 3, 64, 3, 96, 70
+    cos, sin = _rope_tables(max_len, dh)
+    proj = _bf16(g, T, (hq + 2 * hkv) * dh + 8)
+    positions, slots = torch.arange(5, 5 + T), torch.full((T,), 1)
+    caches = [[torch.zeros(slots_n, max_len, hkv, dh, dtype=torch.bfloat16) for _ in range(2)] for _ in range(2)]
+    q = cpu_decode.rope_qkv_bf16(proj, hq, hkv, cos, sin, positions, slots, *caches[0], threads=2)
+    want_q = cpu_decode.ref_rope_qkv_bf16(proj, hq, hkv, cos, sin, positions, slots, *caches[1])
+    torch.testing.assert_close(q.float(), want_q.float(), rtol=2 ** -7, atol=1e-6)
+    for got, want in zip(caches[0], caches[1]):
+        assert want[1, 5: 5 + T].abs().sum() > 0 and want[0].abs().sum() == 0
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
 
 
 @pytest.mark.parametrize("masked", [False, True])

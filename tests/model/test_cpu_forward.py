@@ -109,7 +109,8 @@ def test_decode_kernels_match_pytorch_path(make_model, topk, gemv_max_rows, amx_
     """Decode positions through the C kernels (kernels/cpu_decode.py: streaming GEMV, fused RMSNorm, RoPE + cache
     write, attention, SiLU-multiply, residual adds) against the same fast forward's PyTorch path, their twin,
     through the engine-like script (prefill chunks of 3-9 tokens: their projections on AMX tiles where the CPU
-    has them, the rest of the chunk the PyTorch path in both; decode steps of 1, 2 and 3
+    has them, RMSNorm, RoPE + cache write and SiLU-multiply in C, attention and the indexer the PyTorch path in
+    both; decode steps of 1, 2 and 3
     rows; with gemv_max_rows 2 the 3-row steps take F.linear + in-place adds; amx_min_rows 1: every step on AMX
     tiles where the CPU has them (the LM head of 97 rows, not whole tiles, on the AVX-512 GEMV); 17: the
     AVX-512 GEMV only): logits within 0.1 absolute (seen: up to 0.05; bf16 rounding differences compounding over the layers,
@@ -172,3 +173,5 @@ def test_decode_kernels_refuse_a_cache_they_cannot_read(make_model):
     cache = KVCache(model.args, 1, 64, PATTERN, dtype=torch.float32)
     with pytest.raises(ValueError, match="contiguous bf16"):
         fast(torch.tensor([[3]]), [0], [0], PATTERN, cache, torch.tensor([0]))
+    with pytest.raises(ValueError, match="contiguous bf16"):   # a prefill chunk: RoPE writes the cache in C too
+        fast(torch.tensor([[3, 4, 5]]), [0], [0], PATTERN, cache, torch.tensor([2]))

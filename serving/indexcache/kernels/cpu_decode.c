@@ -119,8 +119,13 @@ void gemv_add_bf16(const uint16_t *x, int M, int K, const uint16_t *w, int N, ui
     gemv_rows(x, M, K, w, N, y, ADD_BF16, threads);
 }
 
+/* Row-wise kernels split their rows over `threads` threads from this many rows on (a prefill chunk); below it
+ * (decode steps) one thread: waking a second one costs more than the rows take. */
+#define PARALLEL_ROWS 32
+
 /* y (M, D) = bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w): F.rms_norm in fp32, rounded, times the bf16 weight. */
-void rms_norm_bf16(const uint16_t *x, int M, int D, const uint16_t *w, float eps, uint16_t *y) {
+void rms_norm_bf16(const uint16_t *x, int M, int D, const uint16_t *w, float eps, uint16_t *y, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (M >= PARALLEL_ROWS)
     for (int m = 0; m < M; m++) {
         const uint16_t *xr = x + (size_t)m * D;
         float ss = 0.f;
@@ -155,7 +160,8 @@ static inline __m512 widen16(__m256i b) {
 
 /* y (M, I) = bf16(silu(g)) * u for gu (M, 2I) = [g | u], each product rounded to bf16 (F.silu(g) * u in bf16).
  * I a multiple of 16 (the caller checks). */
-void silu_mul_bf16(const uint16_t *gu, int M, int I, uint16_t *y) {
+void silu_mul_bf16(const uint16_t *gu, int M, int I, uint16_t *y, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if (M >= PARALLEL_ROWS)
     for (int m = 0; m < M; m++)
         for (int i = 0; i < I; i += 16) {
             __m512 g = widen16(_mm256_loadu_si256((const __m256i *)(gu + (size_t)m * 2 * I + i)));
@@ -172,8 +178,9 @@ void silu_mul_bf16(const uint16_t *gu, int M, int I, uint16_t *y) {
  * -> kc / vc (slots, max_len, Hkv, Dh) at [slot[m], pos[m]]. */
 void rope_qkv_bf16(const uint16_t *proj, int M, int P, int Hq, int Hkv, int Dh, const float *cos_t,
                    const float *sin_t, const int64_t *pos, const int64_t *slot, int max_len, uint16_t *q_out,
-                   uint16_t *kc, uint16_t *vc) {
+                   uint16_t *kc, uint16_t *vc, int threads) {
     int half = Dh / 2;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (M >= PARALLEL_ROWS)
     for (int m = 0; m < M; m++) {
         const uint16_t *pr = proj + (size_t)m * P;
         const float *c = cos_t + (size_t)pos[m] * Dh, *s = sin_t + (size_t)pos[m] * Dh;

@@ -93,8 +93,8 @@ def _load() -> None:
         return
     P, I, F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     signatures = {"gemv_bf16": [P, I, I, P, I, P, I, I], "gemv_add_bf16": [P, I, I, P, I, P, I],
-                  "rms_norm_bf16": [P, I, I, P, F32, P], "silu_mul_bf16": [P, I, I, P],
-                  "rope_qkv_bf16": [P, I, I, I, I, I, P, P, P, P, I, P, P, P],
+                  "rms_norm_bf16": [P, I, I, P, F32, P, I], "silu_mul_bf16": [P, I, I, P, I],
+                  "rope_qkv_bf16": [P, I, I, I, I, I, P, P, P, P, I, P, P, P, I],
                   "attend_bf16": [P, I, I, I, I, P, P, I, P, P, P, I, F32, P, P, I, I],
                   "amx_gemv_bf16": [P, I, I, P, I, P, I, I], "amx_init": []}
     for name, argtypes in signatures.items():
@@ -187,15 +187,16 @@ def ref_gemv_add_bf16(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) 
     return residual + ref_gemv_bf16(x, w)
 
 
-def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, check: bool = True) -> torch.Tensor:
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, check: bool = True, threads: int = 1) -> torch.Tensor:
     """x (M, D) -> bf16(F.rms_norm(x in fp32)) * weight (D,), per row. check=False: the caller has checked that
-    both are contiguous bf16 CPU tensors of matching width."""
+    both are contiguous bf16 CPU tensors of matching width. threads: rows split over that many from 32 rows on
+    (a prefill chunk; fewer rows run on one)."""
     if check:
         _check_rows("rms_norm_bf16", x, weight)
         if x.dim() != 2 or weight.shape != (x.shape[1],):
             raise ValueError(f"rms_norm_bf16: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     y = torch.empty_like(x)
-    _lib.rms_norm_bf16(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, y.data_ptr())
+    _lib.rms_norm_bf16(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, y.data_ptr(), threads)
     return y
 
 
@@ -203,16 +204,16 @@ def ref_rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
-def silu_mul_bf16(gate_up: torch.Tensor, check: bool = True) -> torch.Tensor:
+def silu_mul_bf16(gate_up: torch.Tensor, check: bool = True, threads: int = 1) -> torch.Tensor:
     """gate_up (M, 2I) = [g | u] -> silu(g) * u (M, I), each in bf16; I a multiple of 16. check=False: the caller
-    has checked that."""
+    has checked that. threads: as rms_norm_bf16's."""
     if check:
         _check_rows("silu_mul_bf16", gate_up)
     M, I2 = gate_up.shape
     if check and I2 % 32:
         raise ValueError(f"silu_mul_bf16 takes (M, 2I) with I a multiple of 16, got {tuple(gate_up.shape)}")
     y = torch.empty(M, I2 // 2, dtype=torch.bfloat16)
-    _lib.silu_mul_bf16(gate_up.data_ptr(), M, I2 // 2, y.data_ptr())
+    _lib.silu_mul_bf16(gate_up.data_ptr(), M, I2 // 2, y.data_ptr(), threads)
     return y
 
 
@@ -222,12 +223,14 @@ def ref_silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_qkv_bf16(proj: torch.Tensor, hq: int, hkv: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                  slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, check: bool = True) -> torch.Tensor:
+                  slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, check: bool = True,
+                  threads: int = 1) -> torch.Tensor:
     """proj (M, P) = [q (Hq*Dh) | k (Hkv*Dh) | v (Hkv*Dh) | ...] of one position per row; cos/sin (max_len, Dh) fp32
     tables [cos | cos], [-sin | sin]; positions, slots (M,) int64. Writes rotated k and v into the caches
     (slots, max_len, Hkv, Dh) at [slots[m], positions[m]]; returns rotated q (M, Hq*Dh). check=False: the caller
     has checked the operands (contiguous bf16, shapes) and the positions and slots against the cache (the kernel
-    indexes memory with them unchecked)."""
+    indexes memory with them unchecked). One row per position: a prefill chunk is M rows of one slot at
+    consecutive positions. threads: as rms_norm_bf16's."""
     n_slots, max_len, h, dh = k_cache.shape
     if check:
         _check_rows("rope_qkv_bf16", proj, k_cache, v_cache)
@@ -242,7 +245,7 @@ def rope_qkv_bf16(proj: torch.Tensor, hq: int, hkv: int, cos: torch.Tensor, sin:
     q = torch.empty(proj.shape[0], hq * dh, dtype=torch.bfloat16)
     _lib.rope_qkv_bf16(proj.data_ptr(), proj.shape[0], proj.shape[1], hq, hkv, dh, cos.data_ptr(), sin.data_ptr(),
                        positions.data_ptr(), slots.data_ptr(), max_len, q.data_ptr(), k_cache.data_ptr(),
-                       v_cache.data_ptr())
+                       v_cache.data_ptr(), threads)
     return q
 
 

@@ -265,27 +265,40 @@ class CPUFastForward:
             allowed = None if n_causal == T or (one and T == 1) else self._additive(visible)  # (B, 1, T, S)
         else:       # past top-k: the first F layer's selection
             allowed = None
+        # a prefill chunk with the C kernels: RMSNorm, RoPE + K/V cache write and SiLU-multiply as row-parallel C
+        # calls (kernels/cpu_decode.py) instead of ~10 ATen ops each; GEMMs and attention stay oneDNN / SDPA
+        fused = self.decode_kernels and one
+        if fused:
+            self._check_kernel_cache(cache, starts, slots, S)
+            chunk_pos, chunk_slot = positions[0], torch.full((T,), slots[0])               # (T,) int64
+            cos_t, sin_t = self.rope[self.dh]
         x = self.embed[tokens]                                                            # (B, T, dim)
         for layer, (p, kind) in enumerate(zip(self.layers, pattern)):
             kc, vc = cache.layers[layer]["k"], cache.layers[layer]["v"]
             tiles = self.amx[layer] if self.amx is not None else (None, None, None, None)
-            h = self._rms(x, p.attn_norm)
+            h = self._rms(x, p.attn_norm) if not fused else \
+                cpu_decode.rms_norm_bf16(x[0], p.attn_norm, a.norm_eps, check=False, threads=self.threads)[None]
             is_f = kind == "F"
             rows = self.v_end if not is_f else (self.ik_end if dense else p.w_in.shape[0])
             w_in = p.w_in.rows(rows) if isinstance(p.w_in, Int8Weight) else p.w_in[:rows]
             proj = self._linear(h, w_in, tiles[0])                                                        # (B, T, rows)
-            qk = self._rotate(proj[..., : self.k_end].view(B, T, self.hq + self.hkv, self.dh),
-                              cos, sin).to(dt)                                            # (B, T, Hq+Hkv, Dh)
-            q, k = qk[:, :, : self.hq], qk[:, :, self.hq:]
-            v = proj[..., self.k_end: self.v_end].view(B, T, self.hkv, self.dh)
-            if one:
-                kc[slots[0], starts[0]: starts[0] + T] = k[0]
-                vc[slots[0], starts[0]: starts[0] + T] = v[0]
+            if fused:   # q rotated; k rotated and v written into the cache
+                q = cpu_decode.rope_qkv_bf16(proj[0], self.hq, self.hkv, cos_t, sin_t, chunk_pos, chunk_slot, kc, vc,
+                                             check=False, threads=self.threads).view(1, T, self.hq, self.dh)
                 k_all, v_all = kc[slots[0]: slots[0] + 1, :S], vc[slots[0]: slots[0] + 1, :S]  # (1, S, Hkv, Dh)
             else:
-                kc[slot_t, positions[:, 0]] = k[:, 0]
-                vc[slot_t, positions[:, 0]] = v[:, 0]
-                k_all, v_all = kc[slot_t, :S], vc[slot_t, :S]                            # (B, S, Hkv, Dh)
+                qk = self._rotate(proj[..., : self.k_end].view(B, T, self.hq + self.hkv, self.dh),
+                                  cos, sin).to(dt)                                        # (B, T, Hq+Hkv, Dh)
+                q, k = qk[:, :, : self.hq], qk[:, :, self.hq:]
+                v = proj[..., self.k_end: self.v_end].view(B, T, self.hkv, self.dh)
+                if one:
+                    kc[slots[0], starts[0]: starts[0] + T] = k[0]
+                    vc[slots[0], starts[0]: starts[0] + T] = v[0]
+                    k_all, v_all = kc[slots[0]: slots[0] + 1, :S], vc[slots[0]: slots[0] + 1, :S]  # (1, S, Hkv, Dh)
+                else:
+                    kc[slot_t, positions[:, 0]] = k[:, 0]
+                    vc[slot_t, positions[:, 0]] = v[:, 0]
+                    k_all, v_all = kc[slot_t, :S], vc[slot_t, :S]                        # (B, S, Hkv, Dh)
             if is_f:
                 if p.k_norm is None:
                     raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no "
@@ -299,6 +312,12 @@ class CPUFastForward:
             out = self._attend(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), allowed,
                                n_causal)                                                  # (B, Hq, T, Dh)
             x = x + self._linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o, tiles[1])
+            if fused:
+                h = cpu_decode.rms_norm_bf16(x[0], p.mlp_norm, a.norm_eps, check=False, threads=self.threads)
+                gu = self._linear(h, p.w_gate_up, tiles[2])                                               # (T, 2I)
+                act = cpu_decode.silu_mul_bf16(gu, check=False, threads=self.threads)                     # (T, I)
+                x = x + self._linear(act, p.w_down, tiles[3])[None]
+                continue
             h = self._rms(x, p.mlp_norm)
             gu = self._linear(h, p.w_gate_up, tiles[2])                                                   # (B, T, 2I)
             x = x + self._linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down, tiles[3])
@@ -315,16 +334,7 @@ class CPUFastForward:
         a, B = self.args, tokens.shape[0]
         kv_lens = [s + 1 for s in starts]
         S = max(kv_lens)
-        if S > min(a.max_seq_len, cache.layers[0]["k"].shape[1]):
-            raise ValueError(f"sequence of {S} tokens exceeds max_position_embeddings ({a.max_seq_len}) or the cache")
-        if min(starts) < 0 or not 0 <= min(slots) <= max(slots) < cache.layers[0]["k"].shape[0]:
-            raise ValueError(f"positions {starts} or slots {slots} outside the cache")
-        if cache is not self._checked_cache:   # the kernels take its K/V tensors unchecked below; a cache keeps them
-            shape = (cache.layers[0]["k"].shape[0], cache.layers[0]["k"].shape[1], self.hkv, self.dh)
-            if any(t.dtype != torch.bfloat16 or not t.is_contiguous() or t.shape != shape
-                   for kv in cache.layers for t in (kv["k"], kv["v"])):
-                raise ValueError("the decode kernels need the KV cache as contiguous bf16 (slots, len, Hkv, Dh) tensors")
-            self._checked_cache = cache
+        self._check_kernel_cache(cache, starts, slots, S)
         pos, slot_t, lens = torch.tensor(starts), torch.tensor(slots), torch.tensor(kv_lens)        # (B,) int64
         cos, sin = self.rope[self.dh]
         icos, isin = (t[pos][:, None, None, :] for t in self.rope[self.ri])                     # (B, 1, 1, Ri)
@@ -361,6 +371,20 @@ class CPUFastForward:
         h = cpu_decode.rms_norm_bf16(x, self.final_norm, eps, check=False)
         logits = self._project(h, self.lm_head, self.amx_lm_head, self.lm_head.shape[0])         # (B, V)
         return logits.float()                                                                   # (B, V)
+
+    def _check_kernel_cache(self, cache: KVCache, starts: list[int], slots: list[int], S: int) -> None:
+        """What the C kernels index memory with unchecked: positions up to S and slots inside the cache, whose
+        K/V tensors are contiguous bf16 (slots, len, Hkv, Dh) (checked once per cache: a cache keeps them)."""
+        if S > min(self.args.max_seq_len, cache.layers[0]["k"].shape[1]):
+            raise ValueError(f"sequence of {S} tokens exceeds max_position_embeddings ({self.args.max_seq_len}) or the cache")
+        if min(starts) < 0 or not 0 <= min(slots) <= max(slots) < cache.layers[0]["k"].shape[0]:
+            raise ValueError(f"positions {starts} or slots {slots} outside the cache")
+        if cache is not self._checked_cache:
+            shape = (cache.layers[0]["k"].shape[0], cache.layers[0]["k"].shape[1], self.hkv, self.dh)
+            if any(t.dtype != torch.bfloat16 or not t.is_contiguous() or t.shape != shape
+                   for kv in cache.layers for t in (kv["k"], kv["v"])):
+                raise ValueError("the decode kernels need the KV cache as contiguous bf16 (slots, len, Hkv, Dh) tensors")
+            self._checked_cache = cache
 
     def _project(self, x: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor | None, rows: int,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
