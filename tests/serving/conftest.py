@@ -107,9 +107,11 @@ def serve_app(tmp_path_factory):
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    from indexcache.serving.app import local_serve_env
     port = free_port()
+    # the Serve settings `indexcache serve` runs with (set before Ray starts: its processes inherit them)
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONPATH": SERVING_DIR}})
+             runtime_env={"env_vars": {"PYTHONPATH": SERVING_DIR, **local_serve_env()}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = ServeApp(port, {"model": "tiny", "max_model_len": 256, "max_batch_size": 4, "max_ongoing_requests": 6,
                           "api_key": API_KEY, "gpu_hourly_usd": 3.6, "deployment": "test-icd",
