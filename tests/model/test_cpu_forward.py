@@ -175,3 +175,61 @@ def test_decode_kernels_refuse_a_cache_they_cannot_read(make_model):
         fast(torch.tensor([[3]]), [0], [0], PATTERN, cache, torch.tensor([0]))
     with pytest.raises(ValueError, match="contiguous bf16"):   # a prefill chunk: RoPE writes the cache in C too
         fast(torch.tensor([[3, 4, 5]]), [0], [0], PATTERN, cache, torch.tensor([2]))
+
+
+def test_packed_prefill_matches_one_forward_per_chunk(make_model):
+    """Several requests' prefill chunks in one forward (`prefill_packed`: one GEMM over all their tokens, attention
+    per chunk) against the same fast forward run on each chunk alone, its twin: two fresh prompts and one chunk
+    after a cached prefix, in slots 2, 0 and 1. Logits within 0.1 absolute (bf16; the packed GEMMs run in
+    oneDNN, the lone chunks' on AMX tiles: another summation order), and every K/V and indexer-key row the
+    chunks wrote within two bf16 ulps of the tensor's norm per layer, as in the reference comparison above.
+    A chunk that crosses top-k is refused (it needs the indexer's selection)."""
+    from indexcache.kernels import cpu_decode
+    if cpu_decode.available() is not None and "lacks" in cpu_decode.available():
+        pytest.skip(f"the C kernels do not run on this CPU: {cpu_decode.available()}")
+    model = make_model("gqa", seed=7, projection_std=0.2, index_topk=64).to(torch.bfloat16)
+    fast = CPUFastForward(model, decode_kernels=True)
+    gen = torch.Generator().manual_seed(17)
+    ids = lambda n: torch.randint(0, model.args.vocab_size, (n,), generator=gen).tolist()
+    prefix, chunks = ids(4), [(ids(5), 0, 2), (ids(12), 0, 0), (ids(6), 4, 1)]   # (tokens, start, slot)
+    caches = [KVCache(model.args, 3, 64, PATTERN, dtype=torch.bfloat16) for _ in range(2)]
+    for cache in caches:   # slot 1's cached prefix
+        fast(torch.tensor([prefix]), [0], [1], PATTERN, cache, torch.tensor([3]))
+    got = fast.prefill_packed(chunks, PATTERN, caches[0])
+    want = torch.cat([fast(torch.tensor([t]), [s], [slot], PATTERN, caches[1], torch.tensor([len(t) - 1]))
+                      for t, s, slot in chunks])
+    assert got.shape == want.shape == (3, model.args.vocab_size) and got.dtype == torch.float32
+    assert float(want.max() - want.min()) > 2.0
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0)
+    for layer in range(model.args.n_layers):
+        names = [("k", caches[0].layers[layer]["k"], caches[1].layers[layer]["k"]),
+                 ("v", caches[0].layers[layer]["v"], caches[1].layers[layer]["v"])]
+        if PATTERN[layer] == "F":
+            names.append(("indexer k", caches[0].indexer_k[layer], caches[1].indexer_k[layer]))
+        for name, g, w in names:
+            for _, s, slot in chunks:
+                n = len(chunks[[c[2] for c in chunks].index(slot)][0])
+                gs, ws = g[slot, : s + n].float(), w[slot, : s + n].float()
+                assert ws.norm() > 0
+                assert (gs - ws).norm() <= 2 * 2 ** -8 * (layer + 1) * ws.norm(), f"layer {layer} {name} slot {slot}"
+    with pytest.raises(ValueError, match="within top-k"):
+        fast.prefill_packed([(ids(10), 60, 0)], PATTERN, caches[0])
+
+
+def test_engine_packs_short_prompts_into_one_prefill_forward(make_model):
+    """Three short prompts submitted together: with the C kernels the engine's first step runs their prefill in
+    one forward (then one decode forward); without them (the twin) one forward per prompt. The greedy tokens are
+    the same either way (checked in test_decode_kernels_match_pytorch_path, whose engine packs too)."""
+    from indexcache.engine.sampling import SamplingParams
+    from indexcache.kernels import cpu_decode
+    if cpu_decode.available() is not None and "lacks" in cpu_decode.available():
+        pytest.skip(f"the C kernels do not run on this CPU: {cpu_decode.available()}")
+    model = make_model("gqa", seed=6, projection_std=0.2, index_topk=64).to(torch.bfloat16)
+    for kernels, prefill_forwards in ((True, 1), (False, 3)):
+        engine = Engine(model, pattern=PATTERN, max_batch_size=4, max_model_len=64, chunk_size=64,
+                        cpu_decode_kernels=kernels)
+        for prompt in ([3, 4, 5], list(range(10, 30)), [7] * 11):
+            engine.submit(prompt, SamplingParams(max_new_tokens=4, temperature=0.0), lambda chunk: None)
+        engine.step()
+        assert engine.forwards == prefill_forwards + 1, kernels   # + the step's decode forward
+        assert all(len(r.output) == 2 for r in engine.running)

@@ -455,27 +455,20 @@ class Engine:
         busy_start = time.monotonic()
 
         budget = self.chunk_size
+        chunks: list[tuple[EngineRequest, list[int]]] = []    # this step's prefill chunks, in budget order
         for req in self._prefill_order([r for r in running if r.prefilling]):
             full = min(self.chunk_size, req.prefill_len - req.cached)   # what the request could use this step
             req.prefill_skips = 0 if budget >= full else req.prefill_skips + 1
             if budget <= 0:
                 continue
-            start = req.cached
-            chunk = req.tokens(start, min(start + budget, req.prefill_len))
+            chunk = req.tokens(req.cached, min(req.cached + budget, req.prefill_len))
             budget -= len(chunk)
-            tokens = torch.tensor([chunk], device=self.device)                     # (1, C)
-            try:
-                logits = self._forward(tokens, [start], [req.slot], req.pattern,
-                                       logits_at=torch.tensor([len(chunk) - 1], device=self.device))
-                logits = logits.cpu() if self.device.type != "cpu" else logits       # one sync, then sampling on the host
-                req.cached += len(chunk)
-                self._register_blocks(req)
-                if self.metrics is not None:
-                    self.metrics.prompt_tokens.inc(len(chunk))
-                if not req.prefilling and not req.output:   # a recomputed request resumes decoding instead
-                    self._accept(req, logits[0])
-            except Exception as exc:   # this request's prefill alone: fail it, keep the others running
-                self._fail(req, exc)
+            chunks.append((req, chunk))
+        for group in self._prefill_groups(chunks):
+            if len(group) > 1 and self._prefill_packed(group):
+                continue
+            for req, chunk in group:
+                self._prefill(req, chunk)
 
         decoding = [r for r in running if not r.prefilling and not r.finished and r.output]
         if self.pool is not None:
@@ -486,6 +479,65 @@ class Engine:
             self._update_gauges()
         log.debug("step: %d running, %.1f ms", len(running), 1000 * (time.monotonic() - busy_start))
         return True
+
+    def _prefill_groups(self, chunks: list[tuple[EngineRequest, list[int]]]) -> list[list[tuple[EngineRequest, list[int]]]]:
+        """This step's prefill chunks as forwards: with the CPU fast forward's C kernels, the chunks within top-k
+        (short prompts) of one pattern together, one forward each group (`_prefill_packed`); every other chunk
+        alone, in order."""
+        fast = self.cpu_fast
+        if fast is None or not fast.decode_kernels:
+            return [[c] for c in chunks]
+        packed: dict[str, list] = {}
+        alone = []
+        for req, chunk in chunks:
+            if fast.can_pack(req.cached, len(chunk)):
+                packed.setdefault(req.pattern, []).append((req, chunk))
+            else:
+                alone.append([(req, chunk)])
+        return list(packed.values()) + alone
+
+    def _prefill(self, req: EngineRequest, chunk: list[int]) -> None:
+        """One request's prefill chunk in its own forward; a failure fails this request alone."""
+        start = req.cached
+        tokens = torch.tensor([chunk], device=self.device)                         # (1, C)
+        try:
+            logits = self._forward(tokens, [start], [req.slot], req.pattern,
+                                   logits_at=torch.tensor([len(chunk) - 1], device=self.device))
+            logits = logits.cpu() if self.device.type != "cpu" else logits           # one sync, then sampling on the host
+            self._prefilled(req, len(chunk), logits[0])
+        except Exception as exc:   # this request's prefill alone: fail it, keep the others running
+            self._fail(req, exc)
+
+    def _prefill_packed(self, group: list[tuple[EngineRequest, list[int]]]) -> bool:
+        """Several requests' chunks (within top-k, one pattern) in one CPU forward. False when that forward
+        fails: nothing was accepted, and the caller runs the chunks one by one, so that a request that fails
+        fails alone (each chunk's forward rewrites what the packed one wrote in its slot)."""
+        t0 = time.monotonic()
+        pattern = group[0][0].pattern
+        try:
+            logits = self.cpu_fast.prefill_packed([(chunk, req.cached, req.slot) for req, chunk in group], pattern,
+                                                  self.cache)                               # (n, V)
+        except Exception as exc:
+            log.warning("a packed prefill of %d requests failed (%s: %s); running them one by one", len(group),
+                        type(exc).__name__, exc)
+            return False
+        self._observe_forward(t0, [(req.cached, len(chunk)) for req, chunk in group], pattern)
+        for (req, chunk), row in zip(group, logits):
+            try:
+                self._prefilled(req, len(chunk), row)
+            except Exception as exc:
+                self._fail(req, exc)
+        return True
+
+    def _prefilled(self, req: EngineRequest, n: int, logits: torch.Tensor) -> None:
+        """After a prefill chunk of n tokens: the cache holds them; at the prompt's end, the first token from
+        the last position's logits (V,)."""
+        req.cached += n
+        self._register_blocks(req)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(n)
+        if not req.prefilling and not req.output:   # a recomputed request resumes decoding instead
+            self._accept(req, logits)
 
     def _prefill_order(self, prefilling: list[EngineRequest]) -> list[EngineRequest]:
         """The order in which prefilling requests (admission order) take this step's prefill budget: short
@@ -645,7 +697,7 @@ class Engine:
         t0 = time.monotonic()
         if self.cpu_fast is not None:
             logits = self.cpu_fast(tokens, starts, slots, pattern, self.cache, logits_at)
-            self._observe_forward(t0, starts, tokens.shape[1], pattern)
+            self._observe_forward(t0, [(st, tokens.shape[1]) for st in starts], pattern)
             return logits
         if self.pool is not None:
             by_slot = {r.slot: r for r in self.running}
@@ -655,7 +707,7 @@ class Engine:
             where = {"slots": slots}
         logits = self.model(tokens, start_pos=starts, cache=self.cache, pattern=pattern, logits_at=logits_at,
                             **where)
-        self._observe_forward(t0, starts, tokens.shape[1], pattern)
+        self._observe_forward(t0, [(st, tokens.shape[1]) for st in starts], pattern)
         return logits
 
     def _replay(self, batch: list[EngineRequest], pattern: str) -> torch.Tensor:
@@ -664,16 +716,17 @@ class Engine:
         starts = [r.cached for r in batch]
         logits = self.graphs.run([r.output[-1] for r in batch], starts, [r.slot for r in batch], pattern,
                                  tables=[r.blocks for r in batch] if self.pool is not None else None)
-        self._observe_forward(t0, starts, 1, pattern)
+        self._observe_forward(t0, [(st, 1) for st in starts], pattern)
         return logits
 
-    def _observe_forward(self, t0: float, starts: list[int], n: int, pattern: str) -> None:
+    def _observe_forward(self, t0: float, rows: list[tuple[int, int]], pattern: str) -> None:
+        """rows: (start, tokens) of each sequence in the forward."""
         # On CUDA the forward returns before the device finishes: the time is launch time until the caller
         # syncs; the step's sampling sync follows at once, so per-step sums stay right within one step.
         seconds = time.monotonic() - t0
         self.forwards += 1
         if self.metrics is not None:
-            computed, skipped, total = self.flops.forward([(s, n) for s in starts], pattern.count("F"), len(starts))
+            computed, skipped, total = self.flops.forward(rows, pattern.count("F"), len(rows))
             self.metrics.observe_forward(seconds, computed, skipped, total)
 
     def _accept(self, req: EngineRequest, logits: torch.Tensor) -> None:

@@ -324,6 +324,63 @@ class CPUFastForward:
         x = x[torch.arange(B), logits_at]                                                 # (B, dim)
         return self._linear(self._rms(x, self.final_norm), self.lm_head).float()               # (B, V)
 
+    def can_pack(self, start: int, n: int) -> bool:
+        """Whether a prefill chunk of n tokens from `start` may go into `prefill_packed`."""
+        return self.decode_kernels and n >= 1 and start + n <= self.args.index_topk
+
+    @torch.no_grad()
+    def prefill_packed(self, chunks: list[tuple[list[int], int, int]], pattern: str, cache: KVCache) -> torch.Tensor:
+        """The prefill chunks of several requests in one forward: chunks [(token ids, start, slot)], each within
+        top-k (`can_pack`: dense attention; F layers only write their indexer keys). All their tokens go
+        through each GEMM as one (N, dim) matrix, so the weights are read once for all the requests instead of
+        once per request; RMSNorm, RoPE + K/V cache write and SiLU-multiply run on all rows at once (C kernels);
+        attention per chunk over its slot's cache. Returns (len(chunks), V) fp32 logits at each chunk's last
+        token; the cache ends as `__call__` on each chunk alone leaves it (the twin, tests/model)."""
+        a, dt, th = self.args, self.dtype, self.threads
+        starts, slots = [c[1] for c in chunks], [c[2] for c in chunks]
+        lens = [len(c[0]) for c in chunks]
+        if not chunks or not all(self.can_pack(s, n) for s, n in zip(starts, lens)):
+            raise ValueError("prefill_packed takes non-empty chunks within top-k (start + length <= index_topk) "
+                             "and needs the C kernels")
+        pattern = self.model.check_pattern(pattern)
+        cache.ensure_pattern(pattern)
+        self._check_kernel_cache(cache, starts, slots, max(s + n for s, n in zip(starts, lens)))
+        pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])                    # (N,) int64
+        slot_of_row = torch.cat([torch.full((n,), slot) for n, slot in zip(lens, slots)])          # (N,) int64
+        ends = torch.tensor(lens).cumsum(0).tolist()
+        cos_t, sin_t = self.rope[self.dh]
+        icos, isin = (t[pos][None, :, None, :] for t in self.rope[self.ri])                       # (1, N, 1, Ri)
+        # a chunk from position 0 attends causally with no mask; one after a cached prefix, to keys <= its position
+        masks = [None if s == 0 else self._additive((torch.arange(s + n)[None, :] <= torch.arange(s, s + n)[:, None])[None])
+                 for s, n in zip(starts, lens)]                                                # (1, 1, n, s + n)
+        x = self.embed[torch.tensor([t for ids, _, _ in chunks for t in ids])]                   # (N, dim)
+        for layer, (p, kind) in enumerate(zip(self.layers, pattern)):
+            kc, vc = cache.layers[layer]["k"], cache.layers[layer]["v"]
+            tiles = self.amx[layer] if self.amx is not None else (None, None, None, None)
+            is_f = kind == "F"
+            if is_f and p.k_norm is None:
+                raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no indexer weights for it")
+            h = cpu_decode.rms_norm_bf16(x, p.attn_norm, a.norm_eps, check=False, threads=th)
+            proj = self._linear(h, p.w_in[: self.ik_end if is_f else self.v_end], tiles[0])       # (N, rows)
+            q = cpu_decode.rope_qkv_bf16(proj, self.hq, self.hkv, cos_t, sin_t, pos, slot_of_row, kc, vc,
+                                         check=False, threads=th)                              # (N, Hq*Dh)
+            if is_f:   # the indexer's keys, which later positions score (within top-k nothing is scored)
+                ik = F.layer_norm(proj[:, self.v_end: self.ik_end], (self.di,), *p.k_norm, eps=1e-6)   # (N, Di)
+                rot = self._rotate(ik[None, :, None, : self.ri], icos, isin)[0, :, 0].to(dt)        # (N, Ri)
+                cache.indexer_k[layer][slot_of_row, pos] = torch.cat([rot, ik[:, self.ri:]], -1)
+            out = torch.empty_like(q)                                                          # (N, Hq*Dh)
+            for s, n, slot, end, mask in zip(starts, lens, slots, ends, masks):
+                qi = q[end - n: end].view(1, n, self.hq, self.dh).transpose(1, 2)               # (1, Hq, n, Dh)
+                ki, vi = (c[slot: slot + 1, : s + n].transpose(1, 2) for c in (kc, vc))          # (1, Hkv, s+n, Dh)
+                oi = self._attend(qi, ki, vi, mask, n if s == 0 else 0)                          # (1, Hq, n, Dh)
+                out[end - n: end] = oi.transpose(1, 2).reshape(n, self.q_end)
+            x = x + self._linear(out, p.w_o, tiles[1])
+            h = cpu_decode.rms_norm_bf16(x, p.mlp_norm, a.norm_eps, check=False, threads=th)
+            act = cpu_decode.silu_mul_bf16(self._linear(h, p.w_gate_up, tiles[2]), check=False, threads=th)
+            x = x + self._linear(act, p.w_down, tiles[3])
+        last = x[torch.tensor(ends) - 1]                                                       # (n, dim)
+        return self._linear(self._rms(last, self.final_norm), self.lm_head).float()              # (n, V)
+
     def _decode(self, tokens: torch.Tensor, starts: list[int], slots: list[int], pattern: str,
                 cache: KVCache) -> torch.Tensor:
         """One decode position per row (tokens (B, 1)) through the C kernels: per layer RMSNorm, one GEMV,
