@@ -233,3 +233,27 @@ def test_engine_packs_short_prompts_into_one_prefill_forward(make_model):
         engine.step()
         assert engine.forwards == prefill_forwards + 1, kernels   # + the step's decode forward
         assert all(len(r.output) == 2 for r in engine.running)
+
+
+@pytest.mark.parametrize("topk", [64, 8])
+def test_decode_on_tiles_is_the_wrapped_decode_bit_for_bit(make_model, topk):
+    """`_decode_on_tiles` (every projection on AMX tiles, kernels called straight through ctypes into reused
+    buffers) against `_decode` through the kernels' Python wrappers: the same kernels on the same operands, so
+    identical logits and caches, dense (top-k 64) and past top-k (8: the indexer selects)."""
+    from indexcache.kernels import cpu_decode
+    if cpu_decode.amx_available() is not None:
+        pytest.skip(f"no AMX here: {cpu_decode.amx_available()}")
+    model = make_model("gqa", seed=6, projection_std=0.2, index_topk=topk).to(torch.bfloat16)
+    fast, wrapped = CPUFastForward(model, decode_kernels=True), CPUFastForward(model, decode_kernels=True)
+    assert fast._tile_rows(True) is not None and fast._tile_rows(False) is not None   # the direct path runs
+    wrapped._tile_rows = lambda dense: None                                            # the wrappers' path
+    steps = engine_like_steps(torch.Generator().manual_seed(8), model.args.vocab_size)
+    caches = [KVCache(model.args, 3, 64, PATTERN, dtype=torch.bfloat16) for _ in range(2)]
+    got = run_script(lambda tk, st, sl, at: fast(tk, st, sl, PATTERN, caches[0], at), steps)
+    want = run_script(lambda tk, st, sl, at: wrapped(tk, st, sl, PATTERN, caches[1], at), steps)
+    decode_steps = [i for i, (tk, _, _) in enumerate(steps) if tk.shape[1] == 1]
+    assert len(decode_steps) >= 7
+    for i in decode_steps:
+        assert torch.equal(got[i], want[i]), f"step {i}"
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(a["k"], b["k"]) and torch.equal(a["v"], b["v"])

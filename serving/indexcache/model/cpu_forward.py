@@ -392,6 +392,8 @@ class CPUFastForward:
         kv_lens = [s + 1 for s in starts]
         S = max(kv_lens)
         self._check_kernel_cache(cache, starts, slots, S)
+        if self.amx_min_rows <= B <= cpu_decode.AMX_MAX_ROWS and self._tile_rows(S <= a.index_topk) is not None:
+            return self._decode_on_tiles(tokens, starts, slots, pattern, cache)
         pos, slot_t, lens = torch.tensor(starts), torch.tensor(slots), torch.tensor(kv_lens)        # (B,) int64
         cos, sin = self.rope[self.dh]
         icos, isin = (t[pos][:, None, None, :] for t in self.rope[self.ri])                     # (B, 1, 1, Ri)
@@ -426,6 +428,78 @@ class CPUFastForward:
             act = cpu_decode.silu_mul_bf16(gu, check=False)                                     # (B, I)
             self._project(act, p.w_down, tiles[3], p.w_down.shape[0], residual=x)              # x += act @ w_down.T
         h = cpu_decode.rms_norm_bf16(x, self.final_norm, eps, check=False)
+        logits = self._project(h, self.lm_head, self.amx_lm_head, self.lm_head.shape[0])         # (B, V)
+        return logits.float()                                                                   # (B, V)
+
+    def _tile_rows(self, dense: bool) -> list[int] | None:
+        """The w_in rows each layer projects in a decode step when every projection of every layer can run on
+        its AMX tiles (S layers q|k|v; F layers also the indexer key, and past top-k all the indexer rows):
+        else None."""
+        if self.amx is None or any(t is None for tiles in self.amx for t in tiles):
+            return None
+        rows = []
+        for p, tiles in zip(self.layers, self.amx):
+            f_rows = self.ik_end if dense else p.w_in.shape[0]
+            for r in (self.v_end, f_rows) if p.k_norm is not None else (self.v_end,):
+                if r % 16 or r > tiles[0].shape[0] * 16:
+                    return None
+            rows.append(f_rows)
+        return rows
+
+    def _decode_on_tiles(self, tokens: torch.Tensor, starts: list[int], slots: list[int], pattern: str,
+                         cache: KVCache) -> torch.Tensor:
+        """`_decode` when every projection runs on AMX tiles: the same kernels in the same order on the same
+        operands (so the same logits, bit for bit: tests/model), called straight through ctypes on pointers
+        taken once per step into buffers reused by all the layers. The ~270 kernel calls of a step cost ~5 ms
+        of a ~21 ms step through `_decode`'s per-call wrappers (1 request, 2 cores)."""
+        a, B, lib, th = self.args, tokens.shape[0], cpu_decode._lib, self.threads
+        kv_lens = [s + 1 for s in starts]
+        S = max(kv_lens)
+        dense = S <= a.index_topk
+        f_rows = self._tile_rows(dense)
+        pos, slot_t, lens = torch.tensor(starts), torch.tensor(slots), torch.tensor(kv_lens)        # (B,) int64
+        cos, sin = self.rope[self.dh]
+        icos, isin = (t[pos][:, None, None, :] for t in self.rope[self.ri])                     # (B, 1, 1, Ri)
+        visible = torch.arange(S)[None, None, :] <= pos[:, None, None]                         # (B, 1, S)
+        eps, D, I, hq, hkv, dh = a.norm_eps, a.dim, self.inter, self.hq, self.hkv, self.dh
+        bf = dict(dtype=torch.bfloat16)
+        x = self.embed[tokens[:, 0]].contiguous()                                               # (B, dim)
+        h, q, out = torch.empty(B, D, **bf), torch.empty(B, hq * dh, **bf), torch.empty(B, hq * dh, **bf)
+        proj_buf = torch.empty(B * max(max(f_rows), self.v_end), **bf)
+        gu, act = torch.empty(B, 2 * I, **bf), torch.empty(B, I, **bf)
+        xp, hp, qp, outp, projp, gup, actp = (t.data_ptr() for t in (x, h, q, out, proj_buf, gu, act))
+        cosp, sinp, posp, slotp, lensp = (t.data_ptr() for t in (cos, sin, pos, slot_t, lens))
+        max_len = cache.layers[0]["k"].shape[1]
+        allowed = None   # (B, S) bool past top-k: the last F layer's selection
+        scratch = torch.empty(B * hq, S, dtype=torch.float32)
+        for layer, (p, kind, tiles) in enumerate(zip(self.layers, pattern, self.amx)):
+            kc, vc = cache.layers[layer]["k"], cache.layers[layer]["v"]
+            kcp, vcp = kc.data_ptr(), vc.data_ptr()
+            is_f = kind == "F"
+            rows = f_rows[layer] if is_f else self.v_end
+            lib.rms_norm_bf16(xp, B, D, p.attn_norm.data_ptr(), eps, hp, 1)
+            lib.amx_gemv_bf16(hp, B, D, tiles[0].data_ptr(), rows, projp, 0, th)                 # proj (B, rows)
+            lib.rope_qkv_bf16(projp, B, rows, hq, hkv, dh, cosp, sinp, posp, slotp, max_len, qp, kcp, vcp, 1)
+            if is_f:
+                if p.k_norm is None:
+                    raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no "
+                                       "indexer weights for it")
+                proj = proj_buf[: B * rows].view(B, 1, rows)
+                selected = self._indexer(proj, p, layer, cache, B, 1, starts, slots, slot_t, pos[:, None],
+                                         icos, isin, visible, dense, 0)
+                if not dense:
+                    allowed = selected[:, 0].contiguous()                                        # (B, S)
+            elif not dense and allowed is None:
+                raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
+            lib.attend_bf16(qp, B, hq, hkv, dh, kcp, vcp, max_len, slotp, lensp,
+                            allowed.data_ptr() if allowed is not None else None, S if allowed is not None else 0,
+                            self.scale, outp, scratch.data_ptr(), S, th)
+            lib.amx_gemv_bf16(outp, B, hq * dh, tiles[1].data_ptr(), D, xp, 1, th)              # x += out @ w_o.T
+            lib.rms_norm_bf16(xp, B, D, p.mlp_norm.data_ptr(), eps, hp, 1)
+            lib.amx_gemv_bf16(hp, B, D, tiles[2].data_ptr(), 2 * I, gup, 0, th)                 # gu (B, 2I)
+            lib.silu_mul_bf16(gup, B, I, actp, 1)
+            lib.amx_gemv_bf16(actp, B, I, tiles[3].data_ptr(), D, xp, 1, th)                    # x += act @ w_down.T
+        lib.rms_norm_bf16(xp, B, D, self.final_norm.data_ptr(), eps, hp, 1)
         logits = self._project(h, self.lm_head, self.amx_lm_head, self.lm_head.shape[0])         # (B, V)
         return logits.float()                                                                   # (B, V)
 
