@@ -235,17 +235,20 @@ def test_engine_packs_short_prompts_into_one_prefill_forward(make_model):
         assert all(len(r.output) == 2 for r in engine.running)
 
 
-@pytest.mark.parametrize("topk", [64, 8])
-def test_decode_on_tiles_is_the_wrapped_decode_bit_for_bit(make_model, topk):
-    """`_decode_on_tiles` (every projection on AMX tiles, kernels called straight through ctypes into reused
+@pytest.mark.parametrize("topk,index_heads", [(64, 16), (8, 16), (8, 12)])
+def test_decode_on_tiles_is_the_wrapped_decode_bit_for_bit(make_model, topk, index_heads):
+    """`_decode_on_tiles` (projections on AMX tiles, kernels called straight through ctypes into reused
     buffers) against `_decode` through the kernels' Python wrappers: the same kernels on the same operands, so
-    identical logits and caches, dense (top-k 64) and past top-k (8: the indexer selects)."""
+    identical logits and caches, dense (top-k 64) and past top-k (8: the indexer selects). With 12 indexer
+    heads an F layer's rows past top-k (q|k|v + indexer k|q|weights = 348) are not whole tiles: those
+    projections take the AVX-512 GEMV in both, inside the direct loop."""
     from indexcache.kernels import cpu_decode
     if cpu_decode.amx_available() is not None:
         pytest.skip(f"no AMX here: {cpu_decode.amx_available()}")
-    model = make_model("gqa", seed=6, projection_std=0.2, index_topk=topk).to(torch.bfloat16)
+    model = make_model("gqa", seed=6, projection_std=0.2, index_topk=topk, index_n_heads=index_heads).to(torch.bfloat16)
     fast, wrapped = CPUFastForward(model, decode_kernels=True), CPUFastForward(model, decode_kernels=True)
     assert fast._tile_rows(True) is not None and fast._tile_rows(False) is not None   # the direct path runs
+    assert (fast._tile_rows(False)[0] % 16 != 0) == (index_heads == 12)
     wrapped._tile_rows = lambda dense: None                                            # the wrappers' path
     steps = engine_like_steps(torch.Generator().manual_seed(8), model.args.vocab_size)
     caches = [KVCache(model.args, 3, 64, PATTERN, dtype=torch.bfloat16) for _ in range(2)]

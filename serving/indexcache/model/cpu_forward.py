@@ -432,19 +432,14 @@ class CPUFastForward:
         return logits.float()                                                                   # (B, V)
 
     def _tile_rows(self, dense: bool) -> list[int] | None:
-        """The w_in rows each layer projects in a decode step when every projection of every layer can run on
-        its AMX tiles (S layers q|k|v; F layers also the indexer key, and past top-k all the indexer rows):
-        else None."""
+        """The w_in rows each layer projects in a decode step as an F layer (the indexer key; past top-k all the
+        indexer rows) when every layer has AMX tiles for all its weights and its S-layer rows (q|k|v) are whole
+        tiles; else None. (F rows that are not whole tiles, e.g. past top-k, take `_project` in the loop.)"""
         if self.amx is None or any(t is None for tiles in self.amx for t in tiles):
             return None
-        rows = []
-        for p, tiles in zip(self.layers, self.amx):
-            f_rows = self.ik_end if dense else p.w_in.shape[0]
-            for r in (self.v_end, f_rows) if p.k_norm is not None else (self.v_end,):
-                if r % 16 or r > tiles[0].shape[0] * 16:
-                    return None
-            rows.append(f_rows)
-        return rows
+        if any(self.v_end % 16 or self.v_end > tiles[0].shape[0] * 16 for tiles in self.amx):
+            return None
+        return [self.ik_end if dense else p.w_in.shape[0] for p in self.layers]
 
     def _decode_on_tiles(self, tokens: torch.Tensor, starts: list[int], slots: list[int], pattern: str,
                          cache: KVCache) -> torch.Tensor:
@@ -478,13 +473,17 @@ class CPUFastForward:
             is_f = kind == "F"
             rows = f_rows[layer] if is_f else self.v_end
             lib.rms_norm_bf16(xp, B, D, p.attn_norm.data_ptr(), eps, hp, 1)
-            lib.amx_gemv_bf16(hp, B, D, tiles[0].data_ptr(), rows, projp, 0, th)                 # proj (B, rows)
-            lib.rope_qkv_bf16(projp, B, rows, hq, hkv, dh, cosp, sinp, posp, slotp, max_len, qp, kcp, vcp, 1)
+            if rows % 16 == 0 and rows <= tiles[0].shape[0] * 16:
+                proj = proj_buf[: B * rows].view(B, rows)
+                lib.amx_gemv_bf16(hp, B, D, tiles[0].data_ptr(), rows, projp, 0, th)             # proj (B, rows)
+            else:   # F rows past top-k that are not whole tiles: as `_decode` projects them
+                proj = self._project(h, p.w_in, tiles[0], rows)
+            lib.rope_qkv_bf16(proj.data_ptr(), B, rows, hq, hkv, dh, cosp, sinp, posp, slotp, max_len, qp, kcp, vcp, 1)
             if is_f:
                 if p.k_norm is None:
                     raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no "
                                        "indexer weights for it")
-                proj = proj_buf[: B * rows].view(B, 1, rows)
+                proj = proj.view(B, 1, rows)
                 selected = self._indexer(proj, p, layer, cache, B, 1, starts, slots, slot_t, pos[:, None],
                                          icos, isin, visible, dense, 0)
                 if not dense:
