@@ -167,7 +167,18 @@ ROWS = [
                    f"({g('runs[full_layers=8].search_wall_s'):.0f} s vs {g('runs[full_layers=8].plain_wall_s'):.0f} s)"),
         "", "python bench/calibration_quality.py --device cpu --search-only --compare-plain", commit="2c3e5c0"),
     Row("`indexcache serve` vs transformers on 2 CPU cores (SmolLM2 DSA, bf16 auto vs fp32 peer): TTFT 1K, decode, 8 streams",
-        "bench/results/serve_vs_peer_7.json",
+        "bench/results/serve_vs_peer_10.json",
+        lambda g: (f"{g('ours.ttft_long_s'):.2f} s ({g('transformers_float32.ratios.ttft')}x the peer's "
+                   f"{g('transformers_float32.ttft_long_s')}); "
+                   f"{g('ours.decode_tok_s')} tok/s ({g('transformers_float32.ratios.decode')}x its "
+                   f"{g('transformers_float32.decode_tok_s')}); "
+                   f"{g('ours.streams8_tok_s')} tok/s ({g('transformers_float32.ratios.streams8')}x its "
+                   f"{g('transformers_float32.streams8_tok_s')}); "
+                   f"load {g('load_before.0')}-{g('load_after.0')}"),
+        "<= 1.0 s and <= 0.5x; >= 30 tok/s and >= 2x; >= 2x (#20)",
+        "python bench/serve_vs_peer.py --repeats 3"),
+    Row("the same commit, the next run (the noisiest window: the peer 25 % slower than at the session's start)",
+        "bench/results/serve_vs_peer_11.json",
         lambda g: (f"{g('ours.ttft_long_s'):.2f} s ({g('transformers_float32.ratios.ttft')}x the peer's "
                    f"{g('transformers_float32.ttft_long_s')}); "
                    f"{g('ours.decode_tok_s')} tok/s ({g('transformers_float32.ratios.decode')}x its "
@@ -186,13 +197,13 @@ ROWS = [
         "", "INDEXCACHE_CPU_AMX=0|1 python bench/serve_vs_peer.py --repeats 3 --peer-dtypes float32",
         commit="9a40592"),
     Row("CPU decode kernels (C: AVX-512 GEMV, AMX, fused glue) vs the PyTorch path, in-process engine steps, SmolLM2 DSA bf16: "
-        "1 request at 30 / 1,000 tokens, 8 requests at 30 tokens", "bench/results/cpu_decode.json",
+        "1 request at 30 / 1,000 tokens, 8 requests at 30 tokens", "bench/results/cpu_decode_3.json",
         lambda g: (f"{g('steps[batch=1,context=30].kernels_tok_s')} / {g('steps[batch=1,context=1000].kernels_tok_s')} / "
                    f"{g('steps[batch=8,context=30].kernels_tok_s')} tok/s (PyTorch path "
                    f"{g('steps[batch=1,context=30].pytorch_tok_s')} / {g('steps[batch=1,context=1000].pytorch_tok_s')} / "
                    f"{g('steps[batch=8,context=30].pytorch_tok_s')}); weights read at "
                    f"{g('gemv[rows=1].amx_GBps_best')} GB/s vs a plain read at {g('read_floor.GBps_best')} GB/s"),
-        "decode >= 30 tok/s (#20)", "python bench/cpu_decode.py --json bench/results/cpu_decode.json"),
+        "decode >= 30 tok/s (#20)", "python bench/cpu_decode.py --json bench/results/cpu_decode_3.json"),
     Row("the same with `--quantization int8` (weight-only int8, opt-in): TTFT 1K, decode, 8 streams",
         "bench/results/serve_vs_peer_int8_2.json",
         lambda g: (f"{g('ours.ttft_long_s'):.2f} s ({g('transformers_float32.ratios.ttft')}x the peer); "
