@@ -70,6 +70,17 @@ def _model(pattern: str, ctx: int = 200000) -> str:
     return f"rows[context={ctx},pattern={pattern}]"
 
 
+def _vs_peer(g) -> str:
+    """A serve_vs_peer result: ours against the fp32 transformers peer (the issue's baseline)."""
+    return (f"{g('ours.ttft_long_s'):.2f} s ({g('transformers_float32.ratios.ttft')}x the peer's "
+            f"{g('transformers_float32.ttft_long_s')}); "
+            f"{g('ours.decode_tok_s')} tok/s ({g('transformers_float32.ratios.decode')}x its "
+            f"{g('transformers_float32.decode_tok_s')}); "
+            f"{g('ours.streams8_tok_s')} tok/s ({g('transformers_float32.ratios.streams8')}x its "
+            f"{g('transformers_float32.streams8_tok_s')}); "
+            f"load {g('load_before.0')}-{g('load_after.0')}")
+
+
 SERVED = "bench/results/model_served_edd0c78.json"
 SERVED_H100 = "bench/results/model_served_32069d5_h100.json"
 GPU_ROUND = "BENCH_BUDGET=330 bash bench/gpu_round.sh --contexts 65536,200000 --patterns all-F,1/4"
@@ -168,24 +179,12 @@ ROWS = [
         "", "python bench/calibration_quality.py --device cpu --search-only --compare-plain", commit="2c3e5c0"),
     Row("`indexcache serve` vs transformers on 2 CPU cores (SmolLM2 DSA, bf16 auto vs fp32 peer): TTFT 1K, decode, 8 streams",
         "bench/results/serve_vs_peer_10.json",
-        lambda g: (f"{g('ours.ttft_long_s'):.2f} s ({g('transformers_float32.ratios.ttft')}x the peer's "
-                   f"{g('transformers_float32.ttft_long_s')}); "
-                   f"{g('ours.decode_tok_s')} tok/s ({g('transformers_float32.ratios.decode')}x its "
-                   f"{g('transformers_float32.decode_tok_s')}); "
-                   f"{g('ours.streams8_tok_s')} tok/s ({g('transformers_float32.ratios.streams8')}x its "
-                   f"{g('transformers_float32.streams8_tok_s')}); "
-                   f"load {g('load_before.0')}-{g('load_after.0')}"),
+        _vs_peer,
         "<= 1.0 s and <= 0.5x; >= 30 tok/s and >= 2x; >= 2x (#20)",
         "python bench/serve_vs_peer.py --repeats 3"),
     Row("the same commit, the next run (the noisiest window: the peer 25 % slower than at the session's start)",
         "bench/results/serve_vs_peer_11.json",
-        lambda g: (f"{g('ours.ttft_long_s'):.2f} s ({g('transformers_float32.ratios.ttft')}x the peer's "
-                   f"{g('transformers_float32.ttft_long_s')}); "
-                   f"{g('ours.decode_tok_s')} tok/s ({g('transformers_float32.ratios.decode')}x its "
-                   f"{g('transformers_float32.decode_tok_s')}); "
-                   f"{g('ours.streams8_tok_s')} tok/s ({g('transformers_float32.ratios.streams8')}x its "
-                   f"{g('transformers_float32.streams8_tok_s')}); "
-                   f"load {g('load_before.0')}-{g('load_after.0')}"),
+        _vs_peer,
         "<= 1.0 s and <= 0.5x; >= 30 tok/s and >= 2x; >= 2x (#20)",
         "python bench/serve_vs_peer.py --repeats 3"),
     Row("the same, CPU decode kernels with AMX (default) vs `INDEXCACHE_CPU_AMX=0`, back to back: TTFT 1K, decode, 8 streams",
