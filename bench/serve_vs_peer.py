@@ -15,7 +15,8 @@ Measured, with identical token ids on both sides (prompts are sent as token ids)
   - TTFT at a --long-prompt-token prompt (essay text): ours = request start to the first streamed token;
     the peer's = one forward over the prompt and the argmax of its last logits;
   - decode tok/s for one request (a 26-token prompt, up to --decode-tokens greedy tokens): ours =
-    (tokens - 1) / (last token - first token); the peer's = generated tokens after the first over the
+    (tokens - 1) / (last chunk - first chunk), tokens as the usage chunk counts them (runs before 32aca9d
+    counted chunks, which undercounts when a lagging stream sends several tokens in one chunk); the peer's = generated tokens after the first over the
     time after its prefill (generate() timed at max_new_tokens=1 and =N);
   - 8 concurrent streams x 64 tokens: ours = all tokens received / wall time of the 8 concurrent
     requests; the peer's = one static batch of the same 8 prompts through generate(), tokens up to each
@@ -71,14 +72,20 @@ def prompts(tokenizer, long_tokens: int):
 
 # ------------------------------------------------------------------------------------------ ours (HTTP)
 async def stream_once(client, model: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed request: its start, the arrival time of each chunk with text, and the tokens generated
+    (the usage chunk's count: a chunk can carry several tokens when the stream lags behind the engine)."""
     t0 = time.perf_counter()
-    stamps = []
+    stamps, tokens = [], None
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True)
+                                             stream=True, stream_options={"include_usage": True})
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             stamps.append(time.perf_counter())
-    return {"t0": t0, "stamps": stamps}
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    if tokens is None:
+        raise SystemExit("the server sent no usage chunk despite stream_options.include_usage")
+    return {"t0": t0, "stamps": stamps, "tokens": tokens}
 
 
 async def measure_ours(url: str, long_ids, decode_ids, batch, args) -> dict:
@@ -93,13 +100,13 @@ async def measure_ours(url: str, long_ids, decode_ids, batch, args) -> dict:
             ttft.append(r["stamps"][0] - r["t0"])
         r = await stream_once(client, model, decode_ids, args.decode_tokens)
         s = r["stamps"]
-        if rep and len(s) > 1:
-            decode.append((len(s) - 1) / (s[-1] - s[0]))
+        if rep and len(s) > 1:   # the first chunk is the first token alone (the server never holds it back)
+            decode.append((r["tokens"] - 1) / (s[-1] - s[0]))
         t0 = time.perf_counter()
         rs = await asyncio.gather(*(stream_once(client, model, p, 64) for p in batch))
         wall = time.perf_counter() - t0
         if rep:
-            streams.append(sum(len(x["stamps"]) for x in rs) / wall)
+            streams.append(sum(x["tokens"] for x in rs) / wall)
     await client.close()
     return summarize(ttft, decode, streams, {"model": model})
 
