@@ -247,9 +247,9 @@ def test_decode_on_tiles_is_the_wrapped_decode_bit_for_bit(make_model, topk, ind
         pytest.skip(f"no AMX here: {cpu_decode.amx_available()}")
     model = make_model("gqa", seed=6, projection_std=0.2, index_topk=topk, index_n_heads=index_heads).to(torch.bfloat16)
     fast, wrapped = CPUFastForward(model, decode_kernels=True), CPUFastForward(model, decode_kernels=True)
-    assert fast._tile_rows(True) is not None and fast._tile_rows(False) is not None   # the direct path runs
-    assert (fast._tile_rows(False)[0] % 16 != 0) == (index_heads == 12)
-    wrapped._tile_rows = lambda dense: None                                            # the wrappers' path
+    assert fast.decode_on_tiles                                                        # the direct path runs
+    assert (fast.layers[0].w_in.shape[0] % 16 != 0) == (index_heads == 12)             # F rows past top-k
+    wrapped.decode_on_tiles = False                                                    # the wrappers' path
     steps = engine_like_steps(torch.Generator().manual_seed(8), model.args.vocab_size)
     caches = [KVCache(model.args, 3, 64, PATTERN, dtype=torch.bfloat16) for _ in range(2)]
     got = run_script(lambda tk, st, sl, at: fast(tk, st, sl, PATTERN, caches[0], at), steps)

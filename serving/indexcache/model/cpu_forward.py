@@ -162,6 +162,11 @@ class CPUFastForward:
             tiles = lambda w: cpu_decode.pack_amx(w[: w.shape[0] // 16 * 16]) if w.shape[0] >= 16 else None
             self.amx = [[tiles(w) for w in (p.w_in, p.w_o, p.w_gate_up, p.w_down)] for p in self.layers]
             self.amx_lm_head = tiles(self.lm_head) if self.lm_head.shape[0] % 16 == 0 else None
+        # `_decode_on_tiles` runs decode steps when every layer has tiles for all its weights and its S-layer
+        # rows (q|k|v) are whole tiles (F rows that are not, e.g. past top-k, take `_project` inside it)
+        self.decode_on_tiles = self.amx is not None and all(
+            all(t is not None for t in tiles) and self.v_end % 16 == 0 and self.v_end <= tiles[0].shape[0] * 16
+            for tiles in self.amx)
         log.info("CPU decode kernels: %s", "on" if self.decode_kernels else f"off ({why_not})")
         self.threads = torch.get_num_threads()   # the replica's (configure_cpu); the engine thread's may differ
 
@@ -313,16 +318,21 @@ class CPUFastForward:
                                n_causal)                                                  # (B, Hq, T, Dh)
             x = x + self._linear(out.transpose(1, 2).reshape(B, T, self.q_end), p.w_o, tiles[1])
             if fused:
-                h = cpu_decode.rms_norm_bf16(x[0], p.mlp_norm, a.norm_eps, check=False, threads=self.threads)
-                gu = self._linear(h, p.w_gate_up, tiles[2])                                               # (T, 2I)
-                act = cpu_decode.silu_mul_bf16(gu, check=False, threads=self.threads)                     # (T, I)
-                x = x + self._linear(act, p.w_down, tiles[3])[None]
+                x = self._mlp_rows(x[0], p, tiles)[None]
                 continue
             h = self._rms(x, p.mlp_norm)
             gu = self._linear(h, p.w_gate_up, tiles[2])                                                   # (B, T, 2I)
             x = x + self._linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter:], p.w_down, tiles[3])
         x = x[torch.arange(B), logits_at]                                                 # (B, dim)
         return self._linear(self._rms(x, self.final_norm), self.lm_head).float()               # (B, V)
+
+    def _mlp_rows(self, x: torch.Tensor, p: PackedLayer, tiles) -> torch.Tensor:
+        """x (N, dim) + MLP(RMSNorm(x)) for the rows of prefill chunks: RMSNorm and SiLU-multiply as row-parallel
+        C calls, the GEMMs by `_linear`."""
+        th = self.threads
+        h = cpu_decode.rms_norm_bf16(x, p.mlp_norm, self.args.norm_eps, check=False, threads=th)
+        act = cpu_decode.silu_mul_bf16(self._linear(h, p.w_gate_up, tiles[2]), check=False, threads=th)   # (N, I)
+        return x + self._linear(act, p.w_down, tiles[3])
 
     def can_pack(self, start: int, n: int) -> bool:
         """Whether a prefill chunk of n tokens from `start` may go into `prefill_packed`."""
@@ -336,7 +346,7 @@ class CPUFastForward:
         once per request; RMSNorm, RoPE + K/V cache write and SiLU-multiply run on all rows at once (C kernels);
         attention per chunk over its slot's cache. Returns (len(chunks), V) fp32 logits at each chunk's last
         token; the cache ends as `__call__` on each chunk alone leaves it (the twin, tests/model)."""
-        a, dt, th = self.args, self.dtype, self.threads
+        a, th = self.args, self.threads
         starts, slots = [c[1] for c in chunks], [c[2] for c in chunks]
         lens = [len(c[0]) for c in chunks]
         if not chunks or not all(self.can_pack(s, n) for s, n in zip(starts, lens)):
@@ -365,19 +375,14 @@ class CPUFastForward:
             q = cpu_decode.rope_qkv_bf16(proj, self.hq, self.hkv, cos_t, sin_t, pos, slot_of_row, kc, vc,
                                          check=False, threads=th)                              # (N, Hq*Dh)
             if is_f:   # the indexer's keys, which later positions score (within top-k nothing is scored)
-                ik = F.layer_norm(proj[:, self.v_end: self.ik_end], (self.di,), *p.k_norm, eps=1e-6)   # (N, Di)
-                rot = self._rotate(ik[None, :, None, : self.ri], icos, isin)[0, :, 0].to(dt)        # (N, Ri)
-                cache.indexer_k[layer][slot_of_row, pos] = torch.cat([rot, ik[:, self.ri:]], -1)
+                cache.indexer_k[layer][slot_of_row, pos] = self._indexer_key(proj[None], p, icos, isin, cache)[0]
             out = torch.empty_like(q)                                                          # (N, Hq*Dh)
             for s, n, slot, end, mask in zip(starts, lens, slots, ends, masks):
                 qi = q[end - n: end].view(1, n, self.hq, self.dh).transpose(1, 2)               # (1, Hq, n, Dh)
                 ki, vi = (c[slot: slot + 1, : s + n].transpose(1, 2) for c in (kc, vc))          # (1, Hkv, s+n, Dh)
                 oi = self._attend(qi, ki, vi, mask, n if s == 0 else 0)                          # (1, Hq, n, Dh)
                 out[end - n: end] = oi.transpose(1, 2).reshape(n, self.q_end)
-            x = x + self._linear(out, p.w_o, tiles[1])
-            h = cpu_decode.rms_norm_bf16(x, p.mlp_norm, a.norm_eps, check=False, threads=th)
-            act = cpu_decode.silu_mul_bf16(self._linear(h, p.w_gate_up, tiles[2]), check=False, threads=th)
-            x = x + self._linear(act, p.w_down, tiles[3])
+            x = self._mlp_rows(x + self._linear(out, p.w_o, tiles[1]), p, tiles)
         last = x[torch.tensor(ends) - 1]                                                       # (n, dim)
         return self._linear(self._rms(last, self.final_norm), self.lm_head).float()              # (n, V)
 
@@ -392,7 +397,7 @@ class CPUFastForward:
         kv_lens = [s + 1 for s in starts]
         S = max(kv_lens)
         self._check_kernel_cache(cache, starts, slots, S)
-        if self.amx_min_rows <= B <= cpu_decode.AMX_MAX_ROWS and self._tile_rows(S <= a.index_topk) is not None:
+        if self.decode_on_tiles and self.amx_min_rows <= B <= cpu_decode.AMX_MAX_ROWS:
             return self._decode_on_tiles(tokens, starts, slots, pattern, cache)
         pos, slot_t, lens = torch.tensor(starts), torch.tensor(slots), torch.tensor(kv_lens)        # (B,) int64
         cos, sin = self.rope[self.dh]
@@ -431,16 +436,6 @@ class CPUFastForward:
         logits = self._project(h, self.lm_head, self.amx_lm_head, self.lm_head.shape[0])         # (B, V)
         return logits.float()                                                                   # (B, V)
 
-    def _tile_rows(self, dense: bool) -> list[int] | None:
-        """The w_in rows each layer projects in a decode step as an F layer (the indexer key; past top-k all the
-        indexer rows) when every layer has AMX tiles for all its weights and its S-layer rows (q|k|v) are whole
-        tiles; else None. (F rows that are not whole tiles, e.g. past top-k, take `_project` in the loop.)"""
-        if self.amx is None or any(t is None for tiles in self.amx for t in tiles):
-            return None
-        if any(self.v_end % 16 or self.v_end > tiles[0].shape[0] * 16 for tiles in self.amx):
-            return None
-        return [self.ik_end if dense else p.w_in.shape[0] for p in self.layers]
-
     def _decode_on_tiles(self, tokens: torch.Tensor, starts: list[int], slots: list[int], pattern: str,
                          cache: KVCache) -> torch.Tensor:
         """`_decode` when every projection runs on AMX tiles: the same kernels in the same order on the same
@@ -451,7 +446,7 @@ class CPUFastForward:
         kv_lens = [s + 1 for s in starts]
         S = max(kv_lens)
         dense = S <= a.index_topk
-        f_rows = self._tile_rows(dense)
+        f_rows = self.ik_end if dense else max(p.w_in.shape[0] for p in self.layers)   # an F layer's w_in rows
         pos, slot_t, lens = torch.tensor(starts), torch.tensor(slots), torch.tensor(kv_lens)        # (B,) int64
         cos, sin = self.rope[self.dh]
         icos, isin = (t[pos][:, None, None, :] for t in self.rope[self.ri])                     # (B, 1, 1, Ri)
@@ -460,7 +455,7 @@ class CPUFastForward:
         bf = dict(dtype=torch.bfloat16)
         x = self.embed[tokens[:, 0]].contiguous()                                               # (B, dim)
         h, q, out = torch.empty(B, D, **bf), torch.empty(B, hq * dh, **bf), torch.empty(B, hq * dh, **bf)
-        proj_buf = torch.empty(B * max(max(f_rows), self.v_end), **bf)
+        proj_buf = torch.empty(B * max(f_rows, self.v_end), **bf)
         gu, act = torch.empty(B, 2 * I, **bf), torch.empty(B, I, **bf)
         xp, hp, qp, outp, projp, gup, actp = (t.data_ptr() for t in (x, h, q, out, proj_buf, gu, act))
         cosp, sinp, posp, slotp, lensp = (t.data_ptr() for t in (cos, sin, pos, slot_t, lens))
@@ -471,7 +466,7 @@ class CPUFastForward:
             kc, vc = cache.layers[layer]["k"], cache.layers[layer]["v"]
             kcp, vcp = kc.data_ptr(), vc.data_ptr()
             is_f = kind == "F"
-            rows = f_rows[layer] if is_f else self.v_end
+            rows = (self.ik_end if dense else p.w_in.shape[0]) if is_f else self.v_end
             lib.rms_norm_bf16(xp, B, D, p.attn_norm.data_ptr(), eps, hp, 1)
             if rows % 16 == 0 and rows <= tiles[0].shape[0] * 16:
                 proj = proj_buf[: B * rows].view(B, rows)
@@ -532,16 +527,23 @@ class CPUFastForward:
             return cpu_decode.gemv_bf16(x, w, th, check=False)
         return residual.add_(F.linear(x, w)) if residual is not None else F.linear(x, w)
 
+    def _indexer_key(self, proj: torch.Tensor, p: PackedLayer, icos: torch.Tensor, isin: torch.Tensor,
+                     cache: KVCache) -> torch.Tensor:
+        """An F layer's indexer keys from its projection proj (B, T, rows): LayerNorm, then RoPE on the first Ri
+        dims (icos/isin (B, T, 1, Ri)) -> (B, T, Di) in the model dtype."""
+        if cache.indexer_fp8:
+            raise ValueError("the CPU fast forward keeps bf16/fp32 indexer keys; build the cache without indexer_fp8")
+        ri = self.ri
+        ik = F.layer_norm(proj[..., self.v_end: self.ik_end], (self.di,), *p.k_norm, eps=1e-6)  # (B, T, Di)
+        return torch.cat([self._rotate(ik[:, :, None, :ri], icos, isin)[:, :, 0].to(self.dtype), ik[..., ri:]], -1)
+
     def _indexer(self, proj, p: PackedLayer, layer: int, cache: KVCache, B: int, T: int, starts, slots, slot_t,
                  positions, icos, isin, visible, dense: bool, n_causal: int) -> torch.Tensor | None:
         """Write this F layer's indexer keys; past top-k, return its selection (B, T - n_causal, S) bool for
         the queries from n_causal on (the first n_causal attend causally, see `_attend`)."""
         dt, ri = self.dtype, self.ri
-        ik = F.layer_norm(proj[..., self.v_end: self.ik_end], (self.di,), *p.k_norm, eps=1e-6)  # (B, T, Di)
-        ik = torch.cat([self._rotate(ik[:, :, None, :ri], icos, isin)[:, :, 0].to(dt), ik[..., ri:]], -1)
+        ik = self._indexer_key(proj, p, icos, isin, cache)                                # (B, T, Di)
         ikc = cache.indexer_k[layer]
-        if cache.indexer_fp8:
-            raise ValueError("the CPU fast forward keeps bf16/fp32 indexer keys; build the cache without indexer_fp8")
         S = visible.shape[-1]
         if B == 1:
             ikc[slots[0], starts[0]: starts[0] + T] = ik[0]
