@@ -5,7 +5,9 @@ threads. Tolerance: fp32 output within 1e-5 of the output's scale (only the summ
 output within one bf16 rounding step (2^-8 relative) where the two sums straddle a rounding boundary.
 The fused small ops (RMSNorm, SiLU-multiply, RoPE + cache write, one-position attention) round where their
 twins round, so they agree to one bf16 step (2^-8 relative) elementwise, attention to 2e-2 absolute on unit-
-scale values (fp32 softmax on both sides, different summation order and the reference's einsum)."""
+scale values (fp32 softmax on both sides, different summation order and the reference's einsum). The indexer's
+top-k (index_select_bf16) sums its scores in the twin's order, so its selection equals the twin's exactly, ties
+included (the lowest key index wins a tie at the k-th score, as a stable sort orders them)."""
 import pytest
 import torch
 
@@ -179,3 +181,39 @@ def test_amx_can_be_turned_off_by_the_environment():
     env = {**os.environ, "INDEXCACHE_CPU_AMX": "0", "PYTHONPATH": str(serving)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["None", "turned off by INDEXCACHE_CPU_AMX=0"]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("M,S,k,threads", [(1, 15, 8, 1), (37, 300, 64, 2), (488, 1000, 512, 2), (3, 40, 40, 1)])
+def test_index_select_matches_twin(M, S, k, threads, ties):
+    """The indexer's scores, top-k and mask in one call against its twin (scores head by head, a stable sort):
+    rows that see fewer keys than k (all visible chosen), rows past it, S not a multiple of 16; with ties,
+    logits on a coarse grid and one head's weight negative, so many scores are equal (zeros from the ReLU
+    among them) and the k-th score is often tied. Both output forms: the bool selection and the additive mask."""
+    g = torch.Generator().manual_seed(M * 7 + S + k + ties)
+    hi = 4
+    logits = torch.randn(M, hi, S, generator=g)
+    w = torch.randn(M, hi, generator=g)
+    if ties:
+        logits, w = (logits * 2).round(), w.round() + 0.5
+        w[:, 1] = -w[:, 1].abs()
+    logits = logits.bfloat16()
+    n_visible = torch.randint(1, S + 1, (M,), generator=g)
+    n_visible[0] = S                                              # one row sees every key
+    for additive in (False, True):
+        got = cpu_decode.index_select_bf16(logits, w, n_visible, k, threads, additive=additive)
+        want = cpu_decode.ref_index_select_bf16(logits, w, n_visible, k, additive=additive)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    chosen = cpu_decode.index_select_bf16(logits, w, n_visible, k, threads)
+    assert torch.equal(chosen.sum(1), n_visible.clamp(max=k))     # k keys, or every visible one
+    assert not chosen[torch.arange(S)[None, :] >= n_visible[:, None]].any()
+
+
+def test_index_select_refuses_what_it_cannot_take():
+    logits, w, n = torch.zeros(2, 4, 16, dtype=torch.bfloat16), torch.zeros(2, 4), torch.full((2,), 16)
+    with pytest.raises(ValueError, match="logits"):
+        cpu_decode.index_select_bf16(logits.float(), w, n, 4, 1)
+    with pytest.raises(ValueError, match="w must be"):
+        cpu_decode.index_select_bf16(logits, w[:, :3], n, 4, 1)
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_decode.index_select_bf16(logits, w, n, 4, 1, additive=True, out=torch.empty(2, 16, dtype=torch.bool))

@@ -92,12 +92,16 @@ def test_unsupported_models_are_refused(make_model):
 
 
 def _recording_selections(fast: CPUFastForward) -> list:
-    """Wrap fast._indexer to record every selection it returns (None while dense)."""
+    """Wrap fast._indexer to record every selection it returns (None while dense), as (B, T', S) bool whether it
+    came as a bool selection or as the additive mask (B, 1, T', S) a prefill chunk's attention adds."""
     calls, inner = [], fast._indexer
 
     def indexer(*args, **kwargs):
         selected = inner(*args, **kwargs)
-        calls.append(None if selected is None else selected.clone())
+        if selected is None:
+            calls.append(None)
+        else:
+            calls.append(selected.clone() if selected.dtype == torch.bool else (selected[:, 0] == 0))
         return selected
 
     fast._indexer = indexer

@@ -6,6 +6,8 @@
  *                  KV cache at (slot, position) per row;
  *   attend_bf16    one query position per row against its slot's cached keys (all up to its length, or
  *                  those a mask allows), softmax in fp32;
+ *   index_select_bf16  the indexer's scores (weighted ReLU of q . k over its heads) and top-k selection of many
+ *                  query rows, as a 0/1 or additive mask;
  *   amx_gemv_bf16  the GEMV for 2-16 rows on AMX tiles, from a weight packed once into tiles (pack_amx in
  *                  cpu_decode.py), optionally added to a residual: at 8 rows the AVX-512 dot products are
  *                  compute-bound on 2 hyperthreads (~0.8 G dot-product instructions/s each), AMX is not.
@@ -19,6 +21,7 @@
  * K must be a multiple of 32; x, w, y contiguous. Built and called by kernels/cpu_gemv.py. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include <sys/syscall.h>
@@ -333,5 +336,112 @@ void amx_gemv_bf16(const uint16_t *x, int M, int K, const uint16_t *wp, int N, u
                 }
         }
         _tile_release();
+    }
+}
+
+/* fp32 -> uint32 in the same order (larger float, larger key): flip every bit of a negative, the sign of the rest */
+static inline uint32_t order_key(float f) {
+    f = f + 0.f;   /* -0 -> +0: equal scores are one key */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* The k-th largest of key[0, n) (1 <= k <= n) by radix select from the top: an 11-bit histogram of every key,
+ * then 8, 8 and 5 bits over the few keys left in the bucket holding the k-th (cand: n slots). */
+static uint32_t kth_largest(const uint32_t *key, int n, int k, uint32_t *cand) {
+    static const int shifts[4] = {21, 13, 5, 0}, widths[4] = {11, 8, 8, 5};
+    int count[2048];
+    memset(count, 0, sizeof(count));
+    for (int s = 0; s < n; s++) count[key[s] >> 21]++;
+    int b = 2047;
+    while (count[b] < k) { k -= count[b]; b--; }
+    uint32_t prefix = (uint32_t)b << 21;
+    int c = 0;
+    for (int s = 0; s < n; s++) if ((key[s] >> 21) == (uint32_t)b) cand[c++] = key[s];
+    for (int pass = 1; pass < 4; pass++) {
+        int sh = shifts[pass], bins = 1 << widths[pass];
+        uint32_t low = (uint32_t)bins - 1;
+        memset(count, 0, (size_t)bins * sizeof(int));
+        for (int i = 0; i < c; i++) count[(cand[i] >> sh) & low]++;
+        b = bins - 1;
+        while (count[b] < k) { k -= count[b]; b--; }
+        prefix |= (uint32_t)b << sh;
+        int kept = 0;
+        for (int i = 0; i < c; i++) if (((cand[i] >> sh) & low) == (uint32_t)b) cand[kept++] = cand[i];
+        c = kept;
+    }
+    return prefix;
+}
+
+/* The indexer's selection for M query rows, one call per F layer: row m's scores over keys s < n_visible[m],
+ *   score[s] = sum_h w[m, h] * relu(logits[m, h, s])     (fp32, h in order, products then sums as the twin),
+ * and its top k: every key with a score above the k-th largest, then keys equal to it from the lowest index
+ * until k are chosen (a row with n_visible <= k selects every visible key). Keys s >= n_visible[m] are never
+ * chosen. out (M, S): additive == 0 -> uint8 1/0 (chosen or not); additive == 1 -> bf16 0 / -inf (the mask
+ * flash attention adds). The k-th largest by radix select on the scores' order keys (kth_largest): no sort,
+ * the same answer however many keys tie. logits (M, Hi, S) bf16, w (M, Hi) fp32. */
+void index_select_bf16(const uint16_t *logits, const float *w, int M, int Hi, int S, const int64_t *n_visible,
+                       int k, void *out, int additive, int threads) {
+    int nt = (long)M * S * Hi > 200000 ? threads : 1;
+    #pragma omp parallel num_threads(nt)
+    {
+        uint32_t *key = (uint32_t *)malloc((size_t)(S + 16) * sizeof(uint32_t));
+        uint32_t *cand = (uint32_t *)malloc((size_t)(S + 16) * sizeof(uint32_t));
+        const __m256i neg_inf = _mm256_set1_epi16((short)0xFF80), zero = _mm256_setzero_si256();
+        const __m128i one = _mm_set1_epi8(1);
+        #pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) {
+            int n = (int)(n_visible[m] < S ? n_visible[m] : S);
+            uint8_t *ob = (uint8_t *)out + (size_t)m * S;
+            uint16_t *oa = (uint16_t *)out + (size_t)m * S;
+            uint32_t kth = 0;
+            int ties = 0;
+            if (n > k) {
+                const uint16_t *lr = logits + (size_t)m * Hi * S;
+                const float *wr = w + (size_t)m * Hi;
+                int s = 0;
+                for (; s + 16 <= n; s += 16) {
+                    __m512 acc = _mm512_mul_ps(_mm512_max_ps(load16(lr + s), _mm512_setzero_ps()), _mm512_set1_ps(wr[0]));
+                    for (int h = 1; h < Hi; h++)
+                        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_max_ps(load16(lr + (size_t)h * S + s),
+                                                                             _mm512_setzero_ps()), _mm512_set1_ps(wr[h])));
+                    /* -0 -> +0 (equal scores, one key), then the order key: flip a negative's bits, set a positive's sign */
+                    __m512i u = _mm512_castps_si512(_mm512_add_ps(acc, _mm512_setzero_ps()));
+                    __mmask16 neg = _mm512_cmplt_epi32_mask(u, _mm512_setzero_si512());
+                    u = _mm512_mask_xor_epi32(_mm512_or_si512(u, _mm512_set1_epi32((int)0x80000000)), neg, u,
+                                              _mm512_set1_epi32(-1));
+                    _mm512_storeu_si512(key + s, u);
+                }
+                for (; s < n; s++) {
+                    float acc = fmaxf(f32(lr[s]), 0.f) * wr[0];
+                    for (int h = 1; h < Hi; h++) acc = acc + fmaxf(f32(lr[(size_t)h * S + s]), 0.f) * wr[h];
+                    key[s] = order_key(acc);
+                }
+                kth = kth_largest(key, n, k, cand);
+                int above = 0;
+                for (s = 0; s < n; s++) above += key[s] > kth;
+                ties = k - above;             /* keys equal to the k-th largest to take, lowest index first */
+            }
+            for (int s = 0; s < S; s += 16) {
+                int lanes = S - s < 16 ? S - s : 16;
+                __mmask16 live = (__mmask16)((1u << lanes) - 1), vis = 0;
+                if (s < n) vis = n - s >= 16 ? 0xFFFF : (__mmask16)((1u << (n - s)) - 1);
+                __mmask16 chosen = vis;
+                if (n > k && vis) {
+                    __m512i kv = _mm512_maskz_loadu_epi32(vis, key + s), t = _mm512_set1_epi32((int)kth);
+                    chosen = _mm512_mask_cmpgt_epu32_mask(vis, kv, t);
+                    __mmask16 eq = _mm512_mask_cmpeq_epu32_mask(vis, kv, t);
+                    while (eq && ties > 0) {   /* the lowest-index ties first */
+                        __mmask16 low = eq & (__mmask16)(-(int)eq);
+                        chosen |= low; eq ^= low; ties--;
+                    }
+                }
+                if (additive) _mm256_mask_storeu_epi16(oa + s, live, _mm256_mask_blend_epi16(chosen, neg_inf, zero));
+                else _mm_mask_storeu_epi8(ob + s, live, _mm_maskz_mov_epi8(chosen, one));
+            }
+        }
+        free(key);
+        free(cand);
     }
 }

@@ -96,6 +96,7 @@ def _load() -> None:
                   "rms_norm_bf16": [P, I, I, P, F32, P, I], "silu_mul_bf16": [P, I, I, P, I],
                   "rope_qkv_bf16": [P, I, I, I, I, I, P, P, P, P, I, P, P, P, I],
                   "attend_bf16": [P, I, I, I, I, P, P, I, P, P, P, I, F32, P, P, I, I],
+                  "index_select_bf16": [P, P, I, I, I, P, I, P, I, I],
                   "amx_gemv_bf16": [P, I, I, P, I, P, I, I], "amx_init": []}
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
@@ -307,6 +308,49 @@ def ref_attend_bf16(q, k_cache, v_cache, slots, kv_lens, allowed, scale) -> torc
             scores = scores.masked_fill(~allowed[m, :n], float("-inf"))
         out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v).reshape(-1))
     return torch.stack(out).to(torch.bfloat16)
+
+
+def index_select_bf16(logits: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor, k: int, threads: int,
+                      additive: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The indexer's top-k for M query rows: logits (M, Hi, S) bf16 (q . k per index head and key), w (M, Hi) fp32
+    (the per-head weights), n_visible (M,) int64 (keys [0, n_visible) may be chosen) -> (M, S), bool (chosen) or,
+    with additive, bf16 0 / -inf (the mask attention adds). score[m, s] = sum_h w[m, h] * relu(logits[m, h, s]) in
+    fp32; the k highest visible scores are chosen, ties at the k-th from the lowest key index; every visible key
+    when n_visible <= k. out: a contiguous (M, S) tensor of that dtype to write into."""
+    if logits.dim() != 3 or logits.dtype != torch.bfloat16 or not logits.is_contiguous():
+        raise ValueError(f"index_select_bf16: logits must be contiguous (M, Hi, S) bf16, got {tuple(logits.shape)} {logits.dtype}")
+    M, hi, S = logits.shape
+    if w.shape != (M, hi) or w.dtype != torch.float32 or not w.is_contiguous():
+        raise ValueError(f"index_select_bf16: w must be contiguous ({M}, {hi}) fp32, got {tuple(w.shape)} {w.dtype}")
+    if n_visible.shape != (M,) or n_visible.dtype != torch.int64 or not n_visible.is_contiguous() or k < 1:
+        raise ValueError("index_select_bf16: n_visible must be (M,) int64 and k >= 1")
+    dtype = torch.bfloat16 if additive else torch.bool
+    if out is None:
+        out = torch.empty(M, S, dtype=dtype)
+    elif out.shape != (M, S) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"index_select_bf16: out must be contiguous ({M}, {S}) {dtype}, got {tuple(out.shape)} {out.dtype}")
+    _lib.index_select_bf16(logits.data_ptr(), w.data_ptr(), M, hi, S, n_visible.data_ptr(), k, out.data_ptr(),
+                           int(additive), threads)
+    return out
+
+
+def ref_index_select_bf16(logits: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor, k: int,
+                          additive: bool = False) -> torch.Tensor:
+    """The twin: the scores summed head by head in fp32, a stable descending sort per row (equal scores keep key
+    order), the first k visible keys of it."""
+    M, hi, S = logits.shape
+    lf = logits.float().relu()
+    score = lf[:, 0] * w[:, :1]
+    for h in range(1, hi):
+        score = score + lf[:, h] * w[:, h: h + 1]                                  # (M, S) fp32
+    chosen = torch.zeros(M, S, dtype=torch.bool)
+    for m in range(M):
+        n = int(min(n_visible[m], S))
+        order = torch.sort(score[m, :n], descending=True, stable=True).indices
+        chosen[m, order[:k]] = True
+    if not additive:
+        return chosen
+    return torch.zeros(M, S, dtype=torch.bfloat16).masked_fill_(~chosen, float("-inf"))
 
 
 def pack_amx(w: torch.Tensor) -> torch.Tensor:

@@ -309,9 +309,9 @@ class CPUFastForward:
                     raise RuntimeError(f"layer {layer} is F in the pattern but the checkpoint has no "
                                        "indexer weights for it")
                 selected = self._indexer(proj, p, layer, cache, B, T, starts, slots, slot_t, positions,
-                                         icos, isin, visible, dense, n_causal)
+                                         icos, isin, visible, dense, n_causal, additive=True)
                 if not dense:
-                    allowed = self._additive(selected)                                    # (B, 1, T', S)
+                    allowed = selected                                                    # (B, 1, T', S)
             elif not dense and allowed is None:
                 raise ValueError(f"layer {layer} is S but no indices were passed in from an earlier F layer")
             out = self._attend(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), allowed,
@@ -538,9 +538,10 @@ class CPUFastForward:
         return torch.cat([self._rotate(ik[:, :, None, :ri], icos, isin)[:, :, 0].to(self.dtype), ik[..., ri:]], -1)
 
     def _indexer(self, proj, p: PackedLayer, layer: int, cache: KVCache, B: int, T: int, starts, slots, slot_t,
-                 positions, icos, isin, visible, dense: bool, n_causal: int) -> torch.Tensor | None:
-        """Write this F layer's indexer keys; past top-k, return its selection (B, T - n_causal, S) bool for
-        the queries from n_causal on (the first n_causal attend causally, see `_attend`)."""
+                 positions, icos, isin, visible, dense: bool, n_causal: int, additive: bool = False) -> torch.Tensor | None:
+        """Write this F layer's indexer keys; past top-k, return its selection for the queries from n_causal on (the
+        first n_causal attend causally, see `_attend`): (B, T - n_causal, S) bool, or with additive the mask
+        attention adds, (B, 1, T - n_causal, S) in the model dtype."""
         dt, ri = self.dtype, self.ri
         ik = self._indexer_key(proj, p, icos, isin, cache)                                # (B, T, Di)
         ikc = cache.indexer_k[layer]
@@ -557,22 +558,36 @@ class CPUFastForward:
         # from position 0 that is every query past top-k, about half of a 1K prompt)
         topk = self.args.index_topk
         first = max(0, topk - starts[0]) if B == 1 else 0                                # first row scored
-        selected = visible[:, n_causal:].clone()                                          # (B, T - n_causal, S)
         if first >= T:
-            return selected
-        rows = slice(first, T)
-        iq = proj[:, rows, self.ik_end: self.iq_end].view(B, T - first, self.hi, self.di)
+            selected = visible[:, n_causal:]
+            return self._additive(selected) if additive else selected.clone()
+        rows, t = slice(first, T), T - first
+        iq = proj[:, rows, self.ik_end: self.iq_end].view(B, t, self.hi, self.di)
         iq = torch.cat([self._rotate(iq[..., :ri], icos[:, rows], isin[:, rows]).to(dt), iq[..., ri:]], -1)
         w = proj[:, rows, self.iq_end:].float() * self.w_scale                            # (B, t, Hi)
         # score[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s]); q . k as one GEMM in the model
         # dtype (bf16: fp32 accumulation, the product rounded to bf16 once; the reference multiplies in fp32,
         # DeepSeek's indexer in FP8), weights, sum and top-k in fp32
-        logits = torch.matmul(iq.flatten(1, 2), k_all.transpose(1, 2)).float()            # (B, t*Hi, S)
-        logits = logits.relu_().view(B, T - first, self.hi, S)
+        logits = torch.matmul(iq.flatten(1, 2), k_all.transpose(1, 2))                    # (B, t*Hi, S)
+        if self.decode_kernels:
+            # the scores, their top-k and the mask in one C call (kernels/cpu_decode.c index_select_bf16, ~1.5 ms
+            # for a 1K prompt's 488 scored queries where the ops below took ~8); ties at the k-th score go to the
+            # lowest key index, where torch.topk picks any
+            out = torch.empty(B, T - n_causal, S, dtype=dt if additive else torch.bool)
+            if first > n_causal:
+                head = visible[:, n_causal:first]
+                out[:, : first - n_causal] = self._additive(head)[:, 0] if additive else head
+            n_visible = (positions[:, rows] + 1).reshape(-1)                              # (B*t,)
+            cpu_decode.index_select_bf16(logits.view(B * t, self.hi, S), w.view(B * t, self.hi), n_visible, topk,
+                                         self.threads, additive=additive,
+                                         out=out[:, first - n_causal:].view(B * t, S))
+            return out[:, None] if additive else out
+        logits = logits.float().relu_().view(B, t, self.hi, S)
         scores = (logits.mul_(w[..., None])).sum(2)                                       # (B, t, S)
         scores = scores.masked_fill_(~visible[:, rows], float("-inf"))
         values, idx = scores.topk(min(topk, S), dim=-1, sorted=False)                     # (B, t, k)
-        chosen = torch.zeros(B, T - first, S, dtype=torch.bool)
+        chosen = torch.zeros(B, t, S, dtype=torch.bool)
         chosen.scatter_(2, idx, values != float("-inf"))
+        selected = visible[:, n_causal:].clone()                                          # (B, T - n_causal, S)
         selected[:, first - n_causal:] = chosen
-        return selected
+        return self._additive(selected) if additive else selected
