@@ -7,8 +7,9 @@ bundled model's 269 MB of weights at 8-13 GB/s at one row, where a plain read re
 (bench/cpu_decode.py, bench/RESULTS.md round 4). `cpu_decode.c` holds the kernels: the AVX-512 GEMV (BF16 dot
 products with fp32 sums, rounded to bf16 once, software prefetch, rows of w split over the OpenMP threads
 PyTorch uses; `gemv_add_bf16` adds it to a residual in place), the AMX GEMM for 1-64 rows from weights packed
-once into tiles (`pack_amx`), RMSNorm, SiLU-and-multiply, RoPE of q and k with the KV cache write, and
-one-position attention over a slot's cache. After the GEMV, per-op cost was the step: ~3,000 PyTorch calls per
+once into tiles (`pack_amx`), RMSNorm, SiLU-and-multiply, RoPE of q and k with the KV cache write,
+one-position attention over a slot's cache, and the indexer's scores + top-k + mask for many query rows
+(`index_select_bf16`). After the GEMV, per-op cost was the step: ~3,000 PyTorch calls per
 decode token at 3-10 us each.
 
 The kernels are C, compiled on first use with the system C compiler (`cc`, gcc 12 on Debian 12) into

@@ -10,9 +10,10 @@ What makes it fast on a CPU, where every PyTorch op costs microseconds of Python
   - the sparse step as a mask: while top-k >= the keys a query can see, the top-k selects every visible
     key and sparse attention is exactly dense causal attention, so the indexer scores nothing (F layers
     still write their indexer keys: later positions need them). Past top-k, each F layer scores and
-    selects as the reference does (`torch.topk` over fp32 scores; the q . k products by one GEMM in the
-    model dtype) and its selection, as an additive mask in the model dtype, serves the S layers that
-    follow, with no index tensors in between;
+    selects as the reference does (top-k over fp32 scores; the q . k products by one GEMM in the model
+    dtype; with the C kernels the scores, top-k and mask are one call, `cpu_decode.index_select_bf16`,
+    else `torch.topk`) and its selection, as an additive mask in the model dtype, serves the S layers
+    that follow, with no index tensors in between;
   - in a prefill chunk from position 0, the queries that see at most top-k keys (the first top-k) attend
     by plain causal flash attention with no mask; only the rest read the (T - top-k, S) mask.
 
