@@ -247,7 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
                     prefix_caching=not args.no_prefix_caching, dtype=args.dtype, threads=args.threads,
                     long_prefill_token_threshold=args.long_prefill_token_threshold,
-                    quantization=args.quantization)
+                    quantization=args.quantization, ingress_in_server=not args.separate_ingress)
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
     if args.long_prefill_token_threshold is not None and args.long_prefill_token_threshold < 0:
@@ -472,6 +472,9 @@ def add_serve_parser(sub) -> None:
                    help="prompts with more tokens than this left to prefill yield each step's prefill budget "
                         "to shorter ones, keeping a full chunk every 5 steps (default: 4 prefill chunks; "
                         "0: first come, first served)")
+    p.add_argument("--separate-ingress", action="store_true",
+                   help="run the HTTP routes and the model server as two Serve deployments, as on Kubernetes "
+                        "(default: one, the server inside the ingress replica: one process less per streamed token)")
     add_pattern_args(p)
     p.set_defaults(func=cmd_serve)
 

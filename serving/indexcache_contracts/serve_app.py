@@ -65,6 +65,9 @@ class AppArgs:
     gpu_memory_utilization: float | None = None
     block_size: int = 64
     prefix_caching: bool = True            # reuse cached prefix blocks (paged cache only)
+    # one deployment: the server in the ingress's process (`indexcache serve`: one replica on one machine, one
+    # process less per streamed token); its user_config then goes in the ingress's, under "server"
+    ingress_in_server: bool = False
 
 
 # field -> (kind, minimum, maximum); kind "int" refuses floats and booleans, "number" takes ints too
@@ -79,6 +82,7 @@ _APP_ARG_TYPES: dict[str, tuple[str, float | None, float | None]] = {
     "kv_cache_tokens": ("int", 1, None), "gpu_memory_utilization": ("number", 0, 1), "block_size": ("int", 1, None),
     "prefix_caching": ("bool", None, None), "threads": ("int", 1, None),
     "long_prefill_token_threshold": ("int", 0, None), "quantization": ("str", None, None),
+    "ingress_in_server": ("bool", None, None),
 }
 _NULLABLE = {f.name for f in dataclasses.fields(AppArgs) if f.default is None}
 _DTYPES = ("auto", "float32", "bfloat16")
@@ -119,6 +123,9 @@ def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
                          f"got {args['quantization']!r}")
     if args.get("pattern") is not None and (why := pattern_problem(args["pattern"], field="build_app args.pattern")):
         raise ValueError(why)
+    if args.get("ingress_in_server") and args.get("num_replicas", 1) != 1:
+        raise ValueError(f"build_app args.ingress_in_server runs the server inside the one ingress replica; it needs "
+                         f"num_replicas 1, got {args['num_replicas']} (leave ingress_in_server off for several replicas)")
     return AppArgs(**args)
 
 
@@ -139,7 +146,7 @@ def server_resources(tensor_parallel_size: int, num_gpus: float, num_cpus: float
 # ---------------------------------------------------------------------------------------------------
 # freq/offset: the upstream rule, resolved by the replica (it knows its layer count; the operator need not)
 USER_CONFIG_KEYS = ("pattern", "pattern_version", "sample_rate", "gpu_hourly_usd", "freq", "offset")
-INGRESS_USER_CONFIG_KEYS = ("max_ongoing_requests",)
+INGRESS_USER_CONFIG_KEYS = ("max_ongoing_requests", "server")   # server: with ingress_in_server only
 
 
 def check_user_config(user_config: Any) -> dict:
@@ -172,12 +179,15 @@ def check_user_config(user_config: Any) -> dict:
 
 def check_ingress_config(config: dict | None) -> int | None:
     """The ingress's user_config: {"max_ongoing_requests": n}, the app-wide limit on requests in flight
-    (429 beyond it). Returns n (None when the key is absent); a bad value raises naming the field."""
+    (429 beyond it), and with ingress_in_server {"server": IndexCacheServer's user_config}. Returns n (None when
+    the key is absent); a bad value raises naming the field."""
     config = config or {}
     unknown = set(config) - set(INGRESS_USER_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"{INGRESS_DEPLOYMENT} user_config: unknown key(s) {sorted(unknown)}; "
-                         "the only key is max_ongoing_requests")
+                         "the keys are max_ongoing_requests and (ingress_in_server only) server")
+    if "server" in config:
+        check_user_config(config["server"])
     n = config.get("max_ongoing_requests")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"{INGRESS_DEPLOYMENT} user_config max_ongoing_requests={n!r}: must be an integer >= 1 "

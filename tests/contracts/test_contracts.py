@@ -101,6 +101,26 @@ def test_app_args_long_prefill_token_threshold_is_checked():
             parse_app_args({"long_prefill_token_threshold": bad})
 
 
+def test_app_args_ingress_in_server_needs_one_replica_and_its_config_is_checked():
+    """`ingress_in_server` (the server inside the one ingress replica, what `indexcache serve` runs) is a bool,
+    refused with several replicas (the ingress would reach one of them); the server's user_config then comes in
+    the ingress's under "server", checked like IndexCacheServer's own."""
+    import pytest
+
+    from indexcache_contracts.serve_app import check_ingress_config, parse_app_args
+    assert parse_app_args({}).ingress_in_server is False
+    assert parse_app_args({"ingress_in_server": True}).ingress_in_server is True
+    with pytest.raises(ValueError, match="ingress_in_server.*num_replicas 1, got 2"):
+        parse_app_args({"ingress_in_server": True, "num_replicas": 2})
+    with pytest.raises(ValueError, match="ingress_in_server must be true or false"):
+        parse_app_args({"ingress_in_server": "yes"})
+    assert check_ingress_config({"max_ongoing_requests": 8, "server": {"sample_rate": 0.5}}) == 8
+    with pytest.raises(ValueError, match="sample_rate"):
+        check_ingress_config({"server": {"sample_rate": 3}})
+    with pytest.raises(ValueError, match="unknown key"):
+        check_ingress_config({"server": {"patern": "FF"}})
+
+
 def test_app_args_quantization():
     """`quantization` (int8 weights on a CPU replica) is refused naming the field and the allowed values."""
     import pytest

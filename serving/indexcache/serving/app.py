@@ -9,6 +9,7 @@ between them is in protocol.py. Here: `build_app(args)`, the application builder
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,23 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     user_config: dict = {"sample_rate": a.sample_rate, "gpu_hourly_usd": a.gpu_hourly_usd}
     if a.pattern:
         user_config.update(pattern=a.pattern, pattern_version=0)
+    server_args = dict(model=a.model, served_model_name=a.served_model_name, deployment=a.deployment,
+                       max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, chunk_size=a.chunk_size,
+                       long_prefill_token_threshold=a.long_prefill_token_threshold,
+                       samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
+                       metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache,
+                       enforce_eager=a.enforce_eager, kv_cache_tokens=a.kv_cache_tokens,
+                       gpu_memory_utilization=a.gpu_memory_utilization, block_size=a.block_size,
+                       prefix_caching=a.prefix_caching, tensor_parallel_size=a.tensor_parallel_size,
+                       threads=a.threads, quantization=a.quantization)
+    app_limit = a.ingress_max_ongoing_requests or a.max_ongoing_requests * a.num_replicas
+    if a.ingress_in_server:   # one deployment: the routes and the server in one replica (local_server.py)
+        ingress = serve.deployment(OpenAIIngress, name=INGRESS_DEPLOYMENT).options(
+            max_ongoing_requests=app_limit + INGRESS_HEADROOM, health_check_period_s=10,
+            user_config={"max_ongoing_requests": app_limit, "server": user_config},
+            **server_resources(a.tensor_parallel_size, a.num_gpus, a.num_cpus))
+        return ingress.bind(None, max_ongoing_requests=app_limit, api_key=a.api_key, num_replicas=1,
+                            server_args=server_args)
     server = serve.deployment(IndexCacheServer, name=SERVER_DEPLOYMENT).options(
         num_replicas=a.num_replicas, user_config=user_config,
         # headroom over the ingress limit for /metrics and /healthz calls while saturated
@@ -41,21 +59,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         **server_resources(a.tensor_parallel_size, a.num_gpus, a.num_cpus))
     # One ingress replica counts every request in flight, whichever server replica runs it; its limit
     # is the app's: the per-replica limit times the replicas (user_config, so it changes in place).
-    app_limit = a.ingress_max_ongoing_requests or a.max_ongoing_requests * a.num_replicas
     ingress = serve.deployment(OpenAIIngress, name=INGRESS_DEPLOYMENT).options(
         max_ongoing_requests=app_limit + INGRESS_HEADROOM, user_config={"max_ongoing_requests": app_limit},
         ray_actor_options={"num_cpus": 0})
-    return ingress.bind(
-        server.bind(model=a.model, served_model_name=a.served_model_name, deployment=a.deployment,
-                    max_batch_size=a.max_batch_size, max_model_len=a.max_model_len, chunk_size=a.chunk_size,
-                    long_prefill_token_threshold=a.long_prefill_token_threshold,
-                    samples_dir=a.samples_dir, sample_rate=a.sample_rate, gpu_hourly_usd=a.gpu_hourly_usd,
-                    metrics_port=a.metrics_port, dtype=a.dtype, model_cache=a.model_cache,
-                    enforce_eager=a.enforce_eager, kv_cache_tokens=a.kv_cache_tokens,
-                    gpu_memory_utilization=a.gpu_memory_utilization, block_size=a.block_size,
-                    prefix_caching=a.prefix_caching, tensor_parallel_size=a.tensor_parallel_size,
-                    threads=a.threads, quantization=a.quantization),
-        max_ongoing_requests=app_limit, api_key=a.api_key, num_replicas=a.num_replicas)
+    return ingress.bind(server.bind(**server_args), max_ongoing_requests=app_limit, api_key=a.api_key,
+                        num_replicas=a.num_replicas)
 
 
 # Ray Serve's throughput mode (Ray's "Enable High Throughput on Ray Serve" guide: gRPC between the ingress and
@@ -103,5 +111,30 @@ def start_local(app_args: dict, host: str = "127.0.0.1", port: int = 8000, num_c
                  runtime_env={"env_vars": env_vars}, logging_level="WARNING")
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(app_args), name=name, route_prefix="/")
-    return f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    if app_args.get("ingress_in_server"):   # serve.run returned with the routes up; the model loads behind them
+        wait_until_ready(url, name)
+    return url
+
+
+def wait_until_ready(url: str, name: str, poll_s: float = 0.5) -> None:
+    """Until GET /readyz answers 200 (the model is loaded and the engine runs); RuntimeError if the app stops
+    deploying (a model that failed to load fails the replica's health checks)."""
+    import urllib.error
+    import urllib.request
+
+    from ray import serve
+
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        app = serve.status().applications.get(name)
+        if app is not None and app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            details = "; ".join(f"{d}: {s.message}" for d, s in app.deployments.items() if s.message)
+            raise RuntimeError(f"the app failed to start ({app.status}): {details or app.message}")
+        time.sleep(poll_s)
 

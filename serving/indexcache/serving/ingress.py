@@ -240,8 +240,16 @@ async def sse_events(stream, meta: dict, chat: bool, prompt_tokens: int, release
 # ---------------------------------------------------------------------------------------------------
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, server: DeploymentHandle, max_ongoing_requests: int = 32, api_key: str | None = None,
-                 num_replicas: int = 1):
+    def __init__(self, server: DeploymentHandle | None, max_ongoing_requests: int = 32, api_key: str | None = None,
+                 num_replicas: int = 1, server_args: dict | None = None):
+        """server: the server deployment's handle; or None with server_args, IndexCacheServer's arguments: the
+        server runs in this process (local_server.py; the app's ingress_in_server)."""
+        self.in_process = None
+        if server_args is not None:
+            from .local_server import InProcessServer
+            server = self.in_process = InProcessServer(server_args)
+        elif server is None:
+            raise ValueError("OpenAIIngress needs the server deployment's handle or server_args")
         self.server = server
         self.max_ongoing = max_ongoing_requests
         self.api_key = api_key or os.environ.get("INDEXCACHE_API_KEY") or None
@@ -256,8 +264,22 @@ class OpenAIIngress:
         restart: the operator raises the app-wide limit here when the replica count changes. Requests
         already in flight keep their slots; a lower limit only refuses new ones until enough finish."""
         n = check_ingress_config(config)
+        if "server" in config:
+            if self.in_process is None:
+                raise ValueError(f"user_config key 'server' is for an app with ingress_in_server; here the server "
+                                 "is its own deployment: give IndexCacheServer its user_config")
+            self.in_process.reconfigure(config["server"])
         if n is not None:
             self.max_ongoing = n
+
+    def check_health(self) -> None:
+        """Ray Serve calls this: with the server in this process, its health (a failed load, a dead engine)."""
+        if self.in_process is not None:
+            self.in_process.check_health()
+
+    def __del__(self):
+        if getattr(self, "in_process", None) is not None:
+            self.in_process.close()
 
     # ------------------------------------------------------------------ the server, and whether it is up
     async def info(self) -> dict | None:
