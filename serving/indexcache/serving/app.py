@@ -69,8 +69,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 # Ray Serve's throughput mode (Ray's "Enable High Throughput on Ray Serve" guide: gRPC between the ingress and
 # the server replicas, user code on each replica's own event loop, buffered access logs), less two of its parts:
 # direct ingress, which replaces Serve's HTTP proxy with per-replica ports meant to sit behind HAProxy (the local
-# app keeps one port), and silenced replica logs (the console keeps the replicas' warnings). Every streamed token
-# crosses two replicas: on 2 cores, 8 streams went from 135-146 to 164-182 tok/s (bench/RESULTS.md).
+# app keeps one port), and silenced replica logs (the console keeps the replicas' warnings). Measured while every
+# streamed token crossed two replicas (before ingress_in_server): on 2 cores, 8 streams went from 135-146 to
+# 164-182 tok/s (bench/RESULTS.md).
 LOCAL_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
                    "RAY_SERVE_LOG_TO_STDERR": "1"}
 
