@@ -264,9 +264,9 @@ class OpenAIIngress:
         restart: the operator raises the app-wide limit here when the replica count changes. Requests
         already in flight keep their slots; a lower limit only refuses new ones until enough finish."""
         n = check_ingress_config(config)
-        if "server" in config:
+        if "server" in (config or {}):
             if self.in_process is None:
-                raise ValueError(f"user_config key 'server' is for an app with ingress_in_server; here the server "
+                raise ValueError("user_config key 'server' is for an app with ingress_in_server; here the server "
                                  "is its own deployment: give IndexCacheServer its user_config")
             self.in_process.reconfigure(config["server"])
         if n is not None:
