@@ -43,7 +43,11 @@ def test_calls_and_streams_match_the_server_and_config_waits_for_the_model():
     finally:
         direct.__del__()
         local.close()
-    assert items == want
+    # the same head and the same text and counts (how tokens group into deltas depends on when the consumer
+    # reads: a lagging one gets several tokens in one delta)
+    text = lambda stream: "".join(d.text for d in stream[1:])
+    assert items[0] == want[0] and text(items) == text(want)
+    assert (items[-1].finish_reason, items[-1].completion_tokens) == (want[-1].finish_reason, want[-1].completion_tokens)
 
 
 def test_a_bad_user_config_is_refused_naming_the_key():
