@@ -253,6 +253,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.long_prefill_token_threshold is not None and args.long_prefill_token_threshold < 0:
         raise SystemExit(f"--long-prefill-token-threshold must be >= 0 (0: first come, first served), "
                          f"got {args.long_prefill_token_threshold}")
+    # Ctrl-C stops the server however it was started (as uvicorn does): a job that a non-interactive shell
+    # starts in the background inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"starting Ray Serve on {args.host}:{args.port} with model {uri} ...", file=sys.stderr, flush=True)
     url = start_local(app_args, host=args.host, port=args.port, num_cpus=args.num_cpus)
     print(f"IndexCache OpenAI-compatible API listening on {url}/v1  (metrics: {url}/metrics; Ctrl-C stops)",

@@ -42,12 +42,14 @@ def lines_of(stream, sink):
 
 
 @contextlib.contextmanager
-def serving(cmd: list[str], env: dict):
+def serving(cmd: list[str], env: dict, sigint_ignored: bool = False):
     """Run `indexcache serve` in its own session (like a terminal's foreground job: Ctrl-C reaches the whole
     process group) until it prints where it listens. Yields (process, API URL, stderr lines so far); kills
-    the group on the way out if the test did not stop it."""
+    the group on the way out if the test did not stop it. sigint_ignored: start it with SIGINT ignored, as a
+    non-interactive shell starts a background job (`indexcache serve &` in a script, CI under nohup)."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ignore)
     out, err = queue.Queue(), []
     threading.Thread(target=lines_of, args=(proc.stdout, out), daemon=True).start()
     threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True).start()
@@ -69,13 +71,24 @@ def serving(cmd: list[str], env: dict):
             proc.wait()
 
 
+def ctrl_c(proc: subprocess.Popen, err: list[str]) -> int:
+    """Ctrl-C to the server's process group; its exit status once it stopped (within STOP_S, else the failure
+    shows what it wrote to stderr)."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(timeout=STOP_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"indexcache serve still running {STOP_S} s after Ctrl-C; its stderr:\n{''.join(err)[-3000:]}")
+
+
 def test_indexcache_serve_tiny_answers_and_stops_on_ctrl_c(tmp_path, tokenizer):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": SERVING_DIR, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [sys.executable, "-m", "indexcache.cli", "serve", "--tiny", "--port", str(port), "--num-cpus", "1",
            "--max-model-len", "256", "--samples-dir", str(tmp_path / "samples"), "--sample-rate", "1"]
-    with serving(cmd, env) as (proc, url, err):
+    # started the way a script's background job is (SIGINT ignored): Ctrl-C must stop it all the same
+    with serving(cmd, env, sigint_ignored=True) as (proc, url, err):
         assert url == f"http://127.0.0.1:{port}/v1"
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
@@ -85,8 +98,7 @@ def test_indexcache_serve_tiny_answers_and_stops_on_ctrl_c(tmp_path, tokenizer):
         assert r.system_fingerprint.startswith("indexcache-v")
 
         t0 = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        rc = proc.wait(timeout=STOP_S)
+        rc = ctrl_c(proc, err)
         stopped_in = time.monotonic() - t0
     stderr = "".join(err)
     assert rc == 0, f"exit status {rc}:\n{stderr[-3000:]}"
@@ -122,8 +134,7 @@ def test_indexcache_serve_a_model_from_s3(tmp_path):
             assert [m.id for m in client.models.list().data] == ["tiny-dsa"]
             r = client.completions.create(model="tiny-dsa", prompt="sparse attention", max_tokens=6, temperature=0)
             assert r.choices[0].text == expected
-            os.killpg(proc.pid, signal.SIGINT)
-            rc = proc.wait(timeout=STOP_S)
+            rc = ctrl_c(proc, err)
     stderr = "".join(err)
     assert rc == 0, stderr[-3000:]
     assert "model of type" not in stderr and "Token authentication is" not in stderr, stderr[-3000:]
@@ -176,8 +187,7 @@ def test_indexcache_serve_with_no_flags_runs_the_artifact_pattern(tmp_path):
                                       temperature=0)
         assert r.system_fingerprint == f"indexcache-v0-{pattern}"
         exposition = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30).read().decode()
-        os.killpg(proc.pid, signal.SIGINT)
-        rc = proc.wait(timeout=STOP_S)
+        rc = ctrl_c(proc, err)
     assert rc == 0, "".join(err)[-3000:]
     assert metric_value(exposition, "indexcache_full_layers") == 8
     computed = metric_value(exposition, "indexcache_indexer_flops_total")
