@@ -82,7 +82,7 @@ def _vs_peer(g) -> str:
 
 
 SERVED = "bench/results/model_served_edd0c78.json"
-SERVED_H100 = "bench/results/model_served_32069d5_h100.json"
+SERVED_H100 = "bench/results/model_served_c04dc85_h100.json"
 GPU_ROUND = "BENCH_BUDGET=330 bash bench/gpu_round.sh --contexts 65536,200000 --patterns all-F,1/4"
 ROWS = [
     Row("30B-shape served model (`Engine`, H200), prefill 200K, all-F / 1/4", SERVED,
@@ -93,12 +93,12 @@ ROWS = [
         lambda g: (f"{g(_model('all-F') + '.decode_tokens_per_s'):.1f} / "
                    f"{g(_model('1/4') + '.decode_tokens_per_s'):.1f} tok/s"),
         ">= 49 / 69 tok/s (#14)", GPU_ROUND),
-    Row("30B-shape served model, fused glue kernels, **H100** (lent instead of the H200): prefill 200K / decode 200K, all-F; 1/4",
+    Row("30B-shape served model, current code, **H100** (lent instead of the H200): prefill 200K / decode 200K, all-F; 1/4",
         SERVED_H100,
         lambda g: (f"{g(_model('all-F') + '.prefill_s'):.2f} s / {g(_model('all-F') + '.decode_tokens_per_s'):.1f} tok/s; "
                    f"{g(_model('1/4') + '.prefill_s'):.2f} s / {g(_model('1/4') + '.decode_tokens_per_s'):.1f} tok/s"),
         "H200: <= 33.7 s / >= 49 tok/s; <= 18.1 s / >= 69 tok/s (#14)",
-        "GPU_ROUND_DECODE_TOPK=1 BENCH_BUDGET=300 bash bench/gpu_round.sh --contexts 65536,200000 --patterns all-F,1/4"),
+        "GPU_ROUND_DECODE_TOPK=1 BENCH_BUDGET=270 bash bench/gpu_round.sh --contexts 65536,200000 --patterns all-F,1/4"),
     Row("paged KV pool on the GPU (**H100**), 30B shape 1/4: one 128K request + 32 x 1K together",
         "bench/results/paged_mixed_85e86af_h100.json",
         lambda g: (f"pool {g('pool.tokens'):,} tokens; KV {g('kv_bytes_per_token.all-F'):,} / "
