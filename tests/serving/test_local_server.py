@@ -41,7 +41,7 @@ def test_calls_and_streams_match_the_server_and_config_waits_for_the_model():
     try:
         want = asyncio.run(_collect(direct.generate(job)))
     finally:
-        direct.__del__()
+        direct.close()
         local.close()
     # the same head and the same text and counts (how tokens group into deltas depends on when the consumer
     # reads: a lagging one gets several tokens in one delta)

@@ -65,7 +65,7 @@ class InProcessServer:
     def close(self) -> None:
         """Stop the engine and flush the traffic sampler (the replica is shutting down)."""
         if self._server is not None:
-            self._server.__del__()
+            self._server.close()
 
     # ---------------------------------------------------------------------------- what the ingress calls
     async def loaded(self):
@@ -76,24 +76,37 @@ class InProcessServer:
             await asyncio.sleep(LOAD_POLL_S)
         return self._server
 
-    def options(self, stream: bool = False) -> "InProcessServer":
-        return self
+    def options(self, stream: bool = False) -> "_Options":
+        return _Options(self, stream)
 
     def __getattr__(self, name: str) -> "_Method":
         if name.startswith("_"):
             raise AttributeError(name)
-        return _Method(self, name)
+        return _Method(self, name, stream=False)
+
+
+class _Options:
+    """`handle.options(stream=...)`: its methods' calls stream or not."""
+
+    def __init__(self, owner: InProcessServer, stream: bool):
+        self.owner, self.stream = owner, stream
+
+    def __getattr__(self, name: str) -> "_Method":
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Method(self.owner, name, self.stream)
 
 
 class _Method:
-    """`handle.<name>.remote(...)`: a task (awaitable, cancellable) for a call, an async iterator for generate."""
+    """`handle.<name>.remote(...)`: a task (awaitable, cancellable) for a call; with `options(stream=True)`, an
+    async iterator over what the method yields."""
 
-    def __init__(self, owner: InProcessServer, name: str):
-        self.owner, self.name = owner, name
+    def __init__(self, owner: InProcessServer, name: str, stream: bool):
+        self.owner, self.name, self.stream = owner, name, stream
 
     def remote(self, *args: Any, **kwargs: Any):
-        if self.name == "generate":
-            return _Stream(self.owner, args, kwargs)
+        if self.stream:
+            return _Stream(self.owner, self.name, args, kwargs)
         return asyncio.ensure_future(self._call(args, kwargs))
 
     async def _call(self, args, kwargs):
@@ -102,14 +115,14 @@ class _Method:
 
 
 class _Stream:
-    """`handle.options(stream=True).generate.remote(job)`: the server's stream, started on first use."""
+    """`handle.options(stream=True).<name>.remote(...)`: the server method's stream, started on first use."""
 
-    def __init__(self, owner: InProcessServer, args, kwargs):
-        self._agen = self._items(owner, args, kwargs)
+    def __init__(self, owner: InProcessServer, name: str, args, kwargs):
+        self._agen = self._items(owner, name, args, kwargs)
 
     @staticmethod
-    async def _items(owner: InProcessServer, args, kwargs):
-        stream = (await owner.loaded()).generate(*args, **kwargs)
+    async def _items(owner: InProcessServer, name: str, args, kwargs):
+        stream = getattr(await owner.loaded(), name)(*args, **kwargs)
         try:
             async for item in stream:
                 yield item

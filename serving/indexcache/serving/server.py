@@ -410,7 +410,8 @@ class IndexCacheServer:
         if not self.engine.is_alive():
             raise RuntimeError("the engine thread is not running")
 
-    def __del__(self):
+    def close(self) -> None:
+        """Stop the replica port, the engine (and its workers) and the traffic sampler, which flushes."""
         try:
             if self.port is not None:
                 self.port.close()
@@ -421,3 +422,6 @@ class IndexCacheServer:
                 self.sampler.stop()
         except Exception:
             pass
+
+    def __del__(self):
+        self.close()
